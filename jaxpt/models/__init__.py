@@ -1,0 +1,183 @@
+"""Hugging Face models in Flax NNX: `from_pretrained` / `save_pretrained`, dispatching on `model_type`.
+
+```python
+model = jaxpt.models.from_pretrained("path/to/hf_dir")          # causal LM: model(ids) -> [b, s, vocab]
+rm = jaxpt.models.from_pretrained("path/to/hf_dir", num_labels=1)  # classifier: rm(ids) -> [b, 1]
+jaxpt.models.save_pretrained(model, "out_dir")                   # transformers loads it back
+```
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpt.models import llama
+from jaxpt.models.safetensors_io import SafetensorsReader, load_array, save_checkpoint
+from jaxpt.sharding import partition_spec, path_name
+
+# model_type (config.json) -> the family module that ports it.
+FAMILIES = {
+    "llama": llama,
+    "mistral": llama,
+}
+
+__all__ = ["from_pretrained", "save_pretrained", "from_config", "load_hf_config", "FAMILIES", "param_names"]
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a Hub id fetched (config + safetensors only) to the HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; from_pretrained needs a directory with config.json and *.safetensors.")
+    name = str(name_or_path)
+    looked = path.resolve()
+    if name.count("/") > 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"No model directory at {looked}.")
+    try:
+        import huggingface_hub
+
+        return Path(huggingface_hub.snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as error:  # offline, unknown repo, gated ...
+        raise FileNotFoundError(
+            f"{name!r} is not a local directory (looked in {looked}) and could not be fetched from the Hugging "
+            f"Face Hub: {type(error).__name__}: {error}. Pass a local directory with config.json and "
+            "*.safetensors, or make the Hub reachable."
+        ) from error
+
+
+def load_hf_config(directory: str | os.PathLike):
+    """The `transformers` config of a checkpoint directory (legacy fields normalised by transformers)."""
+    import transformers
+
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"No config.json in {directory}.")
+    return transformers.AutoConfig.from_pretrained(directory)
+
+
+def _family(model_type: str):
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model_type={model_type!r} is not supported by jaxpt; supported: {sorted(FAMILIES)}."
+        )
+    return FAMILIES[model_type]
+
+
+def from_config(
+    hf_config,
+    *,
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    seed: int = 0,
+) -> nnx.Module:
+    """A freshly initialised model for a `transformers` config object (e.g. `transformers.LlamaConfig(...)`)."""
+    family = _family(hf_config.model_type)
+    config = family.CONFIG.from_hf(hf_config)
+    rngs = rngs if rngs is not None else nnx.Rngs(seed)
+    if num_labels is None:
+        return family.CAUSAL_LM[hf_config.model_type](config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return family.SEQUENCE_CLASSIFICATION[hf_config.model_type](
+        config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+def param_names(model: nnx.Module) -> list[str]:
+    """HF names of the model's parameters (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+    return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]]
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    num_labels: int | None = None,
+    seed: int = 0,
+) -> nnx.Module:
+    """Load a Hugging Face checkpoint directory (or Hub id) into a jaxpt model.
+
+    `dtype` is the compute dtype, `param_dtype` the stored one. With `num_labels`, the
+    `*ForSequenceClassification` variant (`score` head, freshly initialised when the checkpoint has none, as
+    `transformers` does). With `mesh`, each parameter is read shard by shard straight onto its devices,
+    laid out by the family's partition rules.
+    """
+    directory = resolve_checkpoint_dir(name_or_path)
+    hf_config = load_hf_config(directory)
+    family = _family(hf_config.model_type)
+    abstract = nnx.eval_shape(
+        lambda: from_config(hf_config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, seed=seed)
+    )
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    reader = SafetensorsReader(directory)
+    rules = family.PARTITION_RULES
+    fresh = None  # parameters the checkpoint lacks that may be initialised (a new classifier head)
+
+    def load(path, leaf):
+        nonlocal fresh
+        name = path_name(path)
+        sharding = None
+        if mesh is not None:
+            sharding = jax.sharding.NamedSharding(mesh, partition_spec(name, leaf.shape, rules, mesh))
+        if name not in reader:
+            if name.startswith("score.") and num_labels is not None:
+                if fresh is None:
+                    fresh = nnx.state(
+                        from_config(hf_config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, seed=seed),
+                        nnx.Param,
+                    )
+                value = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])[path]
+                return jax.device_put(value, sharding) if sharding is not None else value
+            raise ValueError(f"Checkpoint {directory} has no tensor {name!r} (model_type={hf_config.model_type}).")
+        if reader.shape(name) != tuple(leaf.shape):
+            raise ValueError(
+                f"Tensor {name!r} in {directory} has shape {reader.shape(name)}, the model expects {leaf.shape}."
+            )
+        return load_array(reader, name, dtype=leaf.dtype, sharding=sharding)
+
+    params = jax.tree_util.tree_map_with_path(load, abstract_params)
+    return nnx.merge(graphdef, params, rest)
+
+
+def save_pretrained(
+    model: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    max_shard_size: int = 5 * 1024**3,
+) -> Path:
+    """Write `config.json` + safetensors that `transformers` loads with the same logits.
+
+    `dtype` casts the saved weights (default: as stored). Sharded / multi-host parameters are gathered;
+    only process 0 writes.
+    """
+    import numpy as np
+
+    path = Path(path)
+    hf_config = model.config.to_hf()
+    params = nnx.state(model, nnx.Param)
+    named = [(path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+    saved_dtype = jnp.dtype(dtype) if dtype is not None else named[0][1].dtype
+    num_labels = getattr(model, "num_labels", None)
+    prefix = _family(hf_config.model_type).HF_NAMES[hf_config.model_type]
+    if num_labels is not None:
+        hf_config.architectures = [f"{prefix}ForSequenceClassification"]
+        hf_config.num_labels = num_labels
+    else:
+        hf_config.architectures = [f"{prefix}ForCausalLM"]
+    hf_config.dtype = str(jnp.dtype(saved_dtype).name)
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        hf_config.save_pretrained(path)
+    save_checkpoint(named, path, max_shard_bytes=max_shard_size, convert=lambda a: a.astype(np.dtype(saved_dtype)))
+    return path

@@ -1,0 +1,413 @@
+"""Building blocks shared by every model family: what is truly the same across families.
+
+Each family file (`llama.py`, `qwen2.py`, ...) reads top to bottom like its `transformers` counterpart and
+uses these pieces:
+
+- `Linear` and `Embed` keep Hugging Face's parameter layout (`weight` is `[out_features, in_features]`,
+  embeddings are `[vocab, hidden]`), so loading and saving safetensors is a name-for-name copy.
+- `RopeConfig` / `rope_cos_sin` / `apply_rope`: rotary embeddings with the `rope_type`s of `transformers`
+  (default, linear, dynamic, yarn, llama3), computed on the fly from positions (no buffers in the model).
+- `attention`: the dot-product attention kernel (causal, padding, packed segments, sliding window,
+  logit soft-capping, grouped-query heads) shared by all families.
+- `positions_from_mask`: the default position ids for padded or packed batches.
+- `constrain`: an activation sharding hint that is a no-op without a mesh.
+
+Performance notes (XLA on CPU, measured in benchmarks/forward_backward.py): dense layers multiply 2-D
+matrices (`[tokens, features]`), since a matmul on 3-D activations was 2x slower forward+backward; attention
+puts heads first, folds the query heads that share a key/value head into the rows of one matmul (no repeated
+K/V), and splits queries into causal chunks so the masked upper triangle is never computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    """The activation function `transformers` calls `name` (`hidden_act` / `hidden_activation`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; supported: {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parameters in Hugging Face layout
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Linear(nnx.Module):
+    """`y = x @ weight.T + bias` with `weight` stored `[out_features, in_features]` as in PyTorch/HF."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.weight = nnx.Param(
+            init_std * jax.random.normal(rngs.params(), (out_features, in_features), param_dtype)
+        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        leading = x.shape[:-1]
+        # A 2-D matmul: XLA on CPU runs [tokens, in] x [out, in]^T much faster than the 3-D einsum.
+        y = jax.lax.dot_general(
+            x.reshape(-1, self.in_features).astype(self.dtype),
+            self.weight[...].astype(self.dtype),
+            (((1,), (1,)), ((), ())),
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y.reshape(*leading, self.out_features)
+
+
+class Embed(nnx.Module):
+    """Token embedding `[vocab, hidden]` (HF `nn.Embedding`); `attend` projects onto it for tied LM heads."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.weight = nnx.Param(init_std * jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype))
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], input_ids, axis=0).astype(self.dtype)
+
+
+def project_to_vocab(hidden_states: jax.Array, weight: jax.Array, *, logit_softcap: float | None = None) -> jax.Array:
+    """Logits `[..., vocab]` from hidden states `[..., hidden]` and an output projection `[vocab, hidden]`."""
+    leading = hidden_states.shape[:-1]
+    logits = jax.lax.dot_general(
+        hidden_states.reshape(-1, hidden_states.shape[-1]),
+        weight.astype(hidden_states.dtype),
+        (((1,), (1,)), ((), ())),
+    ).reshape(*leading, weight.shape[0])
+    if logit_softcap is not None:
+        logits = jnp.tanh(logits / logit_softcap) * logit_softcap
+    return logits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# --------------------------------------------------------------------------------------------------------------
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """One entry of HF's standardised `config.rope_parameters`, plus what the frequencies depend on."""
+
+    head_dim: int
+    max_position_embeddings: int
+    rope_type: str = "default"
+    rope_theta: float = 10000.0
+    factor: float | None = None
+    # llama3
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    # yarn
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    @classmethod
+    def from_hf(cls, rope_parameters: Mapping[str, Any], *, head_dim: int, max_position_embeddings: int) -> RopeConfig:
+        params = dict(rope_parameters)
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={rope_type!r} is not supported; supported: {ROPE_TYPES}.")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1.0 is not supported by jaxpt's model ports.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in params.items() if k in fields and v is not None}
+        kwargs.update(rope_type=rope_type, head_dim=head_dim, max_position_embeddings=max_position_embeddings)
+        if kwargs.get("rope_theta") is None:
+            kwargs["rope_theta"] = 10000.0
+        return cls(**kwargs)
+
+
+def _default_inv_freq(base, dim: int):
+    return 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+
+
+def rope_inv_freq(rope: RopeConfig) -> tuple[np.ndarray, float]:
+    """Static inverse frequencies `[head_dim // 2]` and the cos/sin scaling (every type but `dynamic`)."""
+    dim, base = rope.head_dim, rope.rope_theta
+    inv_freq = _default_inv_freq(base, dim)
+    if rope.rope_type in ("default", "dynamic"):
+        return inv_freq, 1.0
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.rope_type == "llama3":
+        old_context = rope.original_max_position_embeddings
+        low_wavelen = old_context / rope.low_freq_factor
+        high_wavelen = old_context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32), 1.0
+    if rope.rope_type == "yarn":
+        original = rope.original_max_position_embeddings
+        factor = rope.factor if rope.factor is not None else rope.max_position_embeddings / original
+
+        def get_mscale(scale, mscale=1.0):
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        attention_factor = rope.attention_factor
+        if attention_factor is None:
+            if rope.mscale and rope.mscale_all_dim:
+                attention_factor = get_mscale(factor, rope.mscale) / get_mscale(factor, rope.mscale_all_dim)
+            else:
+                attention_factor = get_mscale(factor)
+        beta_fast, beta_slow = rope.beta_fast or 32, rope.beta_slow or 1
+
+        def correction_dim(num_rotations):
+            return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv_freq.astype(np.float32), float(attention_factor)
+    raise AssertionError(rope.rope_type)
+
+
+def rope_cos_sin(positions: jax.Array, rope: RopeConfig) -> tuple[jax.Array, jax.Array]:
+    """cos, sin `[batch, seq, head_dim]` (float32) for integer `positions` `[batch, seq]`."""
+    inv_freq, scaling = rope_inv_freq(rope)
+    inv_freq = jnp.asarray(inv_freq)
+    if rope.rope_type == "dynamic":
+        # Dynamic NTK: the base grows with the longest position in the batch beyond max_position_embeddings
+        # (HF recomputes it statefully per call; this is the same formula, traced).
+        dim = rope.head_dim
+        seq_len = jnp.maximum(jnp.max(positions) + 1, rope.max_position_embeddings).astype(jnp.float32)
+        base = rope.rope_theta * (
+            (rope.factor * seq_len / rope.max_position_embeddings) - (rope.factor - 1)
+        ) ** (dim / (dim - 2))
+        inv_freq = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, head_dim // 2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles) * scaling, jnp.sin(angles) * scaling
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x` `[batch, seq, heads, head_dim]` by cos/sin `[batch, seq, head_dim]` (HF's rotate_half)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Positions, segments, sharding hints
+# --------------------------------------------------------------------------------------------------------------
+
+
+def segments_from_inputs(
+    input_ids: jax.Array, attention_mask: jax.Array | None, segment_ids: jax.Array | None
+) -> jax.Array:
+    """One int `[batch, seq]` array that says who attends to whom: equal ids attend (causally) to each other.
+
+    `attention_mask` (1 = token, 0 = padding) becomes segments {1: tokens, 0: padding}, so padding never feeds
+    real tokens and no row of the attention matrix is empty. Packed `segment_ids` (0 = padding) are used as
+    they are, masked by `attention_mask` when both are given.
+    """
+    if segment_ids is None:
+        if attention_mask is None:
+            return jnp.ones(input_ids.shape, jnp.int32)
+        return attention_mask.astype(jnp.int32)
+    if attention_mask is None:
+        return segment_ids.astype(jnp.int32)
+    return segment_ids.astype(jnp.int32) * attention_mask.astype(jnp.int32)
+
+
+def positions_from_mask(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
+    """Default position ids `[batch, seq]`.
+
+    - packed `segment_ids`: positions restart at 0 at the start of every segment;
+    - `attention_mask`: `cumsum(mask) - 1` (0 on leading padding), which equals `arange` on the tokens of a
+      right-padded row and is what HF `generate` uses for left-padded rows;
+    - neither: `arange(seq)`.
+    """
+    batch, seq = shape
+    index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+        previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+        starts = jnp.where(segment_ids != previous, index, 0)
+        return index - jax.lax.cummax(starts, axis=1)
+    if attention_mask is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    return index
+
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def constrain(x: jax.Array, *spec) -> jax.Array:
+    """`with_sharding_constraint(x, PartitionSpec(*spec))` inside a mesh context; a no-op outside one.
+
+    Spec entries name mesh axes ("data", "fsdp", "tensor") or BATCH_AXES; axes the current mesh does not have
+    are dropped, so the same model code runs on any mesh and on none.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    names = set(mesh.axis_names)
+
+    def keep(entry):
+        if entry is None:
+            return None
+        entries = (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = tuple(e for e in entries if e in names)
+        return kept if kept else None
+
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*(keep(e) for e in spec)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------
+
+MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    query_chunk_size: int = 128,
+) -> jax.Array:
+    """Causal dot-product attention over one sequence (training / prefill).
+
+    query `[batch, seq, q_heads, head_dim]`, key/value `[batch, seq, kv_heads, head_dim]`,
+    segment_ids `[batch, seq]` (a token attends to earlier tokens with the same id, see
+    `segments_from_inputs`). Returns `[batch, seq, q_heads, head_dim]`.
+
+    Scores are float32; `logit_softcap` is Gemma 2's `tanh(s / cap) * cap`; `sliding_window` keeps keys with
+    `q_index - k_index < sliding_window` (HF's sliding-window overlay). Queries are split into chunks of
+    `query_chunk_size`; each chunk only multiplies against the keys it can see.
+    """
+    batch, seq, q_heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    groups = q_heads // kv_heads
+    # Heads first; the `groups` query heads that share a kv head stay together so they fold into rows.
+    q = query.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [b, kvh, g, s, d]
+    k = key.transpose(0, 2, 1, 3)  # [b, kvh, s, d]
+    v = value.transpose(0, 2, 1, 3)  # [b, kvh, s, d]
+
+    outputs = []
+    for q_start in range(0, seq, query_chunk_size):
+        q_end = min(q_start + query_chunk_size, seq)
+        k_start = 0
+        if sliding_window is not None:
+            k_start = max(0, q_start - sliding_window + 1)
+        chunk = q_end - q_start
+        q_chunk = q[:, :, :, q_start:q_end].reshape(batch, kv_heads, groups * chunk, head_dim)
+        k_chunk, v_chunk = k[:, :, k_start:q_end], v[:, :, k_start:q_end]
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q_chunk, k_chunk, preferred_element_type=jnp.float32) * scale
+        if logit_softcap is not None:
+            scores = jnp.tanh(scores / logit_softcap) * logit_softcap
+        scores = scores.reshape(batch, kv_heads, groups, chunk, q_end - k_start)
+
+        q_index = jnp.arange(q_start, q_end)[:, None]
+        k_index = jnp.arange(k_start, q_end)[None, :]
+        allowed = k_index <= q_index  # [chunk, keys]
+        if sliding_window is not None:
+            allowed = allowed & (q_index - k_index < sliding_window)
+        same_segment = segment_ids[:, q_start:q_end, None] == segment_ids[:, None, k_start:q_end]  # [b, q, k]
+        allowed = allowed[None] & same_segment
+        scores = jnp.where(allowed[:, None, None], scores, MASK_VALUE)
+
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = probs.reshape(batch, kv_heads, groups * chunk, q_end - k_start)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v_chunk)
+        outputs.append(out.reshape(batch, kv_heads, groups, chunk, head_dim))
+
+    out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)  # [b, kvh, g, s, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, q_heads, head_dim)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers the family files share
+# --------------------------------------------------------------------------------------------------------------
+
+
+def dtype_from_name(name: str | None):
+    """`"bfloat16"` / `"float32"` / a torch-style `"torch.float16"` -> a jnp dtype (None stays None)."""
+    if name is None:
+        return None
+    name = str(name).replace("torch.", "")
+    return jnp.dtype(name)
+
+
+def last_token_index(attention_mask: jax.Array | None, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+    """Index `[batch]` of the last real token of each row, the token a classifier pools at.
+
+    With an `attention_mask`, the last position whose mask is 1 (works with left and right padding, and when
+    the pad token equals the EOS token). Without one, HF's rule: the rightmost token that is not
+    `pad_token_id` (or the last position when there is no pad token).
+    """
+    batch, seq = input_ids.shape
+    index = jnp.arange(seq, dtype=jnp.int32)
+    if attention_mask is not None:
+        is_token = attention_mask.astype(jnp.int32)
+    elif pad_token_id is not None:
+        is_token = (input_ids != pad_token_id).astype(jnp.int32)
+    else:
+        return jnp.full((batch,), seq - 1, jnp.int32)
+    return jnp.argmax(index * is_token, axis=-1)

@@ -1,0 +1,175 @@
+"""Read and write Hugging Face safetensors without going through a framework.
+
+The format is an 8-byte little-endian header length, a JSON header (`name -> {dtype, shape, data_offsets}`)
+and the raw tensor bytes. Reading memory-maps each file, so a tensor (or one shard of it, on a mesh) is read
+straight from the page cache into the array that needs it: no full host copy per device, bfloat16 included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+class SafetensorsReader:
+    """All tensors of a checkpoint directory (one `model.safetensors` or a sharded index), by name."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index_path = self.directory / INDEX_FILE
+        if index_path.exists():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (self.directory / SINGLE_FILE).exists():
+            files = [SINGLE_FILE]
+        else:
+            found = sorted(p.name for p in self.directory.glob("*.safetensors"))
+            if not found:
+                raise FileNotFoundError(
+                    f"No safetensors weights in {self.directory}: looked for {SINGLE_FILE} and {INDEX_FILE} "
+                    "(only the safetensors format is read; convert .bin/.pt checkpoints with transformers first)."
+                )
+            files = found
+        self._entries: dict[str, tuple[Path, dict, int]] = {}
+        for file_name in files:
+            path = self.directory / file_name
+            header, data_start = read_header(path)
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    self._entries[name] = (path, entry, data_start)
+        self._maps: dict[Path, np.memmap] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][1]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of the tensor; slicing it reads only the slice."""
+        path, entry, data_start = self._entries[name]
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        begin, end = entry["data_offsets"]
+        dtype = _DTYPES[entry["dtype"]]
+        raw = self._maps[path][data_start + begin : data_start + end]
+        return raw.view(dtype).reshape(entry["shape"])
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_size))
+    return header, 8 + header_size
+
+
+def load_array(
+    reader: SafetensorsReader,
+    name: str,
+    *,
+    dtype,
+    sharding: jax.sharding.Sharding | None = None,
+) -> jax.Array:
+    """Tensor `name` as a jax array of `dtype`; with a `sharding`, each device reads only its own slice."""
+    view = reader.get(name)
+    if sharding is None:
+        return jax.numpy.asarray(np.asarray(view).astype(dtype))
+    return jax.make_array_from_callback(view.shape, sharding, lambda index: np.asarray(view[index]).astype(dtype))
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """A full numpy copy of a (possibly sharded, possibly multi-host) array."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, *, metadata: dict | None = None) -> None:
+    """Write `tensors` as one safetensors file (`{"format": "pt"}` metadata, as `transformers` writes)."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    ordered = sorted(tensors.items())
+    for name, array in ordered:
+        if array.dtype not in _NAMES:
+            raise ValueError(f"Cannot save tensor {name!r} of dtype {array.dtype} to safetensors.")
+        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # keep the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for _, array in ordered:
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
+def save_checkpoint(
+    named_arrays: Iterator[tuple[str, jax.Array]] | Mapping[str, jax.Array],
+    directory: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    convert: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> list[str]:
+    """Write arrays as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` + index when larger than
+    `max_shard_bytes`. Only process 0 writes; every process must call it (sharded arrays are gathered)."""
+    directory = Path(directory)
+    items = named_arrays.items() if isinstance(named_arrays, Mapping) else named_arrays
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_bytes = 0
+    total = 0
+    for name, array in items:
+        host = to_host(array)
+        if convert is not None:
+            host = convert(host)
+        if shards[-1] and shard_bytes + host.nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = host
+        shard_bytes += host.nbytes
+        total += host.nbytes
+    if jax.process_index() != 0:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], directory / SINGLE_FILE)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file_name, shard in zip(names, shards):
+        save_file(shard, directory / file_name)
+        weight_map.update({tensor: file_name for tensor in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return names
