@@ -67,7 +67,7 @@ def partition_spec(name: str, shape: Sequence[int], rules: PartitionRules, mesh:
     for pattern, axes in rules:
         if re.search(pattern, name) and len(axes) == len(shape):
             spec = []
-            for size, axis in zip(shape, axes):
+            for size, axis in zip(shape, axes, strict=True):
                 if axis is not None and axis in mesh.shape and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0:
                     spec.append(axis)
                 else:

@@ -56,10 +56,9 @@ class TrainState(flax.struct.PyTreeNode):
         """
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if jax.tree_util.tree_leaves(rest):
-            raise ValueError(
-                "TrainState holds only nnx.Param state, but the model has other state "
-                f"({sorted({type(v).__name__ for v in jax.tree_util.tree_leaves(rest, is_leaf=lambda x: isinstance(x, nnx.Variable))})})."
-            )
+            is_variable = lambda x: isinstance(x, nnx.Variable)
+            kinds = {type(v).__name__ for v in jax.tree_util.tree_leaves(rest, is_leaf=is_variable)}
+            raise ValueError(f"TrainState holds only nnx.Param state, but the model has other state: {sorted(kinds)}.")
         rules = tuple(getattr(model, "partition_rules", ()))
 
         def init(params):

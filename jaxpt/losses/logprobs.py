@@ -33,8 +33,8 @@ def next_token_targets(input_ids: jax.Array, mask: jax.Array | None = None) -> t
 
 def _pick(logits: jax.Array, target_ids: jax.Array) -> jax.Array:
     """`logits[..., target]` via a one-hot comparison (fuses; no gather/scatter)."""
-    vocab = jnp.arange(logits.shape[-1], dtype=target_ids.dtype)
-    return jnp.sum(jnp.where(vocab == target_ids[..., None], logits, 0.0), axis=-1)
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.sum(jnp.where(vocab == target_ids.astype(jnp.int32)[..., None], logits, 0.0), axis=-1)
 
 
 def token_logps(logits: jax.Array, target_ids: jax.Array, *, temperature: float = 1.0) -> jax.Array:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpt.models import llama
+from jaxpt.models import gemma, llama, qwen2, qwen3
 from jaxpt.models.safetensors_io import SafetensorsReader, load_array, save_checkpoint
 from jaxpt.sharding import partition_spec, path_name
 
@@ -25,6 +25,10 @@ from jaxpt.sharding import partition_spec, path_name
 FAMILIES = {
     "llama": llama,
     "mistral": llama,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+    "gemma2": gemma,
+    "gemma3_text": gemma,
 }
 
 __all__ = ["from_pretrained", "save_pretrained", "from_config", "load_hf_config", "FAMILIES", "param_names"]
@@ -138,13 +142,20 @@ def from_pretrained(
                     )
                 value = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])[path]
                 return jax.device_put(value, sharding) if sharding is not None else value
-            raise ValueError(f"Checkpoint {directory} has no tensor {name!r} (model_type={hf_config.model_type}).")
+            raise AssertionError(name)  # checked above
         if reader.shape(name) != tuple(leaf.shape):
             raise ValueError(
                 f"Tensor {name!r} in {directory} has shape {reader.shape(name)}, the model expects {leaf.shape}."
             )
         return load_array(reader, name, dtype=leaf.dtype, sharding=sharding)
 
+    names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
+    missing = [n for n in names if n not in reader and not (n.startswith("score.") and num_labels is not None)]
+    if missing:
+        raise ValueError(
+            f"Checkpoint {directory} lacks {len(missing)} tensor(s) a {hf_config.model_type} model needs: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}."
+        )
     params = jax.tree_util.tree_map_with_path(load, abstract_params)
     return nnx.merge(graphdef, params, rest)
 
@@ -169,12 +180,12 @@ def save_pretrained(
     named = [(path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
     saved_dtype = jnp.dtype(dtype) if dtype is not None else named[0][1].dtype
     num_labels = getattr(model, "num_labels", None)
-    prefix = _family(hf_config.model_type).HF_NAMES[hf_config.model_type]
+    causal_lm, classifier = _family(hf_config.model_type).HF_ARCHITECTURES[hf_config.model_type]
     if num_labels is not None:
-        hf_config.architectures = [f"{prefix}ForSequenceClassification"]
+        hf_config.architectures = [classifier]
         hf_config.num_labels = num_labels
     else:
-        hf_config.architectures = [f"{prefix}ForCausalLM"]
+        hf_config.architectures = [causal_lm]
     hf_config.dtype = str(jnp.dtype(saved_dtype).name)
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)

@@ -246,8 +246,11 @@ class LlamaForSequenceClassification(nnx.Module):
         return self.score(pooled).astype(jnp.float32)
 
 
-# What jaxpt.models dispatches on: model_type -> classes, and the HF class-name prefix for config.json.
+# What jaxpt.models dispatches on: model_type -> classes, and the HF class names for config.json.
 CONFIG = LlamaConfig
-HF_NAMES = {"llama": "Llama", "mistral": "Mistral"}
+HF_ARCHITECTURES = {  # model_type -> (causal LM class, sequence classifier class) written to config.json
+    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
+}
 CAUSAL_LM = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM}
 SEQUENCE_CLASSIFICATION = {"llama": LlamaForSequenceClassification, "mistral": LlamaForSequenceClassification}

@@ -167,7 +167,7 @@ def save_checkpoint(
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for file_name, shard in zip(names, shards):
+    for file_name, shard in zip(names, shards, strict=True):
         save_file(shard, directory / file_name)
         weight_map.update({tensor: file_name for tensor in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

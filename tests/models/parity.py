@@ -16,14 +16,21 @@ TOL = 1e-4
 
 
 def make_hf_checkpoint(hf_class, hf_config, directory, *, seed: int = 0):
-    """A randomly initialised `transformers` model saved to `directory`; returns the (eval-mode) model."""
+    """A randomly initialised `transformers` model saved to `directory`; returns the (eval-mode) model.
+
+    HF initialises norms to one (or zero) and biases to zero; both are randomised here so a port that
+    ignores a norm or a bias fails parity. Test configs also use a large `initializer_range` (0.1-0.2):
+    with HF's 0.02, attention scores are so small that a wrong mask, window or soft-cap moves the logits by
+    less than the 1e-4 bar.
+    """
     torch.manual_seed(seed)
     model = hf_class(hf_config).eval()
-    # Random (not identity) norm weights so a mistake in the norm shows up in the logits.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.add_(0.5 * torch.randn_like(param))
     model.save_pretrained(directory)
     return model
 

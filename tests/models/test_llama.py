@@ -8,7 +8,7 @@ import jaxpt.models
 from tests.models import parity
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, initializer_range=0.2)
 
 VARIANTS = {
     "llama": transformers.LlamaConfig(**TINY),
@@ -86,7 +86,7 @@ def test_causal_checkpoint_loads_as_classifier_with_fresh_head(tmp_path):
     parity.make_hf_checkpoint(transformers.LlamaForCausalLM, VARIANTS["llama"], tmp_path)
     reward_model = jaxpt.models.from_pretrained(tmp_path, num_labels=1)
     lm = jaxpt.models.from_pretrained(tmp_path)
-    np.testing.assert_array_equal(np.asarray(reward_model.model.norm.weight[...]), np.asarray(lm.model.norm.weight[...]))
+    np.testing.assert_array_equal(reward_model.model.norm.weight[...], lm.model.norm.weight[...])
     ids = parity.random_ids(96, (2, 10))
     scores = np.asarray(reward_model(ids))
     assert scores.shape == (2, 1) and np.all(np.isfinite(scores)) and np.abs(scores).max() > 0

@@ -1,0 +1,334 @@
+"""Gemma 2 and Gemma 3 (text), a Flax NNX port of `transformers`' `modeling_gemma2.py` / `modeling_gemma3.py`.
+
+Reads top to bottom like the original: config, RMSNorm, MLP, attention, decoder layer, scaled embedding,
+model, LM head, sequence classifier. Parameter names and layouts are HF's, so safetensors load and save name
+for name. What Gemma adds to Llama:
+
+- RMSNorm scales by `1 + weight` (weights are zero-centred), in float32, then casts back;
+- four norms per layer ("sandwich" norms around attention and around the MLP);
+- embeddings multiplied by `sqrt(hidden_size)` (cast to the compute dtype, as HF casts it to the weights');
+- attention scale `query_pre_attn_scalar ** -0.5`; sliding-window and global layers (`config.layer_types`);
+- `final_logit_softcapping` on the logits (both, when set); Gemma 2's `attn_logit_softcapping` on scores;
+- Gemma 3 is Gemma 2 plus RMSNorm on queries and keys and a rope per layer type (the local base frequency on
+  sliding layers). Like `transformers`, it never soft-caps attention scores, whatever the config says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpt.models.layers import (
+    BATCH_AXES,
+    Embed,
+    Linear,
+    RopeConfig,
+    activation,
+    apply_rope,
+    attention,
+    constrain,
+    last_token_index,
+    positions_from_mask,
+    project_to_vocab,
+    rope_cos_sin,
+    segments_from_inputs,
+)
+
+# How each parameter is laid out on the mesh ("data", "fsdp", "tensor"), by HF name; the first rule that
+# matches wins. Matrices are [out, in]: column-parallel layers shard `out` over "tensor", row-parallel ones
+# shard `in`; the other dimension is split over "fsdp". Dimensions that do not divide stay replicated.
+PARTITION_RULES = (
+    (r"embed_tokens\.weight$", ("tensor", "fsdp")),  # [vocab, hidden]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("tensor", "fsdp")),  # [out, hidden]
+    (r"(q_proj|k_proj|v_proj)\.bias$", ("tensor",)),
+    (r"(o_proj|down_proj)\.weight$", ("fsdp", "tensor")),  # [hidden, in]
+    (r"o_proj\.bias$", (None,)),
+    (r"lm_head\.weight$", ("tensor", "fsdp")),  # [vocab, hidden]
+    (r"score\.weight$", (None, "fsdp")),  # [num_labels, hidden]
+    (r"norm\.weight$", (None,)),  # the four layer norms, q_norm / k_norm [head_dim], the final norm
+)
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    """What the port reads from a `transformers` `Gemma2Config` / `Gemma3TextConfig` (see `from_hf`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope: RopeConfig  # full-attention (global) layers
+    sliding_rope: RopeConfig  # sliding-window (local) layers; the same as `rope` in Gemma 2
+    layer_types: tuple[str, ...]  # "sliding_attention" / "full_attention", one per layer
+    query_pre_attn_scalar: float = 256.0
+    sliding_window: int | None = None
+    attn_logit_softcapping: float | None = None  # Gemma 2 only
+    final_logit_softcapping: float | None = None
+    use_qk_norm: bool = False  # Gemma 3
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    pad_token_id: int | None = None
+    model_type: str = "gemma2"
+    hf_config_json: str = dataclasses.field(default="{}", repr=False)  # the full HF config, for save_pretrained
+
+    @classmethod
+    def from_hf(cls, hf_config) -> GemmaConfig:
+        model_type = hf_config.model_type
+        if getattr(hf_config, "use_bidirectional_attention", None):
+            raise ValueError(
+                f"use_bidirectional_attention={hf_config.use_bidirectional_attention!r} ({model_type}) is not "
+                "supported: jaxpt's Gemma port is a causal language model. Set use_bidirectional_attention=False."
+            )
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        layer_types = tuple(hf_config.layer_types)
+        if len(layer_types) != hf_config.num_hidden_layers or not set(layer_types) <= set(LAYER_TYPES):
+            raise ValueError(
+                f"layer_types={list(layer_types)!r} must name one of {LAYER_TYPES} for each of the "
+                f"num_hidden_layers={hf_config.num_hidden_layers} layers."
+            )
+
+        def rope(layer_type: str) -> RopeConfig:
+            params = hf_config.rope_parameters
+            if layer_type in params:  # Gemma 3: one entry per layer type
+                params = params[layer_type]
+            return RopeConfig.from_hf(params, head_dim=head_dim,
+                                      max_position_embeddings=hf_config.max_position_embeddings)
+
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_hidden_layers=hf_config.num_hidden_layers,
+            num_attention_heads=hf_config.num_attention_heads,
+            num_key_value_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+            head_dim=head_dim,
+            rope=rope("full_attention"),
+            sliding_rope=rope("sliding_attention"),
+            layer_types=layer_types,
+            query_pre_attn_scalar=hf_config.query_pre_attn_scalar,
+            sliding_window=getattr(hf_config, "sliding_window", None),
+            # Gemma3Attention does not pass its softcap to the attention function: transformers ignores it.
+            attn_logit_softcapping=hf_config.attn_logit_softcapping if model_type == "gemma2" else None,
+            final_logit_softcapping=hf_config.final_logit_softcapping,
+            use_qk_norm=model_type == "gemma3_text",
+            hidden_activation=hf_config.hidden_activation,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+            attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+            initializer_range=hf_config.initializer_range,
+            pad_token_id=getattr(hf_config, "pad_token_id", None),
+            model_type=model_type,
+            hf_config_json=hf_config.to_json_string(use_diff=False),
+        )
+
+    def to_hf(self):
+        import transformers
+
+        return transformers.AutoConfig.for_model(**json.loads(self.hf_config_json))
+
+
+class GemmaRMSNorm(nnx.Module):
+    """`x / rms(x) * (1 + weight)` in float32, cast back to the input dtype (Llama casts before scaling)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Any):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class GemmaMLP(nnx.Module):
+    def __init__(self, config: GemmaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        dense = dict(dtype=dtype, param_dtype=param_dtype, init_std=config.initializer_range, rngs=rngs)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, **dense)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, **dense)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, **dense)
+        self.act_fn = activation(config.hidden_activation)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GemmaAttention(nnx.Module):
+    def __init__(self, config: GemmaConfig, layer_type: str, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.layer_type = layer_type
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.sliding_window = config.sliding_window if layer_type == "sliding_attention" else None
+        self.logit_softcap = config.attn_logit_softcapping
+        dense = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype,
+                     init_std=config.initializer_range, rngs=rngs)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, **dense)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, **dense)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, **dense)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, **dense)
+        if config.use_qk_norm:  # Gemma 3
+            self.q_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        batch, seq, _ = x.shape
+        query = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
+        key = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query = constrain(apply_rope(query, cos, sin), BATCH_AXES, None, "tensor", None)
+        key = constrain(apply_rope(key, cos, sin), BATCH_AXES, None, "tensor", None)
+        out = attention(query, key, value, segment_ids=segment_ids, scale=self.scale,
+                        sliding_window=self.sliding_window, logit_softcap=self.logit_softcap)
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class GemmaDecoderLayer(nnx.Module):
+    def __init__(self, config: GemmaConfig, layer_type: str, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.self_attn = GemmaAttention(config, layer_type, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = GemmaMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, **norm)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, **norm)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, **norm)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, **norm)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, segment_ids))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return constrain(x, BATCH_AXES, None, None)
+
+
+class GemmaScaledWordEmbedding(Embed):
+    """Token embedding times `sqrt(hidden_size)`, the scale cast to the compute dtype first (HF rounds it the
+    same way in bfloat16: sqrt(3072) = 55.43 becomes 55.5)."""
+
+    def __init__(self, num_embeddings: int, features: int, **kwargs):
+        super().__init__(num_embeddings, features, **kwargs)
+        self.embed_scale = features**0.5
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        embeddings = super().__call__(input_ids)
+        return embeddings * jnp.asarray(self.embed_scale, embeddings.dtype)
+
+
+class GemmaModel(nnx.Module):
+    """Embeddings, decoder layers and the final norm: input ids -> final hidden states `[batch, seq, hidden]`."""
+
+    def __init__(self, config: GemmaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = GemmaScaledWordEmbedding(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            init_std=config.initializer_range, rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [GemmaDecoderLayer(config, layer_type, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+             for layer_type in config.layer_types]
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        if positions is None:
+            positions = positions_from_mask(attention_mask, segment_ids, input_ids.shape)
+        segments = segments_from_inputs(input_ids, attention_mask, segment_ids)
+        # cos, sin [batch, seq, head_dim] per layer type (computed once when both types share a rope).
+        full = rope_cos_sin(positions, self.config.rope)
+        sliding = full if self.config.sliding_rope == self.config.rope else rope_cos_sin(
+            positions, self.config.sliding_rope
+        )
+        rope = {"full_attention": full, "sliding_attention": sliding}
+        x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
+        for layer, layer_type in zip(self.layers, self.config.layer_types, strict=True):
+            x = layer(x, *rope[layer_type], segments)
+        return self.norm(x)
+
+
+class GemmaForCausalLM(nnx.Module):
+    """`model(input_ids, *, attention_mask, positions, segment_ids) -> logits [batch, seq, vocab]`."""
+
+    partition_rules = PARTITION_RULES
+
+    def __init__(self, config: GemmaConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.model = GemmaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, param_dtype=param_dtype,
+                                  init_std=config.initializer_range, rngs=rngs)
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """`tanh(logits / cap) * cap` on the logits (HF `final_logit_softcapping`), for chunked log-probs too."""
+        return self.config.final_logit_softcapping
+
+    def hidden_states(self, input_ids: jax.Array, **inputs) -> jax.Array:
+        """Final (normed) hidden states `[batch, seq, hidden]`, the input of the output projection."""
+        return self.model(input_ids, **inputs)
+
+    def lm_head_weight(self) -> jax.Array:
+        """The output projection `[vocab, hidden]` (the unscaled embedding matrix when embeddings are tied)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight[...]
+        return self.lm_head.weight[...]
+
+    def __call__(self, input_ids: jax.Array, **inputs) -> jax.Array:
+        hidden = self.hidden_states(input_ids, **inputs)
+        return project_to_vocab(hidden, self.lm_head_weight(), logit_softcap=self.final_logit_softcap)
+
+
+class GemmaForSequenceClassification(nnx.Module):
+    """`model(input_ids, *, attention_mask) -> [batch, num_labels]`, scored at the last real token (no softcap,
+    like HF's `Gemma2ForSequenceClassification` / `Gemma3TextForSequenceClassification`)."""
+
+    partition_rules = PARTITION_RULES
+
+    def __init__(self, config: GemmaConfig, *, num_labels: int, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.num_labels = num_labels
+        self.model = GemmaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.score = Linear(config.hidden_size, num_labels, dtype=dtype, param_dtype=param_dtype,
+                            init_std=config.initializer_range, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None, **inputs) -> jax.Array:
+        hidden = self.model(input_ids, attention_mask=attention_mask, **inputs)  # [batch, seq, hidden]
+        last = last_token_index(attention_mask, input_ids, self.config.pad_token_id)  # [batch]
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [batch, hidden]
+        return self.score(pooled).astype(jnp.float32)
+
+
+# What jaxpt.models dispatches on: model_type -> classes, and the HF class names for config.json.
+# "gemma3_text" is "Gemma3": its causal LM is `Gemma3ForCausalLM`. Its classifier is
+# `Gemma3TextForSequenceClassification`, which this prefix cannot name (save_pretrained writes
+# "Gemma3ForSequenceClassification"); AutoModelForSequenceClassification still picks the text class, by config.
+CONFIG = GemmaConfig
+HF_ARCHITECTURES = {  # model_type -> (causal LM class, sequence classifier class) written to config.json
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+}
+CAUSAL_LM = {"gemma2": GemmaForCausalLM, "gemma3_text": GemmaForCausalLM}
+SEQUENCE_CLASSIFICATION = {"gemma2": GemmaForSequenceClassification, "gemma3_text": GemmaForSequenceClassification}

@@ -1,0 +1,258 @@
+"""Qwen3 (dense), a Flax NNX port of `transformers`' `modeling_qwen3.py`.
+
+Reads top to bottom like the original: config, RMSNorm, MLP, attention, decoder layer, model, LM head,
+sequence classifier. Parameter names and layouts are HF's (`model.layers.0.self_attn.q_proj.weight` is
+`[out, in]`), so safetensors load and save name for name. Qwen3 is Llama with an RMSNorm over `head_dim` on
+each query and key head (`q_norm` / `k_norm`, before rope), no MLP bias, and a sliding window on the layers
+`config.layer_types` marks "sliding_attention".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpt.models.layers import (
+    BATCH_AXES,
+    Embed,
+    Linear,
+    RopeConfig,
+    activation,
+    apply_rope,
+    attention,
+    constrain,
+    last_token_index,
+    positions_from_mask,
+    project_to_vocab,
+    rope_cos_sin,
+    segments_from_inputs,
+)
+
+# How each parameter is laid out on the mesh ("data", "fsdp", "tensor"), by HF name; the first rule that
+# matches wins. Matrices are [out, in]: column-parallel layers shard `out` over "tensor", row-parallel ones
+# shard `in`; the other dimension is split over "fsdp". Dimensions that do not divide stay replicated.
+PARTITION_RULES = (
+    (r"embed_tokens\.weight$", ("tensor", "fsdp")),  # [vocab, hidden]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("tensor", "fsdp")),  # [out, hidden]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", ("tensor",)),
+    (r"(o_proj|down_proj)\.weight$", ("fsdp", "tensor")),  # [hidden, in]
+    (r"(o_proj|down_proj)\.bias$", (None,)),
+    (r"lm_head\.weight$", ("tensor", "fsdp")),  # [vocab, hidden]
+    (r"score\.weight$", (None, "fsdp")),  # [num_labels, hidden]
+    (r"norm\.weight$", (None,)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """What the port reads from a `transformers` `Qwen3Config` (see `from_hf`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope: RopeConfig
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None  # None unless use_sliding_window
+    layer_types: tuple[str, ...] = ()  # per layer: "full_attention" or "sliding_attention"
+    initializer_range: float = 0.02
+    pad_token_id: int | None = None
+    model_type: str = "qwen3"
+    hf_config_json: str = dataclasses.field(default="{}", repr=False)  # the full HF config, for save_pretrained
+
+    @classmethod
+    def from_hf(cls, hf_config) -> Qwen3Config:
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_hidden_layers=hf_config.num_hidden_layers,
+            num_attention_heads=hf_config.num_attention_heads,
+            num_key_value_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+            head_dim=head_dim,
+            rope=RopeConfig.from_hf(
+                hf_config.rope_parameters, head_dim=head_dim, max_position_embeddings=hf_config.max_position_embeddings
+            ),
+            hidden_act=hf_config.hidden_act,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+            sliding_window=hf_config.sliding_window,  # HF's config already set it to None without use_sliding_window
+            layer_types=tuple(hf_config.layer_types),
+            initializer_range=hf_config.initializer_range,
+            pad_token_id=getattr(hf_config, "pad_token_id", None),
+            model_type=hf_config.model_type,
+            hf_config_json=hf_config.to_json_string(use_diff=False),
+        )
+
+    def to_hf(self):
+        import transformers
+
+        return transformers.AutoConfig.for_model(**json.loads(self.hf_config_json))
+
+
+class Qwen3RMSNorm(nnx.Module):
+    def __init__(self, hidden_size: int, *, eps: float, param_dtype: Any):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((hidden_size,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Qwen3MLP(nnx.Module):
+    def __init__(self, config: Qwen3Config, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        dense = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                     init_std=config.initializer_range, rngs=rngs)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, **dense)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, **dense)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, **dense)
+        self.act_fn = activation(config.hidden_act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3Attention(nnx.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if is_sliding else None
+        dense = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype,
+                     init_std=config.initializer_range, rngs=rngs)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, **dense)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, **dense)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, **dense)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, **dense)
+        self.q_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        batch, seq, _ = x.shape
+        query = self.q_norm(self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim))
+        key = self.k_norm(self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim))
+        value = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        query = constrain(apply_rope(query, cos, sin), BATCH_AXES, None, "tensor", None)
+        key = constrain(apply_rope(key, cos, sin), BATCH_AXES, None, "tensor", None)
+        out = attention(query, key, value, segment_ids=segment_ids, scale=self.scale,
+                        sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class Qwen3DecoderLayer(nnx.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.self_attn = Qwen3Attention(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = Qwen3MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = Qwen3RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype
+        )
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, BATCH_AXES, None, None)
+
+
+class Qwen3Model(nnx.Module):
+    """Embeddings, decoder layers and the final norm: input ids -> final hidden states `[batch, seq, hidden]`."""
+
+    def __init__(self, config: Qwen3Config, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                  init_std=config.initializer_range, rngs=rngs)
+        self.layers = nnx.List(
+            [Qwen3DecoderLayer(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+             for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        if positions is None:
+            positions = positions_from_mask(attention_mask, segment_ids, input_ids.shape)
+        segments = segments_from_inputs(input_ids, attention_mask, segment_ids)
+        cos, sin = rope_cos_sin(positions, self.config.rope)  # [batch, seq, head_dim]
+        x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
+        for layer in self.layers:
+            x = layer(x, cos, sin, segments)
+        return self.norm(x)
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """`model(input_ids, *, attention_mask, positions, segment_ids) -> logits [batch, seq, vocab]`."""
+
+    partition_rules = PARTITION_RULES
+    final_logit_softcap = None
+
+    def __init__(self, config: Qwen3Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.model = Qwen3Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, param_dtype=param_dtype,
+                                  init_std=config.initializer_range, rngs=rngs)
+
+    def hidden_states(self, input_ids: jax.Array, **inputs) -> jax.Array:
+        """Final (normed) hidden states `[batch, seq, hidden]`, the input of the output projection."""
+        return self.model(input_ids, **inputs)
+
+    def lm_head_weight(self) -> jax.Array:
+        """The output projection `[vocab, hidden]` (the embedding matrix when embeddings are tied)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight[...]
+        return self.lm_head.weight[...]
+
+    def __call__(self, input_ids: jax.Array, **inputs) -> jax.Array:
+        hidden = self.hidden_states(input_ids, **inputs)
+        return project_to_vocab(hidden, self.lm_head_weight(), logit_softcap=self.final_logit_softcap)
+
+
+class Qwen3ForSequenceClassification(nnx.Module):
+    """`model(input_ids, *, attention_mask) -> [batch, num_labels]`, scored at the last real token."""
+
+    partition_rules = PARTITION_RULES
+
+    def __init__(self, config: Qwen3Config, *, num_labels: int, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.num_labels = num_labels
+        self.model = Qwen3Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.score = Linear(config.hidden_size, num_labels, dtype=dtype, param_dtype=param_dtype,
+                            init_std=config.initializer_range, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None, **inputs) -> jax.Array:
+        hidden = self.model(input_ids, attention_mask=attention_mask, **inputs)  # [batch, seq, hidden]
+        last = last_token_index(attention_mask, input_ids, self.config.pad_token_id)  # [batch]
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [batch, hidden]
+        return self.score(pooled).astype(jnp.float32)
+
+
+# What jaxpt.models dispatches on: model_type -> classes, and the HF class names for config.json.
+CONFIG = Qwen3Config
+HF_ARCHITECTURES = {"qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification")}
+CAUSAL_LM = {"qwen3": Qwen3ForCausalLM}
+SEQUENCE_CLASSIFICATION = {"qwen3": Qwen3ForSequenceClassification}

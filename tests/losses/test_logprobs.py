@@ -1,0 +1,123 @@
+"""Token log-probs: exact against float64 numpy; chunked log-probs equal the full-logits ones (values and
+gradients) and never hold the full logits buffer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpt.losses.logprobs import (
+    chunked_token_logps,
+    entropy_from_logits,
+    masked_mean,
+    next_token_targets,
+    token_logps,
+)
+from jaxpt.models.layers import project_to_vocab
+
+
+def np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    shifted = x - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_token_logps_equals_log_softmax_gather():
+    rng = np.random.RandomState(0)
+    logits = rng.randn(3, 7, 50).astype(np.float32) * 3
+    targets = rng.randint(0, 50, (3, 7))
+    expected = np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(token_logps(logits, targets), expected, atol=1e-5)
+    expected_t = np.take_along_axis(np_log_softmax(logits / 0.7), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(token_logps(logits, targets, temperature=0.7), expected_t, atol=1e-5)
+
+
+def test_token_logps_is_float32_for_bfloat16_logits():
+    logits = jnp.asarray(np.random.RandomState(1).randn(2, 4, 16), jnp.bfloat16)
+    assert token_logps(logits, jnp.zeros((2, 4), jnp.int32)).dtype == jnp.float32
+
+
+def test_entropy_from_logits():
+    logits = np.random.RandomState(2).randn(2, 5, 11)
+    logp = np_log_softmax(logits)
+    np.testing.assert_allclose(entropy_from_logits(logits), -(np.exp(logp) * logp).sum(-1), atol=1e-5)
+
+
+def test_next_token_targets_shift_and_mask():
+    ids = jnp.array([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+    targets, target_mask = next_token_targets(ids, mask)
+    np.testing.assert_array_equal(targets, [[6, 7, 0, 0], [9, 0, 0, 0]])
+    np.testing.assert_array_equal(target_mask, [[1, 1, 0, 0], [1, 0, 0, 0]])
+
+
+def test_masked_mean_ignores_masked_values_and_empty_mask():
+    values = jnp.array([[1.0, 2.0, 100.0], [3.0, 50.0, 60.0]])
+    mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+    assert float(masked_mean(values, mask)) == pytest.approx(2.0)
+    np.testing.assert_allclose(masked_mean(values, mask, axis=1), [1.5, 3.0])
+    assert float(masked_mean(values, jnp.zeros_like(mask))) == 0.0
+
+
+@pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (3.0, 0.8)])
+def test_chunked_logps_equal_full_logits_values_and_gradients(softcap, temperature):
+    rng = np.random.RandomState(3)
+    batch, seq, hidden, vocab = 3, 10, 16, 40  # 30 tokens: chunks of 8 leave a ragged last chunk
+    hidden_states = jnp.asarray(rng.randn(batch, seq, hidden), jnp.float32)
+    weight = jnp.asarray(rng.randn(vocab, hidden) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.randint(0, vocab, (batch, seq)))
+    weights = jnp.asarray(rng.rand(batch, seq), jnp.float32)  # a non-uniform cotangent
+
+    def full(h, w):
+        logits = project_to_vocab(h, w, logit_softcap=softcap)
+        return token_logps(logits, targets, temperature=temperature)
+
+    def chunked(h, w):
+        return chunked_token_logps(h, w, targets, chunk_size=8, logit_softcap=softcap, temperature=temperature)
+
+    np.testing.assert_allclose(chunked(hidden_states, weight), full(hidden_states, weight), atol=1e-5)
+    grad_full = jax.grad(lambda h, w: jnp.sum(full(h, w) * weights), argnums=(0, 1))(hidden_states, weight)
+    grad_chunked = jax.grad(lambda h, w: jnp.sum(chunked(h, w) * weights), argnums=(0, 1))(hidden_states, weight)
+    for a, b in zip(grad_chunked, grad_full, strict=True):
+        assert float(jnp.abs(b).max()) > 1e-3
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+    _, entropy = chunked_token_logps(hidden_states, weight, targets, chunk_size=8, logit_softcap=softcap,
+                                     temperature=temperature, return_entropy=True)
+    logits = project_to_vocab(hidden_states, weight, logit_softcap=softcap)
+    np.testing.assert_allclose(entropy, entropy_from_logits(logits, temperature=temperature), atol=1e-5)
+
+
+def test_chunked_logps_bfloat16_hidden_states_close_to_float32():
+    rng = np.random.RandomState(4)
+    hidden_states = jnp.asarray(rng.randn(2, 8, 16), jnp.float32)
+    weight = jnp.asarray(rng.randn(32, 16) * 0.3, jnp.float32)
+    targets = jnp.asarray(rng.randint(0, 32, (2, 8)))
+    f32 = chunked_token_logps(hidden_states, weight, targets, chunk_size=4)
+    bf16 = chunked_token_logps(hidden_states.astype(jnp.bfloat16), weight, targets, chunk_size=4)
+    assert bf16.dtype == jnp.float32
+    np.testing.assert_allclose(bf16, f32, atol=0.1)
+
+
+def test_chunked_logps_never_hold_the_full_logits_buffer():
+    """Compiled memory of loss+gradient: the full-logits path needs >= one [tokens, vocab] float32 buffer;
+    the chunked path stays far below it."""
+    batch, seq, hidden, vocab = 4, 256, 64, 8192
+    full_logits_bytes = batch * seq * vocab * 4  # 32 MiB
+    h = jax.ShapeDtypeStruct((batch, seq, hidden), jnp.float32)
+    w = jax.ShapeDtypeStruct((vocab, hidden), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+
+    def full_loss(h, w, t):
+        return -jnp.mean(token_logps(project_to_vocab(h, w), t))
+
+    def chunked_loss(h, w, t):
+        return -jnp.mean(chunked_token_logps(h, w, t, chunk_size=128))
+
+    def temp_bytes(loss):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w, t).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    full, chunked = temp_bytes(full_loss), temp_bytes(chunked_loss)
+    assert full >= full_logits_bytes
+    assert chunked < full_logits_bytes / 3, (chunked, full_logits_bytes)  # ~2 chunk-sized [128, vocab] buffers
