@@ -30,8 +30,9 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    parser.add_argument("--loss", default="chunked", choices=["chunked", "full"],
-                        help="jaxpt: log-probs from hidden states in chunks, or from full logits")
+    parser.add_argument("--loss", default="fused", choices=["fused", "chunked", "full"],
+                        help="jaxpt's loss path: fused NLL from hidden states (gradient in the forward pass, "
+                             "what SFT uses), chunked log-probs, or full logits")
     parser.add_argument("--skip_torch", action="store_true")
     return parser.parse_args()
 
@@ -84,7 +85,13 @@ def time_jaxpt(args, checkpoint, input_ids):
     import optax
 
     import jaxpt.models
-    from jaxpt.losses.logprobs import chunked_token_logps, masked_mean, next_token_targets, token_logps
+    from jaxpt.losses.logprobs import (
+        chunked_token_logps,
+        masked_mean,
+        next_token_targets,
+        token_logps,
+        weighted_nll_from_hidden,
+    )
     from jaxpt.train_state import TrainState
 
     model = jaxpt.models.from_pretrained(checkpoint, dtype=jnp.dtype(args.dtype))
@@ -95,6 +102,11 @@ def time_jaxpt(args, checkpoint, input_ids):
 
         def loss_fn(params):
             model = state.replace(params=params).model()
+            if args.loss == "fused":  # mean NLL over target tokens, as the transformers loss
+                token_weights = target_mask / jnp.sum(target_mask)
+                loss, _ = weighted_nll_from_hidden(model.hidden_states(input_ids), model.lm_head_weight(),
+                                                   targets, token_weights)
+                return loss
             if args.loss == "chunked":
                 hidden = model.hidden_states(input_ids)
                 logps = chunked_token_logps(hidden, model.lm_head_weight(), targets)

@@ -69,6 +69,21 @@ def masked_mean(values: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _flatten_chunks(hidden_states, target_ids, token_weights, chunk_size):
+    batch, seq, features = hidden_states.shape
+    tokens = batch * seq
+    chunk_size = min(chunk_size, tokens)
+    num_chunks = -(-tokens // chunk_size)
+    padding = num_chunks * chunk_size - tokens
+    flat = [hidden_states.reshape(tokens, features), target_ids.reshape(tokens).astype(jnp.int32),
+            token_weights.reshape(tokens).astype(jnp.float32)]
+    if padding:  # padded tokens get weight 0
+        flat = [jnp.pad(x, ((0, padding),) + ((0, 0),) * (x.ndim - 1)) for x in flat]
+    hidden, targets, weights = flat
+    return (hidden.reshape(num_chunks, chunk_size, features), targets.reshape(num_chunks, chunk_size),
+            weights.reshape(num_chunks, chunk_size), tokens)
+
+
 def _chunk_logits(hidden_chunk, weight, logit_softcap, temperature):
     """float32 logits `[chunk, vocab]` and the pre-softcap ones (needed by the backward pass)."""
     raw = jax.lax.dot_general(hidden_chunk, weight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -78,13 +93,13 @@ def _chunk_logits(hidden_chunk, weight, logit_softcap, temperature):
     return raw, logits
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked_logps(hidden, weight, targets, chunk_size, logit_softcap, temperature):
-    logps, entropy = _chunked_forward(hidden, weight, targets, chunk_size, logit_softcap, temperature)
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_logps(hidden, weight, targets, logit_softcap, temperature):
+    logps, entropy = _chunked_forward(hidden, weight, targets, logit_softcap, temperature)
     return logps, entropy
 
 
-def _chunked_forward(hidden, weight, targets, chunk_size, logit_softcap, temperature):
+def _chunked_forward(hidden, weight, targets, logit_softcap, temperature):
     # hidden [n_chunks, chunk, hidden], targets [n_chunks, chunk]
     def one_chunk(_, inputs):
         hidden_chunk, target_chunk = inputs
@@ -99,12 +114,12 @@ def _chunked_forward(hidden, weight, targets, chunk_size, logit_softcap, tempera
     return logps, entropy
 
 
-def _chunked_fwd(hidden, weight, targets, chunk_size, logit_softcap, temperature):
-    out = _chunked_forward(hidden, weight, targets, chunk_size, logit_softcap, temperature)
+def _chunked_fwd(hidden, weight, targets, logit_softcap, temperature):
+    out = _chunked_forward(hidden, weight, targets, logit_softcap, temperature)
     return out, (hidden, weight, targets)
 
 
-def _chunked_bwd(chunk_size, logit_softcap, temperature, residuals, cotangents):
+def _chunked_bwd(logit_softcap, temperature, residuals, cotangents):
     hidden, weight, targets = residuals
     d_logps, _ = cotangents  # entropy is a metric: its cotangent is ignored
 
@@ -151,25 +166,109 @@ def chunked_token_logps(
     `batch * seq * vocab`. `logit_softcap` is the model's `final_logit_softcap` (Gemma 2).
     With `return_entropy`, also the per-token entropy (a metric: not differentiated).
     """
-    batch, seq, features = hidden_states.shape
-    tokens = batch * seq
-    chunk_size = min(chunk_size, tokens)
-    num_chunks = -(-tokens // chunk_size)
-    padding = num_chunks * chunk_size - tokens
-    flat_hidden = hidden_states.reshape(tokens, features)
-    flat_targets = target_ids.reshape(tokens).astype(jnp.int32)
-    if padding:
-        flat_hidden = jnp.pad(flat_hidden, ((0, padding), (0, 0)))
-        flat_targets = jnp.pad(flat_targets, (0, padding))
-    logps, entropy = _chunked_logps(
-        flat_hidden.reshape(num_chunks, chunk_size, features),
-        weight.astype(hidden_states.dtype),
-        flat_targets.reshape(num_chunks, chunk_size),
-        chunk_size,
-        logit_softcap,
-        float(temperature),
-    )
+    batch, seq, _ = hidden_states.shape
+    no_weights = jnp.zeros(target_ids.shape, jnp.float32)
+    hidden, targets, _, tokens = _flatten_chunks(hidden_states, target_ids, no_weights, chunk_size)
+    logps, entropy = _chunked_logps(hidden, weight.astype(hidden_states.dtype), targets, logit_softcap,
+                                    float(temperature))
     logps = logps.reshape(-1)[:tokens].reshape(batch, seq)
     if not return_entropy:
         return logps
     return logps, jax.lax.stop_gradient(entropy.reshape(-1)[:tokens].reshape(batch, seq))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fused weighted NLL from hidden states (gradients computed in the forward pass)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _weighted_nll_chunks(hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_entropy,
+                         with_grads):
+    """Scan over token chunks: loss, per-token logps/entropy, and (with_grads) d loss / d hidden, d weight."""
+
+    def one_chunk(d_weight, inputs):
+        hidden_chunk, target_chunk, weight_chunk = inputs
+        raw, logits = _chunk_logits(hidden_chunk, weight, logit_softcap, temperature)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        probs = jnp.exp(logits - lse[:, None])
+        logps = _pick(logits, target_chunk) - lse
+        entropy = lse - jnp.sum(probs * logits, axis=-1) if with_entropy else jnp.zeros_like(lse)
+        token_scale = weight_chunk * jnp.exp(logps) if prob_weighted else weight_chunk
+        loss = -jnp.sum(token_scale * logps)
+        if not with_grads:
+            return d_weight, (loss, logps, entropy, None)
+        vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+        one_hot = (vocab == target_chunk[:, None]).astype(jnp.float32)
+        d_logits = -token_scale[:, None] * (one_hot - probs)  # d loss / d logits; the DFT scale is a constant
+        if temperature != 1.0:
+            d_logits = d_logits / temperature
+        if logit_softcap is not None:
+            d_logits = d_logits * (1.0 - jnp.tanh(raw / logit_softcap) ** 2)
+        d_hidden = jnp.dot(d_logits, weight.astype(jnp.float32), preferred_element_type=jnp.float32)
+        d_weight = d_weight + jax.lax.dot_general(
+            d_logits, hidden_chunk.astype(jnp.float32), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        return d_weight, (loss, logps, entropy, d_hidden.astype(hidden_chunk.dtype))
+
+    d_weight0 = jnp.zeros(weight.shape, jnp.float32) if with_grads else None
+    d_weight, (losses, logps, entropy, d_hidden) = jax.lax.scan(one_chunk, d_weight0, (hidden, targets, weights))
+    return jnp.sum(losses), logps, entropy, d_hidden, d_weight
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _weighted_nll(hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_entropy):
+    loss, logps, entropy, _, _ = _weighted_nll_chunks(hidden, weight, targets, weights, logit_softcap, temperature,
+                                                      prob_weighted, with_entropy, with_grads=False)
+    return loss, logps, entropy
+
+
+def _weighted_nll_fwd(hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_entropy):
+    loss, logps, entropy, d_hidden, d_weight = _weighted_nll_chunks(
+        hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_entropy, with_grads=True
+    )
+    return (loss, logps, entropy), (d_hidden, d_weight.astype(weight.dtype))
+
+
+def _weighted_nll_bwd(logit_softcap, temperature, prob_weighted, with_entropy, residuals, cotangents):
+    d_hidden, d_weight = residuals
+    d_loss = cotangents[0]  # logps / entropy are returned under stop_gradient: their cotangents are zero
+    return (d_loss * d_hidden).astype(d_hidden.dtype), (d_loss * d_weight).astype(d_weight.dtype), None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
+
+
+def weighted_nll_from_hidden(
+    hidden_states: jax.Array,
+    weight: jax.Array,
+    target_ids: jax.Array,
+    token_weights: jax.Array,
+    *,
+    chunk_size: int = 1024,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+    prob_weighted: bool = False,
+    return_entropy: bool = False,
+):
+    """`-sum_t token_weights[t] * log p(target_t)` straight from hidden states, for losses linear in log-probs.
+
+    Returns `(loss, logps)` — or `(loss, logps, entropy)` with `return_entropy` — : the scalar loss
+    (differentiable with respect to `hidden_states` and `weight`) and, as metrics under `stop_gradient`,
+    per-token log-probs (and entropies) `[batch, seq]`.
+    `token_weights` `[batch, seq]` are constants (e.g. `loss_mask / num_tokens`). With `prob_weighted`, each
+    token is also weighted by `stop_gradient(p(target_t))`, the DFT loss of Wu et al. 2025.
+
+    Because the loss is linear in the log-probs with known weights, the gradient is computed in the forward
+    pass, chunk by chunk (the "fused linear cross-entropy" of Liger / Cut Cross-Entropy): three matmuls per
+    chunk instead of four, one pass over each chunk's logits, and no `[batch, seq, vocab]` buffer. Losses that
+    are not linear in the log-probs (DPO, GRPO) use `chunked_token_logps`.
+    """
+    batch, seq, _ = hidden_states.shape
+    hidden, targets, weights, tokens = _flatten_chunks(hidden_states, target_ids, token_weights, chunk_size)
+    loss, logps, entropy = _weighted_nll(hidden, weight.astype(hidden_states.dtype), targets,
+                                         jax.lax.stop_gradient(weights), logit_softcap, float(temperature),
+                                         bool(prob_weighted), bool(return_entropy))
+    unflatten = lambda x: jax.lax.stop_gradient(x.reshape(-1)[:tokens].reshape(batch, seq))
+    if return_entropy:
+        return loss, unflatten(logps), unflatten(entropy)
+    return loss, unflatten(logps)

@@ -12,6 +12,7 @@ from jaxpt.losses.logprobs import (
     masked_mean,
     next_token_targets,
     token_logps,
+    weighted_nll_from_hidden,
 )
 from jaxpt.models.layers import project_to_vocab
 
@@ -121,3 +122,42 @@ def test_chunked_logps_never_hold_the_full_logits_buffer():
     full, chunked = temp_bytes(full_loss), temp_bytes(chunked_loss)
     assert full >= full_logits_bytes
     assert chunked < full_logits_bytes / 3, (chunked, full_logits_bytes)  # ~2 chunk-sized [128, vocab] buffers
+
+
+@pytest.mark.parametrize("softcap,temperature,prob_weighted",
+                         [(None, 1.0, False), (3.0, 0.7, False), (None, 1.0, True)])
+def test_weighted_nll_from_hidden_equals_full_logits(softcap, temperature, prob_weighted):
+    """The fused loss (gradients computed in the forward pass) equals -sum(w * logp) on full logits: value,
+    metrics and gradients; with prob_weighted, the DFT weighting by stop_gradient(p)."""
+    rng = np.random.RandomState(5)
+    batch, seq, hidden, vocab = 2, 11, 16, 40
+    hidden_states = jnp.asarray(rng.randn(batch, seq, hidden), jnp.float32)
+    weight = jnp.asarray(rng.randn(vocab, hidden) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.randint(0, vocab, (batch, seq)))
+    token_weights = jnp.asarray(rng.rand(batch, seq) * (rng.rand(batch, seq) > 0.3), jnp.float32)
+
+    def reference(h, w):
+        logps = token_logps(project_to_vocab(h, w, logit_softcap=softcap), targets, temperature=temperature)
+        scale = token_weights * jax.lax.stop_gradient(jnp.exp(logps)) if prob_weighted else token_weights
+        return -jnp.sum(scale * logps), logps
+
+    def fused(h, w):
+        loss, logps = weighted_nll_from_hidden(h, w, targets, token_weights, chunk_size=8, logit_softcap=softcap,
+                                               temperature=temperature, prob_weighted=prob_weighted)
+        return loss, logps
+
+    (loss, logps), grads = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden_states, weight)
+    (ref_loss, ref_logps), ref_grads = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(hidden_states,
+                                                                                                   weight)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    np.testing.assert_allclose(logps, ref_logps, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert float(jnp.abs(b).max()) > 1e-3
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    _, _, entropy = weighted_nll_from_hidden(hidden_states, weight, targets, token_weights, chunk_size=8,
+                                             logit_softcap=softcap, temperature=temperature, return_entropy=True)
+    logits = project_to_vocab(hidden_states, weight, logit_softcap=softcap)
+    np.testing.assert_allclose(entropy, entropy_from_logits(logits, temperature=temperature), atol=1e-5)
+    # Scaling the loss scales the gradients (the saved gradients are multiplied by the cotangent).
+    grads3 = jax.grad(lambda h, w: 3.0 * fused(h, w)[0], argnums=(0, 1))(hidden_states, weight)
+    np.testing.assert_allclose(grads3[0], 3.0 * grads[0], rtol=1e-5, atol=1e-7)
