@@ -90,9 +90,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over `("data", "fsdp")`, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_sharding(mesh: Mesh, *, batch_axis: int = 0) -> NamedSharding:
+    """Dimension `batch_axis` split over `("data", "fsdp")`, the rest replicated (`batch_axis=1` for the
+    `[accumulation, micro_batch, ...]` arrays of a train step)."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), BATCH_AXES))
 
 
 def batch_divisor(mesh: Mesh | None) -> int:
@@ -102,25 +103,39 @@ def batch_divisor(mesh: Mesh | None) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
-    """Place a host batch on the mesh, split over `("data", "fsdp")`.
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, *, batch_axis: int = 0) -> dict[str, jax.Array]:
+    """Place a host batch on the mesh, dimension `batch_axis` split over `("data", "fsdp")`.
 
     Each process passes its own rows (`jax.process_count() == 1`: all of them); the global batch is
     `process_count * local rows` and is built with `jax.make_array_from_process_local_data`.
     """
     if mesh is None:
         return {key: jax.numpy.asarray(value) for key, value in batch.items()}
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, batch_axis=batch_axis)
     divisor = batch_divisor(mesh)
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)
-        global_rows = value.shape[0] * jax.process_count()
+        global_rows = value.shape[batch_axis] * jax.process_count()
         if global_rows % divisor:
             raise ValueError(
                 f"Batch field {key!r} has {global_rows} rows, which the mesh's data*fsdp={divisor} does not "
                 "divide: make the (per-step) batch size a multiple of data*fsdp."
             )
-        global_shape = (global_rows, *value.shape[1:])
+        global_shape = (*value.shape[:batch_axis], global_rows, *value.shape[batch_axis + 1:])
         out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+def mesh_from_config(config) -> Mesh:
+    """The mesh a `TrainingConfig` asks for (`mesh_data`, `mesh_fsdp`, `mesh_tensor`; one may be -1 for the
+    remaining devices). Fixed sizes that need fewer devices than exist use the first ones."""
+    sizes = {"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor}
+    devices = jax.devices()
+    if -1 not in sizes.values():
+        needed = math.prod(sizes.values())
+        if needed > len(devices):
+            raise ValueError(f"Mesh {sizes} needs {needed} devices; only {len(devices)} exist: lower mesh_data / "
+                             "mesh_fsdp / mesh_tensor.")
+        devices = devices[:needed]
+    return make_mesh(**sizes, devices=devices)

@@ -20,6 +20,7 @@ step = jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh)),
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpt.sharding import PartitionRules, replicated, tree_shardings
+from jaxpt.sharding import PartitionRules, path_name, replicated, tree_shardings
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -85,6 +86,62 @@ class TrainState(flax.struct.PyTreeNode):
         if mesh is None:
             return None
         return tree_shardings(self, mesh, self.partition_rules)
+
+
+def learning_rate_schedule(config, num_training_steps: int):
+    """transformers' schedules (`get_scheduler`) as a function of the optimizer step, for an optax optimizer.
+
+    `lr(step)` for the update that step `step` (0-based) applies: linear warm-up from 0 over the warm-up steps,
+    then `linear` (to 0 at `num_training_steps`), `cosine` (half a cosine to 0), `cosine_with_min_lr` (to
+    `min_lr_rate * learning_rate`), `constant`, or `constant_with_warmup`.
+    """
+    peak = config.learning_rate
+    total = max(int(num_training_steps), 1)
+    warmup = config.warmup_steps if config.warmup_steps > 0 else math.ceil(total * config.warmup_ratio)
+    kind = config.lr_scheduler_type
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = step / max(warmup, 1)
+        progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+        if kind == "linear":
+            after = jnp.maximum(0.0, (total - step) / max(total - warmup, 1))
+        elif kind == "cosine":
+            after = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        elif kind == "cosine_with_min_lr":
+            after = config.min_lr_rate + (1 - config.min_lr_rate) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        elif kind in ("constant", "constant_with_warmup"):
+            after = jnp.ones_like(step)
+        else:
+            raise ValueError(f"lr_scheduler_type={kind!r} is not supported.")
+        if kind == "constant":
+            return peak * after
+        return peak * jnp.where(step < warmup, warm, after)
+
+    return schedule
+
+
+def decay_mask(params):
+    """True for parameters AdamW decays: not biases, not norm weights (transformers' Trainer rule)."""
+
+    def decays(path, _):
+        name = path_name(path)
+        last_module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+        return not (name.endswith("bias") or "norm" in last_module)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config, num_training_steps: int) -> tuple[optax.GradientTransformation, Any]:
+    """AdamW with the config's schedule, betas, epsilon, weight decay and global-norm clipping, as TRL's
+    default `adamw_torch` optimizer. Returns `(optimizer, schedule)`; the schedule gives the logged
+    `learning_rate`."""
+    schedule = learning_rate_schedule(config, num_training_steps)
+    adamw = optax.adamw(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
+                        weight_decay=config.weight_decay, mask=decay_mask)
+    if config.max_grad_norm and config.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw), schedule
+    return adamw, schedule
 
 
 def metrics_sharding(mesh: jax.sharding.Mesh | None):

@@ -182,21 +182,27 @@ def chunked_token_logps(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _weighted_nll_chunks(hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_entropy,
+def _weighted_nll_chunks(hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_metrics,
                          with_grads):
-    """Scan over token chunks: loss, per-token logps/entropy, and (with_grads) d loss / d hidden, d weight."""
+    """Scan over token chunks: loss, per-token logps, entropy and top-1 hits (with_metrics), and (with_grads)
+    d loss / d hidden, d weight."""
 
     def one_chunk(d_weight, inputs):
         hidden_chunk, target_chunk, weight_chunk = inputs
         raw, logits = _chunk_logits(hidden_chunk, weight, logit_softcap, temperature)
         lse = jax.nn.logsumexp(logits, axis=-1)
         probs = jnp.exp(logits - lse[:, None])
-        logps = _pick(logits, target_chunk) - lse
-        entropy = lse - jnp.sum(probs * logits, axis=-1) if with_entropy else jnp.zeros_like(lse)
+        target_logits = _pick(logits, target_chunk)
+        logps = target_logits - lse
+        if with_metrics:
+            entropy = lse - jnp.sum(probs * logits, axis=-1)
+            is_argmax = (target_logits >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+        else:
+            entropy = is_argmax = jnp.zeros_like(lse)
         token_scale = weight_chunk * jnp.exp(logps) if prob_weighted else weight_chunk
         loss = -jnp.sum(token_scale * logps)
         if not with_grads:
-            return d_weight, (loss, logps, entropy, None)
+            return d_weight, (loss, logps, entropy, is_argmax, None)
         vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
         one_hot = (vocab == target_chunk[:, None]).astype(jnp.float32)
         d_logits = -token_scale[:, None] * (one_hot - probs)  # d loss / d logits; the DFT scale is a constant
@@ -208,30 +214,31 @@ def _weighted_nll_chunks(hidden, weight, targets, weights, logit_softcap, temper
         d_weight = d_weight + jax.lax.dot_general(
             d_logits, hidden_chunk.astype(jnp.float32), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )
-        return d_weight, (loss, logps, entropy, d_hidden.astype(hidden_chunk.dtype))
+        return d_weight, (loss, logps, entropy, is_argmax, d_hidden.astype(hidden_chunk.dtype))
 
     d_weight0 = jnp.zeros(weight.shape, jnp.float32) if with_grads else None
-    d_weight, (losses, logps, entropy, d_hidden) = jax.lax.scan(one_chunk, d_weight0, (hidden, targets, weights))
-    return jnp.sum(losses), logps, entropy, d_hidden, d_weight
+    d_weight, (losses, logps, entropy, is_argmax, d_hidden) = jax.lax.scan(one_chunk, d_weight0,
+                                                                           (hidden, targets, weights))
+    return jnp.sum(losses), (logps, entropy, is_argmax), d_hidden, d_weight
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _weighted_nll(hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_entropy):
-    loss, logps, entropy, _, _ = _weighted_nll_chunks(hidden, weight, targets, weights, logit_softcap, temperature,
-                                                      prob_weighted, with_entropy, with_grads=False)
-    return loss, logps, entropy
+def _weighted_nll(hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_metrics):
+    loss, per_token, _, _ = _weighted_nll_chunks(hidden, weight, targets, weights, logit_softcap, temperature,
+                                                 prob_weighted, with_metrics, with_grads=False)
+    return loss, per_token
 
 
-def _weighted_nll_fwd(hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_entropy):
-    loss, logps, entropy, d_hidden, d_weight = _weighted_nll_chunks(
-        hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_entropy, with_grads=True
+def _weighted_nll_fwd(hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_metrics):
+    loss, per_token, d_hidden, d_weight = _weighted_nll_chunks(
+        hidden, weight, targets, weights, logit_softcap, temperature, prob_weighted, with_metrics, with_grads=True
     )
-    return (loss, logps, entropy), (d_hidden, d_weight.astype(weight.dtype))
+    return (loss, per_token), (d_hidden, d_weight.astype(weight.dtype))
 
 
-def _weighted_nll_bwd(logit_softcap, temperature, prob_weighted, with_entropy, residuals, cotangents):
+def _weighted_nll_bwd(logit_softcap, temperature, prob_weighted, with_metrics, residuals, cotangents):
     d_hidden, d_weight = residuals
-    d_loss = cotangents[0]  # logps / entropy are returned under stop_gradient: their cotangents are zero
+    d_loss = cotangents[0]  # the per-token outputs are returned under stop_gradient: their cotangents are zero
     return (d_loss * d_hidden).astype(d_hidden.dtype), (d_loss * d_weight).astype(d_weight.dtype), None, None
 
 
@@ -248,13 +255,13 @@ def weighted_nll_from_hidden(
     logit_softcap: float | None = None,
     temperature: float = 1.0,
     prob_weighted: bool = False,
-    return_entropy: bool = False,
-):
+    with_metrics: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`-sum_t token_weights[t] * log p(target_t)` straight from hidden states, for losses linear in log-probs.
 
-    Returns `(loss, logps)` — or `(loss, logps, entropy)` with `return_entropy` — : the scalar loss
-    (differentiable with respect to `hidden_states` and `weight`) and, as metrics under `stop_gradient`,
-    per-token log-probs (and entropies) `[batch, seq]`.
+    Returns `(loss, per_token)`: the scalar loss (differentiable with respect to `hidden_states` and `weight`)
+    and a dict of `[batch, seq]` arrays under `stop_gradient`: `logps`, and with `with_metrics` also `entropy`
+    (of the predictive distribution) and `is_argmax` (1.0 where the target is the top-1 token).
     `token_weights` `[batch, seq]` are constants (e.g. `loss_mask / num_tokens`). With `prob_weighted`, each
     token is also weighted by `stop_gradient(p(target_t))`, the DFT loss of Wu et al. 2025.
 
@@ -265,10 +272,12 @@ def weighted_nll_from_hidden(
     """
     batch, seq, _ = hidden_states.shape
     hidden, targets, weights, tokens = _flatten_chunks(hidden_states, target_ids, token_weights, chunk_size)
-    loss, logps, entropy = _weighted_nll(hidden, weight.astype(hidden_states.dtype), targets,
-                                         jax.lax.stop_gradient(weights), logit_softcap, float(temperature),
-                                         bool(prob_weighted), bool(return_entropy))
+    loss, (logps, entropy, is_argmax) = _weighted_nll(
+        hidden, weight.astype(hidden_states.dtype), targets, jax.lax.stop_gradient(weights), logit_softcap,
+        float(temperature), bool(prob_weighted), bool(with_metrics),
+    )
     unflatten = lambda x: jax.lax.stop_gradient(x.reshape(-1)[:tokens].reshape(batch, seq))
-    if return_entropy:
-        return loss, unflatten(logps), unflatten(entropy)
-    return loss, unflatten(logps)
+    per_token = {"logps": unflatten(logps)}
+    if with_metrics:
+        per_token.update(entropy=unflatten(entropy), is_argmax=unflatten(is_argmax))
+    return loss, per_token

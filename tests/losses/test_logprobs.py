@@ -142,9 +142,10 @@ def test_weighted_nll_from_hidden_equals_full_logits(softcap, temperature, prob_
         return -jnp.sum(scale * logps), logps
 
     def fused(h, w):
-        loss, logps = weighted_nll_from_hidden(h, w, targets, token_weights, chunk_size=8, logit_softcap=softcap,
-                                               temperature=temperature, prob_weighted=prob_weighted)
-        return loss, logps
+        loss, per_token = weighted_nll_from_hidden(h, w, targets, token_weights, chunk_size=8,
+                                                   logit_softcap=softcap, temperature=temperature,
+                                                   prob_weighted=prob_weighted)
+        return loss, per_token["logps"]
 
     (loss, logps), grads = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden_states, weight)
     (ref_loss, ref_logps), ref_grads = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(hidden_states,
@@ -154,10 +155,11 @@ def test_weighted_nll_from_hidden_equals_full_logits(softcap, temperature, prob_
     for a, b in zip(grads, ref_grads, strict=True):
         assert float(jnp.abs(b).max()) > 1e-3
         np.testing.assert_allclose(a, b, atol=1e-5)
-    _, _, entropy = weighted_nll_from_hidden(hidden_states, weight, targets, token_weights, chunk_size=8,
-                                             logit_softcap=softcap, temperature=temperature, return_entropy=True)
-    logits = project_to_vocab(hidden_states, weight, logit_softcap=softcap)
-    np.testing.assert_allclose(entropy, entropy_from_logits(logits, temperature=temperature), atol=1e-5)
+    _, per_token = weighted_nll_from_hidden(hidden_states, weight, targets, token_weights, chunk_size=8,
+                                            logit_softcap=softcap, temperature=temperature, with_metrics=True)
+    logits = project_to_vocab(hidden_states, weight, logit_softcap=softcap) / temperature
+    np.testing.assert_allclose(per_token["entropy"], entropy_from_logits(logits), atol=1e-5)
+    np.testing.assert_array_equal(per_token["is_argmax"], np.asarray(jnp.argmax(logits, -1) == targets, np.float32))
     # Scaling the loss scales the gradients (the saved gradients are multiplied by the cotangent).
     grads3 = jax.grad(lambda h, w: 3.0 * fused(h, w)[0], argnums=(0, 1))(hidden_states, weight)
     np.testing.assert_allclose(grads3[0], 3.0 * grads[0], rtol=1e-5, atol=1e-7)

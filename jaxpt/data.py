@@ -1,0 +1,326 @@
+"""Datasets in TRL's formats: loading, format detection, chat templates, packing and length buckets.
+
+TRL's formats (https://huggingface.co/docs/trl/dataset_formats), each standard (strings) or conversational
+(lists of `{"role", "content"}` messages):
+
+| kind                 | columns                                      | used by          |
+|----------------------|----------------------------------------------|------------------|
+| language modeling    | `text` (standard) / `messages` (conv.)       | SFT              |
+| prompt-completion    | `prompt`, `completion`                       | SFT              |
+| prompt-only          | `prompt`                                     | GRPO, RLOO       |
+| preference           | `prompt`, `chosen`, `rejected` (or implicit: | DPO, Reward      |
+|                      | `chosen`, `rejected` sharing a prompt)       |                  |
+| unpaired preference  | `prompt`, `completion`, `label` (bool)       | KTO              |
+
+Everything here is plain Python / numpy on the host; each method turns tokenized examples into batches itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_COLUMNS = {
+    "language_modeling": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "prompt_only": ("prompt",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "implicit_preference": ("chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", config_name: str | None = None):
+    """A `datasets.Dataset` from a local file (.json/.jsonl/.parquet/.csv), a local directory (saved with
+    `save_to_disk`, or holding such files, optionally in `<split>.*` files), or a Hub dataset id."""
+    import datasets
+
+    path = Path(name_or_path).expanduser()
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+    if path.is_file():
+        if path.suffix not in builders:
+            raise ValueError(f"Cannot read {path}: supported files are {sorted(builders)}.")
+        return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        files = sorted(p for p in path.iterdir() if p.suffix in builders)
+        split_files = [p for p in files if p.stem == split or p.stem.startswith(f"{split}-")]
+        chosen = split_files or ([] if any(p.stem in ("train", "test", "validation") for p in files) else files)
+        if not chosen:
+            raise FileNotFoundError(f"No {split!r} data files ({sorted(builders)}) in {path}.")
+        return datasets.load_dataset(builders[chosen[0].suffix], data_files=[str(p) for p in chosen], split="train")
+    if str(name_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"No dataset file or directory at {path.resolve()}.")
+    try:
+        return datasets.load_dataset(str(name_or_path), config_name, split=split)
+    except Exception as error:
+        raise FileNotFoundError(
+            f"{str(name_or_path)!r} is neither a local file/directory (looked at {path.resolve()}) nor a dataset "
+            f"the Hugging Face Hub served: {type(error).__name__}: {error}"
+        ) from error
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Formats
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFormat:
+    kind: str  # a key of FORMAT_COLUMNS
+    conversational: bool
+
+
+def is_conversational(example: dict) -> bool:
+    """True when the example's text columns are lists of `{"role", "content"}` messages."""
+    for key in ("messages", "prompt", "chosen", "rejected", "completion"):
+        value = example.get(key)
+        if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+            return True
+    return False
+
+
+def detect_format(example: dict, *, text_field: str = "text") -> DatasetFormat:
+    """Which TRL format an example is in (see the table at the top of this module)."""
+    keys = set(example)
+    conversational = is_conversational(example)
+    if {"prompt", "completion", "label"} <= keys:
+        kind = "unpaired_preference"
+    elif {"chosen", "rejected"} <= keys:
+        kind = "preference" if "prompt" in keys else "implicit_preference"
+    elif {"prompt", "completion"} <= keys:
+        kind = "prompt_completion"
+    elif text_field in keys or "messages" in keys:
+        kind = "language_modeling"
+    elif "prompt" in keys:
+        kind = "prompt_only"
+    else:
+        raise ValueError(
+            f"Cannot tell the dataset format from its columns {sorted(keys)}. TRL's formats: "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in FORMAT_COLUMNS.items())
+            + ". Language modeling also accepts 'messages' (conversational)."
+        )
+    return DatasetFormat(kind, conversational)
+
+
+def require_format(dataset, allowed: Sequence[str], *, method: str, text_field: str = "text") -> DatasetFormat:
+    """The dataset's format, or a `ValueError` saying which format was detected and which columns `method`
+    needs. Also rejects empty datasets."""
+    if len(dataset) == 0:
+        raise ValueError(f"The {method} dataset is empty.")
+    fmt = detect_format(dataset[0], text_field=text_field)
+    if fmt.kind not in allowed:
+        needs = " or ".join(f"{kind} ({', '.join(FORMAT_COLUMNS[kind])})" for kind in allowed)
+        raise ValueError(
+            f"{method} needs a {needs} dataset, but the columns {sorted(dataset.column_names)} look like "
+            f"{fmt.kind} ({', '.join(FORMAT_COLUMNS[fmt.kind])})."
+        )
+    return fmt
+
+
+def extract_prompt(example: dict) -> dict:
+    """Implicit-prompt preference example -> explicit `prompt`, `chosen`, `rejected` (TRL's `extract_prompt`):
+    the prompt is the longest common prefix of chosen and rejected (messages, or characters for strings, not
+    cutting after a trailing space)."""
+    chosen, rejected = example["chosen"], example["rejected"]
+    index = 0
+    limit = min(len(chosen), len(rejected))
+    while index < limit and chosen[index] == rejected[index]:
+        index += 1
+    if index < limit and isinstance(chosen, str) and index > 0 and chosen[index - 1] == " ":
+        index -= 1
+    return {**example, "prompt": chosen[:index], "chosen": chosen[index:], "rejected": rejected[index:]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_chat_template(tokenizer, fmt: DatasetFormat, *, method: str) -> None:
+    if fmt.conversational and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The {method} dataset is conversational (lists of role/content messages) but the tokenizer has no chat "
+            "template: set `tokenizer.chat_template` (or pass a tokenizer that has one), or convert the dataset "
+            "to standard (string) format."
+        )
+
+
+def tokenize(tokenizer, text_or_messages, *, add_generation_prompt: bool = False,
+             assistant_mask: bool = False, tools: Any = None) -> dict[str, list[int]]:
+    """Token ids of a string, or of messages rendered by the tokenizer's chat template.
+
+    With `assistant_mask`, also `assistant_masks` (1 on tokens generated by the assistant), which needs a chat
+    template with `{% generation %}` markers."""
+    if isinstance(text_or_messages, str):
+        ids = tokenizer(text_or_messages, add_special_tokens=True)["input_ids"]
+        return {"input_ids": list(ids)}
+    out = tokenizer.apply_chat_template(text_or_messages, tokenize=True, return_dict=True,
+                                        add_generation_prompt=add_generation_prompt, tools=tools,
+                                        return_assistant_tokens_mask=assistant_mask)
+    result = {"input_ids": list(out["input_ids"])}
+    if assistant_mask:
+        result["assistant_masks"] = list(out["assistant_masks"])
+    return result
+
+
+def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
+    length = 0
+    for a, b in zip(ids, other, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def tokenize_prompt_completion(tokenizer, prompt, completion, *, conversational: bool,
+                               eos_token: str | None = None) -> tuple[list[int], int]:
+    """Ids of prompt + completion and the length of the prompt part (the completion starts where the tokenized
+    prompt and prompt+completion diverge, as in TRL). Standard text gets the EOS token appended to the
+    completion if missing; conversational text gets the chat template (prompt with the generation prompt)."""
+    if conversational:
+        prompt_ids = tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
+        full_ids = tokenize(tokenizer, list(prompt) + list(completion))["input_ids"]
+    else:
+        eos_token = eos_token or tokenizer.eos_token
+        if eos_token and not completion.endswith(eos_token):
+            completion = completion + eos_token
+        prompt_ids = tokenize(tokenizer, prompt)["input_ids"]
+        full_ids = tokenize(tokenizer, prompt + completion)["input_ids"]
+    return full_ids, common_prefix_length(prompt_ids, full_ids)
+
+
+def check_nonempty(ids: Sequence[int], *, what: str, index: int) -> None:
+    if len(ids) == 0:
+        raise ValueError(
+            f"Example {index}: the {what} tokenized to no tokens. Check that the tokenizer matches the model "
+            "family (a WordLevel tokenizer saved for a qwen2 model is rebuilt as byte-level by transformers and "
+            "encodes to nothing)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packing and bucketing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pack_bfd(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
+    """Best-fit-decreasing bins of example indices whose lengths sum to at most `seq_length` (longer examples
+    must be truncated first). Sequences are placed longest first, each into the fullest bin it fits."""
+    if any(length > seq_length for length in lengths):
+        raise ValueError("pack_bfd: truncate examples to seq_length before packing.")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for index in order:
+        length = lengths[index]
+        if length == 0:
+            continue
+        best = -1
+        for b, free in enumerate(space):  # O(n * bins): fine for the dataset sizes preprocessing sees per chunk
+            if length <= free and (best < 0 or free < space[best]):
+                best = b
+                if free == length:
+                    break
+        if best < 0:
+            bins.append([index])
+            space.append(seq_length - length)
+        else:
+            bins[best].append(index)
+            space[best] -= length
+    return bins
+
+
+def length_buckets(max_length: int, *, min_length: int = 64) -> list[int]:
+    """Padded lengths a run compiles for: 64, 96, 128, 192, 256, 384, ... up to and including `max_length`.
+
+    Two buckets per octave keep padding waste under a third (about a sixth on average) while a run compiles at
+    most ~2 log2(max_length / 64) shapes (TRL pads each batch to its longest sequence: no waste, but a compile
+    per distinct length would be unaffordable under XLA)."""
+    buckets = []
+    size = min_length
+    while size < max_length:
+        buckets.append(size)
+        half_step = size + size // 2
+        if half_step < max_length:
+            buckets.append(half_step)
+        size *= 2
+    buckets.append(max_length)
+    return sorted(set(buckets))
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    return buckets[-1]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_value: int = 0, *, left: bool = False) -> np.ndarray:
+    """`[len(rows), length]` int32 array, each row padded (right by default) with `pad_value`."""
+    out = np.full((len(rows), length), pad_value, np.int32)
+    for i, row in enumerate(rows):
+        row = list(row)[:length]
+        if left:
+            out[i, length - len(row):] = row
+        else:
+            out[i, : len(row)] = row
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Epochs and steps
+# --------------------------------------------------------------------------------------------------------------
+
+
+def steps_per_epoch(num_examples: int, examples_per_step: int, *, method: str) -> int:
+    if num_examples < examples_per_step:
+        raise ValueError(
+            f"The {method} dataset has {num_examples} examples after preprocessing, fewer than one optimizer step "
+            f"needs ({examples_per_step} = per_device_train_batch_size x data-parallel devices x "
+            "gradient_accumulation_steps): lower the batch size or add data."
+        )
+    return num_examples // examples_per_step  # the last partial step is dropped: shapes stay static
+
+
+def total_steps(config, steps_in_epoch: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.num_train_epochs * steps_in_epoch))
+
+
+def step_indices(num_examples: int, examples_per_step: int, *, seed: int, shuffle: bool,
+                 start_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """`(epoch, example indices)` for every optimizer step from `start_step` on, forever.
+
+    The order of epoch `e` is a permutation seeded by `(seed, e)`, so a resumed run sees exactly the examples
+    the uninterrupted run would have seen."""
+    per_epoch = num_examples // examples_per_step
+    step = start_step
+    order_epoch, order = -1, None
+    while True:
+        epoch, position = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            order_epoch = epoch
+            order = (np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle
+                     else np.arange(num_examples))
+        yield epoch, order[position * examples_per_step:(position + 1) * examples_per_step]
+        step += 1
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, default=str))
