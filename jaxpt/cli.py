@@ -1,17 +1,101 @@
 """`jaxpt <command>`: the command line.
 
-    jaxpt smoke [--output_dir DIR]   build a tiny random Llama, save it in Hugging Face format, load it back
-                                     with jaxpt.models.from_pretrained and print its logits
+    jaxpt sft    --model_name_or_path DIR --dataset_name PATH_OR_ID --output_dir OUT [SFTConfig fields ...]
+    jaxpt dpo    ... [DPOConfig fields]        jaxpt reward ... [RewardConfig fields]
+    jaxpt kto    ... [KTOConfig fields]        jaxpt grpo / rloo ... --reward_funcs accuracy,format
+    jaxpt smoke  [--output_dir DIR]            build a tiny random Llama, save it, load it, print logits
+    jaxpt demo   [--output_dir DIR]            the embedded end-to-end run (SFT then GRPO on arithmetic)
+
+Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
+parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
+override. `--dataset_name` is a local .json/.jsonl/.parquet/.csv file, a directory, or a Hub dataset id.
+`output_dir` receives `metrics.jsonl`, `checkpoints/` and `final/` (the model in Hugging Face format).
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
 import tempfile
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScriptArguments:
+    """Which data to train on (TRL's `ScriptArguments`)."""
+
+    dataset_name: str = field(metadata={"help": "Local data file/directory or Hugging Face Hub dataset id."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (Hub)."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (eval_strategy)."})
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from (TRL's `ModelConfig`)."""
+
+    model_name_or_path: str = field(metadata={"help": "Hugging Face checkpoint directory or Hub id."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+
+
+def parse(config_class, argv: list[str], *extra):
+    """`(ScriptArguments, ModelConfig, config, *extra)` from argv, with `--config file.yaml` defaults."""
+    import yaml
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ScriptArguments, ModelConfig, config_class, *extra))
+    argv = list(argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        with open(argv[index + 1]) as f:
+            defaults = yaml.safe_load(f) or {}
+        del argv[index:index + 2]
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise ValueError(f"Unknown keys in the --config file: {unknown}.")
+        parser.set_defaults(**defaults)
+        for action in parser._actions:  # YAML values satisfy required arguments
+            if action.dest in defaults:
+                action.required = False
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_model_and_data(script_args, model_args, config, *, num_labels=None):
+    import jax
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    import jaxpt.models
+    from jaxpt import data
+
+    bf16 = config.bf16 if config.bf16 is not None else jax.default_backend() != "cpu"
+    model = jaxpt.models.from_pretrained(model_args.model_name_or_path, num_labels=num_labels,
+                                         dtype=jnp.bfloat16 if bf16 else jnp.float32, seed=config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    train_set = data.load_dataset(script_args.dataset_name, split=script_args.dataset_train_split,
+                                  config_name=script_args.dataset_config)
+    eval_set = None
+    if config.eval_strategy != "no":
+        eval_set = data.load_dataset(script_args.dataset_name, split=script_args.dataset_test_split,
+                                     config_name=script_args.dataset_config)
+    return model, tokenizer, train_set, eval_set
+
+
+def sft_command(argv: list[str]) -> int:
+    from jaxpt import sft
+
+    script_args, model_args, config = parse(sft.SFTConfig, argv)
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
+    result = sft.train(model, tokenizer, train_set, config, eval_dataset=eval_set)
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
+          f"{result.model_dir}")
+    return 0
 
 
 def smoke(argv: list[str]) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="jaxpt smoke", description="Load a tiny model and print its logits.")
     parser.add_argument("--output_dir", default=None, help="where to write the tiny checkpoint (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -36,7 +120,7 @@ def smoke(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"smoke": smoke}
+COMMANDS = {"sft": sft_command, "smoke": smoke}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)
     return COMMANDS[argv[0]](argv[1:])
 
 

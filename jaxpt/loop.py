@@ -6,14 +6,25 @@ identical across methods.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import jax
 
 from jaxpt.checkpoint import Checkpointer, resolve_resume
 
 logger = logging.getLogger("jaxpt")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a method's `train()` returns."""
+
+    state: Any  # the final TrainState (`state.model()` is the trained model)
+    metrics: list[dict]  # every record written to metrics.jsonl
+    model_dir: str | None  # the exported Hugging Face model, if saved
 
 
 def resume(config, state, state_sharding, checkpoints: Checkpointer) -> tuple[object, int, dict]:

@@ -14,7 +14,6 @@ state, metrics = step(state, batch)    # batch: collate(...) arrays shaped [accu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -316,14 +315,7 @@ def _jit_step(step, mesh, state_sharding):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class TrainResult:
-    state: TrainState
-    metrics: list[dict]  # every record written to metrics.jsonl
-    model_dir: str | None  # the exported Hugging Face model, if saved
-
-
-def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_dataset=None) -> TrainResult:
+def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_dataset=None) -> loop.TrainResult:
     """Fine-tune `model` on `dataset` (TRL SFT format): progress bar, `metrics.jsonl`, evaluation, orbax
     checkpoints every `save_steps`, exact resume, and the final model exported in Hugging Face format."""
     mesh = mesh_from_config(config)
@@ -373,7 +365,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     finally:
         log.close()
         checkpoints.close()
-    return TrainResult(state, log.history, loop.export(state, tokenizer, config))
+    return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
 
 
 def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) -> dict:

@@ -1,0 +1,70 @@
+"""The command line end to end: `jaxpt <method> --model_name_or_path DIR --dataset_name FILE --output_dir OUT`."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import transformers
+
+import jaxpt.models
+from jaxpt import cli
+from tests.helpers import arithmetic_texts, char_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = char_tokenizer()
+    tokenizer.save_pretrained(directory)
+    jaxpt.models.save_pretrained(tiny_llama(len(tokenizer)), directory)
+    return directory
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_export(output_dir, auto_class=transformers.AutoModelForCausalLM):
+    final = output_dir / "final"
+    model = auto_class.from_pretrained(final)
+    assert (final / "tokenizer.json").exists()
+    return model
+
+
+def test_sft_command_trains_and_exports(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_texts(48))
+    out = tmp_path / "out"
+    config = tmp_path / "sft.yaml"
+    config.write_text("max_steps: 24\nlogging_steps: 6\nlearning_rate: 0.003\nper_device_train_batch_size: 4\n")
+    code = cli.main(["sft", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
+                     str(out), "--config", str(config), "--max_length", "16", "--mesh_fsdp", "1",
+                     "--disable_tqdm", "true", "--completion_only_loss", "false"])
+    assert code == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [6, 12, 18, 24]
+    assert {"loss", "grad_norm", "learning_rate", "entropy", "mean_token_accuracy", "num_tokens"} <= set(records[0])
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    check_export(out)
+
+
+def test_yaml_with_unknown_key_is_rejected(model_dir, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("max_stepz: 3\n")
+    with pytest.raises(ValueError, match="Unknown keys in the --config file: \\['max_stepz'\\]"):
+        cli.main(["sft", "--model_name_or_path", str(model_dir), "--dataset_name", "x", "--config", str(config)])
+
+
+def test_smoke_command_runs_as_an_installed_script(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jaxpt.cli", "smoke", "--output_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "logits (1, 8, 256) float32" in out
+    ids = np.arange(1, 9)[None]
+    reloaded = jaxpt.models.from_pretrained(tmp_path)
+    assert np.isfinite(np.asarray(reloaded(ids))).all()
