@@ -56,7 +56,8 @@ def accuracy_reward(completions: Sequence, solution: Sequence[str | None], **kwa
         if gold is None or str(gold).strip() == "":
             rewards.append(None)
             continue
-        gold = extract_answer(str(gold)) or str(gold)
+        boxed = _BOXED.findall(str(gold))
+        gold = boxed[-1].strip() if boxed else str(gold).strip()
         rewards.append(1.0 if _same_answer(extract_answer(completion_text(completion)), gold) else 0.0)
     return rewards
 
