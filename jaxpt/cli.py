@@ -93,6 +93,39 @@ def sft_command(argv: list[str]) -> int:
     return 0
 
 
+def reward_command(argv: list[str]) -> int:
+    from jaxpt import reward
+
+    script_args, model_args, config = parse(reward.RewardConfig, argv)
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config, num_labels=1)
+    result = reward.train(model, tokenizer, train_set, config, eval_dataset=eval_set)
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; reward model in "
+          f"{result.model_dir}")
+    return 0
+
+
+def dpo_command(argv: list[str]) -> int:
+    from jaxpt import dpo
+
+    script_args, model_args, config = parse(dpo.DPOConfig, argv)
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
+    result = dpo.train(model, tokenizer, train_set, config, eval_dataset=eval_set)
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
+          f"{result.model_dir}")
+    return 0
+
+
+def kto_command(argv: list[str]) -> int:
+    from jaxpt import kto
+
+    script_args, model_args, config = parse(kto.KTOConfig, argv)
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
+    result = kto.train(model, tokenizer, train_set, config, eval_dataset=eval_set)  # reference: the loaded model
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
+          f"{result.model_dir}")
+    return 0
+
+
 def smoke(argv: list[str]) -> int:
     import argparse
 
@@ -121,6 +154,9 @@ def smoke(argv: list[str]) -> int:
 
 
 COMMANDS = {"sft": sft_command, "smoke": smoke}
+COMMANDS["kto"] = kto_command
+COMMANDS["dpo"] = dpo_command
+COMMANDS["reward"] = reward_command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import transformers
 
 import jaxpt.models
 from jaxpt import cli
-from tests.helpers import arithmetic_texts, char_tokenizer, tiny_llama
+from tests.helpers import arithmetic_texts, char_tokenizer, marker_preferences, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,77 @@ def test_sft_command_trains_and_exports(model_dir, tmp_path):
     assert [r["step"] for r in records] == [6, 12, 18, 24]
     assert {"loss", "grad_norm", "learning_rate", "entropy", "mean_token_accuracy", "num_tokens"} <= set(records[0])
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    check_export(out)
+
+
+def test_reward_command_trains_a_classifier_and_exports(model_dir, tmp_path):
+    """`jaxpt reward` puts a fresh one-label head on the causal LM checkpoint, trains it, and exports a classifier
+    that transformers scores exactly as jaxpt does."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_preferences(48))
+    out = tmp_path / "out"
+    code = cli.main(["reward", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
+                     str(out), "--max_steps", "24", "--logging_steps", "6", "--learning_rate", "0.003",
+                     "--per_device_train_batch_size", "4", "--max_length", "32", "--mesh_fsdp", "1",
+                     "--disable_tqdm", "true", "--center_rewards_coefficient", "0.01"])
+    assert code == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [6, 12, 18, 24]
+    assert {"loss", "grad_norm", "learning_rate", "num_tokens", "accuracy", "margin", "min_reward", "mean_reward",
+            "max_reward"} <= set(records[0])
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert records[-1]["accuracy"] > records[0]["accuracy"]
+    hf = check_export(out, transformers.AutoModelForSequenceClassification).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "final")
+    encoded = tokenizer(["ab?c#d</s>", "ab?cd</s>", "x</s>"], padding=True, return_tensors="np")
+    import torch
+
+    with torch.no_grad():
+        expected = hf(torch.tensor(encoded["input_ids"]), attention_mask=torch.tensor(encoded["attention_mask"]))
+    ours = jaxpt.models.from_pretrained(out / "final", num_labels=1)(encoded["input_ids"],
+                                                                     attention_mask=encoded["attention_mask"])
+    assert expected.logits.shape == (3, 1)
+    np.testing.assert_allclose(np.asarray(ours), expected.logits.numpy(), atol=1e-4)
+
+
+def test_kto_command_trains_and_exports(model_dir, tmp_path):
+    """`jaxpt kto` on unpaired data (right sums desirable, wrong ones undesirable), reference = the loaded model."""
+    rows = [{"prompt": r["prompt"], "completion": r["completion"] if i % 2 == 0 else str(int(r["completion"]) + 3),
+             "label": i % 2 == 0} for i, r in enumerate(arithmetic_texts(64))]
+    data = write_jsonl(tmp_path / "kto.jsonl", rows)
+    out = tmp_path / "out"
+    code = cli.main(["kto", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
+                     str(out), "--max_steps", "16", "--logging_steps", "8", "--learning_rate", "0.005", "--beta", "0.5",
+                     "--per_device_train_batch_size", "8", "--max_length", "16", "--mesh_fsdp", "1",
+                     "--disable_tqdm", "true"])
+    assert code == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [8, 16]
+    assert {"loss", "grad_norm", "learning_rate", "num_tokens", "kl", "entropy", "rewards/chosen", "rewards/rejected",
+            "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"} <= set(records[0])
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]
+    check_export(out)
+
+
+def test_dpo_command_trains_and_exports(model_dir, tmp_path):
+    """`jaxpt dpo` on explicit-prompt pairs (right sum chosen, wrong one rejected), reference log-probs
+    precomputed from the loaded model."""
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": str(int(r["completion"]) + 2)}
+            for r in arithmetic_texts(32)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    code = cli.main(["dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
+                     str(out), "--max_steps", "24", "--logging_steps", "6", "--learning_rate", "0.003", "--beta", "0.5",
+                     "--per_device_train_batch_size", "4", "--max_length", "16", "--mesh_fsdp", "1",
+                     "--loss_type", "sigmoid", "--precompute_ref_log_probs", "true", "--disable_tqdm", "true"])
+    assert code == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [6, 12, 18, 24]
+    assert {"loss", "grad_norm", "learning_rate", "num_tokens", "rewards/chosen", "rewards/rejected",
+            "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
+            "logits/rejected", "entropy", "mean_token_accuracy"} <= set(records[0])
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]
     check_export(out)
 
 

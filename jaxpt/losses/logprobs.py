@@ -177,6 +177,83 @@ def chunked_token_logps(
     return logps, jax.lax.stop_gradient(entropy.reshape(-1)[:tokens].reshape(batch, seq))
 
 
+TOKEN_STATS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def _token_stats(logits, lse, target_chunk, stats):
+    """Per-token statistics of float32 logits `[chunk, vocab]` (no gradient flows through them)."""
+    out = []
+    for name in stats:
+        if name == "entropy":
+            out.append(lse - jnp.sum(jnp.exp(logits - lse[:, None]) * logits, axis=-1))
+        elif name == "mean_logits":
+            out.append(jnp.mean(logits, axis=-1))
+        elif name == "is_top1":  # the first maximum, as torch.argmax / TRL's fused head count ties
+            out.append((jnp.argmax(logits, axis=-1) == target_chunk).astype(jnp.float32))
+        else:  # log_sum_sq_probs: log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+            out.append(jax.nn.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse)
+    return tuple(out)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_logps_stats(hidden, weight, targets, logit_softcap, temperature, stats):
+    return _chunked_stats_forward(hidden, weight, targets, logit_softcap, temperature, stats)
+
+
+def _chunked_stats_forward(hidden, weight, targets, logit_softcap, temperature, stats):
+    def one_chunk(_, inputs):
+        hidden_chunk, target_chunk = inputs
+        _, logits = _chunk_logits(hidden_chunk, weight, logit_softcap, temperature)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return None, (_pick(logits, target_chunk) - lse, _token_stats(logits, lse, target_chunk, stats))
+
+    _, (logps, per_token) = jax.lax.scan(one_chunk, None, (hidden, targets))
+    return logps, per_token
+
+
+def _chunked_stats_fwd(hidden, weight, targets, logit_softcap, temperature, stats):
+    out = _chunked_stats_forward(hidden, weight, targets, logit_softcap, temperature, stats)
+    return out, (hidden, weight, targets)
+
+
+def _chunked_stats_bwd(logit_softcap, temperature, stats, residuals, cotangents):
+    # the statistics are metrics/weights: only the log-probs are differentiated (same backward pass)
+    return _chunked_bwd(logit_softcap, temperature, residuals, (cotangents[0], None))
+
+
+_chunked_logps_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
+
+
+def chunked_token_logps_and_stats(
+    hidden_states: jax.Array,
+    weight: jax.Array,
+    target_ids: jax.Array,
+    *,
+    stats: tuple[str, ...] = ("entropy", "mean_logits", "is_top1"),
+    chunk_size: int = 1024,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`chunked_token_logps` plus per-token statistics of the predictive distribution, computed in the same pass
+    over each chunk's logits: `(logps [batch, seq], {name: [batch, seq]})`, the statistics under `stop_gradient`.
+
+    `stats` is any of `TOKEN_STATS`: `entropy`; `mean_logits` (the mean logit over the vocabulary, what TRL logs as
+    `logits/chosen`); `is_top1` (1.0 where the target is the first argmax); `log_sum_sq_probs` (`log sum_v p_v^2`,
+    the WPO weight's normaliser). Each costs one more reduction over the vocabulary per token.
+    """
+    unknown = [name for name in stats if name not in TOKEN_STATS]
+    if unknown:
+        raise ValueError(f"stats={tuple(stats)}: unknown {unknown}; choose from {TOKEN_STATS}.")
+    batch, seq, _ = hidden_states.shape
+    no_weights = jnp.zeros(target_ids.shape, jnp.float32)
+    hidden, targets, _, tokens = _flatten_chunks(hidden_states, target_ids, no_weights, chunk_size)
+    logps, per_token = _chunked_logps_stats(hidden, weight.astype(hidden_states.dtype), targets, logit_softcap,
+                                            float(temperature), tuple(stats))
+    unflatten = lambda x: x.reshape(-1)[:tokens].reshape(batch, seq)
+    return unflatten(logps), {name: jax.lax.stop_gradient(unflatten(x)) for name, x in zip(stats, per_token,
+                                                                                          strict=True)}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Fused weighted NLL from hidden states (gradients computed in the forward pass)
 # --------------------------------------------------------------------------------------------------------------

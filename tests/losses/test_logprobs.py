@@ -8,6 +8,7 @@ import pytest
 
 from jaxpt.losses.logprobs import (
     chunked_token_logps,
+    chunked_token_logps_and_stats,
     entropy_from_logits,
     masked_mean,
     next_token_targets,
@@ -163,3 +164,35 @@ def test_weighted_nll_from_hidden_equals_full_logits(softcap, temperature, prob_
     # Scaling the loss scales the gradients (the saved gradients are multiplied by the cotangent).
     grads3 = jax.grad(lambda h, w: 3.0 * fused(h, w)[0], argnums=(0, 1))(hidden_states, weight)
     np.testing.assert_allclose(grads3[0], 3.0 * grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_logps_and_stats_against_numpy(softcap):
+    """Per-token statistics in the same pass (float64 numpy from full logits); the log-probs and their gradient
+    are those of `chunked_token_logps`."""
+    rng = np.random.RandomState(5)
+    hidden_states = jnp.asarray(rng.randn(2, 9, 16), jnp.float32)
+    weight = jnp.asarray(rng.randn(40, 16) * 0.5, jnp.float32)
+    logits = np.asarray(project_to_vocab(hidden_states, weight, logit_softcap=softcap), np.float64)
+    logp_all = np_log_softmax(logits)
+    targets_np = rng.randint(0, 40, (2, 9))
+    targets_np[0, :3] = logits[0, :3].argmax(-1)  # some top-1 hits
+    stats = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    targets = jnp.asarray(targets_np)
+    logps, per_token = chunked_token_logps_and_stats(hidden_states, weight, targets, stats=stats, chunk_size=4,
+                                                     logit_softcap=softcap)
+    np.testing.assert_allclose(logps, np.take_along_axis(logp_all, targets_np[..., None], -1)[..., 0], atol=1e-5)
+    np.testing.assert_allclose(per_token["entropy"], -(np.exp(logp_all) * logp_all).sum(-1), atol=1e-5)
+    np.testing.assert_allclose(per_token["mean_logits"], logits.mean(-1), atol=1e-5)
+    np.testing.assert_array_equal(per_token["is_top1"], (logits.argmax(-1) == targets_np) * 1.0)
+    assert per_token["is_top1"][0, :3].tolist() == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(per_token["log_sum_sq_probs"], np.log((np.exp(logp_all) ** 2).sum(-1)), atol=1e-5)
+
+    weights = jnp.asarray(rng.rand(2, 9), jnp.float32)
+    grad = jax.grad(lambda h: jnp.sum(chunked_token_logps_and_stats(h, weight, targets, chunk_size=4,
+                                                                    logit_softcap=softcap)[0] * weights))
+    expected = jax.grad(lambda h: jnp.sum(chunked_token_logps(h, weight, targets, chunk_size=4,
+                                                              logit_softcap=softcap) * weights))
+    np.testing.assert_allclose(grad(hidden_states), expected(hidden_states), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown \\['logits'\\]"):
+        chunked_token_logps_and_stats(hidden_states, weight, targets, stats=("logits",))

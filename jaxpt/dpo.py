@@ -1,0 +1,540 @@
+"""Direct Preference Optimization: `DPOConfig`, data preparation, `make_train_step`, `train`.
+
+The loss is `jaxpt.losses.dpo` (every TRL loss type, f-divergences, WPO, LD-DPO), averaged over the pairs of the
+whole accumulated batch, so `batch 8 x accumulation 1` and `batch 2 x accumulation 4` take the same step.
+
+```python
+config = DPOConfig(output_dir="out", max_steps=100)
+result = jaxpt.dpo.train(model, tokenizer, dataset, config)          # batteries included
+
+step = jaxpt.dpo.make_train_step(config)                             # or your own loop
+state, metrics = step(state, batch, ref_params)   # batch: collate(...) arrays [accumulation, micro_batch, 2, seq]
+```
+
+Batch layout: each pair is one `[2, seq]` block (row 0 the prompt + chosen completion, row 1 the prompt +
+rejected completion), so `collate` returns `input_ids`, `attention_mask` and `completion_mask` shaped
+`[accumulation, micro_batch, 2, seq]`. The batch is sharded over `micro_batch`, which keeps both halves of a pair
+on the same device; the step runs the model once on the `[2 * micro_batch, seq]` rows.
+
+The reference model, two ways (the step's third argument):
+- `ref_params` (default, as TRL): the frozen reference parameters, with the policy's architecture (a pytree like
+  `state.params`; `train` uses a copy of the initial parameters unless a `ref_model` is given). Their log-probs are
+  computed inside the step, micro-batch by micro-batch, without gradient.
+- `ref_params=None` with `precompute_ref_log_probs=True`: the batch carries `ref_chosen_logps` and
+  `ref_rejected_logps` `[accumulation, micro_batch]`, computed once before training by `precompute_ref_logps`;
+  no reference parameters are held during training (and the reference may have another architecture).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxpt import data, loop
+from jaxpt.checkpoint import Checkpointer
+from jaxpt.config import TrainingConfig
+from jaxpt.logging import MetricsLogger
+from jaxpt.losses.dpo import (
+    DPO_LOSS_TYPES,
+    check_dpo_options,
+    completion_token_metrics,
+    dpo_loss,
+    ld_sequence_logps,
+    wpo_weights,
+)
+from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_stats, next_token_targets
+from jaxpt.sharding import (
+    batch_divisor,
+    batch_sharding,
+    mesh_from_config,
+    replicated,
+    shard_batch,
+    tree_shardings,
+)
+from jaxpt.train_state import TrainState, make_optimizer
+
+logger = logging.getLogger("jaxpt")
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+@dataclass
+class DPOConfig(TrainingConfig):
+    """TRL's `DPOConfig` fields that have a meaning here (same names and defaults)."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (TRL's DPO default)."})
+    max_length: int | None = field(default=1024, metadata={"help": "Truncate prompt + completion to this many "
+                                                                    "tokens (None: no truncation)."})
+    truncation_mode: str = field(default="keep_start", metadata={"help": f"One of {TRUNCATION_MODES} (TRL "
+                                                                         "deprecates 'keep_end')."})
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the pairs every epoch (seeded)."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute the reference log-probs once "
+                                                                            "before training (no reference "
+                                                                            "parameters in memory while training)."})
+    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Pairs per device per batch when "
+                                                                                  "precomputing (default: the "
+                                                                                  "train/eval batch size)."})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"],
+                                 metadata={"help": f"One or more of {DPO_LOSS_TYPES}; several are summed with "
+                                                   "loss_weights."})
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "One weight per loss_type (default: "
+                                                                             "1.0 each), e.g. MPO: sigmoid bco_pair "
+                                                                             "sft with 0.8 0.2 1.0."})
+    ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO (arXiv:2409.06411): weight in [0, 1] of "
+                                                                   "the completion tokens beyond the shorter "
+                                                                   "completion's length (None: plain DPO)."})
+    f_divergence_type: str = field(default="reverse_kl", metadata={"help": "f-DPO (arXiv:2309.16240): reverse_kl, "
+                                                                           "forward_kl, js_divergence or "
+                                                                           "alpha_divergence."})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of alpha_divergence."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "ε of robust (label-flip probability, in [0, "
+                                                                  "0.5)), exo_pair (> 0; the paper uses 1e-3) and "
+                                                                  "aot."})
+    beta: float = field(default=0.1, metadata={"help": "β: higher keeps the policy closer to the reference (IPO: "
+                                                       "the regularisation τ)."})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO (arXiv:2406.11827): weight each pair by the "
+                                                                 "policy's length-normalised probability of both "
+                                                                 "completions."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "τ of the DiscoPOP loss (arXiv:2406.08414)."})
+    logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs "
+                                                                   "from hidden states (memory vs speed)."})
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):  # TRL accepts one name or a list
+            self.loss_type = [self.loss_type]
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        check_dpo_options(self.loss_type, loss_weights=self.loss_weights, label_smoothing=self.label_smoothing,
+                          f_divergence_type=self.f_divergence_type, use_weighting=self.use_weighting)
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode={self.truncation_mode!r}; use one of {TRUNCATION_MODES}.")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} must be >= 2.")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha={self.ld_alpha} must be in [0, 1] (1: plain DPO, 0: ignore the tokens "
+                             "beyond the shorter completion), or None.")
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise ValueError(f"precompute_ref_batch_size={self.precompute_ref_batch_size} must be >= 1.")
+        if self.logits_chunk_size < 1:
+            raise ValueError(f"logits_chunk_size={self.logits_chunk_size} must be >= 1.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prepare_dataset(dataset, tokenizer, config: DPOConfig) -> list[dict]:
+    """Tokenize a TRL-format preference dataset (explicit or implicit prompt, standard or conversational) into
+    examples `{"chosen_input_ids", "chosen_completion_mask", "rejected_input_ids", "rejected_completion_mask"}`
+    (int32 numpy arrays: prompt + completion, truncated to `max_length`, with 1 on completion tokens).
+    Bad data fails here, before anything compiles."""
+    fmt = data.require_format(dataset, ("preference", "implicit_preference"), method="DPO")
+    data.check_chat_template(tokenizer, fmt, method="DPO")
+    max_length = config.max_length
+    examples = []
+    for index, row in enumerate(dataset):
+        if fmt.kind == "implicit_preference":
+            row = data.extract_prompt(row)
+        prompt_ids, chosen_ids, rejected_ids = tokenize_preference(tokenizer, row, conversational=fmt.conversational)
+        for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+            data.check_nonempty(ids, what=f"{name} completion", index=index)
+        if max_length is not None and config.truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
+            raise ValueError(f"Example {index}: the prompt is {len(prompt_ids)} tokens, not shorter than "
+                             f"max_length={max_length}, so no completion token would be left: raise max_length or "
+                             "shorten/filter long prompts.")
+        example = {}
+        for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+            sequence = np.asarray(prompt_ids + ids, np.int32)
+            mask = np.asarray([0] * len(prompt_ids) + [1] * len(ids), np.int32)
+            if max_length is not None and len(sequence) > max_length:
+                keep = slice(None, max_length) if config.truncation_mode == "keep_start" else slice(-max_length, None)
+                sequence, mask = sequence[keep], mask[keep]
+            example[f"{name}_input_ids"] = sequence
+            example[f"{name}_completion_mask"] = mask
+        examples.append(example)
+    return examples
+
+
+def tokenize_preference(tokenizer, row: dict, *, conversational: bool) -> tuple[list[int], list[int], list[int]]:
+    """`(prompt_ids, chosen_ids, rejected_ids)` as TRL tokenizes a preference example: standard completions get
+    the EOS token if missing; conversational ones go through the chat template (the prompt with the generation
+    prompt); the prompt ends where its tokens and both prompt + completion token sequences diverge."""
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if conversational:
+        tools = row.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        prompt_ids = data.tokenize(tokenizer, prompt, add_generation_prompt=True, tools=tools)["input_ids"]
+        chosen_full = data.tokenize(tokenizer, list(prompt) + list(chosen), tools=tools)["input_ids"]
+        rejected_full = data.tokenize(tokenizer, list(prompt) + list(rejected), tools=tools)["input_ids"]
+    else:
+        eos_token = tokenizer.eos_token
+        if eos_token:
+            chosen = chosen if chosen.endswith(eos_token) else chosen + eos_token
+            rejected = rejected if rejected.endswith(eos_token) else rejected + eos_token
+        prompt_ids = data.tokenize(tokenizer, prompt)["input_ids"]
+        chosen_full = data.tokenize(tokenizer, prompt + chosen)["input_ids"]
+        rejected_full = data.tokenize(tokenizer, prompt + rejected)["input_ids"]
+    prompt_length = min(data.common_prefix_length(prompt_ids, chosen_full),
+                        data.common_prefix_length(prompt_ids, rejected_full))
+    return list(prompt_ids[:prompt_length]), list(chosen_full[prompt_length:]), list(rejected_full[prompt_length:])
+
+
+def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Sequence[int],
+            pad_token_id: int = 0) -> dict[str, np.ndarray]:
+    """A step's pairs -> `input_ids`, `attention_mask`, `completion_mask` `[accumulation_steps, micro_batch, 2,
+    length]` (row 0 chosen, row 1 rejected), right-padded to the smallest length bucket that fits the longest
+    sequence; plus `ref_chosen_logps`, `ref_rejected_logps` `[accumulation_steps, micro_batch]` when the examples
+    carry them (`precompute_ref_logps`)."""
+    longest = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples)
+    length = data.bucket_length(longest, buckets)
+
+    def pairs(rows_of, pad_value):  # [n, 2, length]
+        return np.stack([data.pad_rows([rows_of(e, side) for e in examples], length, pad_value)
+                         for side in ("chosen", "rejected")], axis=1)
+
+    batch = {
+        "input_ids": pairs(lambda e, side: e[f"{side}_input_ids"], pad_token_id),
+        "attention_mask": pairs(lambda e, side: np.ones(len(e[f"{side}_input_ids"]), np.int32), 0),
+        "completion_mask": pairs(lambda e, side: e[f"{side}_completion_mask"], 0),
+    }
+    micro = len(examples) // accumulation_steps
+    batch = {k: v.reshape(accumulation_steps, micro, 2, length) for k, v in batch.items()}
+    if "ref_chosen_logps" in examples[0]:
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            batch[key] = np.asarray([e[key] for e in examples], np.float32).reshape(accumulation_steps, micro)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _targets(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Next-token targets and their completion mask, `[..., 2, seq]` like the batch."""
+    shape = batch["input_ids"].shape
+    flat = lambda x: x.reshape(-1, shape[-1])
+    targets, target_mask = next_token_targets(flat(batch["input_ids"]),
+                                              flat(batch["completion_mask"] * batch["attention_mask"]))
+    return targets.reshape(shape), target_mask.reshape(shape)
+
+
+def _counts(batch: dict) -> dict[str, jax.Array]:
+    """What the metrics are averaged over: pairs (a pair without any completion token is padding) and the
+    predicted completion tokens of the chosen / rejected / all sequences."""
+    _, target_mask = _targets(batch)
+    target_mask = target_mask.astype(jnp.float32)
+    chosen_tokens, rejected_tokens = jnp.sum(target_mask[..., 0, :]), jnp.sum(target_mask[..., 1, :])
+    return {"pairs": jnp.sum(_pair_mask(batch).astype(jnp.float32)), "chosen_tokens": chosen_tokens,
+            "rejected_tokens": rejected_tokens, "completion_tokens": chosen_tokens + rejected_tokens}
+
+
+def _pair_mask(batch: dict) -> jax.Array:
+    return jnp.sum(batch["completion_mask"] * batch["attention_mask"], axis=(-2, -1)) > 0
+
+
+# The count each metric is averaged over (the rest: pairs), so accumulated micro-batches add up exactly.
+METRIC_COUNTS = {"entropy": "completion_tokens", "logits/chosen": "chosen_tokens",
+                 "logits/rejected": "rejected_tokens", "mean_token_accuracy": "chosen_tokens"}
+
+
+def _token_logps(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: DPOConfig, *,
+                 stats: tuple[str, ...] = ()):
+    """Per-token log-probs `[micro_batch, 2, seq]` of one micro-batch's next tokens (and their statistics): one
+    model call on the `[2 * micro_batch, seq]` rows, chunked from the hidden states (never full logits)."""
+    model = nnx.merge(graphdef, params)
+    shape = batch["input_ids"].shape
+    flat = lambda x: x.reshape(-1, shape[-1])
+    targets, _ = _targets(batch)
+    hidden = model.hidden_states(flat(batch["input_ids"]), attention_mask=flat(batch["attention_mask"]))
+    options = dict(chunk_size=config.logits_chunk_size, logit_softcap=model.final_logit_softcap)
+    if not stats:
+        return chunked_token_logps(hidden, model.lm_head_weight(), flat(targets), **options).reshape(shape), {}
+    logps, per_token = chunked_token_logps_and_stats(hidden, model.lm_head_weight(), flat(targets), stats=stats,
+                                                     **options)
+    return logps.reshape(shape), {k: v.reshape(shape) for k, v in per_token.items()}
+
+
+def reference_logps(ref_params: nnx.State, graphdef: nnx.GraphDef, batch: dict,
+                    config: DPOConfig) -> tuple[jax.Array, jax.Array]:
+    """`(ref_chosen_logps, ref_rejected_logps)` `[micro_batch]` of one micro-batch under the reference parameters
+    (LD-DPO-weighted when `ld_alpha` is set, as the policy's), without gradient."""
+    token_logps, _ = _token_logps(jax.lax.stop_gradient(ref_params), graphdef, batch, config)
+    _, target_mask = _targets(batch)
+    chosen, rejected = ld_sequence_logps(token_logps[:, 0], token_logps[:, 1], target_mask[:, 0],
+                                         target_mask[:, 1], ld_alpha=config.ld_alpha)
+    return jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+
+
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: DPOConfig, totals: dict):
+    """Loss of one micro-batch (which carries `ref_chosen_logps` / `ref_rejected_logps`), normalised by the pairs
+    (and, for the `sft` term, the chosen tokens) of the whole step; returns count-weighted metric sums (divided
+    by `totals` in the step) so micro-batches add up exactly."""
+    stats = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if config.use_weighting else ())
+    token_logps, token_stats = _token_logps(params, graphdef, batch, config, stats=stats)
+    _, target_mask = _targets(batch)
+    chosen_mask, rejected_mask = target_mask[:, 0], target_mask[:, 1]
+    chosen_logps, rejected_logps = ld_sequence_logps(token_logps[:, 0], token_logps[:, 1], chosen_mask,
+                                                     rejected_mask, ld_alpha=config.ld_alpha)
+    weights = {}
+    if config.use_weighting:
+        weights = {f"{side}_weights": wpo_weights(token_logps[:, i], token_stats["log_sum_sq_probs"][:, i],
+                                                  target_mask[:, i]) for i, side in enumerate(("chosen", "rejected"))}
+    completion = batch["completion_mask"] * batch["attention_mask"]
+    loss, metrics = dpo_loss(
+        chosen_logps, rejected_logps, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=config.beta,
+        loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+        chosen_lengths=jnp.sum(completion[:, 0], -1), rejected_lengths=jnp.sum(completion[:, 1], -1),
+        f_divergence_type=config.f_divergence_type, f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+        discopop_tau=config.discopop_tau, loss_weights=config.loss_weights, **weights,
+        sft_chosen_logps=jnp.sum(token_logps[:, 0] * chosen_mask, -1), sft_num_tokens=totals["chosen_tokens"],
+        pair_mask=_pair_mask(batch), num_pairs=totals["pairs"],
+    )
+    split = lambda side: {k: v[:, side] for k, v in token_stats.items()}
+    metrics.update(completion_token_metrics(split(0), split(1), chosen_mask, rejected_mask))
+    counts = _counts(batch)
+    return loss, {key: value * counts[METRIC_COUNTS.get(key, "pairs")] for key, value in metrics.items()}
+
+
+def _with_reference(micro_batch: dict, ref_params, graphdef, config: DPOConfig) -> dict:
+    if ref_params is None:
+        missing = {"ref_chosen_logps", "ref_rejected_logps"} - set(micro_batch)
+        if missing:
+            raise ValueError(f"step(state, batch, ref_params=None) needs the reference log-probs in the batch, but "
+                             f"{sorted(missing)} are missing: pass ref_params, or precompute them "
+                             "(precompute_ref_logps, precompute_ref_log_probs=True).")
+        return micro_batch
+    ref_chosen, ref_rejected = reference_logps(ref_params, graphdef, micro_batch, config)
+    return {**micro_batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+
+
+def _normalise(metric_sums: dict, totals: dict) -> dict:
+    return {key: jnp.sum(value) / jnp.maximum(totals[METRIC_COUNTS.get(key, "pairs")], 1.0)
+            for key, value in metric_sums.items()}
+
+
+def make_train_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
+    """`state, metrics = step(state, batch, ref_params)`: one optimizer step over `[accumulation, micro_batch, 2,
+    seq]` arrays (`collate`), micro-batches scanned inside the step. `ref_params` are the frozen reference
+    parameters (shaped like `state.params`), or None when the batch carries `ref_chosen_logps` /
+    `ref_rejected_logps` (with a mesh, `config.precompute_ref_log_probs` says which of the two the step is
+    compiled for). jitted with explicit shardings and the state donated."""
+
+    def step(state: TrainState, batch: dict, ref_params: nnx.State | None):
+        totals = _counts(batch)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro_step(grads, micro_batch):
+            micro_batch = _with_reference(micro_batch, ref_params, state.graphdef, config)
+            (loss, metric_sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_sums)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (losses, metric_sums) = jax.lax.scan(micro_step, zeros, batch)
+        metrics = _normalise(metric_sums, totals)
+        metrics["loss"] = jnp.sum(losses)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.apply_gradients(grads), metrics
+
+    return _jit_step(step, config, mesh, state_sharding, train=True)
+
+
+def make_eval_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
+    """`metrics = eval_step(state, batch, ref_params)`: loss and metrics without updating (same batch layout and
+    reference argument), plus the counts they are averaged over (`num_pairs`, `num_chosen_tokens`, ...)."""
+
+    def eval_step(state: TrainState, batch: dict, ref_params: nnx.State | None):
+        totals = _counts(batch)
+
+        def micro_step(_, micro_batch):
+            micro_batch = _with_reference(micro_batch, ref_params, state.graphdef, config)
+            return None, loss_fn(state.params, state.graphdef, micro_batch, config, totals)
+
+        _, (losses, metric_sums) = jax.lax.scan(micro_step, None, batch)
+        metrics = _normalise(metric_sums, totals)
+        metrics["loss"] = jnp.sum(losses)
+        metrics.update({f"num_{key}": value for key, value in totals.items()})
+        return metrics
+
+    return _jit_step(eval_step, config, mesh, state_sharding, train=False)
+
+
+def _jit_step(step, config, mesh, state_sharding, *, train: bool):
+    donate = (0,) if train else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate)
+    if state_sharding is None:
+        raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
+    ref_sharding = None if config.precompute_ref_log_probs else state_sharding.params
+
+    def step_in_mesh(state, batch, ref_params):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch, ref_params)
+
+    out_shardings = (state_sharding, replicated(mesh)) if train else replicated(mesh)
+    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1), ref_sharding),
+                   out_shardings=out_shardings, donate_argnums=donate)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reference_params(state: TrainState, ref_model: nnx.Module | None = None,
+                     mesh: jax.sharding.Mesh | None = None) -> nnx.State:
+    """The frozen reference parameters for the step, laid out like `state.params`: a copy of them (the initial
+    policy, TRL's default) or `ref_model`'s, which must have the policy's architecture."""
+    if ref_model is None:
+        return jax.tree.map(jnp.copy, state.params)  # a copy: the step donates (and so deletes) state.params
+    params = nnx.state(ref_model, nnx.Param)
+    if jax.tree.structure(params) != jax.tree.structure(state.params) or any(
+            a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True)):
+        raise ValueError("ref_model has a different architecture than the policy: a reference computed inside the "
+                         "step must match the policy's parameters; use precompute_ref_log_probs=True for another "
+                         "architecture.")
+    return params if mesh is None else jax.device_put(params, state.shardings(mesh).params)
+
+
+def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config: DPOConfig, *,
+                         mesh: jax.sharding.Mesh | None = None, batch_size: int | None = None,
+                         buckets: Sequence[int] | None = None, pad_token_id: int = 0) -> list[dict]:
+    """The examples with `ref_chosen_logps` / `ref_rejected_logps` (float32) added, computed under `ref_model`
+    (any architecture) in batches of `batch_size` pairs per data-parallel shard (default
+    `precompute_ref_batch_size` or `per_device_train_batch_size`)."""
+    graphdef, params = nnx.split(ref_model, nnx.Param)
+    rules = tuple(getattr(ref_model, "partition_rules", ()))
+    per_device = batch_size or config.precompute_ref_batch_size or config.per_device_train_batch_size
+    size = per_device * batch_divisor(mesh)
+    if buckets is None:
+        buckets = data.length_buckets(config.max_length or max(len(e["chosen_input_ids"]) for e in examples))
+
+    def compute(params, batch):
+        return reference_logps(params, graphdef, {k: v[0] for k, v in batch.items()}, config)
+
+    if mesh is None:
+        compute = jax.jit(compute)
+    else:
+        params_sharding = tree_shardings(params, mesh, rules)
+        params = jax.device_put(params, params_sharding)
+        compute = jax.jit(compute, in_shardings=(params_sharding, batch_sharding(mesh, batch_axis=1)),
+                          out_shardings=replicated(mesh))
+    out = []
+    for start in range(0, len(examples), size):
+        chunk = [{k: v for k, v in e.items() if not k.startswith("ref_")} for e in examples[start:start + size]]
+        real = len(chunk)
+        chunk += [chunk[0]] * (size - real)  # the padding's results are dropped
+        batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
+        chosen, rejected = jax.device_get(compute(params, shard_batch(batch, mesh, batch_axis=1)))
+        for i in range(real):
+            out.append({**examples[start + i], "ref_chosen_logps": np.float32(chosen[i]),
+                        "ref_rejected_logps": np.float32(rejected[i])})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loop
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model: nnx.Module | None = None,
+          eval_dataset=None) -> loop.TrainResult:
+    """Align `model` on preference pairs (TRL preference format) against `ref_model` (default: a frozen copy of
+    `model` as given): progress bar, `metrics.jsonl` with TRL's metric names, evaluation, orbax checkpoints every
+    `save_steps`, exact resume, and the final model exported in Hugging Face format. With
+    `precompute_ref_log_probs`, the reference log-probs are computed before the first step and the reference is
+    not kept. A resumed run takes the same initial `model` (its copy is the default reference); the trained
+    parameters come from the checkpoint."""
+    if ref_model is model:
+        raise ValueError("ref_model is the policy itself: leave ref_model=None for a frozen copy of the initial model.")
+    mesh = mesh_from_config(config)
+    micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
+    examples_per_step = micro_batch * config.gradient_accumulation_steps
+    examples = prepare_dataset(dataset, tokenizer, config)
+    eval_examples = None
+    if eval_dataset is not None and config.eval_strategy != "no":
+        eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+    steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="DPO")
+    total_steps = data.total_steps(config, steps_in_epoch)
+    buckets = data.length_buckets(config.max_length or max(
+        max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples))
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+    if config.precompute_ref_log_probs:  # before the first step donates the model's parameters
+        reference = ref_model if ref_model is not None else model
+        examples = precompute_ref_logps(reference, examples, config, mesh=mesh, buckets=buckets,
+                                        pad_token_id=pad_id)
+        if eval_examples:
+            eval_examples = precompute_ref_logps(reference, eval_examples, config, mesh=mesh, buckets=buckets,
+                                                 pad_token_id=pad_id, batch_size=config.precompute_ref_batch_size
+                                                 or config.per_device_eval_batch_size)
+    tx, schedule = make_optimizer(config, total_steps)
+    state = TrainState.create(model, tx, mesh=mesh)
+    ref_params = None if config.precompute_ref_log_probs else reference_params(state, ref_model, mesh)
+    state_sharding = state.shardings(mesh)
+    train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
+    eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding)
+    checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    num_tokens = progress.get("num_tokens", 0)
+    log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
+                        report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
+                        description="dpo", start_step=start_step, config=config.to_dict())
+    note_shape = loop.ShapeNotes()
+    order = data.step_indices(len(examples), examples_per_step, seed=config.seed, shuffle=config.shuffle_dataset,
+                              start_step=start_step)
+    try:
+        for step in range(start_step, total_steps):
+            _, indices = next(order)
+            batch = collate([examples[i] for i in indices], accumulation_steps=config.gradient_accumulation_steps,
+                            buckets=buckets, pad_token_id=pad_id)
+            num_tokens += int(batch["attention_mask"].sum())
+            note_shape(batch)
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params)
+            done = step + 1
+            log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
+                    epoch=done / steps_in_epoch)
+            if eval_examples and loop.should_evaluate(config, done, steps_in_epoch):
+                log.write({"step": done, **evaluate(eval_step, state, ref_params, eval_examples, config, mesh,
+                                                    buckets, pad_id)})
+            if config.save_steps and done % config.save_steps == 0:
+                log.sync()  # a checkpoint is written only after its losses were checked finite
+                checkpoints.save(done, state, {"num_tokens": num_tokens})
+        log.flush(total_steps, epoch=total_steps / steps_in_epoch)
+    finally:
+        log.close()
+        checkpoints.close()
+    return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
+
+
+def evaluate(eval_step, state, ref_params, examples, config, mesh, buckets, pad_token_id) -> dict:
+    """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix): pair metrics averaged over
+    pairs, token metrics over their tokens."""
+    batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
+    totals, counts = {}, {}
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        # padding pairs have no completion tokens: they count in no metric
+        padding = {k: np.zeros_like(v[:1]) if np.ndim(v) else np.float32(0.0) for k, v in chunk[0].items()}
+        chunk += [padding] * (batch_size - len(chunk))
+        batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
+        metrics = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params))
+        batch_counts = {key: float(metrics.pop(f"num_{key}")) for key in
+                        ("pairs", "chosen_tokens", "rejected_tokens", "completion_tokens")}
+        for key, value in metrics.items():
+            count = batch_counts[METRIC_COUNTS.get(key, "pairs")]
+            totals[key] = totals.get(key, 0.0) + float(value) * count
+            counts[key] = counts.get(key, 0.0) + count
+    return {f"eval_{key}": value / max(counts[key], 1.0) for key, value in totals.items()}

@@ -1,0 +1,602 @@
+"""Kahneman-Tversky Optimization: `KTOConfig`, data preparation, `make_train_step`, `train`.
+
+The loss is `jaxpt.losses.kto` (`kto` or `apo_zero_unpaired`) on per-sequence completion log-probs of the policy
+and a frozen reference, computed in chunks from the models' final hidden states (never full logits).
+
+```python
+config = KTOConfig(output_dir="out", max_steps=100)
+result = jaxpt.kto.train(model, tokenizer, dataset, config)          # batteries included (reference = model)
+
+step = jaxpt.kto.make_train_step(config)                             # or your own loop
+state, metrics = step(state, batch, ref_params)   # batch: collate(...) arrays [accumulation, micro_batch, ...]
+state, metrics = step(state, batch)               # ... or with reference log-probs precomputed in the batch
+```
+
+The reference enters the step either as parameters, `ref_params` (an `nnx.State` of `nnx.Param`s, of the
+policy's architecture unless `make_train_step(ref_graphdef=...)` says otherwise; never updated, never donated),
+or as precomputed log-probs carried by the batch (`ref_logps`, and `ref_kl_logps` for `kto`:
+`precompute_ref_log_probs`); then `ref_params` may be None. Precomputed values win when both are given.
+
+The KL reference point. KTO estimates `z0 = max(0, E[log pi(y'|x) - log pi_ref(y'|x)])` from mismatched pairs:
+`collate` pairs each prompt of an optimizer step with the completion of the previous example of the same step
+(rotating the completions by one: `(x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})`), as TRL does within a batch, so
+the mismatched completions are exactly the step's completions. The step computes `z0` once, over all pairs of the
+step, before the gradient pass; the loss is normalised by the step's number of examples. Both make accumulation
+exact: `batch 8 x accumulation 1` and `batch 2 x accumulation 4` take the same step, and so does any mesh. With
+one micro-batch on one device this is TRL's computation; TRL with accumulation estimates `z0` per micro-batch (and
+pairs within each device's `per_device_train_batch_size`), so it is exact for one device and one micro-batch only.
+
+Metrics (TRL's names): `loss`, `grad_norm`, `kl` (`z0`), `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
+`logps/chosen`, `logps/rejected` (means over the step's desirable / undesirable examples), `logits/chosen`,
+`logits/rejected` (mean logit over the completion tokens, averaged over tokens) and `entropy` (mean over all
+completion tokens), plus `learning_rate` and `num_tokens` in `metrics.jsonl`. A mean over no examples is NaN in the
+step's output; `metrics.jsonl` averages each metric over the steps of the logging window where it is defined (TRL
+averages its per-batch values the same way and logs nothing for a batch without desirable examples).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxpt import data, loop
+from jaxpt.checkpoint import Checkpointer
+from jaxpt.config import TrainingConfig
+from jaxpt.logging import MetricsLogger
+from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, kto_metric_means
+from jaxpt.losses.logprobs import chunked_token_logps, next_token_targets
+from jaxpt.sharding import (batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch,
+                            tree_shardings)
+from jaxpt.train_state import TrainState, make_optimizer
+
+logger = logging.getLogger("jaxpt")
+
+SAMPLING_STRATEGIES = ("sequential", "random")
+UNPAIR_BLOCK = 1000  # TRL unpairs with a batched `datasets.map` (1000 rows a batch): chosen rows, then rejected ones
+
+
+@dataclass
+class KTOConfig(TrainingConfig):
+    """TRL's `KTOConfig` fields that have a meaning here (same names and defaults)."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (TRL's KTO default)."})
+    max_length: int | None = field(default=1024, metadata={"help": "Truncate prompt + completion (and the "
+                                                                    "mismatched KL sequences) to this many tokens, "
+                                                                    "keeping the start."})
+    loss_type: str = field(default="kto", metadata={"help": f"One of {KTO_LOSS_TYPES}: KTO (Ethayarajh et al. "
+                                                            "2024, arXiv:2402.01306) or unpaired APO-zero "
+                                                            "(D'Oosterlinck et al. 2024, arXiv:2408.06266)."})
+    beta: float = field(default=0.1, metadata={"help": "Deviation from the reference model: higher beta, less "
+                                                       "deviation."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "Weight of the desirable examples' losses (to "
+                                                                   "counter unequal numbers of desirable and "
+                                                                   "undesirable examples, paper Eq. 8)."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "Weight of the undesirable examples' losses."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute the reference log-probs of the "
+                                                                            "whole dataset before training, so the "
+                                                                            "reference model is not kept in memory."})
+    train_sampling_strategy: str = field(default="sequential", metadata={"help": f"One of {SAMPLING_STRATEGIES}: "
+                                                                                 "dataset order (TRL's KTO default) "
+                                                                                 "or shuffled every epoch."})
+    logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs "
+                                                                   "from hidden states (memory vs speed)."})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r} is not a KTO loss; use one of {KTO_LOSS_TYPES}.")
+        if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
+            raise ValueError(f"train_sampling_strategy={self.train_sampling_strategy!r} is not supported; use one "
+                             f"of {SAMPLING_STRATEGIES}.")
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0.")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} must be >= 2.")
+        if self.precompute_ref_log_probs and self.loss_type == "kto" and self.train_sampling_strategy != "sequential":
+            raise ValueError("precompute_ref_log_probs=True with loss_type='kto' needs train_sampling_strategy="
+                             "'sequential': the reference log-probs of the mismatched KL pairs are computed for the "
+                             "fixed steps of a sequential order, and shuffling would pair other completions.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prepare_dataset(dataset, tokenizer, config: KTOConfig) -> list[dict]:
+    """Tokenize a TRL-format KTO dataset into examples `{"prompt_ids", "completion_ids"}` (int32 numpy arrays)
+    with `"label"` (True: desirable). Unpaired preference data (`prompt`, `completion`, `label`) is used as is;
+    paired preference data (`prompt`, `chosen`, `rejected`, or implicit-prompt `chosen`, `rejected`) is unpaired
+    as TRL does (each pair gives a desirable and an undesirable example). Standard completions get the EOS token;
+    conversational ones the chat template. Bad data fails here, before anything compiles."""
+    fmt = data.require_format(dataset, ("unpaired_preference", "preference", "implicit_preference"), method="KTO")
+    data.check_chat_template(tokenizer, fmt, method="KTO")
+    rows = list(dataset)
+    if fmt.kind == "implicit_preference":
+        rows = [data.extract_prompt(row) for row in rows]
+    if fmt.kind != "unpaired_preference":
+        rows = unpair_preference(rows)
+    examples = []
+    for index, row in enumerate(rows):
+        label = row["label"]
+        if not isinstance(label, (bool, np.bool_)) and label not in (0, 1):
+            raise ValueError(f"Example {index}: label={label!r}; KTO labels are booleans (True: desirable "
+                             "completion, False: undesirable).")
+        ids, prompt_length = data.tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"],
+                                                             conversational=fmt.conversational,
+                                                             eos_token=tokenizer.eos_token)
+        data.check_nonempty(ids, what="prompt + completion", index=index)
+        if prompt_length == len(ids):
+            raise ValueError(f"Example {index}: the completion tokenized to no tokens, so there is nothing to score.")
+        if config.max_length is not None and prompt_length >= config.max_length:
+            raise ValueError(f"Example {index}: the prompt is {prompt_length} tokens, not shorter than "
+                             f"max_length={config.max_length}, so no completion token would be scored: raise "
+                             "max_length or shorten/filter long prompts.")
+        examples.append({"prompt_ids": np.asarray(ids[:prompt_length], np.int32),
+                         "completion_ids": np.asarray(ids[prompt_length:], np.int32), "label": bool(label)})
+    return examples
+
+
+def unpair_preference(rows: Sequence[dict]) -> list[dict]:
+    """Paired rows `{prompt, chosen, rejected, ...}` -> unpaired rows `{prompt, completion, label, ...}` in TRL's
+    order: per block of 1000 pairs, the chosen completions (label True), then the rejected ones (label False)."""
+    out = []
+    for start in range(0, len(rows), UNPAIR_BLOCK):
+        block = rows[start:start + UNPAIR_BLOCK]
+        for key, label in (("chosen", True), ("rejected", False)):
+            for row in block:
+                extra = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+                out.append({**extra, "completion": row[key], "label": label})
+    return out
+
+
+def collate(examples: Sequence[dict | None], *, accumulation_steps: int, buckets: Sequence[int],
+            pad_token_id: int = 0, max_length: int | None = None, with_kl: bool = True) -> dict[str, np.ndarray]:
+    """A step's examples -> arrays `[accumulation_steps, micro_batch, length]` (`label`, `ref_logps`,
+    `ref_kl_logps`: `[accumulation_steps, micro_batch]`), right-padded to the smallest length bucket that fits.
+
+    `input_ids`, `attention_mask`, `completion_mask` hold prompt + completion (truncated to `max_length`, keeping
+    the start); with `with_kl`, `kl_input_ids`, `kl_attention_mask`, `kl_completion_mask` hold the mismatched
+    pairs: each prompt with the completion of the previous example (the first with the last one's), over all the
+    examples of the step. `None` entries are padding rows: no completion tokens, so they count for nothing (and
+    take no part in the pairing). Precomputed `ref_logps` / `ref_kl_logps` of the examples are passed along; they
+    must have been computed with the same pairing (`precompute_ref_logps` does this)."""
+    real = [e for e in examples if e is not None]
+    empty = np.zeros(0, np.int32)
+
+    def sequences(partner: bool):
+        ids, completion, k = [], [], 0
+        for e in examples:
+            if e is None:
+                ids.append(empty)
+                completion.append(empty)
+                continue
+            answer = real[k - 1]["completion_ids"] if partner else e["completion_ids"]  # k - 1 = -1: the last one
+            k += 1
+            full = np.concatenate([e["prompt_ids"], answer])[:max_length]
+            mask = np.concatenate([np.zeros(len(e["prompt_ids"]), np.int32), np.ones(len(answer), np.int32)])
+            ids.append(full)
+            completion.append(mask[:max_length])
+        return ids, completion
+
+    groups = {"": sequences(partner=False)}
+    if with_kl:
+        groups["kl_"] = sequences(partner=True)
+    longest = max(max((len(ids) for ids in group[0]), default=1) for group in groups.values())
+    length = data.bucket_length(max(longest, 1), buckets)
+    batch = {}
+    for prefix, (ids, completion) in groups.items():
+        batch[f"{prefix}input_ids"] = data.pad_rows(ids, length, pad_token_id)
+        batch[f"{prefix}attention_mask"] = data.pad_rows([np.ones(len(i), np.int32) for i in ids], length, 0)
+        batch[f"{prefix}completion_mask"] = data.pad_rows(completion, length, 0)
+    batch["label"] = np.asarray([bool(e is not None and e["label"]) for e in examples], np.int32)
+    for key in ("ref_logps", "ref_kl_logps"):
+        if real and key in real[0]:
+            batch[key] = np.asarray([0.0 if e is None else e[key] for e in examples], np.float32)
+    micro = len(examples) // accumulation_steps
+    return {k: v.reshape(accumulation_steps, micro, *v.shape[1:]) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _mean_logits(hidden: jax.Array, weight: jax.Array, logit_softcap: float | None, chunk_size: int) -> jax.Array:
+    """Mean over the vocabulary of each position's logits `[batch, seq]` (a metric), without full logits: the
+    mean of a linear map is the map of the mean; with soft-capping, chunk by chunk."""
+    hidden, weight = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight)
+    if logit_softcap is None:
+        return jnp.einsum("bsh,h->bs", hidden.astype(jnp.float32), jnp.mean(weight.astype(jnp.float32), axis=0))
+    batch, seq, features = hidden.shape
+    tokens = batch * seq
+    chunk = min(chunk_size, tokens)
+    flat = jnp.pad(hidden.reshape(tokens, features), ((0, -tokens % chunk), (0, 0))).reshape(-1, chunk, features)
+
+    def one_chunk(hidden_chunk):
+        logits = jnp.dot(hidden_chunk, weight.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
+        return jnp.mean(jnp.tanh(logits / logit_softcap) * logit_softcap, axis=-1)
+
+    return jax.lax.map(one_chunk, flat).reshape(-1)[:tokens].reshape(batch, seq)
+
+
+def _sequence_logps(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: KTOConfig, *,
+                    prefix: str = "", with_metrics: bool = False):
+    """Sum of the completion tokens' log-probs per sequence `[micro_batch]` (and, with `with_metrics`, per-row
+    token statistics) for the sequences `batch[prefix + "input_ids"]`."""
+    model = nnx.merge(graphdef, params)
+    input_ids, attention_mask = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"]
+    targets, target_mask = next_token_targets(input_ids, batch[f"{prefix}completion_mask"] * attention_mask)
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)
+    weight = model.lm_head_weight()
+    out = chunked_token_logps(hidden, weight, targets, chunk_size=config.logits_chunk_size,
+                              logit_softcap=model.final_logit_softcap, return_entropy=with_metrics)
+    mask = target_mask.astype(jnp.float32)
+    if not with_metrics:
+        return jnp.sum(out * mask, axis=-1)
+    logps, entropy = out
+    mean_logits = _mean_logits(hidden, weight, model.final_logit_softcap, config.logits_chunk_size)
+    stats = {"tokens": jnp.sum(mask, axis=-1), "entropy": jnp.sum(entropy * mask, axis=-1),
+             "mean_logits": jnp.sum(mean_logits * mask, axis=-1)}  # per row [micro_batch]
+    return jnp.sum(logps * mask, axis=-1), stats
+
+
+def _is_example(batch: dict) -> jax.Array:
+    """1.0 for rows holding an example, 0.0 for padding rows (no completion tokens) `[..., micro_batch]`."""
+    return (jnp.sum(batch["completion_mask"] * batch["attention_mask"], axis=-1) > 0).astype(jnp.float32)
+
+
+def _reference_pass(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: KTOConfig, ref_params,
+                    ref_graphdef) -> dict[str, jax.Array]:
+    """Everything the step needs without gradients, per micro-batch `[accumulation, micro_batch]`: the reference
+    log-probs (`ref_logps`, and for `kto` `ref_kl_logps`: precomputed in the batch or computed with `ref_params`)
+    and the policy's log-probs of the mismatched KL pairs (`kl_logps`)."""
+    with_kl = config.loss_type == "kto"
+    precomputed = "ref_logps" in batch and (not with_kl or "ref_kl_logps" in batch)
+    if not precomputed and ref_params is None:
+        raise ValueError("The KTO step needs the reference: pass ref_params (step(state, batch, ref_params)) or "
+                         "a batch with precomputed ref_logps" + (" and ref_kl_logps" if with_kl else "") + ".")
+
+    def micro_step(_, micro_batch):
+        out = {}
+        if not precomputed:
+            out["ref_logps"] = _sequence_logps(ref_params, ref_graphdef, micro_batch, config)
+        if with_kl:
+            out["kl_logps"] = _sequence_logps(params, graphdef, micro_batch, config, prefix="kl_")
+            if not precomputed:
+                out["ref_kl_logps"] = _sequence_logps(ref_params, ref_graphdef, micro_batch, config, prefix="kl_")
+        return None, out
+
+    _, out = jax.lax.scan(micro_step, None, batch)
+    if precomputed:
+        out["ref_logps"] = batch["ref_logps"]
+        if with_kl:
+            out["ref_kl_logps"] = batch["ref_kl_logps"]
+    return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, ref_logps: jax.Array, kl: jax.Array,
+            num_examples: jax.Array, config: KTOConfig):
+    """Loss of one micro-batch, normalised by the examples of the whole step, with the step's KL estimate `kl`;
+    returns metric sums (counts, reward/log-prob/logit/entropy sums) that add up over micro-batches."""
+    policy_logps, stats = _sequence_logps(params, graphdef, batch, config, with_metrics=True)
+    is_example = _is_example(batch)
+    loss, metrics = kto_loss(policy_logps, ref_logps, batch["label"], kl, beta=config.beta,
+                             desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
+                             loss_type=config.loss_type, num_examples=num_examples, example_mask=is_example)
+    sums = {k: v for k, v in metrics.items() if k.startswith("count/") or k.endswith("_sum")}
+    desirable = batch["label"].astype(jnp.float32) * is_example
+    undesirable = (1.0 - batch["label"].astype(jnp.float32)) * is_example
+    sums.update({
+        "tokens": jnp.sum(stats["tokens"]),
+        "entropy_sum": jnp.sum(stats["entropy"]),
+        "tokens/chosen": jnp.sum(stats["tokens"] * desirable),
+        "tokens/rejected": jnp.sum(stats["tokens"] * undesirable),
+        "logits/chosen_sum": jnp.sum(stats["mean_logits"] * desirable),
+        "logits/rejected_sum": jnp.sum(stats["mean_logits"] * undesirable),
+    })
+    return loss, sums
+
+
+def _step_metrics(sums: dict, kl: jax.Array) -> dict[str, jax.Array]:
+    """TRL's metrics of a whole step from the summed micro-batch sums."""
+
+    def ratio(numerator, denominator):
+        return jnp.where(denominator > 0, numerator / jnp.maximum(denominator, 1.0), jnp.nan)
+
+    metrics = kto_metric_means(sums)
+    metrics["kl"] = kl
+    metrics["logits/chosen"] = ratio(sums["logits/chosen_sum"], sums["tokens/chosen"])
+    metrics["logits/rejected"] = ratio(sums["logits/rejected_sum"], sums["tokens/rejected"])
+    metrics["entropy"] = jnp.where(sums["tokens"] > 0, sums["entropy_sum"] / jnp.maximum(sums["tokens"], 1.0), 0.0)
+    return metrics
+
+
+def _prepare_step(state: TrainState, batch: dict, ref_params, ref_graphdef, config: KTOConfig):
+    """The no-gradient half of a step: reference log-probs, the step's KL estimate and its number of examples."""
+    ref_graphdef = state.graphdef if ref_graphdef is None else ref_graphdef
+    reference = _reference_pass(state.params, state.graphdef, batch, config, ref_params, ref_graphdef)
+    is_example = _is_example(batch)  # [accumulation, micro_batch]
+    if config.loss_type == "kto":
+        kl = kto_kl_estimate(reference["kl_logps"], reference["ref_kl_logps"], example_mask=is_example)
+    else:
+        kl = jnp.zeros((), jnp.float32)
+    return reference["ref_logps"], kl, jnp.maximum(jnp.sum(is_example), 1.0)
+
+
+def make_train_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
+                    ref_graphdef: nnx.GraphDef | None = None, ref_sharding: Any = None):
+    """`state, metrics = step(state, batch, ref_params=None)`: one optimizer step over `collate` arrays
+    `[accumulation, micro_batch, ...]`, micro-batches scanned inside the step. `ref_params` are the frozen
+    reference parameters (graph `ref_graphdef`, default: the policy's), or None when the batch carries precomputed
+    `ref_logps` / `ref_kl_logps`. jitted with explicit shardings (`ref_sharding`: the reference parameters'
+    shardings, default: as placed) and the state donated."""
+
+    def step(state: TrainState, batch: dict, ref_params: nnx.State | None = None):
+        ref_logps, kl, num_examples = _prepare_step(state, batch, ref_params, ref_graphdef, config)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro_step(grads, inputs):
+            micro_batch, micro_ref_logps = inputs
+            (loss, sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, micro_ref_logps, kl,
+                                                num_examples, config)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, sums)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (losses, sums) = jax.lax.scan(micro_step, zeros, (batch, ref_logps))
+        metrics = _step_metrics(jax.tree.map(jnp.sum, sums), kl)
+        metrics["loss"] = jnp.sum(losses)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.apply_gradients(grads), metrics
+
+    return _jit_step(step, mesh, state_sharding, ref_sharding, donate=True)
+
+
+def make_eval_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
+                   ref_graphdef: nnx.GraphDef | None = None, ref_sharding: Any = None):
+    """`metrics = eval_step(state, batch, ref_params=None)`: loss and metrics without updating (same batch
+    layout), plus `num_examples` (rows that are not padding)."""
+
+    def eval_step(state: TrainState, batch: dict, ref_params: nnx.State | None = None):
+        ref_logps, kl, num_examples = _prepare_step(state, batch, ref_params, ref_graphdef, config)
+
+        def micro_step(_, inputs):
+            micro_batch, micro_ref_logps = inputs
+            return None, loss_fn(state.params, state.graphdef, micro_batch, micro_ref_logps, kl, num_examples,
+                                 config)
+
+        _, (losses, sums) = jax.lax.scan(micro_step, None, (batch, ref_logps))
+        metrics = _step_metrics(jax.tree.map(jnp.sum, sums), kl)
+        metrics["loss"] = jnp.sum(losses)
+        metrics["num_examples"] = jnp.sum(_is_example(batch))
+        return metrics
+
+    return _jit_step(eval_step, mesh, state_sharding, ref_sharding, donate=False)
+
+
+def _jit_step(step, mesh, state_sharding, ref_sharding, *, donate: bool):
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    if state_sharding is None:
+        raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
+
+    def step_in_mesh(state, batch, ref_params=None):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch, ref_params)
+
+    out_shardings = (state_sharding, replicated(mesh)) if donate else replicated(mesh)
+    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1), ref_sharding),
+                   out_shardings=out_shardings, donate_argnums=donate_argnums)
+
+
+def reference_params(model: nnx.Module, mesh: jax.sharding.Mesh | None = None, *,
+                     copy: bool = True) -> tuple[nnx.GraphDef, nnx.State, Any]:
+    """`(graphdef, params, shardings)` of a frozen reference: `model`'s parameters laid out on `mesh` by the
+    model's partition rules (shardings None without a mesh). With `copy` (needed when `model` is also the policy,
+    whose buffers the train step donates) they are a copy."""
+    graphdef, params = nnx.split(model, nnx.Param, ...)[:2]
+    shardings = None
+    if mesh is not None:
+        shardings = tree_shardings(params, mesh, tuple(getattr(model, "partition_rules", ())))
+    if copy:
+        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+    elif mesh is not None:
+        params = jax.device_put(params, shardings)
+    return graphdef, params, shardings
+
+
+def precompute_ref_logps(examples: Sequence[dict], ref_graphdef: nnx.GraphDef, ref_params: nnx.State,
+                             config: KTOConfig, *, group_size: int, accumulation_steps: int = 1,
+                             buckets: Sequence[int], pad_token_id: int = 0,
+                             mesh: jax.sharding.Mesh | None = None, ref_sharding: Any = None) -> list[dict]:
+    """The examples with their reference log-probs added (`ref_logps`, and for `kto` `ref_kl_logps`), computed in
+    consecutive groups of `group_size` examples: the groups a sequential order makes into steps (or eval batches),
+    so the KL pairs are the ones `collate` will build."""
+    with_kl = config.loss_type == "kto"
+
+    def reference(params, batch):
+        def micro_step(_, micro_batch):
+            out = {"ref_logps": _sequence_logps(params, ref_graphdef, micro_batch, config)}
+            if with_kl:
+                out["ref_kl_logps"] = _sequence_logps(params, ref_graphdef, micro_batch, config, prefix="kl_")
+            return None, out
+
+        return jax.lax.scan(micro_step, None, batch)[1]
+
+    if mesh is None:
+        reference = jax.jit(reference)
+    else:
+        def reference_in_mesh(params, batch, reference=reference):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return reference(params, batch)
+
+        reference = jax.jit(reference_in_mesh, in_shardings=(ref_sharding, batch_sharding(mesh, batch_axis=1)),
+                            out_shardings=replicated(mesh))
+    out = []
+    for start in range(0, len(examples), group_size):
+        group = list(examples[start:start + group_size])
+        batch = collate(group + [None] * (group_size - len(group)), accumulation_steps=accumulation_steps,
+                        buckets=buckets, pad_token_id=pad_token_id, max_length=config.max_length, with_kl=with_kl)
+        values = jax.device_get(reference(ref_params, shard_batch(batch, mesh, batch_axis=1)))
+        values = {k: np.asarray(v).reshape(-1) for k, v in values.items()}
+        for i, example in enumerate(group):
+            out.append({**example, **{k: float(v[i]) for k, v in values.items()}})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loop
+# --------------------------------------------------------------------------------------------------------------
+
+OPTIONAL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                    "logits/chosen", "logits/rejected")
+
+
+class _KTOMetricsLogger(MetricsLogger):
+    """Averages the per-kind metrics (NaN in a step without examples of that kind) over the steps where they are
+    defined, as TRL averages the values it logged; a window without any has no such key."""
+
+    def sync(self) -> None:
+        super().sync()
+        for key in OPTIONAL_METRICS:
+            if key in self.window:
+                values = [v for v in self.window[key] if not math.isnan(v)]
+                if values:
+                    self.window[key] = values
+                else:
+                    del self.window[key]
+
+
+def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model: nnx.Module | None = None,
+          eval_dataset=None) -> loop.TrainResult:
+    """Align `model` on `dataset` (TRL KTO format, or paired preference data, unpaired) against `ref_model`
+    (default: a frozen copy of `model` as passed in, also when resuming): progress bar, `metrics.jsonl`,
+    evaluation, orbax checkpoints every `save_steps`, exact resume, and the final model exported in Hugging Face
+    format."""
+    mesh = mesh_from_config(config)
+    micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
+    examples_per_step = micro_batch * config.gradient_accumulation_steps
+    eval_batch = config.per_device_eval_batch_size * batch_divisor(mesh)
+    with_kl = config.loss_type == "kto"
+    if with_kl and examples_per_step < 2:
+        raise ValueError("loss_type='kto' estimates the KL term from mismatched pairs of a step's examples, so a "
+                         "step needs at least 2 (per_device_train_batch_size x data-parallel devices x "
+                         "gradient_accumulation_steps is 1): raise per_device_train_batch_size.")
+    examples = prepare_dataset(dataset, tokenizer, config)
+    eval_examples = None
+    if eval_dataset is not None and config.eval_strategy != "no":
+        eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+    _check_weights(examples, config)
+    steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="KTO")
+    total_steps = data.total_steps(config, steps_in_epoch)
+    everything = examples + (eval_examples or [])  # a KL sequence joins one example's prompt to another's completion
+    longest = max(len(e["prompt_ids"]) for e in everything) + max(len(e["completion_ids"]) for e in everything)
+    buckets = data.length_buckets(min(config.max_length or longest, longest))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch_args = dict(buckets=buckets, pad_token_id=pad_id, max_length=config.max_length, with_kl=with_kl)
+
+    # The policy's buffers are donated by the train step, so a reference that is `model` itself is a copy, unless
+    # it is only used before training (precomputed log-probs).
+    ref_graphdef, ref_params, ref_sharding = reference_params(
+        model if ref_model is None else ref_model, mesh,
+        copy=ref_model is None and not config.precompute_ref_log_probs)
+    if config.precompute_ref_log_probs:
+        common = dict(buckets=buckets, pad_token_id=pad_id, mesh=mesh, ref_sharding=ref_sharding)
+        examples = precompute_ref_logps(examples, ref_graphdef, ref_params, config, group_size=examples_per_step,
+                                        accumulation_steps=config.gradient_accumulation_steps, **common)
+        if eval_examples:
+            eval_examples = precompute_ref_logps(eval_examples, ref_graphdef, ref_params, config,
+                                                 group_size=eval_batch, **common)
+        ref_params = None  # the reference is no longer needed: free it
+
+    tx, schedule = make_optimizer(config, total_steps)
+    state = TrainState.create(model, tx, mesh=mesh)
+    state_sharding = state.shardings(mesh)
+    step_args = dict(mesh=mesh, state_sharding=state_sharding, ref_graphdef=ref_graphdef,
+                     ref_sharding=ref_sharding if ref_params is not None else None)
+    train_step = make_train_step(config, **step_args)
+    eval_step = make_eval_step(config, **step_args)
+    checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    num_tokens = progress.get("num_tokens", 0)
+    log = _KTOMetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
+                            report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
+                            description="kto", start_step=start_step, config=config.to_dict())
+    note_shape = loop.ShapeNotes()
+    order = data.step_indices(len(examples), examples_per_step, seed=config.seed,
+                              shuffle=config.train_sampling_strategy == "random", start_step=start_step)
+    try:
+        for step in range(start_step, total_steps):
+            _, indices = next(order)
+            batch = collate([examples[i] for i in indices], accumulation_steps=config.gradient_accumulation_steps,
+                            **batch_args)
+            num_tokens += int(batch["attention_mask"].sum())
+            note_shape(batch)
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params)
+            done = step + 1
+            log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
+                    epoch=done / steps_in_epoch)
+            if eval_examples and loop.should_evaluate(config, done, steps_in_epoch):
+                log.write({"step": done, **evaluate(eval_step, state, ref_params, eval_examples, config, mesh,
+                                                    batch_args)})
+            if config.save_steps and done % config.save_steps == 0:
+                log.sync()  # a checkpoint is written only after its losses were checked finite
+                checkpoints.save(done, state, {"num_tokens": num_tokens})
+        log.flush(total_steps, epoch=total_steps / steps_in_epoch)
+    finally:
+        log.close()
+        checkpoints.close()
+    return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
+
+
+def evaluate(eval_step, state, ref_params, examples, config, mesh, batch_args) -> dict:
+    """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix), in consecutive batches of
+    `per_device_eval_batch_size` (KL pairs within each batch): the loss weighted by examples, the other metrics
+    averaged over the batches where they are defined (as TRL averages its per-batch values)."""
+    batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
+    loss_sum, count, values = 0.0, 0.0, {}
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        batch = collate(chunk + [None] * (batch_size - len(chunk)), accumulation_steps=1, **batch_args)
+        metrics = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params))
+        examples_in_batch = float(metrics.pop("num_examples"))
+        loss_sum += float(metrics.pop("loss")) * examples_in_batch
+        count += examples_in_batch
+        for key, value in metrics.items():
+            if not math.isnan(float(value)):
+                values.setdefault(key, []).append(float(value))
+    result = {"eval_loss": loss_sum / max(count, 1.0)}
+    result.update({f"eval_{key}": sum(v) / len(v) for key, v in values.items()})
+    return result
+
+
+def _check_weights(examples: Sequence[dict], config: KTOConfig) -> None:
+    """Warn, as TRL does, when the desirable/undesirable weights are outside the range the paper recommends for
+    the dataset's imbalance (Eq. 8: w_D n_D / (w_U n_U) in [1, 4/3])."""
+    num_desirable = max(sum(e["label"] for e in examples), 1)
+    num_undesirable = max(len(examples) - num_desirable, 1)
+    if num_desirable == num_undesirable:
+        return
+    desirable_low = round(num_undesirable * config.undesirable_weight / num_desirable, 2)
+    desirable_high = round(num_undesirable * config.undesirable_weight / num_desirable * 1.33, 2)
+    undesirable_low = round(num_desirable * config.desirable_weight / num_undesirable / 1.33, 2)
+    undesirable_high = round(num_desirable * config.desirable_weight / num_undesirable, 2)
+    if not (desirable_low <= config.desirable_weight <= desirable_high
+            or undesirable_low <= config.undesirable_weight <= undesirable_high):
+        logger.warning("The dataset has %d desirable and %d undesirable examples, and the loss weights are outside "
+                       "the range the KTO paper recommends (Eq. 8): set EITHER desirable_weight in [%s, %s] OR "
+                       "undesirable_weight in [%s, %s].", num_desirable, num_undesirable, desirable_low,
+                       desirable_high, undesirable_low, undesirable_high)
