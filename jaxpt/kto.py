@@ -461,25 +461,6 @@ def precompute_ref_logps(examples: Sequence[dict], ref_graphdef: nnx.GraphDef, r
 # Loop
 # --------------------------------------------------------------------------------------------------------------
 
-OPTIONAL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-                    "logits/chosen", "logits/rejected")
-
-
-class _KTOMetricsLogger(MetricsLogger):
-    """Averages the per-kind metrics (NaN in a step without examples of that kind) over the steps where they are
-    defined, as TRL averages the values it logged; a window without any has no such key."""
-
-    def sync(self) -> None:
-        super().sync()
-        for key in OPTIONAL_METRICS:
-            if key in self.window:
-                values = [v for v in self.window[key] if not math.isnan(v)]
-                if values:
-                    self.window[key] = values
-                else:
-                    del self.window[key]
-
-
 def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model: nnx.Module | None = None,
           eval_dataset=None) -> loop.TrainResult:
     """Align `model` on `dataset` (TRL KTO format, or paired preference data, unpaired) against `ref_model`
@@ -532,7 +513,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     num_tokens = progress.get("num_tokens", 0)
-    log = _KTOMetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
+    log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                             report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
                             description="kto", start_step=start_step, config=config.to_dict())
     note_shape = loop.ShapeNotes()

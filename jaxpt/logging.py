@@ -86,7 +86,11 @@ class MetricsLogger:
         if epoch is not None:
             record["epoch"] = round(epoch, 4)
         for key, values in self.window.items():
-            record[key] = values[-1] if key.split("/")[-1] in CUMULATIVE else sum(values) / len(values)
+            # NaN marks a metric undefined at that step (e.g. no rejected example in a KTO batch): average the
+            # steps where it is defined, as TRL does; a window where it never is logs no such key.
+            values = [v for v in values if not math.isnan(v)]
+            if values:
+                record[key] = values[-1] if key.split("/")[-1] in CUMULATIVE else sum(values) / len(values)
         self.window.clear()
         if self.progress is not None and "loss" in record:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
