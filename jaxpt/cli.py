@@ -126,6 +126,51 @@ def kto_command(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class RewardArguments:
+    """Where GRPO / RLOO rewards come from (TRL's GRPO script arguments)."""
+
+    reward_funcs: list[str] | None = field(default=None, metadata={
+        "help": "Reward functions: accuracy_reward, exact_match_reward, think_format_reward, "
+                "get_soft_overlong_punishment, or an import path like my_lib.rewards.custom_reward."})
+    reward_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A sequence classifier (HF format, num_labels=1) scoring prompt + completion."})
+
+
+def _online_command(method_module, config_class, argv: list[str]) -> int:
+    from transformers import AutoTokenizer
+
+    import jaxpt.models
+    from jaxpt import rewards
+
+    script_args, model_args, config, reward_args = parse(config_class, argv, RewardArguments)
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
+    reward_funcs = [rewards.resolve_reward_function(name) for name in reward_args.reward_funcs or []]
+    if reward_args.reward_model_name_or_path:
+        path = reward_args.reward_model_name_or_path
+        reward_funcs.append(rewards.model_reward(jaxpt.models.from_pretrained(path, num_labels=1),
+                                                 AutoTokenizer.from_pretrained(path)))
+    if not reward_funcs:
+        raise ValueError("Pass --reward_funcs (and/or --reward_model_name_or_path): nothing scores the completions.")
+    result = method_module.train(model, tokenizer, train_set, config, reward_funcs=reward_funcs,
+                                 eval_dataset=eval_set)
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
+          f"{result.model_dir}")
+    return 0
+
+
+def grpo_command(argv: list[str]) -> int:
+    from jaxpt import grpo
+
+    return _online_command(grpo, grpo.GRPOConfig, argv)
+
+
+def rloo_command(argv: list[str]) -> int:
+    from jaxpt import rloo
+
+    return _online_command(rloo, rloo.RLOOConfig, argv)
+
+
 def smoke(argv: list[str]) -> int:
     import argparse
 
@@ -157,6 +202,8 @@ COMMANDS = {"sft": sft_command, "smoke": smoke}
 COMMANDS["kto"] = kto_command
 COMMANDS["dpo"] = dpo_command
 COMMANDS["reward"] = reward_command
+COMMANDS["grpo"] = grpo_command
+COMMANDS["rloo"] = rloo_command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,6 +213,24 @@ def check_nonempty(ids: Sequence[int], *, what: str, index: int) -> None:
         )
 
 
+def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int | None = None) -> list[dict]:
+    """Prompts of a prompt-only dataset (GRPO, RLOO) as `{"prompt", "prompt_ids", "columns"}`: the original
+    prompt (string or messages), its token ids (chat template with the generation prompt for conversational
+    data; the last `max_prompt_length` tokens when set, as prompts are cut from the left), and every other
+    column (handed to the reward functions)."""
+    fmt = require_format(dataset, ("prompt_only", "prompt_completion"), method=method)
+    check_chat_template(tokenizer, fmt, method=method)
+    prompts = []
+    for index, row in enumerate(dataset):
+        ids = tokenize(tokenizer, row["prompt"], add_generation_prompt=fmt.conversational)["input_ids"]
+        check_nonempty(ids, what="prompt", index=index)
+        if max_prompt_length is not None:
+            ids = ids[-max_prompt_length:]
+        prompts.append({"prompt": row["prompt"], "prompt_ids": ids,
+                        "columns": {k: v for k, v in row.items() if k != "prompt"}})
+    return prompts
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Packing and bucketing
 # --------------------------------------------------------------------------------------------------------------

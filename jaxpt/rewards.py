@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _THINK_FORMAT = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL | re.MULTILINE)
@@ -103,7 +105,11 @@ def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int
     return soft_overlong_punishment_reward
 
 
-REWARD_FUNCTIONS = {
+REWARD_FUNCTIONS = {  # the names TRL's scripts accept, plus short aliases
+    "accuracy_reward": accuracy_reward,
+    "exact_match_reward": exact_match_reward,
+    "think_format_reward": think_format_reward,
+    "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
     "accuracy": accuracy_reward,
     "exact_match": exact_match_reward,
     "think_format": think_format_reward,
@@ -111,19 +117,77 @@ REWARD_FUNCTIONS = {
 
 
 def resolve_reward_function(name_or_callable) -> Callable:
-    """A reward function from a callable, a name in `REWARD_FUNCTIONS`, or `module.path:function`."""
+    """A reward function from a callable, a name in `REWARD_FUNCTIONS`, or an import path
+    (`my_lib.rewards.custom_reward` or `my_lib.rewards:custom_reward`)."""
     if callable(name_or_callable):
         return name_or_callable
     name = str(name_or_callable)
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
-    if ":" in name:
+    separator = ":" if ":" in name else "."
+    if separator in name:
         import importlib
+        import os
+        import sys
 
-        module, attribute = name.split(":", 1)
-        return getattr(importlib.import_module(module), attribute)
-    raise ValueError(f"Unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or 'module:function'.")
+        module, attribute = name.rsplit(separator, 1)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"Cannot import reward function {name!r}: {error}") from error
+    raise ValueError(f"Unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or an import path "
+                     "like my_lib.rewards.custom_reward.")
 
 
 def reward_function_name(function: Callable) -> str:
     return getattr(function, "__name__", type(function).__name__)
+
+
+def score_completions(reward_funcs: Sequence[Callable], *, prompts: Sequence, completions: Sequence,
+                      completion_ids: Sequence[Sequence[int]], columns: dict[str, Sequence]) -> np.ndarray:
+    """`[n, len(reward_funcs)]` float32 rewards, NaN where a function returned None. Raises if a function
+    returns the wrong number of rewards, or if a completion gets no reward from any function."""
+    rewards = np.full((len(completions), len(reward_funcs)), np.nan, np.float32)
+    for index, function in enumerate(reward_funcs):
+        values = function(prompts=list(prompts), completions=list(completions),
+                          completion_ids=[list(ids) for ids in completion_ids], **columns)
+        if len(values) != len(completions):
+            raise ValueError(f"Reward function {reward_function_name(function)!r} returned {len(values)} rewards for "
+                             f"{len(completions)} completions.")
+        rewards[:, index] = [np.nan if value is None else float(value) for value in values]
+    return rewards
+
+
+def model_reward(model, tokenizer, *, name: str = "reward_model", batch_size: int = 32) -> Callable:
+    """A reward function scoring `prompt + completion` with a jaxpt sequence classifier (`num_labels=1`, e.g.
+    trained with `jaxpt.reward`), using its own tokenizer and chat template for conversational data."""
+    import jax
+    from flax import nnx
+
+    from jaxpt.data import bucket_length, length_buckets, pad_rows, tokenize
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    score = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, attention_mask=mask)[:, 0])
+
+    def reward(prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
+        rows = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            if isinstance(completion, str):
+                rows.append(tokenize(tokenizer, prompt + completion)["input_ids"])
+            else:
+                rows.append(tokenize(tokenizer, list(prompt) + list(completion))["input_ids"])
+        longest = max(len(r) for r in rows)
+        length = bucket_length(longest, length_buckets(max(longest, 64)))
+        scores = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape per length
+            ids = pad_rows(chunk, length)
+            mask = pad_rows([[1] * len(r) for r in chunk], length)
+            scores.extend(np.asarray(score(params, ids, mask)).tolist())
+        return scores[:len(rows)]
+
+    reward.__name__ = name
+    return reward

@@ -125,6 +125,31 @@ def test_dpo_command_trains_and_exports(model_dir, tmp_path):
     check_export(out)
 
 
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_online_commands_train_with_named_and_imported_rewards(model_dir, tmp_path, method):
+    """`jaxpt grpo|rloo --reward_funcs ...`: a named reward and one imported by path; the reward rises."""
+    rows = [{"prompt": f"{a}+{b}=", "solution": str(a + b)} for a in range(4) for b in range(4)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "out"
+    code = cli.main([method, "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
+                     str(out), "--reward_funcs", "accuracy_reward", "tests.test_grpo.digits_reward",
+                     "--num_generations", "4", "--per_device_train_batch_size", "8", "--max_completion_length", "6",
+                     "--learning_rate", "0.03", "--max_steps", "16", "--logging_steps", "4", "--mesh_fsdp", "1",
+                     "--disable_tqdm", "true", "--beta", "0.0"])
+    assert code == 0
+    records = read_metrics(out)
+    assert {"reward", "rewards/accuracy_reward/mean", "rewards/digits_reward/mean", "loss"} <= set(records[0])
+    assert records[-1]["rewards/digits_reward/mean"] > records[0]["rewards/digits_reward/mean"]
+    check_export(out)
+
+
+def test_online_command_without_rewards_fails(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+1="}] * 8)
+    with pytest.raises(ValueError, match="Pass --reward_funcs"):
+        cli.main(["grpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
+                  str(tmp_path / "out")])
+
+
 def test_yaml_with_unknown_key_is_rejected(model_dir, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("max_stepz: 3\n")

@@ -27,6 +27,8 @@ def test_soft_overlong_punishment_matches_dapo():
 
 def test_resolve_reward_function():
     assert rewards.resolve_reward_function("accuracy") is rewards.accuracy_reward
+    assert rewards.resolve_reward_function("accuracy_reward") is rewards.accuracy_reward
     assert rewards.resolve_reward_function("jaxpt.rewards:think_format_reward") is rewards.think_format_reward
+    assert rewards.resolve_reward_function("jaxpt.rewards.exact_match_reward") is rewards.exact_match_reward
     with pytest.raises(ValueError, match="Unknown reward function 'nope'"):
         rewards.resolve_reward_function("nope")

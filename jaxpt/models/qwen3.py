@@ -19,12 +19,18 @@ from flax import nnx
 
 from jaxpt.models.layers import (
     BATCH_AXES,
+    CacheStep,
     Embed,
+    KVCache,
+    LayerCache,
     Linear,
     RopeConfig,
     activation,
     apply_rope,
     attention,
+    begin_decode,
+    begin_prefill,
+    cached_attention,
     constrain,
     last_token_index,
     positions_from_mask,
@@ -144,16 +150,32 @@ class Qwen3Attention(nnx.Module):
         self.q_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Query `[batch, seq, heads, head_dim]`, key and value `[batch, seq, kv_heads, head_dim]`, rope applied."""
         batch, seq, _ = x.shape
         query = self.q_norm(self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim))
         key = self.k_norm(self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim))
         value = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         query = constrain(apply_rope(query, cos, sin), BATCH_AXES, None, "tensor", None)
         key = constrain(apply_rope(key, cos, sin), BATCH_AXES, None, "tensor", None)
+        return query, key, value
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        batch, seq, _ = x.shape
+        query, key, value = self.project_qkv(x, cos, sin)
         out = attention(query, key, value, segment_ids=segment_ids, scale=self.scale,
                         sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
+
+    def call_with_cache(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
+    ) -> tuple[jax.Array, LayerCache]:
+        """`__call__` for generation: this call's keys/values go into `cache` (`layers.cached_attention`)."""
+        batch, seq, _ = x.shape
+        query, key, value = self.project_qkv(x, cos, sin)
+        out, cache = cached_attention(query, key, value, cache, step, scale=self.scale,
+                                      sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
 
 
 class Qwen3DecoderLayer(nnx.Module):
@@ -169,6 +191,14 @@ class Qwen3DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, BATCH_AXES, None, None)
+
+    def call_with_cache(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
+    ) -> tuple[jax.Array, LayerCache]:
+        attn_out, cache = self.self_attn.call_with_cache(self.input_layernorm(x), cos, sin, cache, step)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, BATCH_AXES, None, None), cache
 
 
 class Qwen3Model(nnx.Module):
@@ -201,6 +231,18 @@ class Qwen3Model(nnx.Module):
             x = layer(x, cos, sin, segments)
         return self.norm(x)
 
+    def call_with_cache(
+        self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, step: CacheStep
+    ) -> tuple[jax.Array, KVCache]:
+        """`__call__` for generation: hidden states `[batch, seq, hidden]` of tokens written at `step` into `cache`."""
+        cos, sin = rope_cos_sin(positions, self.config.rope)  # [batch, seq, head_dim]
+        x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
+        layer_caches = []
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x, layer_cache = layer.call_with_cache(x, cos, sin, layer_cache, step)
+            layer_caches.append(layer_cache)
+        return self.norm(x), cache.replace(layers=tuple(layer_caches))
+
 
 class Qwen3ForCausalLM(nnx.Module):
     """`model(input_ids, *, attention_mask, positions, segment_ids) -> logits [batch, seq, vocab]`."""
@@ -229,6 +271,38 @@ class Qwen3ForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, **inputs) -> jax.Array:
         hidden = self.hidden_states(input_ids, **inputs)
         return project_to_vocab(hidden, self.lm_head_weight(), logit_softcap=self.final_logit_softcap)
+
+    # Generation with a KV cache (`jaxpt.sampling` drives these): init_cache -> prefill -> decode_step ...
+
+    def init_cache(self, batch_size: int, max_length: int, *, dtype: Any = None) -> KVCache:
+        """An empty `KVCache` with `max_length` slots per row (prompt + new tokens), per layer keys
+        `[batch_size, kv_heads, head_dim, max_length]` and values `[batch_size, kv_heads, max_length, head_dim]`
+        (`layers.LayerCache`), in the compute dtype unless `dtype` is given."""
+        return KVCache.create(
+            batch_size=batch_size, max_length=max_length, num_layers=self.config.num_hidden_layers,
+            num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,
+            dtype=dtype if dtype is not None else self.model.embed_tokens.dtype,
+        )
+
+    def prefill(
+        self, input_ids: jax.Array, cache: KVCache, *, attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Run a left-padded prompt `input_ids` `[batch, seq]` (every row's last token real) into an empty `cache`.
+
+        Positions are `cumsum(attention_mask) - 1`, as HF `generate`. Returns the logits `[batch, vocab]` of the
+        token after the prompt and the cache holding the prompt's keys and values in slots `[0, seq)`.
+        """
+        positions, step, cache = begin_prefill(cache, input_ids, attention_mask)
+        hidden, cache = self.model.call_with_cache(input_ids, positions, cache, step)
+        return project_to_vocab(hidden[:, -1], self.lm_head_weight(), logit_softcap=self.final_logit_softcap), cache
+
+    def decode_step(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Append one token per row, `token_ids` `[batch]`, at slot `cache.length`: the logits `[batch, vocab]` of
+        the token after it and the updated cache."""
+        positions, step, cache = begin_decode(cache)
+        hidden, cache = self.model.call_with_cache(token_ids[:, None], positions, cache, step)
+        logits = project_to_vocab(hidden[:, 0], self.lm_head_weight(), logit_softcap=self.final_logit_softcap)
+        return logits, cache
 
 
 class Qwen3ForSequenceClassification(nnx.Module):

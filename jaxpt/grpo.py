@@ -1,0 +1,372 @@
+"""GRPO: `GRPOConfig`, rollouts (sample, reward, advantages), `make_train_step`, `train`.
+
+All of GRPO is here and in `jaxpt/losses/grpo.py`. One rollout samples `num_generations` completions for each of
+`generation_batch_size / num_generations` prompts with the training parameters (`jaxpt.sampling.generate`,
+no weight copy), scores them with the reward functions, and computes group-relative advantages; then
+`num_iterations` passes of optimizer steps consume it, each step a jitted update over
+`gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` completions per device (TRL's
+batch arithmetic: `generation_batch_size = per_device_train_batch_size * devices * steps_per_generation`).
+
+```python
+config = GRPOConfig(output_dir="out", num_generations=8, max_completion_length=64, max_steps=100)
+result = jaxpt.grpo.train(model, tokenizer, prompts_dataset, config, reward_funcs=[jaxpt.rewards.accuracy_reward])
+```
+
+Old log-probs (for the importance ratio when a rollout feeds several optimizer steps) are the sampler's own
+`log softmax(logits / temperature)` of the sampled tokens, which equal a teacher-forced forward pass with the
+same parameters (TRL computes them with an extra forward pass); with one optimizer step per rollout and
+`num_iterations=1` the update is on-policy and the ratio is 1, as in TRL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxpt import data, loop
+from jaxpt.checkpoint import Checkpointer
+from jaxpt.config import TrainingConfig
+from jaxpt.logging import MetricsLogger
+from jaxpt.losses.grpo import (
+    GRPO_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
+    SCALE_REWARDS,
+    grpo_advantages,
+    grpo_loss,
+    high_entropy_mask,
+    reward_metrics,
+)
+from jaxpt.losses.logprobs import chunked_token_logps
+from jaxpt.rewards import resolve_reward_function
+from jaxpt.rollout import append_jsonl, completion_metrics, sample_and_score
+from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch
+from jaxpt.train_state import TrainState, make_optimizer
+
+logger = logging.getLogger("jaxpt")
+
+
+@dataclass
+class GRPOConfig(TrainingConfig):
+    """TRL's `GRPOConfig` fields that have a meaning here (same names and defaults)."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (TRL's GRPO default)."})
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (the group size)."})
+    max_completion_length: int = field(default=512, metadata={"help": "Tokens generated per completion at most."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Keep the last this many prompt tokens "
+                                                                          "(jaxpt; None: no truncation)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also scales the training "
+                                                              "log-probs, as TRL)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    min_p: float | None = field(default=None, metadata={"help": "Min-p sampling (None: off)."})
+    generation_batch_size: int | None = field(default=None, metadata={"help": "Completions per rollout (default: "
+                                                                              "per_device * devices * "
+                                                                              "steps_per_generation)."})
+    steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-batches per rollout (default: "
+                                                                             "gradient_accumulation_steps)."})
+    num_iterations: int = field(default=1, metadata={"help": "Passes over each rollout (mu in the GRPO paper)."})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient to the reference model (0: no reference)."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clipping bound of the ratio (1 - epsilon)."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping (default: epsilon; DAPO "
+                                                                        "uses 0.28)."})
+    delta: float | None = field(default=None, metadata={"help": "Two-sided clipping: cap on the unclipped ratio."})
+    importance_sampling_level: str = field(default="token", metadata={"help": "'token' or 'sequence' (GSPO)."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weight of each reward function "
+                                                                               "(default: all 1)."})
+    scale_rewards: str = field(default="group", metadata={"help": f"One of {SCALE_REWARDS}."})
+    loss_type: str = field(default="dapo", metadata={"help": f"One of {GRPO_LOSS_TYPES}."})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "Leave completions cut at "
+                                                                              "max_completion_length out of the "
+                                                                              "loss."})
+    top_entropy_quantile: float = field(default=1.0, metadata={"help": "Train only on the top fraction of tokens "
+                                                                       "by entropy (1.0: all)."})
+    use_bias_correction_kl: bool = field(default=True, metadata={"help": "Multiply the KL estimate by the "
+                                                                         "importance ratio (TRL)."})
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle prompts every epoch (seeded)."})
+    log_completions: bool = field(default=False, metadata={"help": "Append every rollout's prompts, completions "
+                                                                   "and rewards to output_dir/completions.jsonl."})
+    logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs."})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r} is not a GRPO loss; use one of {GRPO_LOSS_TYPES}.")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards={self.scale_rewards!r}; use one of {SCALE_REWARDS}.")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}; use one of "
+                             f"{IMPORTANCE_SAMPLING_LEVELS}.")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations={self.num_generations}: GRPO needs at least 2 completions per prompt "
+                             "to compare them.")
+        if self.max_completion_length < 1 or self.num_iterations < 1:
+            raise ValueError("max_completion_length and num_iterations must be >= 1.")
+        if not 0.0 < self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile={self.top_entropy_quantile} must be in (0, 1].")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0.")
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("Set generation_batch_size or steps_per_generation, not both.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batch arithmetic and rollouts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rollout_shape(config: GRPOConfig, devices: int) -> tuple[int, int, int]:
+    """`(micro_batch, steps_per_generation, prompts_per_rollout)` from the config and the data-parallel device
+    count, with TRL's rules; clear errors when they do not divide."""
+    micro_batch = config.per_device_train_batch_size * devices
+    if config.generation_batch_size is not None:
+        if config.generation_batch_size % micro_batch:
+            raise ValueError(f"generation_batch_size={config.generation_batch_size} must be a multiple of "
+                             f"per_device_train_batch_size x devices = {micro_batch}.")
+        steps_per_generation = config.generation_batch_size // micro_batch
+    else:
+        steps_per_generation = config.steps_per_generation or config.gradient_accumulation_steps
+    if steps_per_generation % config.gradient_accumulation_steps:
+        raise ValueError(f"steps_per_generation={steps_per_generation} must be a multiple of "
+                         f"gradient_accumulation_steps={config.gradient_accumulation_steps} (each optimizer step "
+                         "takes whole micro-batches of one rollout).")
+    generation_batch = micro_batch * steps_per_generation
+    if generation_batch % config.num_generations:
+        raise ValueError(f"The generation batch ({generation_batch} completions = per_device_train_batch_size x "
+                         f"devices x steps_per_generation) must be divisible by num_generations="
+                         f"{config.num_generations}: adjust per_device_train_batch_size or num_generations.")
+    return micro_batch, steps_per_generation, generation_batch // config.num_generations
+
+
+def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
+            config: GRPOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None):
+    """Sample `num_generations` completions per prompt, score them, and compute group-relative advantages.
+    Returns `(arrays, metrics, records)`: the rollout's numpy arrays `[n, ...]` for the update, its
+    reward/completion metrics (TRL's names) and per-completion records for `log_completions`."""
+    sampled = sample_and_score(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
+                               prompt_buckets=prompt_buckets)
+    if np.isnan(sampled.rewards).all(axis=1).any():
+        logger.warning("Some completions got no reward from any reward function; their advantage is 0.")
+    advantages = np.asarray(grpo_advantages(sampled.rewards, num_generations=config.num_generations,
+                                            scale_rewards=config.scale_rewards, reward_weights=config.reward_weights))
+    arrays = dict(sampled.arrays, advantages=advantages.astype(np.float32))
+    loss_mask = arrays["attention_mask"]
+    if config.mask_truncated_completions:
+        loss_mask = loss_mask * sampled.finished[:, None]
+    arrays["completion_mask"] = loss_mask.astype(np.int32)
+    if ref_logps_fn is not None:
+        arrays["ref_logps"] = ref_logps_fn(arrays)
+    metrics = reward_metrics(sampled.rewards, num_generations=config.num_generations,
+                             scale_rewards=config.scale_rewards, reward_weights=config.reward_weights,
+                             reward_names=sampled.reward_names)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics.update(completion_metrics(sampled.lengths, sampled.finished))
+    return arrays, metrics, sampled.records(advantages)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step
+# --------------------------------------------------------------------------------------------------------------
+
+
+def completion_logps(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPOConfig):
+    """Per-token log-probs and entropies `[batch, completion_len]` of the completion tokens under
+    `softmax(logits / temperature)`, from the final hidden states in chunks (never full logits)."""
+    model = nnx.merge(graphdef, params)
+    prompt_length = batch["prompt_ids"].shape[-1]
+    completion_length = batch["completion_ids"].shape[-1]
+    input_ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=-1)
+    attention_mask = jnp.concatenate([batch["prompt_mask"], batch["attention_mask"]], axis=-1)
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)
+    predicting = hidden[:, prompt_length - 1: prompt_length + completion_length - 1]  # positions that predict them
+    return chunked_token_logps(predicting, model.lm_head_weight(), batch["completion_ids"],
+                               chunk_size=config.logits_chunk_size, logit_softcap=model.final_logit_softcap,
+                               temperature=config.temperature, return_entropy=True)
+
+
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPOConfig, totals: dict):
+    """Loss of one micro-batch, normalised by the whole step's tokens/sequences; metric sums weighted by
+    completion tokens (divided in the step)."""
+    logps, entropy = completion_logps(params, graphdef, batch, config)
+    mask = batch["completion_mask"].astype(jnp.float32)
+    entropy_mask = None
+    if config.top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(entropy, mask, config.top_entropy_quantile)
+    loss, metrics = grpo_loss(
+        logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
+        loss_type=config.loss_type, epsilon=config.epsilon, epsilon_high=config.epsilon_high, delta=config.delta,
+        beta=config.beta, importance_sampling_level=config.importance_sampling_level,
+        max_completion_length=config.max_completion_length, use_bias_correction_kl=config.use_bias_correction_kl,
+        entropy_mask=entropy_mask, num_tokens=totals["tokens"], num_sequences=totals["sequences"],
+    )
+    tokens = jnp.sum(mask)
+    metrics["entropy"] = jnp.sum(entropy * mask) / jnp.maximum(tokens, 1.0)
+    return loss, {key: value * tokens for key, value in metrics.items()}
+
+
+def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
+    """`state, metrics = step(state, batch)`: one optimizer step over rollout arrays shaped
+    `[accumulation, micro_batch, ...]` (`prompt_ids`, `prompt_mask`, `completion_ids`, `attention_mask`,
+    `completion_mask`, `advantages`, and optionally `old_logps` / `ref_logps`), micro-batches scanned inside.
+    Without `old_logps` the update is on-policy (ratio 1). jitted with explicit shardings and the state donated."""
+
+    def step(state: TrainState, batch: dict):
+        mask = batch["completion_mask"].astype(jnp.float32)
+        totals = {"tokens": jnp.maximum(jnp.sum(mask), 1.0),
+                  "sequences": float(batch["completion_mask"].shape[0] * batch["completion_mask"].shape[1])}
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro_step(grads, micro_batch):
+            (loss, metric_sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_sums)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (losses, metric_sums) = jax.lax.scan(micro_step, zeros, batch)
+        metrics = {key: jnp.sum(value) / totals["tokens"] for key, value in metric_sums.items()}
+        metrics["loss"] = jnp.sum(losses)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.apply_gradients(grads), metrics
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    if state_sharding is None:
+        raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
+
+    def step_in_mesh(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch)
+
+    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1)),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+
+
+def make_ref_logps_fn(ref_params: nnx.State, graphdef: nnx.GraphDef, config: GRPOConfig, *, micro_batch: int,
+                      mesh=None) -> Callable[[dict], np.ndarray]:
+    """Reference per-token log-probs of a rollout, computed micro-batch by micro-batch (jitted, no gradient)."""
+
+    @jax.jit
+    def compute(params, batch):
+        return completion_logps(params, graphdef, batch, config)[0]
+
+    def ref_logps(arrays: dict) -> np.ndarray:
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")
+        out = []
+        for start in range(0, len(arrays["prompt_ids"]), micro_batch):
+            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh)
+            out.append(np.asarray(jax.device_get(compute(ref_params, batch))))
+        return np.concatenate(out)
+
+    return ref_logps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loop
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_funcs: Sequence[Callable | str],
+          ref_model: nnx.Module | None = None, eval_dataset=None) -> loop.TrainResult:
+    """GRPO on the prompts of `dataset` (TRL prompt-only format; other columns go to the reward functions):
+    progress bar, `metrics.jsonl` with TRL's names, evaluation (sampled rewards on `eval_dataset`), orbax
+    checkpoints at rollout boundaries, exact resume, HF export. `reward_funcs`: callables with TRL's signature,
+    names from `jaxpt.rewards.REWARD_FUNCTIONS`, or `jaxpt.rewards.model_reward(...)`."""
+    reward_funcs = [resolve_reward_function(f) for f in reward_funcs]
+    if not reward_funcs:
+        raise ValueError("reward_funcs is empty: GRPO needs at least one reward function.")
+    if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
+        raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {len(reward_funcs)} reward "
+                         "functions.")
+    mesh = mesh_from_config(config)
+    micro_batch, steps_per_generation, prompts_per_rollout = rollout_shape(config, batch_divisor(mesh))
+    accumulation = config.gradient_accumulation_steps
+    steps_per_rollout = config.num_iterations * steps_per_generation // accumulation
+    prompts = data.prepare_prompts(dataset, tokenizer, method="GRPO", max_prompt_length=config.max_prompt_length)
+    eval_prompts = None
+    if eval_dataset is not None and config.eval_strategy != "no":
+        eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="GRPO",
+                                            max_prompt_length=config.max_prompt_length)
+    rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method="GRPO")
+    steps_in_epoch = rollouts_per_epoch * steps_per_rollout
+    total_steps = data.total_steps(config, steps_in_epoch)
+    prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
+
+    tx, schedule = make_optimizer(config, total_steps)
+    state = TrainState.create(model, tx, mesh=mesh)
+    state_sharding = state.shardings(mesh)
+    ref_logps_fn = None
+    if config.beta != 0.0:
+        reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else jax.tree.map(jnp.copy, state.params)
+        ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, config, micro_batch=micro_batch, mesh=mesh)
+    train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
+    checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    if start_step % steps_per_rollout:
+        raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
+                         "rollout).")
+    num_tokens = progress.get("num_tokens", 0)
+    log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
+                        report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
+                        description="grpo", start_step=start_step, config=config.to_dict())
+    order = data.step_indices(len(prompts), prompts_per_rollout, seed=config.seed, shuffle=config.shuffle_dataset,
+                              start_step=start_step // steps_per_rollout)
+    base_key = jax.random.key(config.seed)
+    step = start_step
+    try:
+        while step < total_steps:
+            rollout_index = step // steps_per_rollout
+            _, indices = next(order)
+            arrays, rollout_metrics, records = rollout(
+                state, [prompts[i] for i in indices], reward_funcs, tokenizer, config,
+                key=jax.random.fold_in(base_key, rollout_index), mesh=mesh, prompt_buckets=prompt_buckets,
+                ref_logps_fn=ref_logps_fn)
+            if steps_per_rollout == 1 and config.num_iterations == 1:
+                del arrays["old_logps"]  # on-policy: the ratio is exactly 1, as TRL's
+            if config.log_completions:
+                append_jsonl(Path(config.output_dir) / "completions.jsonl",
+                              [{"step": step, **r} for r in records])
+            micro_batches = {k: v.reshape(steps_per_generation, micro_batch, *v.shape[1:]) for k, v in arrays.items()}
+            rollout_tokens = int(arrays["prompt_mask"].sum() + arrays["attention_mask"].sum())
+            for iteration in range(config.num_iterations):
+                for first in range(0, steps_per_generation, accumulation):
+                    if step >= total_steps:
+                        break
+                    batch = {k: v[first:first + accumulation] for k, v in micro_batches.items()}
+                    state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1))
+                    if iteration == 0:
+                        num_tokens += rollout_tokens * accumulation // steps_per_generation
+                    step += 1
+                    log.log(step, {**metrics, **rollout_metrics, "learning_rate": schedule(step - 1),
+                                   "num_tokens": num_tokens}, epoch=step / steps_in_epoch)
+            if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
+                log.write({"step": step, **evaluate(state, eval_prompts, reward_funcs, tokenizer, config, mesh,
+                                                    prompt_buckets, prompts_per_rollout)})
+            if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
+                log.sync()
+                checkpoints.save(step, state, {"num_tokens": num_tokens})
+        log.flush(step, epoch=step / steps_in_epoch)
+    finally:
+        log.close()
+        checkpoints.close()
+    return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
+
+
+def evaluate(state, prompts, reward_funcs, tokenizer, config, mesh, prompt_buckets, prompts_per_rollout) -> dict:
+    """Sampled rewards on the eval prompts (TRL's reward metrics with an `eval_` prefix), rollout by rollout."""
+    totals: dict[str, list[float]] = {}
+    key = jax.random.key(config.seed + 1)
+    for index, start in enumerate(range(0, len(prompts), prompts_per_rollout)):
+        chunk = list(prompts[start:start + prompts_per_rollout])
+        chunk += [chunk[-1]] * (prompts_per_rollout - len(chunk))  # one compiled shape
+        _, metrics, _ = rollout(state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(key, index),
+                                mesh=mesh, prompt_buckets=prompt_buckets)
+        for name, value in metrics.items():
+            totals.setdefault(name, []).append(value)
+    return {f"eval_{name}": float(np.mean(values)) for name, values in totals.items()}

@@ -1,0 +1,104 @@
+"""What GRPO and RLOO share before their advantages: sample `num_generations` completions per prompt with the
+training parameters, decode them, and score them with the reward functions.
+
+`sample_and_score` returns numpy arrays, grouped contiguously (`num_generations` rows per prompt):
+`prompt_ids`/`prompt_mask` `[n, prompt_bucket]` (left-padded), `completion_ids`/`attention_mask` `[n,
+max_completion_length]` (1 on generated tokens, EOS included), `old_logps` (the sampler's
+`log softmax(logits / temperature)` of each token), `lengths`, `finished` (ended with EOS), the rewards
+`[n, num_functions]` (NaN = None) and the decoded completions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxpt import data
+from jaxpt.rewards import reward_function_name, score_completions
+from jaxpt.sampling import generate
+
+
+@dataclasses.dataclass
+class Rollout:
+    arrays: dict[str, np.ndarray]
+    rewards: np.ndarray  # [n, num_functions], NaN where a function returned None
+    reward_names: tuple[str, ...]
+    prompts: list  # the prompt of each completion (repeated num_generations times)
+    completions: list  # strings, or [{"role": "assistant", "content": ...}] for conversational prompts
+    lengths: np.ndarray
+    finished: np.ndarray
+
+    def records(self, advantages: np.ndarray) -> list[dict]:
+        """One JSON-able record per completion (for `log_completions`)."""
+        return [{"prompt": p, "completion": c, "advantage": float(a),
+                 **{name: (None if np.isnan(r) else float(r)) for name, r in zip(self.reward_names, row, strict=True)}}
+                for p, c, a, row in zip(self.prompts, self.completions, advantages, self.rewards, strict=True)]
+
+
+def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer, config, *,
+                     key: jax.Array, mesh, prompt_buckets: Sequence[int]) -> Rollout:
+    """Sample `config.num_generations` completions for each prompt (`data.prepare_prompts` records) with
+    `state`'s parameters and the config's sampling options, then score them."""
+    group = config.num_generations
+    repeated = [p for p in prompts for _ in range(group)]
+    pad_id = pad_token_id(tokenizer)
+    length = data.bucket_length(max(len(p["prompt_ids"]) for p in prompts), prompt_buckets)
+    prompt_ids = data.pad_rows([p["prompt_ids"] for p in repeated], length, pad_id, left=True)
+    prompt_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in repeated], length, 0, left=True)
+    out = generate(state.graphdef, state.params, prompt_ids, prompt_mask, key=key,
+                   max_new_tokens=config.max_completion_length, temperature=config.temperature,
+                   top_k=config.top_k or None, top_p=config.top_p if config.top_p < 1.0 else None,
+                   min_p=config.min_p, eos_token_ids=eos_token_ids(tokenizer), pad_token_id=pad_id, mesh=mesh)
+    completion_ids, old_logps, attention_mask, lengths, finished = jax.device_get(
+        (out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished))
+    id_lists = [row[: int(n)].tolist() for row, n in zip(completion_ids, lengths, strict=True)]
+    texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
+    conversational = not isinstance(prompts[0]["prompt"], str)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    columns = {name: [p["columns"][name] for p in repeated] for name in repeated[0]["columns"]}
+    prompt_texts = [p["prompt"] for p in repeated]
+    rewards = score_completions(reward_funcs, prompts=prompt_texts, completions=completions,
+                                completion_ids=id_lists, columns=columns)
+    arrays = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": np.asarray(completion_ids),
+              "attention_mask": np.asarray(attention_mask, np.int32), "old_logps": np.asarray(old_logps)}
+    return Rollout(arrays, rewards, tuple(reward_function_name(f) for f in reward_funcs), prompt_texts, completions,
+                   np.asarray(lengths), np.asarray(finished))
+
+
+def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict[str, float]:
+    """TRL's `completions/*` metrics: lengths of all completions and of those that ended with EOS."""
+    lengths = np.asarray(lengths, np.float64)
+    terminated = lengths[np.asarray(finished, bool)]
+    metrics = {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+               "completions/max_length": lengths.max(), "completions/clipped_ratio": 1.0 - np.mean(finished)}
+    if terminated.size:
+        metrics.update({"completions/mean_terminated_length": terminated.mean(),
+                        "completions/min_terminated_length": terminated.min(),
+                        "completions/max_terminated_length": terminated.max()})
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def eos_token_ids(tokenizer) -> list[int]:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos_token: completions need one to end.")
+    return [tokenizer.eos_token_id]
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append rows to a JSON-lines file (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")

@@ -1,0 +1,366 @@
+"""Generation with a KV cache: one jitted prefill + decode loop, and the log-probs of what it sampled.
+
+```python
+out = jaxpt.sampling.generate(state.graphdef, state.params, prompt_ids, prompt_mask, key=jax.random.key(0),
+                              max_new_tokens=256, temperature=0.9, top_p=0.95, eos_token_ids=[eos_id],
+                              pad_token_id=pad_id, mesh=mesh)
+out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished
+```
+
+How it works: the model's `init_cache` preallocates every layer's keys and values (`layers.LayerCache`) for
+`prompt_len + max_new_tokens - 1` tokens; `prefill` runs the left-padded prompt through the training attention
+kernel and fills the cache; a `jax.lax.while_loop` then samples a token and runs `decode_step` on it, until every
+row has produced an EOS token or `max_new_tokens` tokens. Rows that finished keep being computed (the batch is
+one array) but emit `pad_token_id`.
+
+- Parameters come as `(graphdef, params)` (`TrainState.graphdef` / `.params`, or `nnx.split(model, nnx.Param)`):
+  GRPO/RLOO sample with the training parameters where they are (sharded on the training mesh), no copy.
+  With `mesh`, the batch is split over `("data", "fsdp")` like a training batch.
+- Prompts are left-padded (`prompt_mask` 0 before the prompt), so every row's next token lands in the same
+  cache slot; positions are `cumsum(prompt_mask) - 1` as in `transformers` `generate`.
+- One compilation per (batch size, prompt length, `max_new_tokens`) and per sampling option values (they are
+  static). Callers should pad prompts to a few length buckets (e.g. multiples of 64) rather than to each batch's
+  own length, or every new length compiles again.
+- Sampling follows `transformers`' warpers, in their order: `logits / temperature`, then top-k, then top-p
+  (nucleus, the smallest set of top tokens whose probability reaches `top_p`), then min-p (drop tokens whose
+  probability is below `min_p` times the top token's). `greedy=True` takes the argmax instead.
+- `completion_logps` are `log softmax(logits / temperature)[token]`: the distribution *before* top-k / top-p /
+  min-p truncation, which is what TRL's GRPO/RLOO use as the sampling (old) log-probs and what a
+  teacher-forced forward pass with the same temperature gives (`jaxpt.losses.logprobs.token_logps`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpt.models.layers import BATCH_AXES, KVCache, constrain
+from jaxpt.sharding import batch_divisor, batch_sharding, replicated
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Completions", "generate"]
+
+
+class Completions(flax.struct.PyTreeNode):
+    """What `generate` returns; every array is `[batch, ...]` except `num_steps`."""
+
+    completion_ids: jax.Array  # [batch, max_new_tokens] int32; pad_token_id after a row's last token
+    completion_logps: jax.Array  # [batch, max_new_tokens] float32 log softmax(logits / temperature)[token]; 0 after
+    completion_mask: jax.Array  # [batch, max_new_tokens] int32; 1 on generated tokens (the EOS token included)
+    lengths: jax.Array  # [batch] int32; generated tokens per row, EOS included
+    finished: jax.Array  # [batch] bool; the row ended with an EOS token (False: cut at max_new_tokens)
+    num_steps: jax.Array  # [] int32; tokens sampled per row before the loop stopped (= max(lengths))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """Static (compile-time) sampling options, normalised: a disabled filter is None."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    greedy: bool
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompt_ids: jax.Array | np.ndarray,
+    prompt_mask: jax.Array | np.ndarray | None = None,
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    greedy: bool = False,
+    eos_token_ids: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Completions:
+    """Sample up to `max_new_tokens` tokens after each left-padded prompt, with a KV cache, in one jitted call.
+
+    Args:
+      graphdef, params: a causal LM split by `nnx.split(model, nnx.Param)` (or a `TrainState`'s fields).
+      prompt_ids: `[batch, prompt_len]` int, left-padded. prompt_mask: `[batch, prompt_len]`, 1 on prompt tokens,
+        0 on the leading padding (None: no padding); every row needs its last column set.
+      key: PRNG key (`jax.random.key(seed)`); the same key gives the same samples. Unused when `greedy`.
+      max_new_tokens: tokens to generate at most per row (>= 1); the loop stops early once every row has
+        produced one of `eos_token_ids`. Tokens after a row's EOS are `pad_token_id`.
+      temperature: > 0; sampling and `completion_logps` use `softmax(logits / temperature)`.
+      top_k: keep the `top_k` most likely tokens (None or 0: off). top_p: nucleus mass in (0, 1] (None or 1: off).
+      min_p: in [0, 1]; drop tokens less likely than `min_p` times the most likely one (None or 0: off).
+      greedy: take the most likely token (transformers' `do_sample=False`); the filters are then ignored.
+      mesh: split the batch over `("data", "fsdp")` of this mesh (params stay where they are). Multi-host
+        callers pass global arrays, e.g. from `jaxpt.sharding.shard_batch`.
+
+    Returns:
+      `Completions` (completion ids, log-probs, mask, lengths, finished flags, number of decode steps).
+    """
+    prompt_ids, prompt_mask = _validate_prompts(prompt_ids, prompt_mask, mesh)
+    options = _options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, greedy=greedy, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    if key is None:
+        raise ValueError("key=None: pass a PRNG key, e.g. key=jax.random.key(0) (it is unused when greedy=True).")
+    if mesh is not None:
+        prompt_ids = jax.device_put(prompt_ids, batch_sharding(mesh))
+        prompt_mask = jax.device_put(prompt_mask, batch_sharding(mesh))
+        key = jax.device_put(key, replicated(mesh))
+    signature = (prompt_ids.shape, options, mesh)
+    if signature not in _COMPILED:
+        _COMPILED.add(signature)
+        logger.info("Compiling generate for batch %d x prompt length %d, max_new_tokens %d.",
+                    *prompt_ids.shape, options.max_new_tokens)
+    return _generate(graphdef, params, prompt_ids, prompt_mask, key, options=options, mesh=mesh)
+
+
+_COMPILED: set = set()  # shapes/options seen, only to log each new compilation once
+
+
+@partial(jax.jit, static_argnames=("graphdef", "options", "mesh"))
+def _generate(graphdef, params, prompt_ids, prompt_mask, key, *, options: _Options, mesh) -> Completions:
+    context = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
+    with context:
+        return _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options)
+
+
+class _LoopState(flax.struct.PyTreeNode):
+    step: jax.Array  # [] int32: tokens sampled so far (the column the next one goes to)
+    token: jax.Array  # [batch] int32: the last sampled token, fed to the next decode step
+    cache: KVCache
+    completion_ids: jax.Array  # [batch, max_new_tokens]
+    completion_logps: jax.Array  # [batch, max_new_tokens]
+    lengths: jax.Array  # [batch]
+    done: jax.Array  # [batch] bool: the row has produced an EOS token
+
+
+def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Options) -> Completions:
+    batch, prompt_len = prompt_ids.shape
+    steps = options.max_new_tokens
+    model = nnx.merge(graphdef, params)
+    # The last sampled token is never fed back, so the cache needs prompt_len + steps - 1 slots.
+    cache = model.init_cache(batch, prompt_len + steps - 1)
+    logits, cache = model.prefill(prompt_ids, cache, attention_mask=prompt_mask)  # [batch, vocab]
+    eos = jnp.asarray(options.eos_token_ids, jnp.int32)
+
+    def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
+        """Sample column `state.step` from `logits` `[batch, vocab]`; finished rows get padding."""
+        token, logp = _sample_token(logits, jax.random.fold_in(key, state.step), options)
+        alive = ~state.done
+        token = jnp.where(alive, token, options.pad_token_id)
+        logp = jnp.where(alive, logp, 0.0)
+        is_eos = jnp.any(token[:, None] == eos[None, :], axis=-1) if eos.size else jnp.zeros_like(alive)
+        return state.replace(
+            step=state.step + 1,
+            token=token,
+            completion_ids=jax.lax.dynamic_update_slice(state.completion_ids, token[:, None], (0, state.step)),
+            completion_logps=jax.lax.dynamic_update_slice(state.completion_logps, logp[:, None], (0, state.step)),
+            lengths=state.lengths + alive.astype(jnp.int32),
+            done=state.done | (alive & is_eos),
+        )
+
+    def keep_going(state: _LoopState) -> jax.Array:
+        return (state.step < steps) & ~jnp.all(state.done)
+
+    def decode(state: _LoopState) -> _LoopState:
+        logits, cache = nnx.merge(graphdef, params).decode_step(state.token, state.cache)
+        return emit(state.replace(cache=cache), logits)
+
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        token=jnp.zeros((batch,), jnp.int32),
+        cache=cache,
+        completion_ids=constrain(jnp.full((batch, steps), options.pad_token_id, jnp.int32), BATCH_AXES, None),
+        completion_logps=constrain(jnp.zeros((batch, steps), jnp.float32), BATCH_AXES, None),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+    )
+    state = jax.lax.while_loop(keep_going, decode, emit(state, logits))
+    completion_mask = (jnp.arange(steps, dtype=jnp.int32)[None, :] < state.lengths[:, None]).astype(jnp.int32)
+    return Completions(
+        completion_ids=state.completion_ids,
+        completion_logps=state.completion_logps,
+        completion_mask=constrain(completion_mask, BATCH_AXES, None),
+        lengths=state.lengths,
+        finished=state.done,
+        num_steps=state.step,
+    )
+
+
+def _sample_token(logits: jax.Array, key: jax.Array, options: _Options) -> tuple[jax.Array, jax.Array]:
+    """One token per row from `logits` `[batch, vocab]` and its log-prob under `softmax(logits / temperature)`
+    (before truncation): `(token [batch] int32, logp [batch] float32)`."""
+    logits = logits.astype(jnp.float32)
+    scaled = logits / options.temperature if options.temperature != 1.0 else logits
+    # One max shared by the argmax and the normaliser: on CPU, passes over [batch, vocab] cost more than the
+    # arithmetic (and XLA's (value, index) argmax reduction was 2x slower than max + first index of it).
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    log_normaliser = jnp.log(jnp.sum(jnp.exp(scaled - top), axis=-1))  # logsumexp(scaled) - top
+    if options.greedy:
+        index = jnp.arange(scaled.shape[-1], dtype=jnp.int32)
+        token = jnp.min(jnp.where(scaled == top, index, scaled.shape[-1]), axis=-1)  # first maximum, as argmax
+        return token, -log_normaliser  # scaled[token] == top
+    token = _sample_truncated(scaled, key, options)
+    picked = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
+    return token, picked - top[:, 0] - log_normaliser
+
+
+def _sample_truncated(scaled: jax.Array, key: jax.Array, options: _Options) -> jax.Array:
+    """Sample from `softmax(scaled)` after top-k, top-p and min-p (transformers' order)."""
+    vocab = scaled.shape[-1]
+    if options.top_k is not None and options.top_k < vocab:
+        # Candidates by decreasing logit; top-p and min-p then act on these k (renormalised, as transformers).
+        values, indices = jax.lax.top_k(scaled, options.top_k)  # [batch, top_k]
+        keep = jnp.ones(values.shape, bool)
+        if options.top_p is not None:
+            probs = jax.nn.softmax(values, axis=-1)
+            keep = (jnp.cumsum(probs, axis=-1) - probs) < options.top_p  # the mass before a token is below top_p
+        if options.min_p is not None:
+            keep = keep & (values >= values[:, :1] + math.log(options.min_p))
+        choice = _categorical(key, jnp.where(keep, values, -jnp.inf))
+        return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+    keep = jnp.ones(scaled.shape, bool)
+    if options.top_p is not None:
+        keep = _nucleus(scaled, options.top_p)
+    if options.min_p is not None:
+        keep = keep & (scaled >= jnp.max(scaled, axis=-1, keepdims=True) + math.log(options.min_p))
+    return _categorical(key, jnp.where(keep, scaled, -jnp.inf))
+
+
+def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
+    """Top-p mask `[batch, vocab]`: keep a token when the tokens strictly more likely than it hold less than
+    `top_p` of the probability (so the smallest set of most likely tokens reaching `top_p`; tied tokens are kept
+    together). Without sorting: XLA-CPU sorts `[batch, vocab]` with a comparator call per comparison (about 8 ms
+    for an 8k vocabulary, several decode steps' worth). Instead, bisect for the threshold over the logits' bit
+    patterns as order-preserving int32 keys: 32 passes of a masked sum, exact.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    bits = jax.lax.bitcast_convert_type(logits, jnp.int32)
+    keys = jnp.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as int order (negatives reversed)
+
+    def mass_above(threshold):  # [batch]: probability of the tokens whose key is above threshold [batch]
+        return jnp.sum(jnp.where(keys > threshold[:, None], probs, 0.0), axis=-1)
+
+    def halve(_, bounds):  # invariant: mass_above(low) >= top_p > mass_above(high)
+        low, high = bounds
+        middle = (low & high) + ((low ^ high) >> 1)  # floor((low + high) / 2) without int32 overflow
+        below_p = mass_above(middle) < top_p
+        return jnp.where(below_p, low, middle), jnp.where(below_p, middle, high)
+
+    low = jnp.min(keys, axis=-1) - 1  # everything is above: mass 1
+    high = jnp.max(keys, axis=-1)  # nothing is above: mass 0
+    low, _ = jax.lax.fori_loop(0, 32, halve, (low, high))
+    return keys > low[:, None]
+
+
+def _categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One index per row drawn from `softmax(logits)` `[batch, n]` (-inf: never drawn), int32 `[batch]`.
+
+    Inverts the cumulative distribution with one uniform number per row, in two levels (which block of
+    ~sqrt(n) entries, then which entry in it), so no cumulative sum runs over all n entries.
+    `jax.random.categorical` draws a Gumbel variate per entry instead, which for an 8k vocabulary on CPU took
+    1.4 ms per step, more than the model.
+    """
+    batch, n = logits.shape
+    size = 1 << math.ceil(math.log2(math.sqrt(n))) if n > 1 else 1  # entries per block
+    blocks = -(-n // size)
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised; 0 where -inf
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * size - n))).reshape(batch, blocks, size)
+    block_mass = jnp.sum(probs, axis=-1)  # [batch, blocks]
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    target = (1.0 - jax.random.uniform(key, (batch,))) * block_cdf[:, -1]  # in (0, total mass]
+    block = _first_reaching(block_cdf, target, block_mass)
+    inner = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [batch, size]
+    mass_before = jnp.take_along_axis(block_cdf - block_mass, block[:, None], axis=-1)[:, 0]
+    within = _first_reaching(jnp.cumsum(inner, axis=-1), target - mass_before, inner)
+    return block * size + within
+
+
+def _first_reaching(cdf: jax.Array, target: jax.Array, mass: jax.Array) -> jax.Array:
+    """Per row, the first index whose `cdf` reaches `target`, kept (against rounding) between the first and the
+    last index of positive `mass`, so an entry of zero probability is never chosen."""
+    index = jnp.arange(cdf.shape[-1], dtype=jnp.int32)
+    count = jnp.sum((cdf < target[:, None]).astype(jnp.int32), axis=-1)
+    positive = mass > 0
+    first = jnp.min(jnp.where(positive, index, cdf.shape[-1]), axis=-1)
+    last = jnp.max(jnp.where(positive, index, 0), axis=-1)
+    return jnp.clip(count, first, last)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _options(*, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_token_ids, pad_token_id) -> _Options:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0 (use greedy=True for argmax "
+                         "decoding).")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r} must be None or an integer >= 0 (0 or None: no top-k filter).")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be None or in (0, 1] (1 or None: no nucleus filter).")
+    if min_p is not None and not (isinstance(min_p, int | float) and 0 <= min_p <= 1):
+        raise ValueError(f"min_p={min_p!r} must be None or in [0, 1] (0 or None: no min-p filter).")
+    if eos_token_ids is None:
+        eos = ()
+    elif isinstance(eos_token_ids, int | np.integer):
+        eos = (int(eos_token_ids),)
+    else:
+        eos = tuple(int(i) for i in eos_token_ids)
+    if any(i < 0 for i in eos):
+        raise ValueError(f"eos_token_ids={eos_token_ids!r} must be token ids >= 0.")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int | np.integer) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id={pad_token_id!r} must be a token id >= 0.")
+    return _Options(
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_k=int(top_k) if top_k else None,
+        top_p=float(top_p) if top_p is not None and top_p < 1 else None,
+        min_p=float(min_p) if min_p else None,
+        greedy=bool(greedy),
+        eos_token_ids=eos,
+        pad_token_id=int(pad_token_id),
+    )
+
+
+def _validate_prompts(prompt_ids: Any, prompt_mask: Any, mesh) -> tuple[jax.Array, jax.Array]:
+    if getattr(prompt_ids, "ndim", None) != 2:
+        raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {getattr(prompt_ids, 'shape', None)}.")
+    if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
+        raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}.")
+    if prompt_mask is None:
+        prompt_mask = np.ones(prompt_ids.shape, np.int32)
+    if tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
+        raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)}, prompt_ids {tuple(prompt_ids.shape)}: "
+                         "they must match.")
+    if mesh is not None and prompt_ids.shape[0] % batch_divisor(mesh):
+        raise ValueError(f"The batch has {prompt_ids.shape[0]} rows, which the mesh's data*fsdp="
+                         f"{batch_divisor(mesh)} does not divide: make the batch size a multiple of it.")
+    # Left padding is what lets every row write the same cache slot; check it when the mask is on hand.
+    if not isinstance(prompt_mask, jax.core.Tracer) and getattr(prompt_mask, "is_fully_addressable", True):
+        last = np.asarray(prompt_mask)[:, -1]
+        if not np.all(last == 1):
+            rows = np.flatnonzero(last != 1)[:5].tolist()
+            raise ValueError(f"prompt_mask rows {rows} end in padding: prompts must be left-padded (padding "
+                             "before the prompt), e.g. tokenizer.padding_side = 'left'.")
+    return jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)

@@ -1,0 +1,189 @@
+"""GRPO: batch arithmetic, rollouts, the jitted update (accumulation, mesh, log-probs) and the training loop."""
+
+import json
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxpt import grpo
+from jaxpt.losses.logprobs import token_logps
+from jaxpt.sharding import make_mesh, shard_batch
+from jaxpt.train_state import TrainState
+from tests.helpers import char_tokenizer, tiny_llama
+
+TOKENIZER = char_tokenizer()
+VOCAB = len(TOKENIZER)
+PROMPTS = datasets.Dataset.from_list([{"prompt": p, "tag": i} for i, p in enumerate(["ab", "cde", "f", "ghij"] * 4)])
+
+
+def digits_reward(completions, **kwargs):
+    """Dense toy reward: the fraction of characters that are digits (about 10% for a random policy)."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def config(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,
+                    max_completion_length=8, learning_rate=3e-2, max_steps=4, logging_steps=1, mesh_fsdp=1,
+                    disable_tqdm=True, save_steps=0, save_final_model=False, seed=0)
+    settings.update(overrides)
+    return grpo.GRPOConfig(**settings)
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_generations": 1}, "num_generations=1"),
+    ({"loss_type": "ppo"}, "loss_type='ppo' is not a GRPO loss"),
+    ({"scale_rewards": "z"}, "scale_rewards='z'"),
+    ({"top_entropy_quantile": 0.0}, "top_entropy_quantile=0.0"),
+    ({"generation_batch_size": 16, "steps_per_generation": 2}, "not both"),
+])
+def test_config_validation(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **overrides)
+
+
+def test_rollout_shape_follows_trl_batch_arithmetic(tmp_path):
+    assert grpo.rollout_shape(config(tmp_path), devices=1) == (8, 1, 2)
+    assert grpo.rollout_shape(config(tmp_path, gradient_accumulation_steps=2), devices=2) == (16, 2, 8)
+    assert grpo.rollout_shape(config(tmp_path, generation_batch_size=32), devices=1) == (8, 4, 8)
+    with pytest.raises(ValueError, match="divisible by num_generations=3"):
+        grpo.rollout_shape(config(tmp_path, num_generations=3), devices=1)
+    with pytest.raises(ValueError, match="multiple of gradient_accumulation_steps"):
+        grpo.rollout_shape(config(tmp_path, steps_per_generation=3, gradient_accumulation_steps=2), devices=1)
+
+
+@pytest.fixture(scope="module")
+def rollout_arrays(tmp_path_factory):
+    cfg = config(tmp_path_factory.mktemp("rollout"))
+    state = TrainState.create(tiny_llama(VOCAB), optax.sgd(0.1))
+    prompts = grpo.data.prepare_prompts(PROMPTS, TOKENIZER, method="GRPO")[:4]
+    arrays, metrics, records = grpo.rollout(state, prompts, [digits_reward], TOKENIZER, cfg,
+                                            key=jax.random.key(0), mesh=None, prompt_buckets=[16])
+    return cfg, state, arrays, metrics, records
+
+
+def test_rollout_groups_scores_and_logs(rollout_arrays):
+    cfg, _, arrays, metrics, records = rollout_arrays
+    assert arrays["completion_ids"].shape == (16, 8) and arrays["prompt_ids"].shape == (16, 16)
+    assert records[0]["prompt"] == records[3]["prompt"] == "ab" and records[4]["prompt"] == "cde"
+    advantages = arrays["advantages"].reshape(4, 4)
+    np.testing.assert_allclose(advantages.mean(1), 0.0, atol=1e-5)  # group-centred
+    expected = np.asarray([r["digits_reward"] for r in records]).mean()
+    assert metrics["reward"] == pytest.approx(expected, rel=1e-5)
+    assert {"reward_std", "frac_reward_zero_std", "rewards/digits_reward/mean", "completions/mean_length",
+            "completions/clipped_ratio"} <= set(metrics)
+
+
+def test_training_log_probs_equal_sampler_and_teacher_forced(rollout_arrays):
+    """The update's completion log-probs (chunked, from hidden states) equal the sampler's and a full forward
+    pass's log softmax(logits / temperature) on the completion tokens."""
+    cfg, state, arrays, _, _ = rollout_arrays
+    cfg = cfg.replace(temperature=0.7)
+    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    logps, _ = grpo.completion_logps(state.params, state.graphdef, batch, cfg)
+    ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], -1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["attention_mask"]], -1)
+    logits = state.model()(ids, attention_mask=mask)
+    prompt_length = batch["prompt_ids"].shape[1]
+    expected = token_logps(logits[:, prompt_length - 1:-1], batch["completion_ids"], temperature=0.7)
+    valid = np.asarray(batch["attention_mask"], bool)
+    np.testing.assert_allclose(np.asarray(logps)[valid], np.asarray(expected)[valid], atol=1e-5)
+    # the rollout sampled at temperature 1.0: its log-probs match the same computation at 1.0
+    logps_t1, _ = grpo.completion_logps(state.params, state.graphdef, batch, cfg.replace(temperature=1.0))
+    np.testing.assert_allclose(np.asarray(logps_t1)[valid], arrays["old_logps"][valid], atol=2e-5)
+
+
+def _one_step(cfg, arrays, accumulation, mesh=None):
+    state = TrainState.create(tiny_llama(VOCAB), optax.sgd(1.0), mesh=mesh)
+    step = grpo.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh))
+    batch = {k: v.reshape(accumulation, -1, *v.shape[1:]) for k, v in arrays.items()}
+    state, metrics = step(state, shard_batch(batch, mesh, batch_axis=1))
+    return jax.device_get(metrics), {k: np.asarray(v) for k, v in nnx.to_flat_state(state.params)}
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_accumulation_equals_one_big_batch(rollout_arrays, loss_type):
+    cfg, _, arrays, _, _ = rollout_arrays
+    arrays = dict(arrays)
+    arrays["old_logps"] = arrays["old_logps"] + 0.3 * np.random.RandomState(0).randn(*arrays["old_logps"].shape)
+    cfg = cfg.replace(loss_type=loss_type)
+    metrics_1, params_1 = _one_step(cfg, arrays, 1)
+    metrics_4, params_4 = _one_step(cfg, arrays, 4)
+    for key in ("loss", "grad_norm", "entropy", "clip_ratio/region_mean"):
+        assert metrics_4[key] == pytest.approx(metrics_1[key], rel=1e-4, abs=1e-7), key
+    assert metrics_1["clip_ratio/region_mean"] > 0  # the perturbed old log-probs clip some tokens
+    for name in params_1:
+        np.testing.assert_allclose(params_4[name], params_1[name], atol=1e-6, err_msg=str(name))
+
+
+def test_eight_device_mesh_equals_unsharded(rollout_arrays):
+    cfg, _, arrays, _, _ = rollout_arrays
+    metrics, params = _one_step(cfg, arrays, 1)
+    mesh_metrics, mesh_params = _one_step(cfg, arrays, 1, mesh=make_mesh(data=2, fsdp=2, tensor=2))
+    assert mesh_metrics["loss"] == pytest.approx(metrics["loss"], abs=1e-6)
+    for name in params:
+        np.testing.assert_allclose(mesh_params[name], params[name], atol=1e-6, err_msg=str(name))
+
+
+def test_grpo_raises_the_mean_reward(tmp_path):
+    result = grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, config(tmp_path, max_steps=20),
+                        reward_funcs=[digits_reward])
+    rewards = [r["reward"] for r in result.metrics]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2
+    records = read_metrics(tmp_path)
+    assert {"loss", "grad_norm", "learning_rate", "reward", "reward_std", "rewards/digits_reward/mean",
+            "frac_reward_zero_std", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+            "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
+            "num_tokens"} <= set(records[0])
+
+
+def test_kl_iterations_and_resume(tmp_path, monkeypatch):
+    """beta > 0 (reference log-probs, `kl` logged), two iterations per rollout (off-policy ratios), and a crash
+    after the checkpoint of step 2 resumed to reproduce the uninterrupted run."""
+    cfg = config(tmp_path / "full", beta=0.1, num_iterations=2, max_steps=4)
+    grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, cfg, reward_funcs=[digits_reward])
+    full = read_metrics(tmp_path / "full")
+    assert all(r["kl"] >= 0 for r in full) and full[-1]["kl"] > 0
+    assert full[1]["clip_ratio/region_mean"] >= 0  # the second pass over a rollout is off-policy
+
+    resumed_cfg = cfg.replace(output_dir=str(tmp_path / "resumed"), save_steps=2)
+    real_rollout, calls = grpo.rollout, []
+
+    def crashing_rollout(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "rollout", crashing_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, resumed_cfg, reward_funcs=[digits_reward])
+    monkeypatch.setattr(grpo, "rollout", real_rollout)
+    grpo.train(tiny_llama(VOCAB, seed=7), TOKENIZER, PROMPTS, resumed_cfg.replace(resume_from_checkpoint="latest"),
+               reward_funcs=[digits_reward], ref_model=tiny_llama(VOCAB))
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, full, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
+
+
+def test_bad_reward_functions_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="reward_funcs is empty"):
+        grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, config(tmp_path), reward_funcs=[])
+    with pytest.raises(ValueError, match="Unknown reward function 'nope'"):
+        grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, config(tmp_path), reward_funcs=["nope"])
+    with pytest.raises(ValueError, match="reward_weights has 2 entries for 1"):
+        grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, config(tmp_path, reward_weights=[1.0, 2.0]),
+                   reward_funcs=[digits_reward])
+    with pytest.raises(ValueError, match="GRPO needs a prompt_only"):
+        grpo.train(tiny_llama(VOCAB), TOKENIZER, datasets.Dataset.from_list([{"text": "x"}]), config(tmp_path),
+                   reward_funcs=[digits_reward])

@@ -1,0 +1,91 @@
+"""RLOO: leave-one-out rollouts with the KL penalty, the jitted update and the training loop."""
+
+import json
+
+import datasets
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxpt import rloo
+from jaxpt.train_state import TrainState
+from tests.helpers import char_tokenizer, tiny_llama
+
+TOKENIZER = char_tokenizer()
+VOCAB = len(TOKENIZER)
+PROMPTS = datasets.Dataset.from_list([{"prompt": p} for p in ["ab", "cde", "f", "ghij"] * 4])
+
+
+def digits_reward(completions, **kwargs):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def config(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,
+                    max_completion_length=8, learning_rate=3e-2, max_steps=4, logging_steps=1, mesh_fsdp=1,
+                    disable_tqdm=True, save_steps=0, save_final_model=False, seed=0, beta=0.0)
+    settings.update(overrides)
+    return rloo.RLOOConfig(**settings)
+
+
+def test_rollout_advantages_are_leave_one_out_with_the_kl_penalty(tmp_path):
+    cfg = config(tmp_path, beta=0.5)
+    state = TrainState.create(tiny_llama(VOCAB), optax.sgd(0.1))
+    prompts = rloo.data.prepare_prompts(PROMPTS, TOKENIZER, method="RLOO")[:4]
+    ref_logps = {}
+
+    def fake_reference(arrays):  # a reference that differs from the policy, so the penalty matters
+        ref_logps["value"] = arrays["old_logps"] - 0.1 * arrays["attention_mask"]
+        return ref_logps["value"]
+
+    arrays, metrics, records = rloo.rollout(state, prompts, [digits_reward], TOKENIZER, cfg, key=jax.random.key(1),
+                                            mesh=None, prompt_buckets=[16], ref_logps_fn=fake_reference)
+    rewards = np.asarray([r["digits_reward"] for r in records])
+    kl = ((arrays["old_logps"] - ref_logps["value"]) * arrays["completion_mask"]).sum(-1)
+    penalised = (rewards - 0.5 * kl).reshape(4, 4)
+    baseline = (penalised.sum(1, keepdims=True) - penalised) / 3
+    np.testing.assert_allclose(arrays["advantages"], (penalised - baseline).reshape(-1), rtol=1e-5, atol=1e-6)
+    assert metrics["kl"] == pytest.approx(0.1, rel=1e-5)
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    cfg = config(tmp_path)
+    state = TrainState.create(tiny_llama(VOCAB), optax.sgd(1.0))
+    prompts = rloo.data.prepare_prompts(PROMPTS, TOKENIZER, method="RLOO")[:4]
+    arrays, _, _ = rloo.rollout(state, prompts, [digits_reward], TOKENIZER, cfg, key=jax.random.key(0), mesh=None,
+                                prompt_buckets=[16])
+    arrays["old_logps"] = arrays["old_logps"] + 0.05 * np.random.RandomState(0).randn(*arrays["old_logps"].shape)
+
+    def one_step(accumulation):
+        fresh = TrainState.create(tiny_llama(VOCAB), optax.sgd(1.0))
+        step = rloo.make_train_step(cfg)
+        batch = {k: v.reshape(accumulation, -1, *v.shape[1:]) for k, v in arrays.items()}
+        fresh, metrics = step(fresh, batch)
+        return jax.device_get(metrics), {k: np.asarray(v) for k, v in nnx.to_flat_state(fresh.params)}
+
+    metrics_1, params_1 = one_step(1)
+    metrics_4, params_4 = one_step(4)
+    for key in ("loss", "grad_norm", "entropy", "clip_ratio/region_mean"):
+        assert metrics_4[key] == pytest.approx(metrics_1[key], rel=1e-4, abs=1e-7), key
+    for name in params_1:
+        np.testing.assert_allclose(params_4[name], params_1[name], atol=1e-6, err_msg=str(name))
+
+
+def test_rloo_raises_the_mean_reward_and_logs_trl_metrics(tmp_path):
+    result = rloo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, config(tmp_path, max_steps=20, beta=0.01),
+                        reward_funcs=[digits_reward])
+    rewards = [r["reward"] for r in result.metrics]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "grad_norm", "learning_rate", "reward", "reward_std", "rewards/digits_reward/mean", "kl",
+            "entropy", "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio"} <= set(
+        records[0])
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="num_generations=1"):
+        config(tmp_path, num_generations=1)
+    with pytest.raises(ValueError, match="reward_clip_range"):
+        config(tmp_path, reward_clip_range=[1.0])
