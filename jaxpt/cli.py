@@ -171,6 +171,22 @@ def rloo_command(argv: list[str]) -> int:
     return _online_command(rloo, rloo.RLOOConfig, argv)
 
 
+def demo(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="jaxpt demo", description="SFT then GRPO on a bundled arithmetic task.")
+    parser.add_argument("--output_dir", default="jaxpt_demo", help="where the summary, plot and model go")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sft_steps", type=int, default=700)
+    parser.add_argument("--grpo_steps", type=int, default=400)
+    args = parser.parse_args(argv)
+
+    from jaxpt import demo as demo_module
+
+    demo_module.run(args.output_dir, seed=args.seed, sft_steps=args.sft_steps, grpo_steps=args.grpo_steps)
+    return 0
+
+
 def smoke(argv: list[str]) -> int:
     import argparse
 
@@ -198,7 +214,7 @@ def smoke(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sft": sft_command, "smoke": smoke}
+COMMANDS = {"sft": sft_command, "smoke": smoke, "demo": demo}
 COMMANDS["kto"] = kto_command
 COMMANDS["dpo"] = dpo_command
 COMMANDS["reward"] = reward_command

@@ -51,6 +51,7 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
+from jaxpt.models import set_gradient_checkpointing
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, kto_metric_means
 from jaxpt.losses.logprobs import chunked_token_logps, next_token_targets
@@ -467,6 +468,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     (default: a frozen copy of `model` as passed in, also when resuming): progress bar, `metrics.jsonl`,
     evaluation, orbax checkpoints every `save_steps`, exact resume, and the final model exported in Hugging Face
     format."""
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps

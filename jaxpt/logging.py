@@ -128,10 +128,16 @@ class NonFiniteLossError(FloatingPointError):
                          "step hold finite parameters: lower the learning rate, check the data, or resume from one.")
 
 
+CONSOLE_KEYS = ("step", "epoch", "loss", "grad_norm", "learning_rate", "reward", "kl", "mean_token_accuracy",
+                "rewards/margins", "rewards/accuracies", "accuracy")
+
+
 def _format(record: dict) -> str:
+    """One console line: the main metrics and any evaluation ones (metrics.jsonl has them all)."""
     parts = []
     for key, value in record.items():
-        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+        if key in CONSOLE_KEYS or key.startswith("eval_"):
+            parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
     return " ".join(parts)
 
 

@@ -44,6 +44,7 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
+from jaxpt.models import set_gradient_checkpointing
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.reward import reward_loss
 from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch
@@ -270,6 +271,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     exported in Hugging Face format (`transformers.AutoModelForSequenceClassification` loads it). Pairs are
     shuffled every epoch (seeded), as TRL's Trainer does."""
     check_reward_model(model)
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps

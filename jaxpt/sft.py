@@ -28,6 +28,7 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
+from jaxpt.models import set_gradient_checkpointing
 from jaxpt.losses.logprobs import next_token_targets
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.sft import SFT_LOSS_TYPES, sft_loss_from_hidden
@@ -318,6 +319,7 @@ def _jit_step(step, mesh, state_sharding):
 def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_dataset=None) -> loop.TrainResult:
     """Fine-tune `model` on `dataset` (TRL SFT format): progress bar, `metrics.jsonl`, evaluation, orbax
     checkpoints every `save_steps`, exact resume, and the final model exported in Hugging Face format."""
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps

@@ -31,7 +31,8 @@ FAMILIES = {
     "gemma3_text": gemma,
 }
 
-__all__ = ["from_pretrained", "save_pretrained", "from_config", "load_hf_config", "FAMILIES", "param_names"]
+__all__ = ["from_pretrained", "save_pretrained", "from_config", "load_hf_config", "FAMILIES", "param_names",
+           "set_gradient_checkpointing"]
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
@@ -93,6 +94,16 @@ def from_config(
     return family.SEQUENCE_CLASSIFICATION[hf_config.model_type](
         config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
+
+
+def set_gradient_checkpointing(model: nnx.Module, enabled: bool = True) -> nnx.Module:
+    """Rematerialise every decoder layer in the backward pass (`jax.checkpoint`), or stop doing so. Set it before
+    `TrainState.create` / jitting: it is part of the model's static structure. Returns the model."""
+    backbone = getattr(model, "model", None)
+    if backbone is None or not hasattr(backbone, "gradient_checkpointing"):
+        raise ValueError(f"{type(model).__name__} has no decoder stack to checkpoint.")
+    backbone.gradient_checkpointing = bool(enabled)
+    return model
 
 
 def param_names(model: nnx.Module) -> list[str]:

@@ -34,6 +34,7 @@ from jaxpt.models.layers import (
     activation,
     apply_rope,
     attention,
+    call_layer,
     begin_decode,
     begin_prefill,
     cached_attention,
@@ -273,6 +274,7 @@ class GemmaModel(nnx.Module):
              for layer_type in config.layer_types]
         )
         self.norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.gradient_checkpointing = False  # see jaxpt.models.set_gradient_checkpointing
 
     def __call__(
         self,
@@ -288,7 +290,7 @@ class GemmaModel(nnx.Module):
         rope = self.rope_by_layer_type(positions)
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
         for layer, layer_type in zip(self.layers, self.config.layer_types, strict=True):
-            x = layer(x, *rope[layer_type], segments)
+            x = call_layer(layer, x, *rope[layer_type], segments, remat=self.gradient_checkpointing)
         return self.norm(x)
 
     def call_with_cache(

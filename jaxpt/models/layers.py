@@ -635,6 +635,16 @@ def _attention_over_cache(query, cache, step, scale, sliding_window, logit_softc
 # --------------------------------------------------------------------------------------------------------------
 
 
+def call_layer(layer: nnx.Module, *args, remat: bool = False):
+    """`layer(*args)`, or with gradient checkpointing (`remat`): its activations are recomputed in the backward
+    pass instead of kept, trading about a third more compute for memory linear in the number of layers."""
+    if not remat:
+        return layer(*args)
+    return nnx.remat(lambda module, *inputs: module(*inputs))(layer, *args)
+
+# --------------------------------------------------------------------------------------------------------------
+
+
 def dtype_from_name(name: str | None):
     """`"bfloat16"` / `"float32"` / a torch-style `"torch.float16"` -> a jnp dtype (None stays None)."""
     if name is None:

@@ -27,6 +27,7 @@ from jaxpt.models.layers import (
     activation,
     apply_rope,
     attention,
+    call_layer,
     begin_decode,
     begin_prefill,
     cached_attention,
@@ -207,6 +208,7 @@ class Qwen2Model(nnx.Module):
              for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.gradient_checkpointing = False  # see jaxpt.models.set_gradient_checkpointing
 
     def __call__(
         self,
@@ -222,7 +224,7 @@ class Qwen2Model(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.config.rope)  # [batch, seq, head_dim]
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
         for layer in self.layers:
-            x = layer(x, cos, sin, segments)
+            x = call_layer(layer, x, cos, sin, segments, remat=self.gradient_checkpointing)
         return self.norm(x)
 
     def call_with_cache(
