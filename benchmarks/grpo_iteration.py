@@ -21,7 +21,10 @@ jitted train step, waited for; TRL's is the wall time between `on_step_begin` an
 `TrainerCallback` around `trainer.train()` steps (generation with `transformers` `generate`, rewards,
 advantages, forward/backward and the optimizer step; logging happens after `on_step_end`). The first `--warmup`
 iterations of each side are excluded (jaxpt compiles there). Prints each side's median seconds per iteration,
-completions/s, the ratio of throughputs jaxpt / TRL (> 1: jaxpt faster), and one JSON line.
+completions/s, the ratio of throughputs jaxpt / TRL (> 1: jaxpt faster), and one JSON line. Also reported: the
+median rollout part of an iteration (jaxpt: `grpo.rollout`; TRL: `_generate_and_score_completions`, timed by
+wrapping it; the rest is the update), the mean completion length over all iterations, and the first iteration's
+mean reward and token entropy (a check that both sides run the same model: the entropies should agree).
 
     python benchmarks/grpo_iteration.py
     python benchmarks/grpo_iteration.py --steps 5 --num_generations 4 --max_completion_length 128
@@ -124,10 +127,11 @@ def main():
     for side, (seconds, stats) in sides.items():
         median = statistics.median(seconds)
         print(f"{side:5s}: {median:7.3f} s/iteration  {completions / median:7.1f} completions/s  "
-              f"(mean completion length {stats['mean_length']:.1f}, first-iteration reward "
-              f"{stats['reward']:.4f}, entropy {stats['entropy']:.4f})")
+              f"(median rollout {stats['rollout_s']:.3f} s; mean completion length {stats['mean_length']:.1f}; "
+              f"first-iteration reward {stats['reward']:.4f}, entropy {stats['entropy']:.4f})")
         result.update({f"{side}_s_per_iteration": round(median, 4),
                        f"{side}_completions_per_s": round(completions / median, 2),
+                       f"{side}_rollout_s": round(stats["rollout_s"], 4),
                        f"{side}_mean_completion_length": round(stats["mean_length"], 2),
                        f"{side}_first_reward": round(stats["reward"], 4),
                        f"{side}_first_entropy": round(stats["entropy"], 4),
@@ -170,22 +174,24 @@ def time_jaxpt(args, checkpoint, tokenizer, dataset):
     train_step = grpo.make_train_step(config)
     prompts = data.prepare_prompts(dataset, tokenizer, method="GRPO")
     key = jax.random.key(config.seed)
-    seconds, stats = [], None
+    seconds, rollout_seconds, lengths, stats = [], [], [], None
     for i in range(total):
         start = time.perf_counter()
         arrays, metrics, _ = grpo.rollout(state, prompts[i * args.prompts:(i + 1) * args.prompts], [vowel_reward],
                                           tokenizer, config, key=jax.random.fold_in(key, i), mesh=None,
                                           prompt_buckets=[args.prompt_len])
+        rollout_done = time.perf_counter()  # rollout returns numpy arrays: the sampling has finished
         del arrays["old_logps"]  # on-policy (one step per rollout): ratio 1, as grpo.train does
         batch = {k: v.reshape(1, micro_batch, *v.shape[1:]) for k, v in arrays.items()}
         state, step_metrics = train_step(state, shard_batch(batch, None, batch_axis=1))
         entropy = float(jax.block_until_ready(step_metrics["entropy"]))
         if i >= args.warmup:
             seconds.append(time.perf_counter() - start)
+            rollout_seconds.append(rollout_done - start)
         if stats is None:
-            stats = {"mean_length": metrics["completions/mean_length"], "reward": metrics["reward"],
-                     "entropy": entropy}
-        stats["mean_length"] = min(stats["mean_length"], metrics["completions/mean_length"])
+            stats = {"reward": metrics["reward"], "entropy": entropy}
+        lengths.append(metrics["completions/mean_length"])
+    stats.update(mean_length=statistics.mean(lengths), rollout_s=statistics.median(rollout_seconds))
     return seconds, stats
 
 
@@ -209,6 +215,10 @@ def time_trl(args, checkpoint, tokenizer, dataset):
             self.seconds.append(time.perf_counter() - self.started)
 
     time.sleep(1.0)  # let the JAX thread pool go quiet before torch runs on the same cores
+    # No activation checkpointing (TRL's GRPO default is on); transformers 5 renamed the field.
+    no_checkpointing = ({"activation_checkpointing": False}
+                        if "activation_checkpointing" in transformers.TrainingArguments.__dataclass_fields__
+                        else {"gradient_checkpointing": False})
     timer = StepTimer()
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory(prefix="jaxpt_grpo_trl_") as output_dir:
@@ -216,18 +226,31 @@ def time_trl(args, checkpoint, tokenizer, dataset):
             output_dir=output_dir, per_device_train_batch_size=args.prompts * args.num_generations,
             num_generations=args.num_generations, max_completion_length=args.max_completion_length, temperature=1.0,
             beta=0.0, loss_type="dapo", steps_per_generation=1, gradient_accumulation_steps=1, num_iterations=1,
-            max_steps=total, bf16=False, gradient_checkpointing=False, use_vllm=False, report_to="none",
+            max_steps=total, bf16=False, use_vllm=False, report_to="none", **no_checkpointing,
             use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
             shuffle_dataset=False,
         )
         trainer = trl.GRPOTrainer(model=checkpoint, reward_funcs=[vowel_reward], args=config, train_dataset=dataset,
                                   processing_class=tokenizer, callbacks=[timer])
-        assert trainer.model.dtype == torch.float32
+        assert trainer.model.dtype == torch.float32 and not trainer.args.gradient_checkpointing
+        trainer.remove_callback(transformers.PrinterCallback)  # no per-step log dicts on stdout
+        rollout_seconds = []
+        generate_and_score = trainer._generate_and_score_completions
+
+        def timed_generate_and_score(*a, **kw):  # sampling, rewards, advantages: what jaxpt's rollout does
+            start = time.perf_counter()
+            out = generate_and_score(*a, **kw)
+            rollout_seconds.append(time.perf_counter() - start)
+            return out
+
+        trainer._generate_and_score_completions = timed_generate_and_score
         trainer.train()
     logs = [record for record in trainer.state.log_history if "completions/mean_length" in record]
     assert len(logs) == total and len(timer.seconds) == total, (len(logs), len(timer.seconds))
-    stats = {"mean_length": min(record["completions/mean_length"] for record in logs), "reward": logs[0]["reward"],
-             "entropy": logs[0]["entropy"]}
+    stats = {"mean_length": statistics.mean(record["completions/mean_length"] for record in logs),
+             "reward": logs[0]["reward"],
+             "entropy": logs[0]["entropy"], "rollout_s": statistics.median(rollout_seconds[args.warmup:])}
+    assert len(rollout_seconds) == total, len(rollout_seconds)
     return timer.seconds[args.warmup:], stats
 
 

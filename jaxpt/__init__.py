@@ -1,3 +1,15 @@
-"""jaxpt: post-training for language models in pure JAX (SFT, DPO, reward modelling, KTO, GRPO, RLOO)."""
+"""jaxpt: post-training for language models in pure JAX (SFT, DPO, reward modelling, KTO, GRPO, RLOO).
+
+Stable surface: `jaxpt.models` (from_pretrained / save_pretrained), `jaxpt.losses` (pure losses), one module
+per method (`jaxpt.sft`, `jaxpt.dpo`, `jaxpt.reward`, `jaxpt.kto`, `jaxpt.grpo`, `jaxpt.rloo`: config, data,
+`make_train_step`, `train`), `jaxpt.TrainState`, `jaxpt.sharding`, `jaxpt.sampling`, `jaxpt.rewards`.
+New methods land in `jaxpt.experimental` without a stability promise.
+"""
+
+from jaxpt import dpo, grpo, kto, losses, models, reward, rewards, rloo, sampling, sft, sharding
+from jaxpt.train_state import TrainState, make_optimizer
 
 __version__ = "0.1.0"
+
+__all__ = ["TrainState", "dpo", "grpo", "kto", "losses", "make_optimizer", "models", "reward", "rewards", "rloo",
+           "sampling", "sft", "sharding"]
