@@ -61,7 +61,7 @@ from jaxpt.sharding import (
     shard_batch,
     tree_shardings,
 )
-from jaxpt.train_state import TrainState, make_optimizer
+from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
 
@@ -349,7 +349,8 @@ def make_train_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None,
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
 
-    return _jit_step(step, config, mesh, state_sharding, train=True)
+    return jit_step(step, mesh=mesh, state_sharding=state_sharding,
+                    extra_in_shardings=(_ref_sharding(config, state_sharding),))
 
 
 def make_eval_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
@@ -369,24 +370,15 @@ def make_eval_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None, 
         metrics.update({f"num_{key}": value for key, value in totals.items()})
         return metrics
 
-    return _jit_step(eval_step, config, mesh, state_sharding, train=False)
+    return jit_step(eval_step, mesh=mesh, state_sharding=state_sharding, train=False,
+                    extra_in_shardings=(_ref_sharding(config, state_sharding),))
 
 
-def _jit_step(step, config, mesh, state_sharding, *, train: bool):
-    donate = (0,) if train else ()
-    if mesh is None:
-        return jax.jit(step, donate_argnums=donate)
-    if state_sharding is None:
-        raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
-    ref_sharding = None if config.precompute_ref_log_probs else state_sharding.params
-
-    def step_in_mesh(state, batch, ref_params):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, batch, ref_params)
-
-    out_shardings = (state_sharding, replicated(mesh)) if train else replicated(mesh)
-    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1), ref_sharding),
-                   out_shardings=out_shardings, donate_argnums=donate)
+def _ref_sharding(config: DPOConfig, state_sharding):
+    """Reference parameters are laid out like the policy's; with precomputed reference log-probs there are none."""
+    if config.precompute_ref_log_probs or state_sharding is None:
+        return None
+    return state_sharding.params
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -460,7 +452,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     parameters come from the checkpoint."""
     if ref_model is model:
         raise ValueError("ref_model is the policy itself: leave ref_model=None for a frozen copy of the initial model.")
-    set_gradient_checkpointing(model, config.gradient_checkpointing)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -483,6 +474,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
                                                  pad_token_id=pad_id, batch_size=config.precompute_ref_batch_size
                                                  or config.per_device_eval_batch_size)
     tx, schedule = make_optimizer(config, total_steps)
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     ref_params = None if config.precompute_ref_log_probs else reference_params(state, ref_model, mesh)
     state_sharding = state.shardings(mesh)

@@ -57,7 +57,7 @@ from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, kto_metr
 from jaxpt.losses.logprobs import chunked_token_logps, next_token_targets
 from jaxpt.sharding import (batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch,
                             tree_shardings)
-from jaxpt.train_state import TrainState, make_optimizer
+from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
 
@@ -362,7 +362,7 @@ def make_train_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None,
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
 
-    return _jit_step(step, mesh, state_sharding, ref_sharding, donate=True)
+    return jit_step(step, mesh=mesh, state_sharding=state_sharding, extra_in_shardings=(ref_sharding,))
 
 
 def make_eval_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
@@ -384,23 +384,8 @@ def make_eval_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None, 
         metrics["num_examples"] = jnp.sum(_is_example(batch))
         return metrics
 
-    return _jit_step(eval_step, mesh, state_sharding, ref_sharding, donate=False)
-
-
-def _jit_step(step, mesh, state_sharding, ref_sharding, *, donate: bool):
-    donate_argnums = (0,) if donate else ()
-    if mesh is None:
-        return jax.jit(step, donate_argnums=donate_argnums)
-    if state_sharding is None:
-        raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
-
-    def step_in_mesh(state, batch, ref_params=None):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, batch, ref_params)
-
-    out_shardings = (state_sharding, replicated(mesh)) if donate else replicated(mesh)
-    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1), ref_sharding),
-                   out_shardings=out_shardings, donate_argnums=donate_argnums)
+    return jit_step(eval_step, mesh=mesh, state_sharding=state_sharding, train=False,
+                    extra_in_shardings=(ref_sharding,))
 
 
 def reference_params(model: nnx.Module, mesh: jax.sharding.Mesh | None = None, *,
@@ -468,7 +453,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     (default: a frozen copy of `model` as passed in, also when resuming): progress bar, `metrics.jsonl`,
     evaluation, orbax checkpoints every `save_steps`, exact resume, and the final model exported in Hugging Face
     format."""
-    set_gradient_checkpointing(model, config.gradient_checkpointing)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -506,6 +490,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
         ref_params = None  # the reference is no longer needed: free it
 
     tx, schedule = make_optimizer(config, total_steps)
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
     step_args = dict(mesh=mesh, state_sharding=state_sharding, ref_graphdef=ref_graphdef,

@@ -47,8 +47,8 @@ from jaxpt.config import TrainingConfig
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.reward import reward_loss
-from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch
-from jaxpt.train_state import TrainState, make_optimizer
+from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
+from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
 
@@ -222,7 +222,7 @@ def make_train_step(config: RewardConfig, *, mesh: jax.sharding.Mesh | None = No
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
 
-    return _jit_step(step, mesh, state_sharding)
+    return jit_step(step, mesh=mesh, state_sharding=state_sharding)
 
 
 def make_eval_step(config: RewardConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
@@ -240,24 +240,7 @@ def make_eval_step(config: RewardConfig, *, mesh: jax.sharding.Mesh | None = Non
                                     center_rewards_coefficient=config.center_rewards_coefficient)
         return {"loss": loss, **metrics, "chosen_rewards": chosen, "rejected_rewards": rejected}
 
-    if mesh is None:
-        return jax.jit(eval_step)
-    return jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1)),
-                   out_shardings=replicated(mesh))
-
-
-def _jit_step(step, mesh, state_sharding):
-    if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    if state_sharding is None:
-        raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
-
-    def step_in_mesh(state, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, batch)
-
-    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1)),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+    return jit_step(eval_step, mesh=mesh, state_sharding=state_sharding, train=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,7 +254,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     exported in Hugging Face format (`transformers.AutoModelForSequenceClassification` loads it). Pairs are
     shuffled every epoch (seeded), as TRL's Trainer does."""
     check_reward_model(model)
-    set_gradient_checkpointing(model, config.gradient_checkpointing)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -290,6 +272,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
                        "tokenizer a distinct pad token.")
 
     tx, schedule = make_optimizer(config, total_steps)
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)

@@ -36,12 +36,17 @@ from jaxpt.config import TrainingConfig
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.grpo import reward_metrics
-from jaxpt.losses.logprobs import chunked_token_logps
 from jaxpt.losses.rloo import rloo_advantages, rloo_loss
 from jaxpt.rewards import resolve_reward_function
-from jaxpt.rollout import append_jsonl, completion_metrics, sample_and_score
-from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch
-from jaxpt.train_state import TrainState, make_optimizer
+from jaxpt.rollout import (
+    append_jsonl,
+    completion_logps,
+    completion_metrics,
+    make_ref_logps_fn,
+    sample_and_score,
+)
+from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
+from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
 
@@ -161,25 +166,11 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
 # --------------------------------------------------------------------------------------------------------------
 
 
-def completion_logps(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: RLOOConfig):
-    """Per-token log-probs and entropies `[batch, completion_len]` of the completion tokens under
-    `softmax(logits / temperature)`, from the final hidden states in chunks (never full logits)."""
-    model = nnx.merge(graphdef, params)
-    prompt_length = batch["prompt_ids"].shape[-1]
-    completion_length = batch["completion_ids"].shape[-1]
-    input_ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=-1)
-    attention_mask = jnp.concatenate([batch["prompt_mask"], batch["attention_mask"]], axis=-1)
-    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)
-    predicting = hidden[:, prompt_length - 1: prompt_length + completion_length - 1]  # positions that predict them
-    return chunked_token_logps(predicting, model.lm_head_weight(), batch["completion_ids"],
-                               chunk_size=config.logits_chunk_size, logit_softcap=model.final_logit_softcap,
-                               temperature=config.temperature, return_entropy=True)
-
-
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: RLOOConfig, totals: dict):
     """Loss of one micro-batch, normalised by the whole step's sequences; metric sums weighted by sequences
     (entropy by completion tokens), divided in the step."""
-    logps, entropy = completion_logps(params, graphdef, batch, config)
+    logps, entropy = completion_logps(params, graphdef, batch, temperature=config.temperature,
+                                      chunk_size=config.logits_chunk_size)
     mask = batch["completion_mask"].astype(jnp.float32)
     loss, metrics = rloo_loss(logps, batch.get("old_logps"), batch["advantages"], mask, epsilon=config.epsilon,
                               epsilon_high=config.epsilon_high, num_sequences=totals["sequences"])
@@ -212,36 +203,7 @@ def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
 
-    if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    if state_sharding is None:
-        raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
-
-    def step_in_mesh(state, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, batch)
-
-    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1)),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
-
-
-def make_ref_logps_fn(ref_params: nnx.State, graphdef: nnx.GraphDef, config: RLOOConfig, *, micro_batch: int,
-                      mesh=None) -> Callable[[dict], np.ndarray]:
-    """Reference per-token log-probs of a rollout, computed micro-batch by micro-batch (jitted, no gradient)."""
-
-    @jax.jit
-    def compute(params, batch):
-        return completion_logps(params, graphdef, batch, config)[0]
-
-    def ref_logps(arrays: dict) -> np.ndarray:
-        keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")
-        out = []
-        for start in range(0, len(arrays["prompt_ids"]), micro_batch):
-            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh)
-            out.append(np.asarray(jax.device_get(compute(ref_params, batch))))
-        return np.concatenate(out)
-
-    return ref_logps
+    return jit_step(step, mesh=mesh, state_sharding=state_sharding)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,7 +223,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
         raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {len(reward_funcs)} reward "
                          "functions.")
-    set_gradient_checkpointing(model, config.gradient_checkpointing)
     mesh = mesh_from_config(config)
     micro_batch, steps_per_generation, prompts_per_rollout = rollout_shape(config, batch_divisor(mesh))
     accumulation = config.gradient_accumulation_steps
@@ -277,12 +238,14 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
 
     tx, schedule = make_optimizer(config, total_steps)
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
     ref_logps_fn = None
     if config.beta != 0.0:
         reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else jax.tree.map(jnp.copy, state.params)
-        ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, config, micro_batch=micro_batch, mesh=mesh)
+        ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
+                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)

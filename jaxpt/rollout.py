@@ -1,5 +1,6 @@
-"""What GRPO and RLOO share before their advantages: sample `num_generations` completions per prompt with the
-training parameters, decode them, and score them with the reward functions.
+"""What GRPO and RLOO share: sample `num_generations` completions per prompt with the training parameters,
+decode and score them (`sample_and_score`), and the completion log-probs the updates train on
+(`completion_logps`, and `make_ref_logps_fn` for the reference model's).
 
 `sample_and_score` returns numpy arrays, grouped contiguously (`num_generations` rows per prompt):
 `prompt_ids`/`prompt_mask` `[n, prompt_bucket]` (left-padded), `completion_ids`/`attention_mask` `[n,
@@ -16,11 +17,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpt import data
+from jaxpt.losses.logprobs import chunked_token_logps
 from jaxpt.rewards import reward_function_name, score_completions
 from jaxpt.sampling import generate
+from jaxpt.sharding import shard_batch
 
 
 @dataclasses.dataclass
@@ -68,6 +72,43 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
               "attention_mask": np.asarray(attention_mask, np.int32), "old_logps": np.asarray(old_logps)}
     return Rollout(arrays, rewards, tuple(reward_function_name(f) for f in reward_funcs), prompt_texts, completions,
                    np.asarray(lengths), np.asarray(finished))
+
+
+def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk_size: int = 1024):
+    """Per-token log-probs and entropies `[batch, completion_len]` of the completion tokens under
+    `softmax(logits / temperature)` (what the update trains on), from the final hidden states in chunks (never
+    full logits). `batch`: `prompt_ids`/`prompt_mask` (left-padded) and `completion_ids`/`attention_mask`."""
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    prompt_length = batch["prompt_ids"].shape[-1]
+    completion_length = batch["completion_ids"].shape[-1]
+    input_ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=-1)
+    attention_mask = jnp.concatenate([batch["prompt_mask"], batch["attention_mask"]], axis=-1)
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)
+    predicting = hidden[:, prompt_length - 1: prompt_length + completion_length - 1]  # positions that predict them
+    return chunked_token_logps(predicting, model.lm_head_weight(), batch["completion_ids"], chunk_size=chunk_size,
+                               logit_softcap=model.final_logit_softcap, temperature=temperature,
+                               return_entropy=True)
+
+
+def make_ref_logps_fn(ref_params, graphdef, *, temperature: float, chunk_size: int, micro_batch: int,
+                      mesh=None) -> Callable[[dict], np.ndarray]:
+    """Reference per-token log-probs of a rollout's arrays, micro-batch by micro-batch (jitted, no gradient)."""
+
+    @jax.jit
+    def compute(params, batch):
+        return completion_logps(params, graphdef, batch, temperature=temperature, chunk_size=chunk_size)[0]
+
+    def ref_logps(arrays: dict) -> np.ndarray:
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")
+        out = []
+        for start in range(0, len(arrays["prompt_ids"]), micro_batch):
+            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh)
+            out.append(np.asarray(jax.device_get(compute(ref_params, batch))))
+        return np.concatenate(out)
+
+    return ref_logps
 
 
 def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict[str, float]:

@@ -32,8 +32,8 @@ from jaxpt.models import set_gradient_checkpointing
 from jaxpt.losses.logprobs import next_token_targets
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.sft import SFT_LOSS_TYPES, sft_loss_from_hidden
-from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch
-from jaxpt.train_state import TrainState, make_optimizer
+from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
+from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
 
@@ -267,7 +267,7 @@ def make_train_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None,
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
 
-    return _jit_step(step, mesh, state_sharding)
+    return jit_step(step, mesh=mesh, state_sharding=state_sharding)
 
 
 def _targets_mask_all(batch: dict) -> jax.Array:
@@ -291,24 +291,7 @@ def make_eval_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None, 
         metrics["num_loss_tokens"] = jnp.sum(_targets_mask_all(batch))
         return metrics
 
-    if mesh is None:
-        return jax.jit(eval_step)
-    return jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1)),
-                   out_shardings=replicated(mesh))
-
-
-def _jit_step(step, mesh, state_sharding):
-    if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    if state_sharding is None:
-        raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
-
-    def step_in_mesh(state, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, batch)
-
-    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1)),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+    return jit_step(eval_step, mesh=mesh, state_sharding=state_sharding, train=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -319,7 +302,6 @@ def _jit_step(step, mesh, state_sharding):
 def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_dataset=None) -> loop.TrainResult:
     """Fine-tune `model` on `dataset` (TRL SFT format): progress bar, `metrics.jsonl`, evaluation, orbax
     checkpoints every `save_steps`, exact resume, and the final model exported in Hugging Face format."""
-    set_gradient_checkpointing(model, config.gradient_checkpointing)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -334,6 +316,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     tx, schedule = make_optimizer(config, total_steps)
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpt.sharding import PartitionRules, path_name, replicated, tree_shardings
+from jaxpt.sharding import PartitionRules, batch_sharding, path_name, replicated, tree_shardings
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -142,6 +142,32 @@ def make_optimizer(config, num_training_steps: int) -> tuple[optax.GradientTrans
     if config.max_grad_norm and config.max_grad_norm > 0:
         return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw), schedule
     return adamw, schedule
+
+
+def jit_step(step, *, mesh: jax.sharding.Mesh | None, state_sharding: Any, train: bool = True,
+             extra_in_shardings: tuple = ()):
+    """The `jax.jit` every method's `make_train_step` / `make_eval_step` returns, for
+    `step(state, batch, *extra)` with `batch` arrays shaped `[accumulation, micro_batch, ...]`.
+
+    `train`: returns `(state, metrics)` with the state donated; otherwise only metrics. On a mesh the state
+    keeps `state_sharding`, the micro-batch dimension splits over `("data", "fsdp")`, metrics come back
+    replicated, `extra_in_shardings` place the extra arguments (e.g. reference parameters), and the step is
+    traced inside the mesh's abstract context so the models' activation sharding hints apply.
+    """
+    donate = (0,) if train else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate)
+    if state_sharding is None:
+        raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
+
+    def step_in_mesh(state, batch, *extra):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch, *extra)
+
+    metrics = replicated(mesh)
+    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1),
+                                               *extra_in_shardings),
+                   out_shardings=(state_sharding, metrics) if train else metrics, donate_argnums=donate)
 
 
 def metrics_sharding(mesh: jax.sharding.Mesh | None):

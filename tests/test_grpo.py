@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxpt import grpo
 from jaxpt.losses.logprobs import token_logps
+from jaxpt.rollout import completion_logps
 from jaxpt.sharding import make_mesh, shard_batch
 from jaxpt.train_state import TrainState
 from tests.helpers import char_tokenizer, tiny_llama
@@ -85,10 +86,9 @@ def test_rollout_groups_scores_and_logs(rollout_arrays):
 def test_training_log_probs_equal_sampler_and_teacher_forced(rollout_arrays):
     """The update's completion log-probs (chunked, from hidden states) equal the sampler's and a full forward
     pass's log softmax(logits / temperature) on the completion tokens."""
-    cfg, state, arrays, _, _ = rollout_arrays
-    cfg = cfg.replace(temperature=0.7)
+    _, state, arrays, _, _ = rollout_arrays
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
-    logps, _ = grpo.completion_logps(state.params, state.graphdef, batch, cfg)
+    logps, _ = completion_logps(state.params, state.graphdef, batch, temperature=0.7)
     ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], -1)
     mask = jnp.concatenate([batch["prompt_mask"], batch["attention_mask"]], -1)
     logits = state.model()(ids, attention_mask=mask)
@@ -97,7 +97,7 @@ def test_training_log_probs_equal_sampler_and_teacher_forced(rollout_arrays):
     valid = np.asarray(batch["attention_mask"], bool)
     np.testing.assert_allclose(np.asarray(logps)[valid], np.asarray(expected)[valid], atol=1e-5)
     # the rollout sampled at temperature 1.0: its log-probs match the same computation at 1.0
-    logps_t1, _ = grpo.completion_logps(state.params, state.graphdef, batch, cfg.replace(temperature=1.0))
+    logps_t1, _ = completion_logps(state.params, state.graphdef, batch, temperature=1.0)
     np.testing.assert_allclose(np.asarray(logps_t1)[valid], arrays["old_logps"][valid], atol=2e-5)
 
 
