@@ -118,7 +118,8 @@ def main():
         trl_seconds, trl_stats = (None, None) if args.skip_trl else time_trl(args, checkpoint, tokenizer, dataset)
 
     result = {"benchmark": "grpo_iteration", "device": device_name(), "dtype": "float32",
-              "vocab_size": len(tokenizer), "hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
+              "vocab_size": len(tokenizer), "hidden_size": args.hidden_size,
+              "num_hidden_layers": args.num_hidden_layers,
               "prompts": args.prompts, "num_generations": args.num_generations, "prompt_len": args.prompt_len,
               "max_completion_length": args.max_completion_length, "steps": args.steps, "warmup": args.warmup}
     sides = {"jaxpt": (jax_seconds, jax_stats)}
