@@ -36,9 +36,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+def silu(x: jax.Array) -> jax.Array:
+    """`x * sigmoid(x)` with the sigmoid written as `0.5 * tanh(x / 2) + 0.5`: the same function (to float
+    rounding), but XLA lowers `tanh` without the division `jax.nn.sigmoid` costs; on CPU the MLP's
+    forward+backward ran ~5% faster."""
+    return x * (0.5 * jnp.tanh(0.5 * x) + 0.5)
+
+
 ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+    "silu": silu,
+    "swish": silu,
     "gelu": partial(jax.nn.gelu, approximate=False),
     "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
     "gelu_new": partial(jax.nn.gelu, approximate=True),
@@ -421,8 +428,10 @@ def _attention_forward(q, k, v, segment_ids, options):
         row_max = jnp.max(scores, axis=-1, keepdims=True)
         unnormalised = jnp.exp(scores - row_max)
         row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
-        probs = (unnormalised / row_sum).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v[:, :, k_start:q_end])
+        # normalise the [rows, head_dim] output rather than the [rows, keys] probabilities: one pass fewer
+        out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v[:, :, k_start:q_end],
+                         preferred_element_type=jnp.float32)
+        out = (out / row_sum).astype(v.dtype)
         chunk = q_end - q_start
         outputs.append(out.reshape(batch, kv_heads, groups, chunk, head_dim))
         logsumexps.append((row_max + jnp.log(row_sum)).reshape(batch, kv_heads, groups, chunk))
