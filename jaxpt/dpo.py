@@ -42,7 +42,6 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
-from jaxpt.models import set_gradient_checkpointing
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.dpo import (
     DPO_LOSS_TYPES,
@@ -53,6 +52,7 @@ from jaxpt.losses.dpo import (
     wpo_weights,
 )
 from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_stats, next_token_targets
+from jaxpt.models import set_gradient_checkpointing
 from jaxpt.sharding import (
     batch_divisor,
     batch_sharding,

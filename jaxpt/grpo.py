@@ -35,7 +35,6 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
-from jaxpt.models import set_gradient_checkpointing
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.grpo import (
     GRPO_LOSS_TYPES,
@@ -46,6 +45,7 @@ from jaxpt.losses.grpo import (
     high_entropy_mask,
     reward_metrics,
 )
+from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,

@@ -51,12 +51,11 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
-from jaxpt.models import set_gradient_checkpointing
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, kto_metric_means
 from jaxpt.losses.logprobs import chunked_token_logps, next_token_targets
-from jaxpt.sharding import (batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch,
-                            tree_shardings)
+from jaxpt.models import set_gradient_checkpointing
+from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch, tree_shardings
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")

@@ -44,9 +44,9 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
-from jaxpt.models import set_gradient_checkpointing
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.reward import reward_loss
+from jaxpt.models import set_gradient_checkpointing
 from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
 

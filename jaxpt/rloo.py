@@ -33,10 +33,10 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
-from jaxpt.models import set_gradient_checkpointing
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.grpo import reward_metrics
 from jaxpt.losses.rloo import rloo_advantages, rloo_loss
+from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,

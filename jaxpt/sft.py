@@ -28,10 +28,10 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
-from jaxpt.models import set_gradient_checkpointing
-from jaxpt.losses.logprobs import next_token_targets
 from jaxpt.logging import MetricsLogger
+from jaxpt.losses.logprobs import next_token_targets
 from jaxpt.losses.sft import SFT_LOSS_TYPES, sft_loss_from_hidden
+from jaxpt.models import set_gradient_checkpointing
 from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
 

@@ -12,8 +12,8 @@ import transformers
 from flax import nnx
 
 from jaxpt import sft
-from jaxpt.sharding import make_mesh, shard_batch
 from jaxpt.checkpoint import Checkpointer
+from jaxpt.sharding import make_mesh, shard_batch
 from jaxpt.train_state import TrainState, make_optimizer
 from tests.helpers import arithmetic_texts, char_tokenizer, tiny_llama
 

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+
 def silu(x: jax.Array) -> jax.Array:
     """`x * sigmoid(x)` with the sigmoid written as `0.5 * tanh(x / 2) + 0.5`: the same function (to float
     rounding), but XLA lowers `tanh` without the division `jax.nn.sigmoid` costs; on CPU the MLP's

@@ -6,9 +6,9 @@ is within `TOL` (the DESIGN's 1e-4 bar).
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import torch
-import jax.numpy as jnp
 
 import jaxpt.models
 
