@@ -129,7 +129,14 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, *, batch_axi
 
 def mesh_from_config(config) -> Mesh:
     """The mesh a `TrainingConfig` asks for (`mesh_data`, `mesh_fsdp`, `mesh_tensor`; one may be -1 for the
-    remaining devices). Fixed sizes that need fewer devices than exist use the first ones."""
+    remaining devices). Fixed sizes that need fewer devices than exist use the first ones.
+
+    This is what the batteries-included `train()` loops use, and they feed every process the whole global
+    batch: they run on one host (any number of devices). On several hosts, write the loop with the method's
+    `make_train_step` and give each process its own rows through `shard_batch`."""
+    if jax.process_count() > 1:
+        raise ValueError(f"The train() loops run on one host, but jax.process_count()={jax.process_count()}: on "
+                         "several hosts, call make_train_step yourself and shard_batch each process's own rows.")
     sizes = {"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor}
     devices = jax.devices()
     if -1 not in sizes.values():
