@@ -65,7 +65,7 @@ class SFTConfig(TrainingConfig):
                                                                               "data)."})
     assistant_only_loss: bool = field(default=False, metadata={"help": "Loss on assistant tokens only "
                                                                        "(conversational data; needs a chat template "
-                                                                       "with {% generation %})."})
+                                                                       "with {%% generation %%})."})
     loss_type: str = field(default="nll", metadata={"help": f"One of {SFT_LOSS_TYPES}."})
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing the loss "
                                                                    "from hidden states (memory vs speed)."})

@@ -164,3 +164,11 @@ def test_smoke_command_runs_as_an_installed_script(tmp_path):
     ids = np.arange(1, 9)[None]
     reloaded = jaxpt.models.from_pretrained(tmp_path)
     assert np.isfinite(np.asarray(reloaded(ids))).all()
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "reward", "kto", "grpo", "rloo", "demo", "smoke"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--output_dir" in capsys.readouterr().out
