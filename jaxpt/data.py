@@ -50,6 +50,9 @@ def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", confi
     path = Path(name_or_path).expanduser()
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
     if path.is_file():
+        if split != "train":
+            raise ValueError(f"{path} is one file, so it has only a 'train' split, not {split!r}: put the splits in "
+                             "a directory as train.jsonl / test.jsonl (or set eval_strategy='no').")
         if path.suffix not in builders:
             raise ValueError(f"Cannot read {path}: supported files are {sorted(builders)}.")
         return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")

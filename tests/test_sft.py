@@ -269,3 +269,22 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     like = TrainState.create(tiny_llama(VOCAB), make_optimizer(cfg, 8)[0])
     params = Checkpointer(tmp_path).restore(2, like)[0].params
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(params))
+
+
+def test_load_dataset_files_directories_and_splits(tmp_path):
+    from jaxpt import data
+
+    rows = arithmetic_texts(6)
+    (tmp_path / "one.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert len(data.load_dataset(tmp_path / "one.jsonl")) == 6
+    with pytest.raises(ValueError, match="only a 'train' split, not 'test'"):
+        data.load_dataset(tmp_path / "one.jsonl", split="test")
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (splits / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
+    assert len(data.load_dataset(splits, split="test")) == 2
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert data.load_dataset(tmp_path / "saved")[0] == rows[0]
+    with pytest.raises(FileNotFoundError, match="No dataset file or directory"):
+        data.load_dataset("./missing.jsonl")
