@@ -50,12 +50,12 @@ def main():
         num_key_value_heads=args.num_key_value_heads, max_position_embeddings=max(2048, args.seq_len),
     )
     hf_model = transformers.LlamaForCausalLM(hf_config)
-    checkpoint = tempfile.mkdtemp(prefix="jaxpt_bench_")
-    hf_model.save_pretrained(checkpoint)
     input_ids = np.random.RandomState(0).randint(0, args.vocab_size, (args.batch_size, args.seq_len))
     tokens_per_step = args.batch_size * args.seq_len
 
-    jax_seconds = time_jaxpt(args, checkpoint, input_ids)
+    with tempfile.TemporaryDirectory(prefix="jaxpt_bench_") as checkpoint:
+        hf_model.save_pretrained(checkpoint)
+        jax_seconds = time_jaxpt(args, checkpoint, input_ids)
     torch_seconds = None if args.skip_torch else time_transformers(args, hf_model, input_ids)
 
     jax_tps = tokens_per_step / statistics.median(jax_seconds)
