@@ -136,24 +136,17 @@ def from_pretrained(
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     reader = SafetensorsReader(directory)
     rules = family.PARTITION_RULES
-    fresh = None  # parameters the checkpoint lacks that may be initialised (a new classifier head)
+    init_std = getattr(hf_config, "initializer_range", 0.02)
 
     def load(path, leaf):
-        nonlocal fresh
         name = path_name(path)
         sharding = None
         if mesh is not None:
             sharding = jax.sharding.NamedSharding(mesh, partition_spec(name, leaf.shape, rules, mesh))
-        if name not in reader:
-            if name.startswith("score.") and num_labels is not None:
-                if fresh is None:
-                    fresh = nnx.state(
-                        from_config(hf_config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, seed=seed),
-                        nnx.Param,
-                    )
-                value = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])[path]
-                return jax.device_put(value, sharding) if sharding is not None else value
-            raise AssertionError(name)  # checked above
+        if name not in reader:  # a new classifier head (checked below): normal(0, initializer_range), as HF
+            key = jax.random.fold_in(jax.random.key(seed), len(name))
+            init = jax.jit(lambda: init_std * jax.random.normal(key, leaf.shape, leaf.dtype), out_shardings=sharding)
+            return init()
         if reader.shape(name) != tuple(leaf.shape):
             raise ValueError(
                 f"Tensor {name!r} in {directory} has shape {reader.shape(name)}, the model expects {leaf.shape}."
