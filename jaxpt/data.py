@@ -18,7 +18,6 @@ Everything here is plain Python / numpy on the host; each method turns tokenized
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -341,7 +340,3 @@ def step_indices(num_examples: int, examples_per_step: int, *, seed: int, shuffl
                      else np.arange(num_examples))
         yield epoch, order[position * examples_per_step:(position + 1) * examples_per_step]
         step += 1
-
-
-def save_json(path: str | os.PathLike, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=str))

@@ -168,8 +168,3 @@ def jit_step(step, *, mesh: jax.sharding.Mesh | None, state_sharding: Any, train
     return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1),
                                                *extra_in_shardings),
                    out_shardings=(state_sharding, metrics) if train else metrics, donate_argnums=donate)
-
-
-def metrics_sharding(mesh: jax.sharding.Mesh | None):
-    """Out-sharding for a step's metrics dict: replicated scalars (None without a mesh)."""
-    return None if mesh is None else replicated(mesh)

@@ -273,7 +273,8 @@ def _weighted_nll_chunks(hidden, weight, targets, weights, logit_softcap, temper
         logps = target_logits - lse
         if with_metrics:
             entropy = lse - jnp.sum(probs * logits, axis=-1)
-            is_argmax = (target_logits >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+            # the first maximum, as torch.argmax / TRL's mean_token_accuracy (ties are not hits)
+            is_argmax = (jnp.argmax(logits, axis=-1) == target_chunk).astype(jnp.float32)
         else:
             entropy = is_argmax = jnp.zeros_like(lse)
         token_scale = weight_chunk * jnp.exp(logps) if prob_weighted else weight_chunk

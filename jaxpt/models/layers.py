@@ -655,14 +655,6 @@ def call_layer(layer: nnx.Module, *args, remat: bool = False):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def dtype_from_name(name: str | None):
-    """`"bfloat16"` / `"float32"` / a torch-style `"torch.float16"` -> a jnp dtype (None stays None)."""
-    if name is None:
-        return None
-    name = str(name).replace("torch.", "")
-    return jnp.dtype(name)
-
-
 def last_token_index(attention_mask: jax.Array | None, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
     """Index `[batch]` of the last real token of each row, the token a classifier pools at.
 
