@@ -28,3 +28,12 @@ def test_readme_python_blocks_run(tmp_path):
     finally:
         os.chdir(cwd)
     assert namespace["losses"][-1] < namespace["losses"][0]  # the custom loop example trains
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs exactly the README's install + lint + test command (the second bash block)."""
+    bash_blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    test_command = bash_blocks[1].strip()
+    assert "ruff check ." in test_command and "pytest" in test_command
+    ci_script = (README.parent / ".ci" / "run").read_text()
+    assert test_command in ci_script.splitlines()
