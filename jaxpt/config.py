@@ -25,6 +25,12 @@ LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup", "c
 class TrainingConfig:
     output_dir: str = field(default="runs/jaxpt", metadata={"help": "Where metrics.jsonl, checkpoints and the "
                                                                     "final Hugging Face model are written."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds "
+                                                                        "an earlier run: delete what jaxpt wrote "
+                                                                        "there (checkpoints/, metrics.jsonl, "
+                                                                        "completions.jsonl, final/, tensorboard/) "
+                                                                        "first. Without it, a fresh run into a "
+                                                                        "directory with checkpoints is refused."})
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order and sampling."})
 
     # Batch and schedule
@@ -59,7 +65,9 @@ class TrainingConfig:
     eval_steps: int | None = field(default=None, metadata={"help": "Steps between evaluations (default: "
                                                                    "logging_steps)."})
     save_steps: int = field(default=500, metadata={"help": "Steps between orbax checkpoints (0 disables)."})
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints "
+                                                                         "(None or <= 0: keep all, as "
+                                                                         "transformers)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint directory, or 'latest' "
                                                                                "for the newest in output_dir."})
     report_to: str = field(default="none", metadata={"help": "Extra metric sinks besides metrics.jsonl: 'none', "
@@ -100,6 +108,9 @@ class TrainingConfig:
             raise ValueError(f"eval_strategy={self.eval_strategy!r}; use 'no', 'steps' or 'epoch'.")
         if self.save_steps < 0:
             raise ValueError(f"save_steps={self.save_steps} must be >= 0 (0 disables checkpoints).")
+        if self.overwrite_output_dir and str(self.resume_from_checkpoint).lower() in ("latest", "true"):
+            raise ValueError(f"overwrite_output_dir=True deletes the checkpoints that resume_from_checkpoint="
+                             f"{self.resume_from_checkpoint!r} would resume from: drop one of the two.")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -40,7 +40,6 @@ import optax
 from flax import nnx
 
 from jaxpt import data, loop
-from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.dpo import (
@@ -450,6 +449,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     `precompute_ref_log_probs`, the reference log-probs are computed before the first step and the reference is
     not kept. A resumed run takes the same initial `model` (its copy is the default reference); the trained
     parameters come from the checkpoint."""
+    config.validate()  # again: fields may have been changed since the config was built
+    loop.prepare_output_dir(config)
     if ref_model is model:
         raise ValueError("ref_model is the policy itself: leave ref_model=None for a frozen copy of the initial model.")
     mesh = mesh_from_config(config)
@@ -480,7 +481,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     state_sharding = state.shardings(mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding)
-    checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+    checkpoints = loop.checkpointer(config, method="dpo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,

@@ -33,7 +33,6 @@ import optax
 from flax import nnx
 
 from jaxpt import data, loop
-from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.grpo import (
@@ -241,6 +240,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     progress bar, `metrics.jsonl` with TRL's names, evaluation (sampled rewards on `eval_dataset`), orbax
     checkpoints at rollout boundaries, exact resume, HF export. `reward_funcs`: callables with TRL's signature,
     names from `jaxpt.rewards.REWARD_FUNCTIONS`, or `jaxpt.rewards.model_reward(...)`."""
+    config.validate()  # again: fields may have been changed since the config was built
+    loop.prepare_output_dir(config)
     reward_funcs = [resolve_reward_function(f) for f in reward_funcs]
     if not reward_funcs:
         raise ValueError("reward_funcs is empty: GRPO needs at least one reward function.")
@@ -271,7 +272,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
                                          chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
-    checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+    checkpoints = loop.checkpointer(config, method="grpo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "

@@ -49,7 +49,6 @@ import optax
 from flax import nnx
 
 from jaxpt import data, loop
-from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, kto_metric_means
@@ -452,6 +451,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     (default: a frozen copy of `model` as passed in, also when resuming): progress bar, `metrics.jsonl`,
     evaluation, orbax checkpoints every `save_steps`, exact resume, and the final model exported in Hugging Face
     format."""
+    config.validate()  # again: fields may have been changed since the config was built
+    loop.prepare_output_dir(config)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -496,7 +497,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
                      ref_sharding=ref_sharding if ref_params is not None else None)
     train_step = make_train_step(config, **step_args)
     eval_step = make_eval_step(config, **step_args)
-    checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+    checkpoints = loop.checkpointer(config, method="kto", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,

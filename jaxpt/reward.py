@@ -42,7 +42,6 @@ import optax
 from flax import nnx
 
 from jaxpt import data, loop
-from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.reward import reward_loss
@@ -253,6 +252,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     bar, `metrics.jsonl`, evaluation, orbax checkpoints every `save_steps`, exact resume, and the final classifier
     exported in Hugging Face format (`transformers.AutoModelForSequenceClassification` loads it). Pairs are
     shuffled every epoch (seeded), as TRL's Trainer does."""
+    config.validate()  # again: fields may have been changed since the config was built
+    loop.prepare_output_dir(config)
     check_reward_model(model)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
@@ -277,7 +278,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     state_sharding = state.shardings(mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding)
-    checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+    checkpoints = loop.checkpointer(config, method="reward", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,

@@ -26,7 +26,6 @@ import optax
 from flax import nnx
 
 from jaxpt import data, loop
-from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.logprobs import next_token_targets
@@ -302,6 +301,8 @@ def make_eval_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None, 
 def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_dataset=None) -> loop.TrainResult:
     """Fine-tune `model` on `dataset` (TRL SFT format): progress bar, `metrics.jsonl`, evaluation, orbax
     checkpoints every `save_steps`, exact resume, and the final model exported in Hugging Face format."""
+    config.validate()  # again: fields may have been changed since the config was built
+    loop.prepare_output_dir(config)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -321,7 +322,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     state_sharding = state.shardings(mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding)
-    checkpoints = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+    checkpoints = loop.checkpointer(config, method="sft", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,

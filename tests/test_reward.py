@@ -262,8 +262,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
                  interrupted.replace(resume_from_checkpoint="latest"))
     expected = read_metrics(tmp_path / "full")
     resumed = read_metrics(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 3, 4, 5]  # step 3 ran, was lost, and ran again
-    resumed = resumed[:2] + resumed[3:]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]  # step 3 ran, was lost, ran again and is logged once
     for key in ("loss", "accuracy", "margin", "num_tokens"):
         assert [r[key] for r in resumed] == pytest.approx([r[key] for r in expected], rel=1e-6), key
 
