@@ -23,28 +23,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpt.models.attention import attention, positions_from_mask, segments_from_inputs
+from jaxpt.models.kv_cache import CacheStep, KVCache, LayerCache, begin_decode, begin_prefill, cached_attention
 from jaxpt.models.layers import (
     BATCH_AXES,
-    CacheStep,
     Embed,
-    KVCache,
-    LayerCache,
     Linear,
-    RopeConfig,
     activation,
-    apply_rope,
-    attention,
-    begin_decode,
-    begin_prefill,
-    cached_attention,
     call_layer,
     constrain,
     last_token_index,
-    positions_from_mask,
     project_to_vocab,
-    rope_cos_sin,
-    segments_from_inputs,
 )
+from jaxpt.models.rope import RopeConfig, apply_rope, rope_cos_sin
 
 # How each parameter is laid out on the mesh ("data", "fsdp", "tensor"), by HF name; the first rule that
 # matches wins. Matrices are [out, in]: column-parallel layers shard `out` over "tensor", row-parallel ones
@@ -215,7 +206,7 @@ class GemmaAttention(nnx.Module):
     def call_with_cache(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
     ) -> tuple[jax.Array, LayerCache]:
-        """`__call__` for generation: this call's keys/values go into `cache` (`layers.cached_attention`)."""
+        """`__call__` for generation: this call's keys/values go into `cache` (`kv_cache.cached_attention`)."""
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
         out, cache = cached_attention(query, key, value, cache, step, scale=self.scale,
@@ -351,7 +342,7 @@ class GemmaForCausalLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, *, dtype: Any = None) -> KVCache:
         """An empty `KVCache` with `max_length` slots per row (prompt + new tokens), per layer keys
         `[batch_size, kv_heads, head_dim, max_length]` and values `[batch_size, kv_heads, max_length, head_dim]`
-        (`layers.LayerCache`), in the compute dtype unless `dtype` is given."""
+        (`kv_cache.LayerCache`), in the compute dtype unless `dtype` is given."""
         return KVCache.create(
             batch_size=batch_size, max_length=max_length, num_layers=self.config.num_hidden_layers,
             num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,
