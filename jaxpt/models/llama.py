@@ -3,6 +3,12 @@
 Reads top to bottom like the original: config, RMSNorm, MLP, attention, decoder layer, model, LM head,
 sequence classifier. Parameter names and layouts are HF's (`model.layers.0.self_attn.q_proj.weight` is
 `[out, in]`), so safetensors load and save name for name. Mistral is Llama plus a sliding window.
+Rotary embeddings (`rope.py`), the attention kernel (`attention.py`) and the generation cache (`kv_cache.py`)
+are shared by every family.
+
+The other family files mark the blocks they copy from this one (`# Copied from jaxpt.models.llama.LlamaMLP
+with Llama->Qwen2`); tests/models/test_copied_from.py checks that those copies stay identical, so a change
+here is made in the marked copies too.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from jaxpt.models.rope import RopeConfig, apply_rope, rope_cos_sin
 # How each parameter is laid out on the mesh ("data", "fsdp", "tensor"), by HF name; the first rule that
 # matches wins. Matrices are [out, in]: column-parallel layers shard `out` over "tensor", row-parallel ones
 # shard `in`; the other dimension is split over "fsdp". Dimensions that do not divide stay replicated.
+# Copied from jaxpt.models.llama.PARTITION_RULES
 PARTITION_RULES = (
     (r"embed_tokens\.weight$", ("tensor", "fsdp")),  # [vocab, hidden]
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("tensor", "fsdp")),  # [out, hidden]
@@ -92,12 +93,14 @@ class Qwen2Config:
             hf_config_json=hf_config.to_json_string(use_diff=False),
         )
 
+    # Copied from jaxpt.models.llama.LlamaConfig.to_hf
     def to_hf(self):
         import transformers
 
         return transformers.AutoConfig.for_model(**json.loads(self.hf_config_json))
 
 
+# Copied from jaxpt.models.llama.LlamaRMSNorm with Llama->Qwen2
 class Qwen2RMSNorm(nnx.Module):
     def __init__(self, hidden_size: int, *, eps: float, param_dtype: Any):
         self.eps = eps
@@ -118,6 +121,7 @@ class Qwen2MLP(nnx.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, **dense)
         self.act_fn = activation(config.hidden_act)
 
+    # Copied from jaxpt.models.llama.LlamaMLP.__call__
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
@@ -136,6 +140,7 @@ class Qwen2Attention(nnx.Module):
         self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, use_bias=True, **dense)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, use_bias=False, **dense)
 
+    # Copied from jaxpt.models.llama.LlamaAttention.project_qkv
     def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Query `[batch, seq, heads, head_dim]`, key and value `[batch, seq, kv_heads, head_dim]`, rope applied."""
         batch, seq, _ = x.shape
@@ -146,6 +151,7 @@ class Qwen2Attention(nnx.Module):
         key = constrain(apply_rope(key, cos, sin), BATCH_AXES, None, "tensor", None)
         return query, key, value
 
+    # Copied from jaxpt.models.llama.LlamaAttention.__call__
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
@@ -153,6 +159,7 @@ class Qwen2Attention(nnx.Module):
                         sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
+    # Copied from jaxpt.models.llama.LlamaAttention.call_with_cache
     def call_with_cache(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
     ) -> tuple[jax.Array, LayerCache]:
@@ -173,11 +180,13 @@ class Qwen2DecoderLayer(nnx.Module):
             config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype
         )
 
+    # Copied from jaxpt.models.llama.LlamaDecoderLayer.__call__
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, BATCH_AXES, None, None)
 
+    # Copied from jaxpt.models.llama.LlamaDecoderLayer.call_with_cache
     def call_with_cache(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
     ) -> tuple[jax.Array, LayerCache]:
@@ -201,6 +210,7 @@ class Qwen2Model(nnx.Module):
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.gradient_checkpointing = False  # see jaxpt.models.set_gradient_checkpointing
 
+    # Copied from jaxpt.models.llama.LlamaModel.__call__
     def __call__(
         self,
         input_ids: jax.Array,
@@ -218,6 +228,7 @@ class Qwen2Model(nnx.Module):
             x = call_layer(layer, x, cos, sin, segments, remat=self.gradient_checkpointing)
         return self.norm(x)
 
+    # Copied from jaxpt.models.llama.LlamaModel.call_with_cache
     def call_with_cache(
         self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, step: CacheStep
     ) -> tuple[jax.Array, KVCache]:
@@ -231,6 +242,7 @@ class Qwen2Model(nnx.Module):
         return self.norm(x), cache.replace(layers=tuple(layer_caches))
 
 
+# Copied from jaxpt.models.llama.LlamaForCausalLM with Llama->Qwen2
 class Qwen2ForCausalLM(nnx.Module):
     """`model(input_ids, *, attention_mask, positions, segment_ids) -> logits [batch, seq, vocab]`."""
 
@@ -292,6 +304,7 @@ class Qwen2ForCausalLM(nnx.Module):
         return logits, cache
 
 
+# Copied from jaxpt.models.llama.LlamaForSequenceClassification with Llama->Qwen2
 class Qwen2ForSequenceClassification(nnx.Module):
     """`model(input_ids, *, attention_mask) -> [batch, num_labels]`, scored at the last real token."""
 
