@@ -6,9 +6,9 @@ sequence classifier. Parameter names and layouts are HF's (`model.layers.0.self_
 Rotary embeddings (`rope.py`), the attention kernel (`attention.py`) and the generation cache (`kv_cache.py`)
 are shared by every family.
 
-The other family files mark the blocks they copy from this one (`# Copied from jaxpt.models.llama.LlamaMLP
-with Llama->Qwen2`); tests/models/test_copied_from.py checks that those copies stay identical, so a change
-here is made in the marked copies too.
+The other family files mark the blocks they copy from this one (`# Copied from
+jaxpt.models.llama.LlamaForCausalLM with Llama->Qwen2`); tests/models/test_copied_from.py checks that those
+copies stay identical, so a change here is made in the marked copies too.
 """
 
 from __future__ import annotations

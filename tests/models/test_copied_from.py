@@ -2,8 +2,8 @@
 
 A marker is a comment on the line right above a `class`, `def` or assignment (decorators go below it):
 
-    # Copied from jaxpt.models.llama.LlamaMLP with Llama->Qwen2
-    class Qwen2MLP(nnx.Module):
+    # Copied from jaxpt.models.llama.LlamaForCausalLM with Llama->Qwen2
+    class Qwen2ForCausalLM(nnx.Module):
 
 It names the source block by module and qualified name (`module.Class`, `module.Class.method`,
 `module.CONSTANT`) and, optionally, replacements `Old->New` (comma-separated, applied in order, case-sensitive)
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "jaxpt" / "models"
-MARKER = re.compile(r"^(?P<indent>\s*)# Copied from (?P<source>[\w.]+)(?: with (?P<replacements>.+))?\s*$")
-NESTED_MARKER = re.compile(r"^\s*# Copied from ")
+MARKER = re.compile(r"^\s*# Copied from (?P<source>[\w.]+)(?: with (?P<replacements>.+))?\s*$")
+MARKER_LINE = re.compile(r"^\s*# Copied from ")
 
 
 def named_blocks(body: list[ast.stmt], prefix: str = ""):
@@ -56,7 +56,7 @@ def block_text(node: ast.stmt, lines: list[str]) -> str:
 
 
 def normalise(block: str) -> str:
-    kept = [line.rstrip() for line in block.splitlines() if not NESTED_MARKER.match(line)]
+    kept = [line.rstrip() for line in block.splitlines() if not MARKER_LINE.match(line)]
     return textwrap.dedent("\n".join(kept)).strip("\n")
 
 
@@ -87,7 +87,7 @@ def check_copies(modules: dict[str, str]) -> tuple[list[str], list[str]]:
     checked, problems = [], []
     for module, (lines, blocks, starting_at) in parsed.items():
         for index, line in enumerate(lines):
-            if not NESTED_MARKER.match(line):
+            if not MARKER_LINE.match(line):
                 continue
             where = f"{module} line {index + 1}"
             match = MARKER.match(line)
