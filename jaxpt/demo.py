@@ -113,6 +113,18 @@ def heldout_accuracy(state, tokenizer, problems) -> float:
     return float(np.mean([answer.strip() == str(a + b) for answer, (a, b) in zip(answers, problems, strict=True)]))
 
 
+PLOT_INSTALL_HINT = 'pip install -e ".[demo]"'
+
+
+def matplotlib_missing() -> bool:
+    """True when the reward plot cannot be drawn (matplotlib is the `demo` extra, not a core dependency)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
 def plot_rewards(records: list[dict], path) -> None:
     try:
         import matplotlib
@@ -120,7 +132,7 @@ def plot_rewards(records: list[dict], path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise ImportError("The demo's plot needs matplotlib: pip install -e '.[demo]'.") from error
+        raise ImportError(f"The demo's plot needs matplotlib: {PLOT_INSTALL_HINT}.") from error
     steps = [r["step"] for r in records if "reward" in r]
     rewards = [r["reward"] for r in records if "reward" in r]
     figure, axis = plt.subplots(figsize=(6, 3.5))
@@ -134,11 +146,24 @@ def plot_rewards(records: list[dict], path) -> None:
     plt.close(figure)
 
 
+def write_summary_and_plot(output, summary: dict, grpo_metrics: list[dict], *, plot_path=None) -> None:
+    """`output/demo_summary.json`, then (when `plot_path` is given) the reward plot: the summary first, so nothing
+    the run measured is lost to a failing plot."""
+    import json
+    from pathlib import Path
+
+    (Path(output) / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    if plot_path is not None:
+        plot_rewards(grpo_metrics, plot_path)
+
+
 def run(output_dir: str = "jaxpt_demo", *, seed: int = 0, sft_steps: int = 700, grpo_steps: int = 400,
         disable_tqdm: bool = False) -> dict:
-    """The end-to-end demo; returns (and writes to `output_dir/demo_summary.json`) the summary."""
+    """The end-to-end demo; returns (and writes to `output_dir/demo_summary.json`) the summary. Without matplotlib
+    (the `demo` extra) it warns up front, runs, writes the summary and skips the reward plot."""
     import json
     import time
+    import warnings
     from pathlib import Path
 
     import datasets
@@ -147,6 +172,11 @@ def run(output_dir: str = "jaxpt_demo", *, seed: int = 0, sft_steps: int = 700, 
     from jaxpt.rewards import accuracy_reward
 
     started = time.perf_counter()
+    # Said before the minute of training, not after: without matplotlib the run completes, minus the plot.
+    draw_plot = not matplotlib_missing()
+    if not draw_plot:
+        warnings.warn(f"matplotlib is not installed: the demo will run and write its summary but skip the reward "
+                      f"plot. Install it with {PLOT_INSTALL_HINT}.", UserWarning, stacklevel=2)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = char_tokenizer()
@@ -173,19 +203,20 @@ def run(output_dir: str = "jaxpt_demo", *, seed: int = 0, sft_steps: int = 700, 
     after = heldout_accuracy(grpo_result.state, tokenizer, heldout)
     print(f"      held-out accuracy after GRPO: {after:.0%}  ({before:.0%} -> {after:.0%})")
 
-    print("[3/3] Writing the summary and the reward plot")
-    plot_rewards(grpo_result.metrics, output / "grpo_reward.png")
+    print("[3/3] Writing the summary" + (" and the reward plot" if draw_plot else
+                                         f" (no reward plot: matplotlib is missing, {PLOT_INSTALL_HINT})"))
+    plot_path = output / "grpo_reward.png" if draw_plot else None
     summary = {
         "accuracy_before_grpo": before,
         "accuracy_after_grpo": after,
         "model_dir": str(Path(grpo_result.model_dir).absolute()),
-        "reward_plot": str((output / "grpo_reward.png").absolute()),
+        "reward_plot": str(plot_path.absolute()) if plot_path is not None else None,
         "sft_metrics": str((output / "sft" / "metrics.jsonl").absolute()),
         "grpo_metrics": str((output / "grpo" / "metrics.jsonl").absolute()),
         "heldout_problems": len(heldout),
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (output / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary_and_plot(output, summary, grpo_result.metrics, plot_path=plot_path)
     print(json.dumps(summary, indent=2))
     return summary

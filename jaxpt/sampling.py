@@ -7,7 +7,7 @@ out = jaxpt.sampling.generate(state.graphdef, state.params, prompt_ids, prompt_m
 out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished
 ```
 
-How it works: the model's `init_cache` preallocates every layer's keys and values (`layers.LayerCache`) for
+How it works: the model's `init_cache` preallocates every layer's keys and values (`kv_cache.LayerCache`) for
 `prompt_len + max_new_tokens - 1` tokens; `prefill` runs the left-padded prompt through the training attention
 kernel and fills the cache; a `jax.lax.while_loop` then samples a token and runs `decode_step` on it, until every
 row has produced an EOS token or `max_new_tokens` tokens. Rows that finished keep being computed (the batch is
@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpt.models.layers import BATCH_AXES, KVCache, constrain
+from jaxpt.models.kv_cache import KVCache
+from jaxpt.models.layers import BATCH_AXES, constrain
 from jaxpt.sharding import batch_divisor, batch_sharding, replicated
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,12 @@
 """`jaxpt demo`, the README's first command: SFT on noisy arithmetic, then GRPO raises held-out accuracy."""
 
 import json
+import re
+import sys
+import warnings
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from jaxpt import cli, demo
@@ -24,3 +29,59 @@ def test_heldout_problems_are_unseen_and_demonstrations_are_noisy():
     rows = demo.noisy_demonstrations(train, 0)
     off_by_one = sum(r["completion"] != str(eval(r["prompt"][:-1])) for r in rows) / len(rows)
     assert abs(off_by_one - demo.OFF_BY_ONE) < 0.08
+
+
+@pytest.fixture
+def without_matplotlib(monkeypatch):
+    """`import matplotlib` fails as on an install without the `demo` extra."""
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+
+
+def test_demo_without_matplotlib_warns_up_front_and_keeps_its_summary(tmp_path, without_matplotlib, capsys):
+    """A tiny run (2 SFT steps, 1 GRPO step): the warning comes before any training, the summary is written."""
+    with pytest.warns(UserWarning, match=re.escape('pip install -e ".[demo]"')) as caught:
+        summary = demo.run(str(tmp_path), seed=0, sft_steps=2, grpo_steps=1, disable_tqdm=True)
+    assert len([w for w in caught if "matplotlib" in str(w.message)]) == 1, [str(w.message) for w in caught]
+    printed = capsys.readouterr().out
+    assert "no reward plot: matplotlib is missing" in printed
+    written = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert written == summary
+    assert written["reward_plot"] is None and not (tmp_path / "grpo_reward.png").exists()
+    assert 0.0 <= written["accuracy_before_grpo"] <= 1.0 and 0.0 <= written["accuracy_after_grpo"] <= 1.0
+    assert written["heldout_problems"] == demo.HELD_OUT
+    assert [json.loads(line)["step"] for line in Path(written["sft_metrics"]).read_text().splitlines()] == [2]
+
+
+def test_demo_warning_precedes_the_training(tmp_path, without_matplotlib, monkeypatch):
+    """The user learns about the missing plot before the minute of training, not after it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def stop_before_training(*args, **kwargs):
+            raise RuntimeError(f"stopped after: {[str(w.message) for w in caught]}")
+
+        monkeypatch.setattr(demo, "char_tokenizer", stop_before_training)  # the first step of the work
+        with pytest.raises(RuntimeError, match=r'stopped after: .*matplotlib is not installed.*\.\[demo\]'):
+            demo.run(str(tmp_path))
+
+
+def test_summary_is_written_before_the_plot(tmp_path, monkeypatch):
+    """A plot that fails (or a matplotlib that breaks) cannot take the summary with it."""
+    def failing_plot(records, path):
+        assert json.loads((tmp_path / "demo_summary.json").read_text()) == {"accuracy_after_grpo": 0.5}
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(demo, "plot_rewards", failing_plot)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        demo.write_summary_and_plot(tmp_path, {"accuracy_after_grpo": 0.5}, [{"step": 1, "reward": 0.5}],
+                                    plot_path=tmp_path / "plot.png")
+    assert json.loads((tmp_path / "demo_summary.json").read_text()) == {"accuracy_after_grpo": 0.5}
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, without_matplotlib):
+    assert demo.matplotlib_missing()
+    with pytest.raises(ImportError, match=re.escape('pip install -e ".[demo]"')):
+        demo.plot_rewards([{"step": 1, "reward": 0.5}], tmp_path / "plot.png")

@@ -23,28 +23,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpt.models.attention import attention, positions_from_mask, segments_from_inputs
+from jaxpt.models.kv_cache import CacheStep, KVCache, LayerCache, begin_decode, begin_prefill, cached_attention
 from jaxpt.models.layers import (
     BATCH_AXES,
-    CacheStep,
     Embed,
-    KVCache,
-    LayerCache,
     Linear,
-    RopeConfig,
     activation,
-    apply_rope,
-    attention,
-    begin_decode,
-    begin_prefill,
-    cached_attention,
     call_layer,
     constrain,
     last_token_index,
-    positions_from_mask,
     project_to_vocab,
-    rope_cos_sin,
-    segments_from_inputs,
 )
+from jaxpt.models.rope import RopeConfig, apply_rope, rope_cos_sin
 
 # How each parameter is laid out on the mesh ("data", "fsdp", "tensor"), by HF name; the first rule that
 # matches wins. Matrices are [out, in]: column-parallel layers shard `out` over "tensor", row-parallel ones
@@ -141,6 +132,7 @@ class GemmaConfig:
             hf_config_json=hf_config.to_json_string(use_diff=False),
         )
 
+    # Copied from jaxpt.models.llama.LlamaConfig.to_hf
     def to_hf(self):
         import transformers
 
@@ -168,6 +160,7 @@ class GemmaMLP(nnx.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, **dense)
         self.act_fn = activation(config.hidden_activation)
 
+    # Copied from jaxpt.models.llama.LlamaMLP.__call__
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
@@ -215,7 +208,7 @@ class GemmaAttention(nnx.Module):
     def call_with_cache(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
     ) -> tuple[jax.Array, LayerCache]:
-        """`__call__` for generation: this call's keys/values go into `cache` (`layers.cached_attention`)."""
+        """`__call__` for generation: this call's keys/values go into `cache` (`kv_cache.cached_attention`)."""
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
         out, cache = cached_attention(query, key, value, cache, step, scale=self.scale,
@@ -319,6 +312,7 @@ class GemmaForCausalLM(nnx.Module):
 
     partition_rules = PARTITION_RULES
 
+    # Copied from jaxpt.models.llama.LlamaForCausalLM.__init__ with Llama->Gemma
     def __init__(self, config: GemmaConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
         self.config = config
@@ -332,6 +326,7 @@ class GemmaForCausalLM(nnx.Module):
         """`tanh(logits / cap) * cap` on the logits (HF `final_logit_softcapping`), for chunked log-probs too."""
         return self.config.final_logit_softcapping
 
+    # Copied from jaxpt.models.llama.LlamaForCausalLM.hidden_states
     def hidden_states(self, input_ids: jax.Array, **inputs) -> jax.Array:
         """Final (normed) hidden states `[batch, seq, hidden]`, the input of the output projection."""
         return self.model(input_ids, **inputs)
@@ -342,22 +337,25 @@ class GemmaForCausalLM(nnx.Module):
             return self.model.embed_tokens.weight[...]
         return self.lm_head.weight[...]
 
+    # Copied from jaxpt.models.llama.LlamaForCausalLM.__call__
     def __call__(self, input_ids: jax.Array, **inputs) -> jax.Array:
         hidden = self.hidden_states(input_ids, **inputs)
         return project_to_vocab(hidden, self.lm_head_weight(), logit_softcap=self.final_logit_softcap)
 
     # Generation with a KV cache (`jaxpt.sampling` drives these): init_cache -> prefill -> decode_step ...
 
+    # Copied from jaxpt.models.llama.LlamaForCausalLM.init_cache
     def init_cache(self, batch_size: int, max_length: int, *, dtype: Any = None) -> KVCache:
         """An empty `KVCache` with `max_length` slots per row (prompt + new tokens), per layer keys
         `[batch_size, kv_heads, head_dim, max_length]` and values `[batch_size, kv_heads, max_length, head_dim]`
-        (`layers.LayerCache`), in the compute dtype unless `dtype` is given."""
+        (`kv_cache.LayerCache`), in the compute dtype unless `dtype` is given."""
         return KVCache.create(
             batch_size=batch_size, max_length=max_length, num_layers=self.config.num_hidden_layers,
             num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,
             dtype=dtype if dtype is not None else self.model.embed_tokens.dtype,
         )
 
+    # Copied from jaxpt.models.llama.LlamaForCausalLM.prefill
     def prefill(
         self, input_ids: jax.Array, cache: KVCache, *, attention_mask: jax.Array | None = None
     ) -> tuple[jax.Array, KVCache]:
@@ -370,6 +368,7 @@ class GemmaForCausalLM(nnx.Module):
         hidden, cache = self.model.call_with_cache(input_ids, positions, cache, step)
         return project_to_vocab(hidden[:, -1], self.lm_head_weight(), logit_softcap=self.final_logit_softcap), cache
 
+    # Copied from jaxpt.models.llama.LlamaForCausalLM.decode_step
     def decode_step(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Append one token per row, `token_ids` `[batch]`, at slot `cache.length`: the logits `[batch, vocab]` of
         the token after it and the updated cache."""
@@ -385,6 +384,7 @@ class GemmaForSequenceClassification(nnx.Module):
 
     partition_rules = PARTITION_RULES
 
+    # Copied from jaxpt.models.llama.LlamaForSequenceClassification.__init__ with Llama->Gemma
     def __init__(self, config: GemmaConfig, *, num_labels: int, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -393,6 +393,7 @@ class GemmaForSequenceClassification(nnx.Module):
         self.score = Linear(config.hidden_size, num_labels, dtype=dtype, param_dtype=param_dtype,
                             init_std=config.initializer_range, rngs=rngs)
 
+    # Copied from jaxpt.models.llama.LlamaForSequenceClassification.__call__
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None, **inputs) -> jax.Array:
         hidden = self.model(input_ids, attention_mask=attention_mask, **inputs)  # [batch, seq, hidden]
         last = last_token_index(attention_mask, input_ids, self.config.pad_token_id)  # [batch]

@@ -3,6 +3,12 @@
 Reads top to bottom like the original: config, RMSNorm, MLP, attention, decoder layer, model, LM head,
 sequence classifier. Parameter names and layouts are HF's (`model.layers.0.self_attn.q_proj.weight` is
 `[out, in]`), so safetensors load and save name for name. Mistral is Llama plus a sliding window.
+Rotary embeddings (`rope.py`), the attention kernel (`attention.py`) and the generation cache (`kv_cache.py`)
+are shared by every family.
+
+The other family files mark the blocks they copy from this one (`# Copied from
+jaxpt.models.llama.LlamaForCausalLM with Llama->Qwen2`); tests/models/test_copied_from.py checks that those
+copies stay identical, so a change here is made in the marked copies too.
 """
 
 from __future__ import annotations
@@ -15,28 +21,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpt.models.attention import attention, positions_from_mask, segments_from_inputs
+from jaxpt.models.kv_cache import CacheStep, KVCache, LayerCache, begin_decode, begin_prefill, cached_attention
 from jaxpt.models.layers import (
     BATCH_AXES,
-    CacheStep,
     Embed,
-    KVCache,
-    LayerCache,
     Linear,
-    RopeConfig,
     activation,
-    apply_rope,
-    attention,
-    begin_decode,
-    begin_prefill,
-    cached_attention,
     call_layer,
     constrain,
     last_token_index,
-    positions_from_mask,
     project_to_vocab,
-    rope_cos_sin,
-    segments_from_inputs,
 )
+from jaxpt.models.rope import RopeConfig, apply_rope, rope_cos_sin
 
 # How each parameter is laid out on the mesh ("data", "fsdp", "tensor"), by HF name; the first rule that
 # matches wins. Matrices are [out, in]: column-parallel layers shard `out` over "tensor", row-parallel ones
@@ -166,7 +163,7 @@ class LlamaAttention(nnx.Module):
     def call_with_cache(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
     ) -> tuple[jax.Array, LayerCache]:
-        """`__call__` for generation: this call's keys/values go into `cache` (`layers.cached_attention`)."""
+        """`__call__` for generation: this call's keys/values go into `cache` (`kv_cache.cached_attention`)."""
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
         out, cache = cached_attention(query, key, value, cache, step, scale=self.scale,
@@ -274,7 +271,7 @@ class LlamaForCausalLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, *, dtype: Any = None) -> KVCache:
         """An empty `KVCache` with `max_length` slots per row (prompt + new tokens), per layer keys
         `[batch_size, kv_heads, head_dim, max_length]` and values `[batch_size, kv_heads, max_length, head_dim]`
-        (`layers.LayerCache`), in the compute dtype unless `dtype` is given."""
+        (`kv_cache.LayerCache`), in the compute dtype unless `dtype` is given."""
         return KVCache.create(
             batch_size=batch_size, max_length=max_length, num_layers=self.config.num_hidden_layers,
             num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,

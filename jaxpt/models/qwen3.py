@@ -17,32 +17,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpt.models.attention import attention, positions_from_mask, segments_from_inputs
+from jaxpt.models.kv_cache import CacheStep, KVCache, LayerCache, begin_decode, begin_prefill, cached_attention
 from jaxpt.models.layers import (
     BATCH_AXES,
-    CacheStep,
     Embed,
-    KVCache,
-    LayerCache,
     Linear,
-    RopeConfig,
     activation,
-    apply_rope,
-    attention,
-    begin_decode,
-    begin_prefill,
-    cached_attention,
     call_layer,
     constrain,
     last_token_index,
-    positions_from_mask,
     project_to_vocab,
-    rope_cos_sin,
-    segments_from_inputs,
 )
+from jaxpt.models.rope import RopeConfig, apply_rope, rope_cos_sin
 
 # How each parameter is laid out on the mesh ("data", "fsdp", "tensor"), by HF name; the first rule that
 # matches wins. Matrices are [out, in]: column-parallel layers shard `out` over "tensor", row-parallel ones
 # shard `in`; the other dimension is split over "fsdp". Dimensions that do not divide stay replicated.
+# Copied from jaxpt.models.llama.PARTITION_RULES
 PARTITION_RULES = (
     (r"embed_tokens\.weight$", ("tensor", "fsdp")),  # [vocab, hidden]
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("tensor", "fsdp")),  # [out, hidden]
@@ -104,12 +96,14 @@ class Qwen3Config:
             hf_config_json=hf_config.to_json_string(use_diff=False),
         )
 
+    # Copied from jaxpt.models.llama.LlamaConfig.to_hf
     def to_hf(self):
         import transformers
 
         return transformers.AutoConfig.for_model(**json.loads(self.hf_config_json))
 
 
+# Copied from jaxpt.models.llama.LlamaRMSNorm with Llama->Qwen3
 class Qwen3RMSNorm(nnx.Module):
     def __init__(self, hidden_size: int, *, eps: float, param_dtype: Any):
         self.eps = eps
@@ -121,6 +115,7 @@ class Qwen3RMSNorm(nnx.Module):
         return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
+# Copied from jaxpt.models.qwen2.Qwen2MLP with Qwen2->Qwen3
 class Qwen3MLP(nnx.Module):
     def __init__(self, config: Qwen3Config, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         dense = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
@@ -130,6 +125,7 @@ class Qwen3MLP(nnx.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, **dense)
         self.act_fn = activation(config.hidden_act)
 
+    # Copied from jaxpt.models.llama.LlamaMLP.__call__
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
@@ -161,6 +157,7 @@ class Qwen3Attention(nnx.Module):
         key = constrain(apply_rope(key, cos, sin), BATCH_AXES, None, "tensor", None)
         return query, key, value
 
+    # Copied from jaxpt.models.llama.LlamaAttention.__call__
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
@@ -168,10 +165,11 @@ class Qwen3Attention(nnx.Module):
                         sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
+    # Copied from jaxpt.models.llama.LlamaAttention.call_with_cache
     def call_with_cache(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
     ) -> tuple[jax.Array, LayerCache]:
-        """`__call__` for generation: this call's keys/values go into `cache` (`layers.cached_attention`)."""
+        """`__call__` for generation: this call's keys/values go into `cache` (`kv_cache.cached_attention`)."""
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
         out, cache = cached_attention(query, key, value, cache, step, scale=self.scale,
@@ -179,6 +177,7 @@ class Qwen3Attention(nnx.Module):
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
 
 
+# Copied from jaxpt.models.qwen2.Qwen2DecoderLayer with Qwen2->Qwen3
 class Qwen3DecoderLayer(nnx.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.self_attn = Qwen3Attention(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -188,11 +187,13 @@ class Qwen3DecoderLayer(nnx.Module):
             config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype
         )
 
+    # Copied from jaxpt.models.llama.LlamaDecoderLayer.__call__
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, BATCH_AXES, None, None)
 
+    # Copied from jaxpt.models.llama.LlamaDecoderLayer.call_with_cache
     def call_with_cache(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
     ) -> tuple[jax.Array, LayerCache]:
@@ -202,6 +203,7 @@ class Qwen3DecoderLayer(nnx.Module):
         return constrain(x, BATCH_AXES, None, None), cache
 
 
+# Copied from jaxpt.models.qwen2.Qwen2Model with Qwen2->Qwen3
 class Qwen3Model(nnx.Module):
     """Embeddings, decoder layers and the final norm: input ids -> final hidden states `[batch, seq, hidden]`."""
 
@@ -216,6 +218,7 @@ class Qwen3Model(nnx.Module):
         self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.gradient_checkpointing = False  # see jaxpt.models.set_gradient_checkpointing
 
+    # Copied from jaxpt.models.llama.LlamaModel.__call__
     def __call__(
         self,
         input_ids: jax.Array,
@@ -233,6 +236,7 @@ class Qwen3Model(nnx.Module):
             x = call_layer(layer, x, cos, sin, segments, remat=self.gradient_checkpointing)
         return self.norm(x)
 
+    # Copied from jaxpt.models.llama.LlamaModel.call_with_cache
     def call_with_cache(
         self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, step: CacheStep
     ) -> tuple[jax.Array, KVCache]:
@@ -246,6 +250,7 @@ class Qwen3Model(nnx.Module):
         return self.norm(x), cache.replace(layers=tuple(layer_caches))
 
 
+# Copied from jaxpt.models.llama.LlamaForCausalLM with Llama->Qwen3
 class Qwen3ForCausalLM(nnx.Module):
     """`model(input_ids, *, attention_mask, positions, segment_ids) -> logits [batch, seq, vocab]`."""
 
@@ -279,7 +284,7 @@ class Qwen3ForCausalLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, *, dtype: Any = None) -> KVCache:
         """An empty `KVCache` with `max_length` slots per row (prompt + new tokens), per layer keys
         `[batch_size, kv_heads, head_dim, max_length]` and values `[batch_size, kv_heads, max_length, head_dim]`
-        (`layers.LayerCache`), in the compute dtype unless `dtype` is given."""
+        (`kv_cache.LayerCache`), in the compute dtype unless `dtype` is given."""
         return KVCache.create(
             batch_size=batch_size, max_length=max_length, num_layers=self.config.num_hidden_layers,
             num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,
@@ -307,6 +312,7 @@ class Qwen3ForCausalLM(nnx.Module):
         return logits, cache
 
 
+# Copied from jaxpt.models.llama.LlamaForSequenceClassification with Llama->Qwen3
 class Qwen3ForSequenceClassification(nnx.Module):
     """`model(input_ids, *, attention_mask) -> [batch, num_labels]`, scored at the last real token."""
 

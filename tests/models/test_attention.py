@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpt.models.layers import attention, positions_from_mask, segments_from_inputs
+from jaxpt.models.attention import attention, positions_from_mask, segments_from_inputs
 
 
 def naive_attention(query, key, value, segment_ids, scale, sliding_window=None, logit_softcap=None):

@@ -1,0 +1,165 @@
+"""Generation with a preallocated key/value cache.
+
+`KVCache` holds every layer's keys and values (`LayerCache`); `begin_prefill` / `begin_decode` say where a
+call's tokens go and what they attend to (`CacheStep`); `cached_attention` writes a layer's new keys and
+values and attends: a prefill runs the training kernel `attention.attention` over the prompt, a decode step
+attends over the whole cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxpt.models.attention import MASK_VALUE, attention, positions_from_mask, segments_from_inputs
+from jaxpt.models.layers import BATCH_AXES, constrain
+
+
+class LayerCache(flax.struct.PyTreeNode):
+    """One layer's cached keys `[batch, kv_heads, head_dim, max_length]` and values `[batch, kv_heads, max_length,
+    head_dim]`.
+
+    Heads first, and keys stored transposed, so that both products of a decode step are plain `[rows, k] x [k, n]`
+    matmuls on the cache as it is: `scores = q @ key`, `out = probs @ value`. On XLA-CPU a matmul whose right
+    operand is contracted on its minor dimension repacks that operand on every call; with keys laid out like
+    values, the score product was 3x slower than with transposed keys.
+    """
+
+    key: jax.Array
+    value: jax.Array
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """Every layer's keys and values, preallocated to `max_length` slots, and which slots hold real tokens.
+
+    Slots fill left to right, the same slot in every row: a left-padded prompt `[batch, prompt_len]` takes
+    slots `[0, prompt_len)`, then each decode step takes the next one. `mask` marks the slots that hold real
+    tokens (not padding); `length` is the number of slots written, i.e. the slot of the next token. The
+    position id of a new token is the number of real tokens before it, which is HF's
+    `cumsum(attention_mask) - 1` for left-padded prompts. Writing past `max_length` is not detected inside
+    `jit` (`dynamic_update_slice` clamps): size the cache `prompt_len + max_new_tokens`.
+    """
+
+    layers: tuple[LayerCache, ...]
+    mask: jax.Array  # [batch, max_length] bool
+    length: jax.Array  # [] int32
+
+    @classmethod
+    def create(cls, *, batch_size: int, max_length: int, num_layers: int, num_kv_heads: int, head_dim: int,
+               dtype: Any) -> KVCache:
+        key_shape = (batch_size, num_kv_heads, head_dim, max_length)
+        value_shape = (batch_size, num_kv_heads, max_length, head_dim)
+        layers = tuple(LayerCache(key=jnp.zeros(key_shape, dtype), value=jnp.zeros(value_shape, dtype))
+                       for _ in range(num_layers))
+        return cls(layers=layers, mask=jnp.zeros((batch_size, max_length), bool), length=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_length(self) -> int:
+        return self.mask.shape[1]
+
+
+class CacheStep(NamedTuple):
+    """Where one call's tokens go in the cache and what they attend to (built by `begin_prefill` /
+    `begin_decode`, passed unchanged to every layer).
+
+    `start`: slot of the call's first token. `kv_mask` `[batch, max_length]`: slots holding real tokens, this
+    call's included. `segment_ids` `[batch, seq]`: set for a prefill, whose queries attend only to each other
+    through the training kernel `attention`; None for decoding, whose queries attend over the cache.
+    """
+
+    start: jax.Array | int
+    kv_mask: jax.Array
+    segment_ids: jax.Array | None = None
+
+
+def begin_prefill(
+    cache: KVCache, input_ids: jax.Array, attention_mask: jax.Array | None
+) -> tuple[jax.Array, CacheStep, KVCache]:
+    """Positions `[batch, seq]`, the `CacheStep` and the cache's new mask/length for running a left-padded
+    prompt `input_ids` `[batch, seq]` into slots `[0, seq)` of an empty cache."""
+    batch, seq = input_ids.shape
+    if seq > cache.max_length:
+        raise ValueError(f"The prompt has {seq} tokens but the cache only {cache.max_length} slots: "
+                         "create it with max_length >= prompt length + new tokens.")
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, seq), jnp.int32)
+    positions = positions_from_mask(attention_mask, None, (batch, seq))
+    segments = segments_from_inputs(input_ids, attention_mask, None)
+    mask = jnp.zeros_like(cache.mask).at[:, :seq].set(attention_mask.astype(bool))
+    mask = constrain(mask, BATCH_AXES, None)
+    cache = cache.replace(mask=mask, length=jnp.asarray(seq, jnp.int32))
+    return positions, CacheStep(start=0, kv_mask=mask, segment_ids=segments), cache
+
+
+def begin_decode(cache: KVCache, num_tokens: int = 1) -> tuple[jax.Array, CacheStep, KVCache]:
+    """Positions `[batch, num_tokens]`, the `CacheStep` and the cache's new mask/length for appending
+    `num_tokens` real tokens per row at slot `cache.length`."""
+    batch = cache.mask.shape[0]
+    start = cache.length
+    count = jnp.sum(cache.mask, axis=1, dtype=jnp.int32)  # real tokens so far = the next position
+    positions = count[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+    mask = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((batch, num_tokens), bool), (0, start))
+    cache = cache.replace(mask=mask, length=start + num_tokens)
+    return positions, CacheStep(start=start, kv_mask=mask, segment_ids=None), cache
+
+
+def cached_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    cache: LayerCache,
+    step: CacheStep,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+) -> tuple[jax.Array, LayerCache]:
+    """Attention for generation: write this call's keys/values into the layer's cache, then attend.
+
+    query `[batch, seq, q_heads, head_dim]`, key/value `[batch, seq, kv_heads, head_dim]` (rope applied),
+    stored at slots `[step.start, step.start + seq)`. A prefill (`step.segment_ids` set) runs the training
+    kernel `attention` over the prompt alone; a decode step (one or a few tokens) attends over the whole
+    cache: a key is visible when its slot holds a real token (`step.kv_mask`), is not after the query's slot,
+    and, with `sliding_window`, is fewer than `sliding_window` slots before it (HF's window, by index). Returns
+    `[batch, seq, q_heads, head_dim]` and the updated cache.
+    """
+    new_key = key.transpose(0, 2, 3, 1).astype(cache.key.dtype)  # [b, kvh, d, s]
+    new_value = value.transpose(0, 2, 1, 3).astype(cache.value.dtype)  # [b, kvh, s, d]
+    cache = LayerCache(
+        key=constrain(jax.lax.dynamic_update_slice(cache.key, new_key, (0, 0, 0, step.start)),
+                      BATCH_AXES, "tensor", None, None),
+        value=constrain(jax.lax.dynamic_update_slice(cache.value, new_value, (0, 0, step.start, 0)),
+                        BATCH_AXES, "tensor", None, None),
+    )
+    if step.segment_ids is not None:
+        out = attention(query, key, value, segment_ids=step.segment_ids, scale=scale, sliding_window=sliding_window,
+                        logit_softcap=logit_softcap)
+        return out, cache
+    return _attention_over_cache(query, cache, step, scale, sliding_window, logit_softcap), cache
+
+
+def _attention_over_cache(query, cache, step, scale, sliding_window, logit_softcap):
+    batch, seq, q_heads, head_dim = query.shape
+    _, kv_heads, _, max_length = cache.key.shape
+    groups = q_heads // kv_heads
+    # Heads first; the query heads sharing a kv head fold into the rows of one matmul against the cache.
+    q = query.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, kv_heads, groups * seq, head_dim).astype(cache.key.dtype)
+    scores = jnp.einsum("bhqd,bhdk->bhqk", q, cache.key, preferred_element_type=jnp.float32) * scale
+    if logit_softcap is not None:
+        scores = jnp.tanh(scores / logit_softcap) * logit_softcap
+    q_index = step.start + jnp.arange(seq, dtype=jnp.int32)[:, None]  # [seq, 1]
+    k_index = jnp.arange(max_length, dtype=jnp.int32)[None, :]  # [1, max_length]
+    allowed = k_index <= q_index
+    if sliding_window is not None:
+        allowed = allowed & (q_index - k_index < sliding_window)
+    allowed = allowed[None] & step.kv_mask[:, None, :]  # [b, seq, max_length]
+    scores = scores.reshape(batch, kv_heads, groups, seq, max_length)
+    scores = jnp.where(allowed[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(batch, kv_heads, groups * seq, max_length)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(cache.value.dtype), cache.value)
+    out = out.reshape(batch, kv_heads, groups, seq, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, seq, q_heads, head_dim).astype(query.dtype)
