@@ -112,6 +112,7 @@ CASES += [dict(loss_type=loss_type, level=level, beta=0.04, bias_correction=True
           for loss_type, level in (("dapo", "token"), ("grpo", "sequence"))
           for extra in (dict(epsilon=0.1, epsilon_high=0.28),  # DAPO's clip-higher
                         dict(delta=1.3),  # two-sided clipping
+                        dict(delta=1.1),  # below 1 + epsilon_high: TRL counts no high clipping
                         dict(top_entropy_quantile=0.4),
                         dict(on_policy=True))]  # no old log-probs: ratio 1 with the gradient of exp(logp - sg(logp))
 
