@@ -240,28 +240,30 @@ def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int |
 
 def pack_bfd(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
     """Best-fit-decreasing bins of example indices whose lengths sum to at most `seq_length` (longer examples
-    must be truncated first). Sequences are placed longest first, each into the fullest bin it fits."""
+    must be truncated first). Sequences are placed longest first, each into the fullest bin it fits; among
+    equally full bins, the one that has had that free space longest (TRL's order, so the bins are TRL's)."""
     if any(length > seq_length for length in lengths):
         raise ValueError("pack_bfd: truncate examples to seq_length before packing.")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     space: list[int] = []
-    for index in order:
+    since: list[int] = []  # when each bin got its current free space
+    for time, index in enumerate(order):
         length = lengths[index]
         if length == 0:
             continue
         best = -1
         for b, free in enumerate(space):  # O(n * bins): fine for the dataset sizes preprocessing sees per chunk
-            if length <= free and (best < 0 or free < space[best]):
+            if length <= free and (best < 0 or (free, since[b]) < (space[best], since[best])):
                 best = b
-                if free == length:
-                    break
         if best < 0:
             bins.append([index])
             space.append(seq_length - length)
+            since.append(time)
         else:
             bins[best].append(index)
             space[best] -= length
+            since[best] = time
     return bins
 
 

@@ -33,8 +33,8 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
-from jaxpt.losses.grpo import reward_metrics
-from jaxpt.losses.rloo import rloo_advantages, rloo_loss
+from jaxpt.losses.grpo import nanstd, reward_metrics
+from jaxpt.losses.rloo import penalized_rewards, rloo_advantages, rloo_loss
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
@@ -155,6 +155,11 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
     arrays["advantages"] = advantages.astype(np.float32)
     group_metrics = reward_metrics(sampled.rewards, num_generations=config.num_generations,
                                    reward_weights=config.reward_weights, reward_names=sampled.reward_names)
+    # As TRL: a group counts as tied when the rewards its baseline compares (clipped, KL-penalised) are.
+    penalized = penalized_rewards(sampled.rewards, sequence_kl=sequence_kl, beta=config.beta,
+                                  reward_weights=config.reward_weights, reward_clip_range=config.reward_clip_range)
+    group_std = nanstd(penalized.reshape(-1, config.num_generations), axis=1)
+    group_metrics["frac_reward_zero_std"] = jnp.mean(jnp.isclose(group_std, 0.0).astype(jnp.float32))
     metrics.update({k: float(v) for k, v in group_metrics.items()})
     metrics.update(completion_metrics(sampled.lengths, sampled.finished))
     return arrays, metrics, sampled.records(advantages)

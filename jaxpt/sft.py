@@ -91,8 +91,9 @@ class SFTConfig(TrainingConfig):
 
 def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | None = None) -> list[dict]:
     """Tokenize a TRL-format SFT dataset into examples `{"input_ids", "loss_mask"[, "segment_ids"]}` (int32
-    numpy arrays; `loss_mask` marks the tokens the model learns to predict), truncated and optionally packed.
-    Bad data fails here, before anything compiles."""
+    numpy arrays; `loss_mask` marks the tokens the model learns to predict), truncated and optionally packed
+    (in dataset order, as TRL). `packing` None: the config's (`packing` or `padding_free`). Bad data fails here,
+    before anything compiles."""
     fmt = data.require_format(dataset, ("language_modeling", "prompt_completion"), method="SFT",
                               text_field=config.dataset_text_field)
     data.check_chat_template(tokenizer, fmt, method="SFT")
@@ -106,6 +107,11 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
         raise ValueError("assistant_only_loss=True needs conversational data (lists of role/content messages).")
     eos_token = config.eos_token or tokenizer.eos_token
     max_length = config.max_length
+    if packing is None:
+        packing = config.packing or config.padding_free
+    # bfd_split and wrapped packing keep every token of a long example (in several pieces); otherwise, as TRL,
+    # sequences are cut to max_length.
+    truncate = max_length is not None and not (packing and config.packing_strategy != "bfd")
 
     examples = []
     for index, row in enumerate(dataset):
@@ -113,7 +119,7 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
             ids, prompt_length = data.tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"],
                                                                  conversational=fmt.conversational,
                                                                  eos_token=eos_token)
-            if max_length is not None and prompt_length >= max_length:
+            if truncate and completion_only and prompt_length >= max_length:
                 raise ValueError(f"Example {index}: the prompt is {prompt_length} tokens, not shorter than "
                                  f"max_length={max_length}, so no completion token would be trained on: raise "
                                  "max_length or shorten/filter long prompts.")
@@ -136,12 +142,13 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
         if config.assistant_only_loss and not any(mask):
             raise ValueError(f"Example {index} has no assistant tokens: with assistant_only_loss=True the chat "
                              "template must mark assistant turns with {% generation %} ... {% endgeneration %}.")
-        if max_length is not None and len(ids) > max_length and not (packing and config.packing_strategy != "bfd"):
+        if truncate and len(ids) > max_length:
             ids, mask = ids[:max_length], mask[:max_length]
+            if not any(mask):  # TRL drops such examples silently; say so instead
+                raise ValueError(f"Example {index}: truncated to max_length={max_length}, it keeps no assistant "
+                                 "token to train on: raise max_length or shorten/filter long conversations.")
         examples.append({"input_ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)})
 
-    if packing is None:
-        packing = config.packing or config.padding_free
     if packing:
         examples = pack_examples(examples, max_length, strategy=config.packing_strategy)
     return examples
@@ -154,9 +161,11 @@ def pack_examples(examples: Sequence[dict], seq_length: int, *, strategy: str = 
     for example in examples:
         if strategy == "bfd":
             pieces.append({k: v[:seq_length] for k, v in example.items()})
-        else:  # bfd_split / wrapped: long examples become several pieces
+        elif strategy == "bfd_split":  # long examples become several pieces, packed like examples
             for start in range(0, len(example["input_ids"]), seq_length):
                 pieces.append({k: v[start:start + seq_length] for k, v in example.items()})
+        else:  # wrapped: cut only at row ends (below), so a segment never breaks inside a row
+            pieces.append(example)
     if strategy == "wrapped":  # fill rows in order, cutting pieces at row ends
         rows, current, used = [], [], 0
         for piece in pieces:
@@ -309,7 +318,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     examples = prepare_dataset(dataset, tokenizer, config)
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
-        eval_packing = config.eval_packing if config.eval_packing is not None else config.packing
+        # Unless eval_packing says otherwise, the eval set is prepared as the training set (padding_free packs).
+        eval_packing = config.eval_packing if config.eval_packing is not None else config.packing or config.padding_free
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config, packing=eval_packing)
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
     total_steps = data.total_steps(config, steps_in_epoch)

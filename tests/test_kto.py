@@ -286,7 +286,14 @@ def test_train_separates_desirable_from_undesirable_and_writes_trl_metrics(tmp_p
     assert [r["step"] for r in evals] == [12, 24]
     assert min(r["eval_rewards/margins"] for r in evals) > 0.1  # held-out prompts: it generalises a little
     assert {"eval_kl", "eval_rewards/chosen", "eval_logps/rejected", "eval_entropy"} <= set(evals[0])
-    assert transformers.AutoModelForCausalLM.from_pretrained(result.model_dir) is not None
+    # The export is the trained model: transformers gives jaxpt's logits.
+    import torch
+
+    ids = np.asarray([TOKENIZER("3+4=")["input_ids"]])
+    with torch.no_grad():
+        exported = transformers.AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
+        expected = exported(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(result.state.model()(ids)), expected, atol=1e-4)
 
 
 def test_precomputed_run_and_metrics_of_steps_without_one_kind(tmp_path):

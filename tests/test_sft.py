@@ -287,3 +287,45 @@ def test_load_dataset_files_directories_and_splits(tmp_path):
     assert data.load_dataset(tmp_path / "saved")[0] == rows[0]
     with pytest.raises(FileNotFoundError, match="No dataset file or directory"):
         data.load_dataset("./missing.jsonl")
+
+
+# Tokens + EOS: 46 (longer than max_length 16), 6, 3, 11 and 4.
+PACKING_TEXTS = ["abcdefghij" * 4 + "klmno", "short", "hi", "0123456789", "xyz"]
+
+
+@pytest.mark.parametrize("options", [dict(packing=True, packing_strategy="bfd"),
+                                     dict(packing=True, packing_strategy="bfd_split"),
+                                     dict(padding_free=True, packing_strategy="wrapped")],
+                         ids=["bfd", "bfd_split", "padding_free-wrapped"])
+def test_train_packs_train_and_eval_sets_with_the_strategy_as_trl(tmp_path, monkeypatch, options):
+    """Through `train()`: the training and the eval set are packed with the configured strategy, into TRL's rows
+    (`trl.pack_dataset` on the same token ids): bfd truncates the long example like TRL, bfd_split and wrapped
+    keep every token, and one epoch trains on every token of the packed rows."""
+    from trl.data_utils import pack_dataset
+
+    real_prepare, prepared = sft.prepare_dataset, []
+
+    def recording_prepare(*args, **kwargs):
+        prepared.append(real_prepare(*args, **kwargs))
+        return prepared[-1]
+
+    monkeypatch.setattr(sft, "prepare_dataset", recording_prepare)
+    cfg = config(tmp_path, max_length=16, per_device_train_batch_size=1, per_device_eval_batch_size=2, max_steps=-1,
+                 num_train_epochs=1, eval_strategy="epoch", **options)
+    train_texts, eval_texts = PACKING_TEXTS, PACKING_TEXTS[::-1]
+    sft.train(tiny_llama(VOCAB), TOKENIZER, datasets.Dataset.from_list([{"text": t} for t in train_texts]), cfg,
+              eval_dataset=datasets.Dataset.from_list([{"text": t} for t in eval_texts]))
+    assert len(prepared) == 2
+    kept = []
+    for texts, rows in zip((train_texts, eval_texts), prepared, strict=True):
+        token_ids = [TOKENIZER(text + "</s>")["input_ids"] for text in texts]
+        expected = pack_dataset(datasets.Dataset.from_dict({"input_ids": token_ids}), 16, cfg.packing_strategy)
+        assert all(row["input_ids"].shape == row["segment_ids"].shape == (16,) for row in rows)
+        assert [row["input_ids"][row["segment_ids"] > 0].tolist() for row in rows] == expected["input_ids"]
+        if cfg.packing_strategy != "wrapped":  # TRL's wrapped rows have no sequence boundaries
+            assert [np.bincount(row["segment_ids"])[1:].tolist() for row in rows] == expected["seq_lengths"]
+        kept.append(sum(int((row["segment_ids"] > 0).sum()) for row in rows))
+        assert kept[-1] == (16 + 6 + 3 + 11 + 4 if cfg.packing_strategy == "bfd" else 46 + 6 + 3 + 11 + 4)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if "eval_loss" in r] == [len(prepared[0])]
+    assert [r for r in records if "loss" in r][-1]["num_tokens"] == kept[0]  # one epoch over every packed token

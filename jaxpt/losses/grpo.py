@@ -187,8 +187,9 @@ def grpo_loss(
         length = max_completion_length or mask.shape[1]
         loss = jnp.sum(per_token * mask) / (sequences * length)
 
-    low = ((ratio < 1 - epsilon) & (advantages < 0)).astype(jnp.float32)
-    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).astype(jnp.float32)
+    # Counted on the delta-capped ratio, as TRL (with delta <= 1 + epsilon_high nothing counts as high-clipped).
+    low = ((unclipped < 1 - epsilon) & (advantages < 0)).astype(jnp.float32)
+    high = ((unclipped > 1 + epsilon_high) & (advantages > 0)).astype(jnp.float32)
     if importance_sampling_level == "sequence":  # one value per sequence, as TRL averages them
         sequence_mask = (jnp.sum(mask, axis=-1, keepdims=True) > 0).astype(jnp.float32)
         clip_mean = lambda x: _masked_mean(x, sequence_mask)

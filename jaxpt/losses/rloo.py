@@ -35,13 +35,8 @@ def rloo_advantages(
     `sequence_kl` `[n]` is `sum_t (old_logp - ref_logp)` over each completion; the penalty is `beta * kl`."""
     if num_generations < 2:
         raise ValueError("RLOO needs num_generations >= 2 (the baseline leaves one completion out).")
-    rewards = combine_rewards(rewards, reward_weights)
-    if reward_clip_range is not None:
-        rewards = jnp.clip(rewards, reward_clip_range[0], reward_clip_range[1])
-    if beta != 0.0:
-        if sequence_kl is None:
-            raise ValueError("beta != 0 needs sequence_kl (sum of old - reference log-probs per completion).")
-        rewards = rewards - beta * sequence_kl
+    rewards = penalized_rewards(rewards, sequence_kl=sequence_kl, beta=beta, reward_weights=reward_weights,
+                                reward_clip_range=reward_clip_range)
     grouped = rewards.reshape(-1, num_generations)
     scored = jnp.sum(~jnp.isnan(grouped), axis=1, keepdims=True)
     baselines = (jnp.nansum(grouped, axis=1, keepdims=True) - grouped) / (scored - 1)
@@ -49,6 +44,26 @@ def rloo_advantages(
     if normalize_advantages:
         advantages = (advantages - jnp.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
     return jnp.nan_to_num(advantages, nan=0.0)
+
+
+def penalized_rewards(
+    rewards: jax.Array,
+    *,
+    sequence_kl: jax.Array | None = None,
+    beta: float = 0.0,
+    reward_weights: jax.Array | None = None,
+    reward_clip_range: tuple[float, float] | None = None,
+) -> jax.Array:
+    """The `[n]` rewards the leave-one-out baseline compares: the weighted sum of the functions (NaN where none
+    scored), clipped to `reward_clip_range`, minus `beta * sequence_kl`."""
+    rewards = combine_rewards(rewards, reward_weights)
+    if reward_clip_range is not None:
+        rewards = jnp.clip(rewards, reward_clip_range[0], reward_clip_range[1])
+    if beta != 0.0:
+        if sequence_kl is None:
+            raise ValueError("beta != 0 needs sequence_kl (sum of old - reference log-probs per completion).")
+        rewards = rewards - beta * sequence_kl
+    return rewards
 
 
 def rloo_loss(

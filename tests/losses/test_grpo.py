@@ -93,7 +93,15 @@ def test_grpo_loss_matches_formula(loss_type, options):
                               bias_correction=options.get("use_bias_correction_kl", True), **reference_options)
     loss, metrics = grpo_loss(LOGPS, OLD, REF, ADV, MASK, loss_type=loss_type, **options)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
-    assert 0 <= float(metrics["clip_ratio/region_mean"]) <= 1
+    # TRL counts clipping on the delta-capped ratio, per token or per sequence.
+    log_ratio = LOGPS - OLD
+    if options.get("importance_sampling_level") == "sequence":
+        log_ratio = ((log_ratio * MASK).sum(1) / MASK.sum(1))[:, None]
+    capped = np.minimum(np.exp(log_ratio), options.get("delta", np.inf))
+    clipped = ((capped < 0.8) & (ADV[:, None] < 0)) | ((capped > 1 + options.get("epsilon_high", 0.2)) &
+                                                        (ADV[:, None] > 0))
+    expected_region = clipped.mean() if clipped.shape[1] == 1 else (clipped * MASK).sum() / MASK.sum()
+    assert float(metrics["clip_ratio/region_mean"]) == pytest.approx(expected_region, abs=1e-7)
     if options.get("beta"):
         d = REF - LOGPS
         kl = np.exp(d) - d - 1
