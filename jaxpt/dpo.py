@@ -41,7 +41,7 @@ from flax import nnx
 
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
-from jaxpt.config import TrainingConfig
+from jaxpt.config import TrainingConfig, check_output_dir
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.dpo import (
     DPO_LOSS_TYPES,
@@ -109,13 +109,13 @@ class DPOConfig(TrainingConfig):
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs "
                                                                    "from hidden states (memory vs speed)."})
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if isinstance(self.loss_type, str):  # TRL accepts one name or a list
             self.loss_type = [self.loss_type]
-        super().__post_init__()
-
-    def validate(self) -> None:
         super().validate()
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0 (it scales the log-ratios; higher keeps the policy "
+                             "closer to the reference).")
         check_dpo_options(self.loss_type, loss_weights=self.loss_weights, label_smoothing=self.label_smoothing,
                           f_divergence_type=self.f_divergence_type, use_weighting=self.use_weighting)
         if self.truncation_mode not in TRUNCATION_MODES:
@@ -143,6 +143,7 @@ def prepare_dataset(dataset, tokenizer, config: DPOConfig) -> list[dict]:
     Bad data fails here, before anything compiles."""
     fmt = data.require_format(dataset, ("preference", "implicit_preference"), method="DPO")
     data.check_chat_template(tokenizer, fmt, method="DPO")
+    data.check_rows(dataset, fmt, method="DPO", tokenizer=tokenizer)
     max_length = config.max_length
     examples = []
     for index, row in enumerate(dataset):
@@ -452,6 +453,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     parameters come from the checkpoint."""
     if ref_model is model:
         raise ValueError("ref_model is the policy itself: leave ref_model=None for a frozen copy of the initial model.")
+    config.validate()  # again: a field may have been changed since the config was built
+    check_output_dir(config.output_dir)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -464,6 +467,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     buckets = data.length_buckets(config.max_length or max(
         max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples))
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    for checked in (model, ref_model):
+        if checked is not None:
+            data.check_model_fits(checked, examples + (eval_examples or []), ("chosen_input_ids", "rejected_input_ids"),
+                                  method="DPO", length_fields="max_length", extra_ids=(pad_id,))
 
     if config.precompute_ref_log_probs:  # before the first step donates the model's parameters
         reference = ref_model if ref_model is not None else model

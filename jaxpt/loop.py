@@ -34,6 +34,9 @@ def resume(config, state, state_sharding, checkpoints: Checkpointer) -> tuple[ob
     if target is None:
         if config.resume_from_checkpoint and str(config.resume_from_checkpoint).lower() not in ("latest", "true"):
             raise ValueError(f"resume_from_checkpoint={config.resume_from_checkpoint!r}: nothing to resume.")
+        if config.resume_from_checkpoint:
+            logger.warning("resume_from_checkpoint=%r: no checkpoint in %s/checkpoints, so training starts from "
+                           "step 0.", config.resume_from_checkpoint, config.output_dir)
         return state, 0, {}
     run_dir, step = target
     source = checkpoints if Path(run_dir).absolute() == checkpoints.directory.parent else Checkpointer(run_dir)

@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
-from jaxpt.config import TrainingConfig
+from jaxpt.config import TrainingConfig, check_output_dir
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.logprobs import next_token_targets
 from jaxpt.losses.sft import SFT_LOSS_TYPES, sft_loss_from_hidden
@@ -97,6 +97,7 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
     fmt = data.require_format(dataset, ("language_modeling", "prompt_completion"), method="SFT",
                               text_field=config.dataset_text_field)
     data.check_chat_template(tokenizer, fmt, method="SFT")
+    data.check_rows(dataset, fmt, method="SFT", tokenizer=tokenizer, text_field=config.dataset_text_field)
     completion_only = config.completion_only_loss
     if completion_only and fmt.kind != "prompt_completion":
         raise ValueError("completion_only_loss=True needs a prompt-completion dataset (columns prompt, completion); "
@@ -140,6 +141,10 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
         if max_length is not None and len(ids) > max_length and not (packing and config.packing_strategy != "bfd"):
             ids, mask = ids[:max_length], mask[:max_length]
         examples.append({"input_ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)})
+    if not any(e["loss_mask"][1:].any() for e in examples):  # the first token is never a target
+        raise ValueError(f"None of the {len(examples)} SFT examples has a token to train on (each is one token, or "
+                         "its loss mask is empty): check the dataset's text columns and completion_only_loss / "
+                         "assistant_only_loss.")
 
     if packing is None:
         packing = config.packing or config.padding_free
@@ -302,6 +307,8 @@ def make_eval_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None, 
 def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_dataset=None) -> loop.TrainResult:
     """Fine-tune `model` on `dataset` (TRL SFT format): progress bar, `metrics.jsonl`, evaluation, orbax
     checkpoints every `save_steps`, exact resume, and the final model exported in Hugging Face format."""
+    config.validate()  # again: a field may have been changed since the config was built
+    check_output_dir(config.output_dir)
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -314,6 +321,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     total_steps = data.total_steps(config, steps_in_epoch)
     buckets = data.length_buckets(config.max_length or max(len(e["input_ids"]) for e in examples))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    data.check_model_fits(model, examples + (eval_examples or []), ("input_ids",), method="SFT",
+                          length_fields="max_length", extra_ids=(pad_id,))
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
