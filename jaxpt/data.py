@@ -292,7 +292,7 @@ def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text
             for index, value in enumerate(column):
                 number = isinstance(value, (int, float, np.integer, np.floating, np.bool_))
                 if value is None or not number or not math.isfinite(float(value)):
-                    raise ValueError(f"{method} dataset, row {index}, column {name!r} is {value!r}; "
+                    raise ValueError(f"{method} dataset, row {index}: {name}={value!r}; "
                                      + ("KTO labels are booleans (True: desirable, False: undesirable)."
                                         if name == "label" else "it must be a finite number."))
 
