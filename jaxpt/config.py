@@ -193,7 +193,10 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
 @functools.cache
 def _field_types(config_class: type) -> dict[str, tuple]:
     """`{field: (accepted types, element types of a list or None)}` from the resolved annotations."""
-    hints = typing.get_type_hints(config_class)
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # an annotation that cannot be resolved (a user's subclass): no type checks
+        return {}
     out = {}
     for f in dataclasses.fields(config_class):
         hint = hints.get(f.name)

@@ -247,7 +247,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
-    check_reward_functions(reward_funcs, columns=prompts[0]["columns"])
+    for checked_prompts in (prompts, eval_prompts or []):
+        if checked_prompts:
+            check_reward_functions(reward_funcs, columns=checked_prompts[0]["columns"])
     for checked in (model, ref_model):
         if checked is not None:
             data.check_model_fits(checked, prompts + (eval_prompts or []), ("prompt_ids",), method="RLOO",

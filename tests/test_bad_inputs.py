@@ -236,7 +236,7 @@ DATASET_CASES = [
     ("dpo", [{"prompt": "p", "chosen": 1, "rejected": 0}], r"row 0, column 'chosen' is int 1"),
     ("reward", [{"chosen": "ab", "rejected": "ab"}] * 2, r"Every one of the 2 pairs .* identical chosen"),
     ("reward", [{"chosen": "a", "rejected": "b", "margin": None}] * 2, r"'margin' column is null in every row"),
-    ("reward", [{"chosen": "a", "rejected": "b", "margin": "high"}], r"row 0: margin='high'; it must be a finite number"),
+    ("reward", [{"chosen": "a", "rejected": "b", "margin": "high"}], r"row 0: margin='high'; it must be a finite "),
     ("reward", [{"chosen": "a", "rejected": "b", "margin": 1.0}, {"chosen": "a", "rejected": "c",
                                                                   "margin": float("inf")}],
      r"row 1: margin=inf; it must be a finite number"),
@@ -480,6 +480,16 @@ def test_reward_function_missing_column_fails_before_the_first_rollout(method, m
     with pytest.raises(ValueError, match=r"'accuracy_reward' needs the column\(s\) \['solution'\]"):
         module.train(model, tokenizer, rows({"prompt": "1+1="}, {"prompt": "2+2="}), settings,
                      reward_funcs=["accuracy_reward"])
+
+
+def test_reward_function_missing_column_of_the_eval_set(model, tokenizer, tmp_path, no_compile):
+    settings = grpo.GRPOConfig(output_dir=str(tmp_path / "out"), num_generations=2, max_completion_length=4,
+                               eval_strategy="steps", **{**SMALL, "per_device_train_batch_size": 2})
+    train_set = rows({"prompt": "1+1=", "solution": "2"}, {"prompt": "2+2=", "solution": "4"})
+    with pytest.raises(ValueError, match=r"'accuracy_reward' needs the column\(s\) \['solution'\], which the dataset "
+                                         r"lacks \(its columns: \[\]"):
+        grpo.train(model, tokenizer, train_set, settings, reward_funcs=["accuracy_reward"],
+                   eval_dataset=rows({"prompt": "3+3="}, {"prompt": "1+3="}))
 
 
 def test_rloo_warns_when_a_completion_gets_no_reward(monkeypatch, caplog):
