@@ -10,14 +10,22 @@ Arguments are the fields of the method's config dataclass with TRL's names (`jax
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
 override. `--dataset_name` is a local .json/.jsonl/.parquet/.csv file, a directory, or a Hub dataset id.
 `output_dir` receives `metrics.jsonl`, `checkpoints/` and `final/` (the model in Hugging Face format).
+Negative numbers are values, not flags: `--learning_rate -1e-3` and `--learning_rate=-1e-3` both parse (and then
+fail validation with a clear message, as a negative learning rate should).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# argparse takes "-1e-3" for an option (its own pattern knows only "-1" and "-1.5"): every number is a value here
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 @dataclass
@@ -44,11 +52,23 @@ def parse(config_class, argv: list[str], *extra):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((ScriptArguments, ModelConfig, config_class, *extra))
+    parser._negative_number_matcher = NEGATIVE_NUMBER
     argv = list(argv)
     if "--config" in argv:
         index = argv.index("--config")
-        with open(argv[index + 1]) as f:
-            defaults = yaml.safe_load(f) or {}
+        if index + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file: --config path/to/config.yaml.")
+        path = Path(argv[index + 1]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {argv[index + 1]}: no such file ({path.absolute()}).")
+        try:
+            defaults = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path}: not valid YAML: {error}") from None
+        defaults = {} if defaults is None else defaults
+        if not isinstance(defaults, dict):
+            raise ValueError(f"--config {path} holds a {type(defaults).__name__}, not a mapping of field names to "
+                             "values: write one `field: value` per line (e.g. `learning_rate: 1.0e-5`).")
         del argv[index:index + 2]
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(defaults) - known)
@@ -61,69 +81,97 @@ def parse(config_class, argv: list[str], *extra):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def check_inputs(script_args, model_args, config, *paths: tuple[str, str | None]) -> None:
+    """Before loading anything: `output_dir` can be written (and holds no other run's checkpoints), every local-looking path exists (a missing one
+    fails now, not after the Hub's retries), and the model directory has a tokenizer unless one is named.
+    `paths`: more `(flag, path)` pairs to check (e.g. a reward model)."""
+    from jaxpt import loop
+    from jaxpt.data import looks_like_local_path
+
+    config.validate()
+    loop.prepare_output_dir(config)  # writable, and no earlier run's checkpoints unless resuming/overwriting
+    named = [("--model_name_or_path", model_args.model_name_or_path),
+             ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),
+             ("--dataset_name", script_args.dataset_name), *paths]
+    for flag, value in named:
+        if value is not None and looks_like_local_path(value) and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"{flag} {value}: no such file or directory ({Path(value).expanduser().absolute()})"
+                                    "; a Hub id has the form org/name.")
+    model_dir = Path(model_args.model_name_or_path).expanduser()
+    if model_args.tokenizer_name_or_path is None and model_dir.is_dir() and not any(
+            (model_dir / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"The model directory {model_dir} holds no tokenizer (none of {list(TOKENIZER_FILES)})"
+                                ": pass --tokenizer_name_or_path DIR_OR_HUB_ID, or save the tokenizer there.")
+
+
+def load_tokenizer(name_or_path: str, *, flag: str = "--tokenizer_name_or_path"):
+    """`AutoTokenizer.from_pretrained`, with the path and the flag to fix named when it fails."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as error:
+        raise ValueError(f"Cannot load a tokenizer from {name_or_path!r} ({type(error).__name__}: {error}): pass "
+                         f"{flag} with a directory holding tokenizer files, or a Hub id.") from error
+
+
 def load_model_and_data(script_args, model_args, config, *, num_labels=None):
+    """`(model, tokenizer, train_set, eval_set)`; the cheap things (tokenizer, data) first, so their errors come
+    before the model is read."""
     import jax
     import jax.numpy as jnp
-    from transformers import AutoTokenizer
 
     import jaxpt.models
     from jaxpt import data
 
-    bf16 = config.bf16 if config.bf16 is not None else jax.default_backend() != "cpu"
-    model = jaxpt.models.from_pretrained(model_args.model_name_or_path, num_labels=num_labels,
-                                         dtype=jnp.bfloat16 if bf16 else jnp.float32, seed=config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
     train_set = data.load_dataset(script_args.dataset_name, split=script_args.dataset_train_split,
                                   config_name=script_args.dataset_config)
     eval_set = None
     if config.eval_strategy != "no":
         eval_set = data.load_dataset(script_args.dataset_name, split=script_args.dataset_test_split,
                                      config_name=script_args.dataset_config)
+    bf16 = config.bf16 if config.bf16 is not None else jax.default_backend() != "cpu"
+    model = jaxpt.models.from_pretrained(model_args.model_name_or_path, num_labels=num_labels,
+                                         dtype=jnp.bfloat16 if bf16 else jnp.float32, seed=config.seed)
     return model, tokenizer, train_set, eval_set
+
+
+def _offline_command(method_module, config_class, argv: list[str], *, num_labels: int | None = None) -> int:
+    """`jaxpt sft|dpo|reward|kto`: parse, check the inputs, load, train on a fixed dataset, report."""
+    script_args, model_args, config = parse(config_class, argv)
+    check_inputs(script_args, model_args, config)
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config,
+                                                                num_labels=num_labels)
+    result = method_module.train(model, tokenizer, train_set, config, eval_dataset=eval_set)
+    what = "reward model" if num_labels is not None else "model"
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; {what} in "
+          f"{result.model_dir}")
+    return 0
 
 
 def sft_command(argv: list[str]) -> int:
     from jaxpt import sft
 
-    script_args, model_args, config = parse(sft.SFTConfig, argv)
-    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
-    result = sft.train(model, tokenizer, train_set, config, eval_dataset=eval_set)
-    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
-          f"{result.model_dir}")
-    return 0
-
-
-def reward_command(argv: list[str]) -> int:
-    from jaxpt import reward
-
-    script_args, model_args, config = parse(reward.RewardConfig, argv)
-    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config, num_labels=1)
-    result = reward.train(model, tokenizer, train_set, config, eval_dataset=eval_set)
-    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; reward model in "
-          f"{result.model_dir}")
-    return 0
+    return _offline_command(sft, sft.SFTConfig, argv)
 
 
 def dpo_command(argv: list[str]) -> int:
     from jaxpt import dpo
 
-    script_args, model_args, config = parse(dpo.DPOConfig, argv)
-    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
-    result = dpo.train(model, tokenizer, train_set, config, eval_dataset=eval_set)
-    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
-          f"{result.model_dir}")
-    return 0
+    return _offline_command(dpo, dpo.DPOConfig, argv)  # reference: a frozen copy of the loaded model
+
+
+def reward_command(argv: list[str]) -> int:
+    from jaxpt import reward
+
+    return _offline_command(reward, reward.RewardConfig, argv, num_labels=1)  # a one-label head on the checkpoint
 
 
 def kto_command(argv: list[str]) -> int:
     from jaxpt import kto
 
-    script_args, model_args, config = parse(kto.KTOConfig, argv)
-    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
-    result = kto.train(model, tokenizer, train_set, config, eval_dataset=eval_set)  # reference: the loaded model
-    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
-          f"{result.model_dir}")
-    return 0
+    return _offline_command(kto, kto.KTOConfig, argv)  # reference: a frozen copy of the loaded model
 
 
 @dataclass
@@ -138,20 +186,20 @@ class RewardArguments:
 
 
 def _online_command(method_module, config_class, argv: list[str]) -> int:
-    from transformers import AutoTokenizer
-
+    """`jaxpt grpo|rloo`: like the offline commands, plus the reward functions (resolved before any loading)."""
     import jaxpt.models
     from jaxpt import rewards
 
     script_args, model_args, config, reward_args = parse(config_class, argv, RewardArguments)
-    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
+    reward_model = reward_args.reward_model_name_or_path
+    check_inputs(script_args, model_args, config, ("--reward_model_name_or_path", reward_model))
     reward_funcs = [rewards.resolve_reward_function(name) for name in reward_args.reward_funcs or []]
-    if reward_args.reward_model_name_or_path:
-        path = reward_args.reward_model_name_or_path
-        reward_funcs.append(rewards.model_reward(jaxpt.models.from_pretrained(path, num_labels=1),
-                                                 AutoTokenizer.from_pretrained(path)))
-    if not reward_funcs:
+    if not reward_funcs and not reward_model:
         raise ValueError("Pass --reward_funcs (and/or --reward_model_name_or_path): nothing scores the completions.")
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
+    if reward_model:
+        reward_funcs.append(rewards.model_reward(jaxpt.models.from_pretrained(reward_model, num_labels=1),
+                                                 load_tokenizer(reward_model, flag="--reward_model_name_or_path")))
     result = method_module.train(model, tokenizer, train_set, config, reward_funcs=reward_funcs,
                                  eval_dataset=eval_set)
     print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
@@ -214,12 +262,8 @@ def smoke(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sft": sft_command, "smoke": smoke, "demo": demo}
-COMMANDS["kto"] = kto_command
-COMMANDS["dpo"] = dpo_command
-COMMANDS["reward"] = reward_command
-COMMANDS["grpo"] = grpo_command
-COMMANDS["rloo"] = rloo_command
+COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "kto": kto_command,
+            "grpo": grpo_command, "rloo": rloo_command, "smoke": smoke, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,9 +271,34 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logger = logging.getLogger("jaxpt")
+    # jaxpt's INFO lines ("Compiling ...", "Resumed from ...") get a handler of their own: a root handler installed
+    # at WARNING by an imported library (orbax does) would drop them. Restored afterwards for callers in Python.
+    saved = (logger.level, logger.propagate)
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (captured or redirected streams too)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always answers sys.stderr
+        pass
 
 
 if __name__ == "__main__":

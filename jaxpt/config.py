@@ -16,9 +16,18 @@ Where jaxpt differs from TRL on purpose:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import numbers
+import os
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
+# report_to name -> the module it needs (installed by `pip install -e ".[tracking]"`)
+TRACKERS = {"tensorboard": "tensorboardX", "wandb": "wandb"}
 
 
 @dataclass
@@ -70,8 +79,10 @@ class TrainingConfig:
                                                                          "transformers)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint directory, or 'latest' "
                                                                                "for the newest in output_dir."})
-    report_to: str = field(default="none", metadata={"help": "Extra metric sinks besides metrics.jsonl: 'none', "
-                                                             "'tensorboard', 'wandb' (comma-separated)."})
+    report_to: list[str] | str = field(default_factory=lambda: ["none"], metadata={
+        "help": "Extra metric sinks besides metrics.jsonl: 'none', 'all' (every installed one), or any of "
+                f"{sorted(TRACKERS)} (`--report_to tensorboard wandb`; in Python a list or a comma-separated "
+                "string). They need `pip install -e \".[tracking]\"`."})
     run_name: str | None = field(default=None, metadata={"help": "Run name for W&B / TensorBoard."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
     save_final_model: bool = field(default=True, metadata={"help": "Export the final model to "
@@ -89,12 +100,28 @@ class TrainingConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the field, the value and the fix; subclasses extend it."""
+        """Raise `ValueError` naming the field, the value and the fix; subclasses extend it. `train()` calls it
+        again, so a field changed after construction is checked too."""
+        if self.report_to is None:  # transformers' "no trackers"
+            self.report_to = []
+        check_field_types(self)
         positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"eval_steps={self.eval_steps} must be >= 1 (or None: every logging_steps).")
+        for name in ("max_grad_norm", "weight_decay", "warmup_steps", "adam_epsilon", "min_lr_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0"
+                                 + (" (0 disables gradient clipping)." if name == "max_grad_norm" else "."))
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1).")
+        if not str(self.output_dir).strip():
+            raise ValueError("output_dir is empty: pass the directory metrics, checkpoints and the model go to.")
+        self.report_to = resolve_report_to(self.report_to)
         if self.lr_scheduler_type not in LR_SCHEDULER_TYPES:
             raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r} is not supported; use one of "
                              f"{LR_SCHEDULER_TYPES}.")
@@ -117,3 +144,114 @@ class TrainingConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resolve_report_to(report_to: str | list[str] | None) -> list[str]:
+    """The trackers `report_to` names, as a list: HF's list form (`["wandb", "tensorboard"]`), a comma-separated
+    string, `"none"` (none) or `"all"` (every installed tracker, as transformers does). Unknown names and
+    trackers that are not installed raise `ValueError`."""
+    if report_to is None:
+        return []
+    items = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"report_to={report_to!r}: each entry must be a string ('none', 'all', "
+                             f"{', '.join(repr(t) for t in sorted(TRACKERS))}).")
+        names += [name.strip() for name in item.replace(",", " ").split() if name.strip()]
+    if names == ["all"]:
+        return [name for name in sorted(TRACKERS) if tracker_installed(name)]
+    if names in ([], ["none"]):
+        return []
+    valid = ["all", "none", *sorted(TRACKERS)]
+    for name in names:
+        if name not in TRACKERS:
+            reason = "'none' and 'all' stand alone" if name in ("none", "all") else f"unknown tracker {name!r}"
+            raise ValueError(f"report_to={report_to!r}: {reason}; use one of {valid} (several trackers: "
+                             "--report_to tensorboard wandb).")
+        if not tracker_installed(name):
+            raise ValueError(f"report_to={report_to!r}: {name} needs the {TRACKERS[name]!r} package, which is not "
+                             'installed: pip install -e ".[tracking]" (or pip install '
+                             f"{TRACKERS[name]}), or drop {name!r} from report_to.")
+    return list(dict.fromkeys(names))
+
+
+def tracker_installed(name: str) -> bool:
+    """Whether the package tracker `name` (a key of `TRACKERS`) writes with is importable."""
+    return importlib.util.find_spec(TRACKERS[name]) is not None
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Fail before any work unless `output_dir` is a directory this process can write, or can be created: not a
+    file, not under a file, not in a read-only place. Creates nothing. Returns the path."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output_dir={str(output_dir)!r} is a file, not a directory: pass a directory "
+                                 "(it is created if missing) or move the file away.")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output_dir={str(output_dir)!r} cannot be created: {existing} is a file. Pass a "
+                                 "directory path that is not inside a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path.absolute() else f" (its nearest existing parent {existing} is read-only)"
+        raise ValueError(f"output_dir={str(output_dir)!r} is not writable{where}: pass a directory you can write "
+                         "to, or fix its permissions.")
+    return path
+
+
+@functools.cache
+def _field_types(config_class: type) -> dict[str, tuple]:
+    """`{field: (accepted types, element types of a list or None)}` from the resolved annotations."""
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # an annotation that cannot be resolved (a user's subclass): no type checks
+        return {}
+    out = {}
+    for f in dataclasses.fields(config_class):
+        hint = hints.get(f.name)
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is \
+            typing.Union else (hint,)
+        accepted, elements = [], None
+        for option in options:
+            if option is type(None):
+                accepted.append(type(None))
+            elif option is bool:
+                accepted.append(bool)
+            elif option is int:
+                accepted.append(numbers.Integral)
+            elif option is float:
+                accepted.append(numbers.Real)
+            elif option is str:
+                accepted += [str, os.PathLike]  # paths are strings to HF's parser; Path objects are fine
+            elif typing.get_origin(option) is list:
+                accepted += [list, tuple]
+                elements = typing.get_args(option)
+            else:
+                accepted = None  # a type this check does not know: leave it alone
+                break
+        if accepted:
+            out[f.name] = (tuple(accepted), elements)
+    return out
+
+
+def _type_names(accepted: tuple, elements: tuple | None) -> str:
+    of = f" of {', '.join(t.__name__ for t in elements)}" if elements else ""
+    names = {type(None): "None", bool: "a bool", numbers.Integral: "an int", numbers.Real: "a number",
+             str: "a string", list: f"a list{of}"}
+    return " or ".join(names[t] for t in accepted if t in names)
+
+
+def check_field_types(config) -> None:
+    """`ValueError` naming the field when a value has the wrong type (a string for a number, 1.5 for an int,
+    1 for a bool ...), before any comparison fails with a raw `TypeError`."""
+    for name, (accepted, elements) in _field_types(type(config)).items():
+        value = getattr(config, name)
+        is_bool = isinstance(value, bool)
+        ok = isinstance(value, accepted) and not (is_bool and bool not in accepted)
+        if ok and isinstance(value, (list, tuple)) and elements:
+            element_types = tuple({int: numbers.Integral, float: numbers.Real}.get(t, t) for t in elements)
+            ok = all(isinstance(v, element_types) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise ValueError(f"{name}={value!r} ({type(value).__name__}) must be {_type_names(accepted, elements)}.")

@@ -41,9 +41,22 @@ FORMAT_COLUMNS = {
 # --------------------------------------------------------------------------------------------------------------
 
 
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+def looks_like_local_path(name_or_path: str | os.PathLike) -> bool:
+    """True when `name_or_path` can only mean a local path: it exists, starts with `./`, `../`, `/` or `~`, has
+    more than one `/` (a Hub id is `org/name`), a backslash, or a data-file suffix. Such a path that does not exist
+    fails at once instead of after the Hub's retries."""
+    name = str(name_or_path)
+    return (Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or "\\" in name or name.endswith(DATA_FILE_SUFFIXES))
+
+
 def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", config_name: str | None = None):
     """A `datasets.Dataset` from a local file (.json/.jsonl/.parquet/.csv), a local directory (saved with
-    `save_to_disk`, or holding such files, optionally in `<split>.*` files), or a Hub dataset id."""
+    `save_to_disk`, or holding such files, optionally in `<split>.*` files), or a Hub dataset id. An empty file, a
+    file without rows, or a malformed JSON line fails with the file (and line) named."""
     import datasets
 
     path = Path(name_or_path).expanduser()
@@ -54,26 +67,80 @@ def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", confi
                              "a directory as train.jsonl / test.jsonl (or set eval_strategy='no').")
         if path.suffix not in builders:
             raise ValueError(f"Cannot read {path}: supported files are {sorted(builders)}.")
-        return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+        return _load_files(builders[path.suffix], [path], split)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             loaded = datasets.load_from_disk(str(path))
-            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"The dataset saved in {path} has the splits {sorted(loaded)}, not {split!r}: "
+                                     "pass one of them (dataset_train_split / dataset_test_split).")
+                loaded = loaded[split]
+            return loaded
         files = sorted(p for p in path.iterdir() if p.suffix in builders)
         split_files = [p for p in files if p.stem == split or p.stem.startswith(f"{split}-")]
         chosen = split_files or ([] if any(p.stem in ("train", "test", "validation") for p in files) else files)
         if not chosen:
             raise FileNotFoundError(f"No {split!r} data files ({sorted(builders)}) in {path}.")
-        return datasets.load_dataset(builders[chosen[0].suffix], data_files=[str(p) for p in chosen], split="train")
-    if str(name_or_path).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"No dataset file or directory at {path.resolve()}.")
+        return _load_files(builders[chosen[0].suffix], chosen, split)
+    if looks_like_local_path(name_or_path):
+        raise FileNotFoundError(f"No dataset file or directory at {path.absolute()} (dataset_name="
+                                f"{str(name_or_path)!r}): check the path; a Hub dataset id has the form org/name.")
     try:
         return datasets.load_dataset(str(name_or_path), config_name, split=split)
     except Exception as error:
         raise FileNotFoundError(
-            f"{str(name_or_path)!r} is neither a local file/directory (looked at {path.resolve()}) nor a dataset "
+            f"{str(name_or_path)!r} is neither a local file/directory (looked at {path.absolute()}) nor a dataset "
             f"the Hugging Face Hub served: {type(error).__name__}: {error}"
         ) from error
+
+
+def _load_files(builder: str, files: Sequence[Path], split: str):
+    """`datasets.load_dataset` of local files, with the file (and the line of a malformed JSON line) named when a
+    file is empty, has no rows, or does not parse."""
+    import datasets
+
+    for file in files:
+        if file.stat().st_size == 0 or (builder == "json" and not file.read_text(errors="replace").strip()):
+            raise ValueError(f"The data file {file} is empty: it holds no rows.")
+    try:
+        dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as error:
+        for file in files:
+            if builder == "json":
+                _check_json_file(file)
+            elif builder == "csv" and len(file.read_text(errors="replace").strip().splitlines()) <= 1:
+                raise ValueError(f"The CSV file {file} holds a header but no rows.") from None
+        raise ValueError(f"Cannot read the {split!r} data from {', '.join(map(str, files))}: "
+                         f"{type(error).__name__}: {error} {error.__cause__ or ''}".rstrip()) from error
+    if len(dataset) == 0:
+        raise ValueError(f"The data file(s) {', '.join(map(str, files))} hold no rows"
+                         + (" (a CSV header alone)" if builder == "csv" else "") + ".")
+    return dataset
+
+
+def _check_json_file(file: Path) -> None:
+    """Raise `ValueError` naming the first line of a JSON-lines file that is not a JSON object (or a whole-file
+    JSON error)."""
+    import json
+
+    text = file.read_text(errors="replace")
+    try:
+        json.loads(text)
+        return  # one JSON document (a list of rows, or a dict of columns): well formed
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{file}, line {number}: malformed JSON ({error.msg} at column {error.colno}): "
+                             f"{line[:80]!r}. Fix or remove that line.") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{file}, line {number}: a JSON-lines row must be an object ({{\"column\": value, "
+                             f"...}}), not {type(row).__name__}: {line[:80]!r}.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -162,6 +229,117 @@ def check_chat_template(tokenizer, fmt: DatasetFormat, *, method: str) -> None:
         )
 
 
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def text_columns(fmt: DatasetFormat, *, text_field: str = "text") -> tuple[str, ...]:
+    """The columns of `fmt` that hold text (strings) or messages."""
+    if fmt.kind == "language_modeling":
+        return ("messages",) if fmt.conversational else (text_field,)
+    return tuple(c for c in FORMAT_COLUMNS[fmt.kind] if c != "label")
+
+
+def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text_field: str = "text",
+               columns: Sequence[str] | None = None, number_columns: Sequence[str] = ()) -> None:
+    """Check every row of the text columns (default: all of `fmt`'s) before tokenizing, so bad data fails with
+    the row and the column named (never a `KeyError`/`TypeError` from inside the tokenizer or chat template):
+    strings in standard data, lists of `{"role", "content"}` messages with known roles in conversational data (no
+    mixing), no nulls, not every row empty; for preference data, not every pair with identical chosen and
+    rejected (a warning when some are, as TRL trains on them); finite numbers in `number_columns` (e.g. the reward
+    `margin`) and booleans in the `label` of unpaired preference data."""
+    import logging
+
+    columns = tuple(columns) if columns is not None else text_columns(fmt, text_field=text_field)
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    kind = "conversational (lists of role/content messages)" if fmt.conversational else "standard (strings)"
+    values = {name: _column(dataset, name) for name in columns}
+    for name, column in values.items():
+        if all(value is None for value in column):
+            raise ValueError(f"The {method} dataset's {name!r} column is null in every row: fill it (or use a "
+                             "dataset with that column).")
+        for index, value in enumerate(column):
+            where = f"{method} dataset, row {index}, column {name!r}"
+            if value is None:
+                raise ValueError(f"{where} is null: fill it or drop the row.")
+            if fmt.conversational:
+                _check_messages(value, where=where, kind=kind, template=template)
+            elif not isinstance(value, str):
+                if _is_messages(value):
+                    raise ValueError(f"{where} holds messages, but the dataset is {kind} (its first row): use one "
+                                     "format for every row and column.")
+                raise ValueError(f"{where} is {type(value).__name__} {value!r}; a {kind} dataset needs a string "
+                                 "there: convert the column to text (e.g. str(value)).")
+        if name in ("text", text_field, "completion", "chosen", "rejected") and not fmt.conversational and all(
+                value == "" for value in column):
+            raise ValueError(f"The {method} dataset's {name!r} column is an empty string in every row, so there is "
+                             "no token to train on: check the column mapping.")
+    if "chosen" in values:
+        same = sum(c == r for c, r in zip(values["chosen"], values["rejected"], strict=True))
+        if same == len(dataset):
+            raise ValueError(f"Every one of the {len(dataset)} pairs of the {method} dataset has identical chosen "
+                             "and rejected completions: such a pair carries no preference signal.")
+        if same:
+            logging.getLogger("jaxpt").warning(
+                "%d of %d pairs of the %s dataset have identical chosen and rejected completions: they carry no "
+                "preference signal (TRL trains on them too; filter them out).", same, len(dataset), method)
+    checked = [*number_columns, *(["label"] if fmt.kind == "unpaired_preference" else [])]
+    for name in checked:
+        if name in _column_names(dataset):
+            column = _column(dataset, name)
+            if all(value is None for value in column):
+                raise ValueError(f"The {method} dataset's {name!r} column is null in every row: fill it"
+                                 + ("." if name == "label" else " or drop the column."))
+            for index, value in enumerate(column):
+                number = isinstance(value, (int, float, np.integer, np.floating, np.bool_))
+                if value is None or not number or not math.isfinite(float(value)):
+                    raise ValueError(f"{method} dataset, row {index}: {name}={value!r}; "
+                                     + ("KTO labels are booleans (True: desirable, False: undesirable)."
+                                        if name == "label" else "it must be a finite number."))
+
+
+def _column_names(dataset) -> list[str]:
+    names = getattr(dataset, "column_names", None)
+    return list(names) if names is not None else sorted({k for row in dataset for k in row})
+
+
+def _column(dataset, name: str) -> list:
+    if hasattr(dataset, "column_names"):
+        return list(dataset[name]) if name in dataset.column_names else [None] * len(dataset)
+    return [row.get(name) for row in dataset]
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def _check_messages(value, *, where: str, kind: str, template: str) -> None:
+    if isinstance(value, str):
+        raise ValueError(f"{where} is a string, but the dataset is {kind} (its first row): use one format for "
+                         "every row and column.")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where} is {type(value).__name__} {value!r}; a {kind} dataset needs a list of "
+                         "{'role': ..., 'content': ...} messages there.")
+    for number, message in enumerate(value):
+        at = f"{where}, message {number}"
+        if not isinstance(message, dict):
+            raise ValueError(f"{at} is {type(message).__name__} {message!r}, not a {{'role', 'content'}} dict.")
+        role = message.get("role")
+        if role is None:
+            raise ValueError(f"{at} has no 'role' (keys: {sorted(k for k, v in message.items() if v is not None)}).")
+        # a role the chat template names explicitly (e.g. 'ipython') is one it knows
+        if role not in MESSAGE_ROLES and f"'{role}'" not in template and f'"{role}"' not in template:
+            raise ValueError(f"{at} has role={role!r}, which neither the standard roles {list(MESSAGE_ROLES)} "
+                             "nor the tokenizer's chat template name: rename it.")
+        content = message.get("content")
+        if content is None and not message.get("tool_calls"):
+            if message.get("text") is not None:
+                raise ValueError(f"{at} has a 'text' key instead of 'content': rename the key to 'content'.")
+            raise ValueError(f"{at} (role {role!r}) has no 'content'.")
+        if content is not None and not isinstance(content, (str, list)):
+            raise ValueError(f"{at} has content of type {type(content).__name__} ({content!r}); message content "
+                             "must be a string: convert it.")
+
+
 def tokenize(tokenizer, text_or_messages, *, add_generation_prompt: bool = False,
              assistant_mask: bool = False, tools: Any = None) -> dict[str, list[int]]:
     """Token ids of a string, or of messages rendered by the tokenizer's chat template.
@@ -222,6 +400,9 @@ def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int |
     column (handed to the reward functions)."""
     fmt = require_format(dataset, ("prompt_only", "prompt_completion"), method=method)
     check_chat_template(tokenizer, fmt, method=method)
+    check_rows(dataset, fmt, method=method, tokenizer=tokenizer, columns=("prompt",))
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length={max_prompt_length} must be >= 1 (or None: no truncation).")
     prompts = []
     for index, row in enumerate(dataset):
         ids = tokenize(tokenizer, row["prompt"], add_generation_prompt=fmt.conversational)["input_ids"]
@@ -231,6 +412,38 @@ def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int |
         prompts.append({"prompt": row["prompt"], "prompt_ids": ids,
                         "columns": {k: v for k, v in row.items() if k != "prompt"}})
     return prompts
+
+
+def check_model_fits(model, examples: Sequence[dict], keys: Sequence[str], *, method: str, length_fields: str,
+                     extra_length: int = 0, extra_ids: Sequence[int | None] = (), longest: int | None = None) -> None:
+    """Fail before anything compiles when tokenized data does not fit `model`: a token id (of `examples[i][key]`
+    or `extra_ids`, e.g. the pad token) outside the model's vocabulary (the tokenizer belongs to another model; the
+    embedding lookup would turn into NaN), or a sequence (the longest of `keys`, per packed segment, or `longest`
+    when the caller knows better, plus `extra_length`, e.g. the completion length of a rollout) longer than its
+    `max_position_embeddings`."""
+    known_longest = longest
+    longest, max_id = 0, max([i for i in extra_ids if i is not None], default=-1)
+    for example in examples:
+        for key in keys:
+            ids = np.asarray(example[key])
+            if ids.size:
+                max_id = max(max_id, int(ids.max()))
+                if "segment_ids" in example:  # packed: positions restart in every segment
+                    longest = max(longest, int(np.bincount(np.asarray(example["segment_ids"]))[1:].max(initial=0)))
+                else:
+                    longest = max(longest, int(ids.size))
+    longest = longest if known_longest is None else known_longest
+    config = getattr(model, "config", None)
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and max_id >= vocab_size:
+        raise ValueError(f"The {method} data holds token id {max_id}, but the model's vocabulary has vocab_size="
+                         f"{vocab_size} ids (0..{vocab_size - 1}): the tokenizer does not belong to this model. Pass "
+                         "the model's own tokenizer (--tokenizer_name_or_path), or a model whose embeddings cover it.")
+    max_positions = getattr(getattr(config, "rope", None), "max_position_embeddings", None)
+    if max_positions is not None and longest + extra_length > max_positions:
+        raise ValueError(f"The {method} run feeds sequences of up to {longest + extra_length} tokens, more than the "
+                         f"model's max_position_embeddings={max_positions}: lower {length_fields} (to at most "
+                         f"{max_positions} in all) or shorten the data.")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -108,13 +108,13 @@ class DPOConfig(TrainingConfig):
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs "
                                                                    "from hidden states (memory vs speed)."})
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if isinstance(self.loss_type, str):  # TRL accepts one name or a list
             self.loss_type = [self.loss_type]
-        super().__post_init__()
-
-    def validate(self) -> None:
         super().validate()
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0 (it scales the log-ratios; higher keeps the policy "
+                             "closer to the reference).")
         check_dpo_options(self.loss_type, loss_weights=self.loss_weights, label_smoothing=self.label_smoothing,
                           f_divergence_type=self.f_divergence_type, use_weighting=self.use_weighting)
         if self.truncation_mode not in TRUNCATION_MODES:
@@ -142,6 +142,7 @@ def prepare_dataset(dataset, tokenizer, config: DPOConfig) -> list[dict]:
     Bad data fails here, before anything compiles."""
     fmt = data.require_format(dataset, ("preference", "implicit_preference"), method="DPO")
     data.check_chat_template(tokenizer, fmt, method="DPO")
+    data.check_rows(dataset, fmt, method="DPO", tokenizer=tokenizer)
     max_length = config.max_length
     examples = []
     for index, row in enumerate(dataset):
@@ -465,6 +466,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     buckets = data.length_buckets(config.max_length or max(
         max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples))
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    for checked in (model, ref_model):
+        if checked is not None:
+            data.check_model_fits(checked, examples + (eval_examples or []), ("chosen_input_ids", "rejected_input_ids"),
+                                  method="DPO", length_fields="max_length", extra_ids=(pad_id,))
 
     if config.precompute_ref_log_probs:  # before the first step donates the model's parameters
         reference = ref_model if ref_model is not None else model

@@ -45,7 +45,7 @@ from jaxpt.losses.grpo import (
     reward_metrics,
 )
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.rewards import resolve_reward_function
+from jaxpt.rewards import check_reward_functions, resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
     completion_logps,
@@ -115,6 +115,13 @@ class GRPOConfig(TrainingConfig):
                              "to compare them.")
         if self.max_completion_length < 1 or self.num_iterations < 1:
             raise ValueError("max_completion_length and num_iterations must be >= 1.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} must be >= 1 (or None: no truncation).")
+        if self.beta < 0:
+            raise ValueError(f"beta={self.beta} must be >= 0 (0: no reference model).")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ValueError(f"epsilon={self.epsilon} and epsilon_high={self.epsilon_high} must be >= 0 (the ratio "
+                             "is clipped to [1 - epsilon, 1 + epsilon_high]).")
         if not 0.0 < self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile={self.top_entropy_quantile} must be in (0, 1].")
         if self.temperature <= 0:
@@ -261,6 +268,15 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
+    for checked_prompts in (prompts, eval_prompts or []):
+        if checked_prompts:
+            check_reward_functions(reward_funcs, columns=checked_prompts[0]["columns"])
+    for checked in (model, ref_model):
+        if checked is not None:
+            data.check_model_fits(checked, prompts + (eval_prompts or []), ("prompt_ids",), method="GRPO",
+                                  length_fields="max_prompt_length + max_completion_length",
+                                  extra_length=config.max_completion_length,
+                                  extra_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id))
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)

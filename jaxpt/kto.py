@@ -122,6 +122,7 @@ def prepare_dataset(dataset, tokenizer, config: KTOConfig) -> list[dict]:
     conversational ones the chat template. Bad data fails here, before anything compiles."""
     fmt = data.require_format(dataset, ("unpaired_preference", "preference", "implicit_preference"), method="KTO")
     data.check_chat_template(tokenizer, fmt, method="KTO")
+    data.check_rows(dataset, fmt, method="KTO", tokenizer=tokenizer)
     rows = list(dataset)
     if fmt.kind == "implicit_preference":
         rows = [data.extract_prompt(row) for row in rows]
@@ -473,6 +474,11 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     longest = max(len(e["prompt_ids"]) for e in everything) + max(len(e["completion_ids"]) for e in everything)
     buckets = data.length_buckets(min(config.max_length or longest, longest))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for checked in (model, ref_model):  # a KL sequence may join the longest prompt to the longest completion
+        if checked is not None:
+            data.check_model_fits(checked, everything, ("prompt_ids", "completion_ids"), method="KTO",
+                                  length_fields="max_length", extra_ids=(pad_id,),
+                                  longest=min(config.max_length or longest, longest))
     batch_args = dict(buckets=buckets, pad_token_id=pad_id, max_length=config.max_length, with_kl=with_kl)
 
     # The policy's buffers are donated by the train step, so a reference that is `model` itself is a copy, unless

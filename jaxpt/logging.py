@@ -17,13 +17,16 @@ from pathlib import Path
 
 import jax
 
+from jaxpt.config import resolve_report_to
+
 logger = logging.getLogger("jaxpt")
 
 CUMULATIVE = ("num_tokens",)  # running totals: log the last value, not the window mean
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, *, logging_steps: int, total_steps: int, report_to: str = "none",
+    def __init__(self, output_dir: str | Path, *, logging_steps: int, total_steps: int,
+                 report_to: str | list[str] | None = "none",
                  run_name: str | None = None, disable_tqdm: bool = False, description: str = "train",
                  start_step: int = 0, config: dict | None = None):
         self.output_dir = Path(output_dir)
@@ -45,13 +48,11 @@ class MetricsLogger:
             from tqdm.auto import tqdm
 
             self.progress = tqdm(total=total_steps, initial=start_step, desc=description, dynamic_ncols=True)
-        for sink in [s.strip() for s in report_to.split(",") if s.strip() and s.strip() != "none"]:
+        for sink in resolve_report_to(report_to):  # unknown or missing trackers fail here (and in validate)
             if sink == "tensorboard":
                 self.sinks.append(_TensorBoard(self.output_dir / "tensorboard"))
-            elif sink == "wandb":
-                self.sinks.append(_WandB(run_name, config or {}))
             else:
-                raise ValueError(f"report_to={report_to!r}: unknown sink {sink!r}; use none, tensorboard, wandb.")
+                self.sinks.append(_WandB(run_name, config or {}))
 
     def log(self, step: int, metrics: dict, *, epoch: float | None = None) -> dict | None:
         """Record the metrics of optimizer step `step` (1-based). They stay on device (no host sync, so the
@@ -146,7 +147,7 @@ class _TensorBoard:
         try:
             from tensorboardX import SummaryWriter
         except ImportError as error:
-            raise ValueError("report_to=tensorboard needs `pip install tensorboardX`.") from error
+            raise ValueError('report_to=tensorboard needs tensorboardX: pip install -e ".[tracking]".') from error
         self.writer = SummaryWriter(str(directory))
 
     def write(self, record: dict) -> None:
@@ -164,7 +165,7 @@ class _WandB:
         try:
             import wandb
         except ImportError as error:
-            raise ValueError("report_to=wandb needs `pip install wandb`.") from error
+            raise ValueError('report_to=wandb needs wandb: pip install -e ".[tracking]".') from error
         self.run = wandb.init(name=run_name, config=config)
 
     def write(self, record: dict) -> None:

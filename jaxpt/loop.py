@@ -25,6 +25,7 @@ from jaxpt.checkpoint import (
     parse_checkpoint_path,
     run_fingerprint,
 )
+from jaxpt.config import check_output_dir
 
 logger = logging.getLogger("jaxpt")
 
@@ -45,7 +46,9 @@ DAMAGED_DIR = "damaged_checkpoints"
 
 def prepare_output_dir(config) -> None:
     """Before any work: refuse a fresh run into an `output_dir` that holds another run's checkpoints (it would mix
-    with them), or, with `overwrite_output_dir`, clear what jaxpt wrote there."""
+    with them), or, with `overwrite_output_dir`, clear what jaxpt wrote there. Also checks that `output_dir` can be
+    written (`config.check_output_dir`). The CLI calls it before loading the model; every `train()` calls it."""
+    check_output_dir(config.output_dir)
     output_dir = Path(config.output_dir)
     if config.overwrite_output_dir:
         resume_from = config.resume_from_checkpoint

@@ -88,6 +88,7 @@ def prepare_dataset(dataset, tokenizer, config: RewardConfig) -> list[dict]:
     anything compiles."""
     fmt = data.require_format(dataset, ("preference", "implicit_preference"), method="Reward")
     data.check_chat_template(tokenizer, fmt, method="Reward")
+    data.check_rows(dataset, fmt, method="Reward", tokenizer=tokenizer, number_columns=("margin",))
     if config.eos_token is not None and config.eos_token not in tokenizer.get_vocab():
         raise ValueError(f"eos_token={config.eos_token!r} is not in the tokenizer's vocabulary: pass a token it has.")
     eos_token = config.eos_token or tokenizer.eos_token
@@ -267,6 +268,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     longest = max(len(e[key]) for e in examples + (eval_examples or []) for key in ("chosen_ids", "rejected_ids"))
     buckets = data.length_buckets(config.max_length or longest)
     pad_id = _pad_token_id(tokenizer)
+    data.check_model_fits(model, examples + (eval_examples or []), ("chosen_ids", "rejected_ids"), method="Reward",
+                          length_fields="max_length", extra_ids=(pad_id,))
     if pad_id == tokenizer.eos_token_id:
         logger.warning("The pad token is the EOS token: jaxpt scores sequences at their trailing EOS, transformers "
                        "(and TRL) at the token before it, so the exported model scores differently there. Give the "

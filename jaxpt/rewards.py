@@ -145,18 +145,70 @@ def reward_function_name(function: Callable) -> str:
     return getattr(function, "__name__", type(function).__name__)
 
 
+STANDARD_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what every reward function is called with
+
+
+def check_reward_functions(reward_funcs: Sequence[Callable], *, columns: Sequence[str]) -> None:
+    """Before the first rollout: a `ValueError` naming the function and the argument when a reward function
+    requires an argument (e.g. `solution`) that is neither a standard one (`prompts`, `completions`,
+    `completion_ids`) nor a dataset column, or cannot take the keywords it will get (no `**kwargs`), instead of a
+    `TypeError` after the first generation."""
+    import inspect
+
+    available = set(STANDARD_ARGUMENTS) | set(columns)
+    for function in reward_funcs:
+        try:
+            parameters = list(inspect.signature(function).parameters.values())
+        except (TypeError, ValueError):  # a builtin or C callable: nothing to inspect
+            continue
+        named = {p.name for p in parameters}
+        unexpected = sorted(available - named)
+        if unexpected and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            raise ValueError(f"Reward function {reward_function_name(function)!r} takes no **kwargs, but it is called "
+                             f"with every standard argument and dataset column as a keyword, {unexpected} included "
+                             "(TRL's convention): add **kwargs to its signature.")
+        required = [p.name for p in parameters if p.default is inspect.Parameter.empty
+                    and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        missing = [name for name in required if name not in available]
+        if missing:
+            raise ValueError(f"Reward function {reward_function_name(function)!r} needs the column(s) {missing}, "
+                             f"which the dataset lacks (its columns: {sorted(columns)}; every function also gets "
+                             f"{list(STANDARD_ARGUMENTS)}): add the column, or give the argument a default.")
+
+
 def score_completions(reward_funcs: Sequence[Callable], *, prompts: Sequence, completions: Sequence,
                       completion_ids: Sequence[Sequence[int]], columns: dict[str, Sequence]) -> np.ndarray:
-    """`[n, len(reward_funcs)]` float32 rewards, NaN where a function returned None. Raises if a function
-    returns the wrong number of rewards, or if a completion gets no reward from any function."""
+    """`[n, len(reward_funcs)]` float32 rewards, NaN where a function returned None (or NaN, as TRL). Raises,
+    naming the function, if one fails on a missing column, returns the wrong number of rewards, a value that is
+    not a number, or an infinite one."""
     rewards = np.full((len(completions), len(reward_funcs)), np.nan, np.float32)
     for index, function in enumerate(reward_funcs):
-        values = function(prompts=list(prompts), completions=list(completions),
-                          completion_ids=[list(ids) for ids in completion_ids], **columns)
-        if len(values) != len(completions):
-            raise ValueError(f"Reward function {reward_function_name(function)!r} returned {len(values)} rewards for "
-                             f"{len(completions)} completions.")
-        rewards[:, index] = [np.nan if value is None else float(value) for value in values]
+        name = reward_function_name(function)
+        try:
+            values = function(prompts=list(prompts), completions=list(completions),
+                              completion_ids=[list(ids) for ids in completion_ids], **columns)
+        except KeyError as error:
+            raise ValueError(f"Reward function {name!r} looked up {error} and failed: it gets "
+                             f"{list(STANDARD_ARGUMENTS)} and the dataset columns {sorted(columns)}.") from error
+        try:
+            count = len(values)
+        except TypeError:
+            raise ValueError(f"Reward function {name!r} returned {type(values).__name__} {values!r}; it must return "
+                             "a list with one float (or None) per completion.") from None
+        if count != len(completions):
+            raise ValueError(f"Reward function {name!r} returned {count} rewards for {len(completions)} completions.")
+        for row, value in enumerate(values):
+            if value is None:
+                continue
+            try:
+                rewards[row, index] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"Reward function {name!r} returned {value!r} for completion {row}; rewards are "
+                                 "floats (or None: not scored).") from None
+            if np.isinf(rewards[row, index]):
+                raise ValueError(f"Reward function {name!r} returned {value!r} for completion {row}: an infinite "
+                                 "reward makes every advantage of its group NaN. Return a finite float, or None "
+                                 "(or NaN) for a completion it does not score.")
     return rewards
 
 

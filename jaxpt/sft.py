@@ -97,6 +97,7 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
     fmt = data.require_format(dataset, ("language_modeling", "prompt_completion"), method="SFT",
                               text_field=config.dataset_text_field)
     data.check_chat_template(tokenizer, fmt, method="SFT")
+    data.check_rows(dataset, fmt, method="SFT", tokenizer=tokenizer, text_field=config.dataset_text_field)
     completion_only = config.completion_only_loss
     if completion_only and fmt.kind != "prompt_completion":
         raise ValueError("completion_only_loss=True needs a prompt-completion dataset (columns prompt, completion); "
@@ -148,6 +149,10 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
                 raise ValueError(f"Example {index}: truncated to max_length={max_length}, it keeps no assistant "
                                  "token to train on: raise max_length or shorten/filter long conversations.")
         examples.append({"input_ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)})
+    if not any(e["loss_mask"][1:].any() for e in examples):  # the first token is never a target
+        raise ValueError(f"None of the {len(examples)} SFT examples has a token to train on (each is one token, or "
+                         "its loss mask is empty): check the dataset's text columns and completion_only_loss / "
+                         "assistant_only_loss.")
 
     if packing:
         examples = pack_examples(examples, max_length, strategy=config.packing_strategy)
@@ -325,6 +330,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     total_steps = data.total_steps(config, steps_in_epoch)
     buckets = data.length_buckets(config.max_length or max(len(e["input_ids"]) for e in examples))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    data.check_model_fits(model, examples + (eval_examples or []), ("input_ids",), method="SFT",
+                          length_fields="max_length", extra_ids=(pad_id,))
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)

@@ -44,8 +44,11 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is a file; from_pretrained needs a directory with config.json and *.safetensors.")
     name = str(name_or_path)
     looked = path.resolve()
-    if name.count("/") > 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"No model directory at {looked}.")
+    # only a local path can look like this (a Hub id is org/name): fail now, not after the Hub's retries
+    if (name.count("/") > 1 or name.startswith((".", "/", "~")) or "\\" in name
+            or name.endswith((".safetensors", ".json", ".bin"))):
+        raise FileNotFoundError(f"No model directory at {looked} (model_name_or_path={name!r}): check the path; a "
+                                "Hub id has the form org/name.")
     try:
         import huggingface_hub
 

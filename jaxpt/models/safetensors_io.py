@@ -86,9 +86,24 @@ class SafetensorsReader:
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """`(header, data_start)` of a safetensors file; `ValueError` naming the file when it is truncated or not a
+    safetensors file (an interrupted download or copy), instead of a raw struct/JSON/memmap error later."""
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_size))
+        prefix = f.read(8)
+        header_size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if header_size is None or 8 + header_size > size:
+            raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes; the header alone "
+                             "needs more): download or save it again.")
+        try:
+            header = json.loads(f.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} has a damaged safetensors header ({error}): download or save it again.") from None
+    data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + header_size + data_end > size:
+        raise ValueError(f"{path} is truncated: its header describes {8 + header_size + data_end} bytes, the file has "
+                         f"{size}. Download or save it again.")
     return header, 8 + header_size
 
 
