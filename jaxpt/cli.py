@@ -82,9 +82,9 @@ def parse(config_class, argv: list[str], *extra):
 
 
 def check_inputs(script_args, model_args, config, *paths: tuple[str, str | None]) -> None:
-    """Before loading anything: `output_dir` can be written (and holds no other run's checkpoints), every local-looking path exists (a missing one
-    fails now, not after the Hub's retries), and the model directory has a tokenizer unless one is named.
-    `paths`: more `(flag, path)` pairs to check (e.g. a reward model)."""
+    """Before loading anything: `output_dir` can be written (and holds no other run's checkpoints), every
+    local-looking path exists (a missing one fails now, not after the Hub's retries), and the model directory has
+    a tokenizer unless one is named. `paths`: more `(flag, path)` pairs to check (e.g. a reward model)."""
     from jaxpt import loop
     from jaxpt.data import looks_like_local_path
 
