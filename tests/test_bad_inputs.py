@@ -21,6 +21,7 @@ from flax import nnx
 import jaxpt.models
 import jaxpt.rollout
 from jaxpt import cli, config, data, dpo, grpo, kto, loop, reward, rewards, rloo, sft
+from jaxpt.checkpoint import Checkpointer
 from jaxpt.models import safetensors_io
 from jaxpt.sharding import path_name
 from tests.helpers import arithmetic_texts, char_tokenizer, marker_preferences, tiny_llama, tiny_llama_config
@@ -517,14 +518,14 @@ def test_rloo_warns_when_a_completion_gets_no_reward(monkeypatch, caplog):
 def test_resume_latest_without_a_checkpoint_says_so(tmp_path, caplog):
     settings = sft.SFTConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
     with caplog.at_level(logging.WARNING, logger="jaxpt"):
-        state, step, progress = loop.resume(settings, "fresh state", None, None)
+        state, step, progress = loop.resume(settings, "fresh state", None, Checkpointer(tmp_path))
     assert (state, step, progress) == ("fresh state", 0, {})
-    assert "resume_from_checkpoint='latest': no checkpoint in" in caplog.text
+    assert "resume_from_checkpoint='latest', but" in caplog.text and "training starts from scratch" in caplog.text
 
 
 def test_resume_from_a_path_that_is_not_a_checkpoint(tmp_path):
     settings = sft.SFTConfig(output_dir=str(tmp_path), resume_from_checkpoint=str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match=r"resume_from_checkpoint='.*nope' is not a checkpoint directory"):
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint='.*nope' does not exist"):
         loop.resume(settings, None, None, None)
 
 
@@ -657,5 +658,5 @@ def test_cli_prints_jaxpt_info_lines_and_restores_logging(model_dir, train_file,
                 "--save_final_model", "false", "--save_steps", "0", "--resume_from_checkpoint", "latest")
     err = capfd.readouterr().err
     assert "jaxpt: Compiling the train step for batch shapes" in err
-    assert "jaxpt: resume_from_checkpoint='latest': no checkpoint in" in err
+    assert "jaxpt: resume_from_checkpoint='latest', but" in err  # a WARNING through the same handler
     assert (jaxpt_logger.level, jaxpt_logger.propagate, list(jaxpt_logger.handlers)) == before
