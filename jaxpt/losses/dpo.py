@@ -60,6 +60,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxpt.losses.logprobs import masked_mean
+
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -130,10 +132,6 @@ def f_divergence_scores(logratios: jax.Array, f_divergence_type: str = "reverse_
         exponent = jnp.minimum((alpha - 1.0) * logratios, 80.0)  # keep exp() finite in float32
         return (jnp.exp(exponent) - 1.0) / (alpha - 1.0)
     raise ValueError(f"f_divergence_type={f_divergence_type!r}; use one of {F_DIVERGENCE_TYPES}.")
-
-
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def _sort_valid(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -224,7 +222,7 @@ def dpo_loss(
             tokens = jnp.sum(jnp.where(mask, f32(chosen_lengths), 0.0)) if sft_num_tokens is None else sft_num_tokens
             term = -jnp.sum(jnp.where(mask, sft_logps, 0.0)) / jnp.maximum(f32(tokens), 1.0)
             if pair_weights is not None:  # TRL broadcasts the batch NLL to every pair, then weights the pairs
-                term = term * _masked_mean(pair_weights, mask)
+                term = term * masked_mean(pair_weights, mask)
             loss = loss + weight * term
             continue
         if name == "sigmoid":
@@ -277,12 +275,12 @@ def dpo_loss(
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
     metrics = {
-        "rewards/chosen": _masked_mean(chosen_rewards, mask),
-        "rewards/rejected": _masked_mean(rejected_rewards, mask),
-        "rewards/accuracies": _masked_mean((chosen_rewards > rejected_rewards).astype(jnp.float32), mask),
-        "rewards/margins": _masked_mean(chosen_rewards - rejected_rewards, mask),
-        "logps/chosen": _masked_mean(jax.lax.stop_gradient(chosen_logps), mask),
-        "logps/rejected": _masked_mean(jax.lax.stop_gradient(rejected_logps), mask),
+        "rewards/chosen": masked_mean(chosen_rewards, mask),
+        "rewards/rejected": masked_mean(rejected_rewards, mask),
+        "rewards/accuracies": masked_mean((chosen_rewards > rejected_rewards).astype(jnp.float32), mask),
+        "rewards/margins": masked_mean(chosen_rewards - rejected_rewards, mask),
+        "logps/chosen": masked_mean(jax.lax.stop_gradient(chosen_logps), mask),
+        "logps/rejected": masked_mean(jax.lax.stop_gradient(rejected_logps), mask),
     }
     return loss, metrics
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpt.losses.logprobs import masked_mean
+
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -173,7 +175,7 @@ def grpo_loss(
         if use_bias_correction_kl:
             kl = kl * ratio
         per_token = per_token + beta * kl
-        metrics["kl"] = _masked_mean(jax.lax.stop_gradient(kl) * jnp.ones_like(mask), mask)
+        metrics["kl"] = masked_mean(jax.lax.stop_gradient(kl) * jnp.ones_like(mask), mask)
     per_token = per_token * jnp.ones_like(mask)  # sequence-level ratios broadcast over tokens
 
     tokens = jnp.sum(mask) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
@@ -191,14 +193,10 @@ def grpo_loss(
     high = ((ratio > 1 + epsilon_high) & (advantages > 0)).astype(jnp.float32)
     if importance_sampling_level == "sequence":  # one value per sequence, as TRL averages them
         sequence_mask = (jnp.sum(mask, axis=-1, keepdims=True) > 0).astype(jnp.float32)
-        clip_mean = lambda x: _masked_mean(x, sequence_mask)
+        clip_mean = lambda x: masked_mean(x, sequence_mask)
     else:
-        clip_mean = lambda x: _masked_mean(x, mask)
+        clip_mean = lambda x: masked_mean(x, mask)
     metrics["clip_ratio/low_mean"] = clip_mean(low)
     metrics["clip_ratio/high_mean"] = clip_mean(high)
     metrics["clip_ratio/region_mean"] = clip_mean(jnp.maximum(low, high))
     return loss, metrics
-
-
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)

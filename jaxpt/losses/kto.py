@@ -33,6 +33,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpt.losses.logprobs import masked_mean
+
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
@@ -46,9 +48,8 @@ def kto_kl_estimate(policy_kl_logps: jax.Array, ref_kl_logps: jax.Array, *,
     """`z0 = max(0, mean(policy_kl_logps - ref_kl_logps))` over the (masked) mismatched pairs `[batch]`, under
     `stop_gradient`: the reference point of the KTO loss."""
     difference = policy_kl_logps.astype(jnp.float32) - ref_kl_logps.astype(jnp.float32)
-    mask = jnp.ones_like(difference) if example_mask is None else example_mask.astype(jnp.float32)
-    mean = jnp.sum(difference * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
+    mask = jnp.ones_like(difference) if example_mask is None else example_mask
+    return jax.lax.stop_gradient(jnp.maximum(masked_mean(difference, mask), 0.0))
 
 
 def kto_loss(
