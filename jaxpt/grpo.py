@@ -43,8 +43,8 @@ from jaxpt.losses.grpo import (
     grpo_advantages,
     grpo_loss,
     high_entropy_mask,
-    reward_metrics,
 )
+from jaxpt.losses.sampled_rewards import reward_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (

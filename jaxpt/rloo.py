@@ -34,8 +34,8 @@ from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
-from jaxpt.losses.grpo import reward_metrics
 from jaxpt.losses.rloo import rloo_advantages, rloo_loss
+from jaxpt.losses.sampled_rewards import reward_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (

@@ -36,30 +36,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxpt.losses.logprobs import masked_mean
+from jaxpt.losses.sampled_rewards import combine_rewards, nanstd
+from jaxpt.losses.sampled_rewards import reward_metrics as reward_metrics  # its former home: keep importable
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-
-
-def nanstd(values: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
-    """Unbiased standard deviation ignoring NaNs (TRL's `nanstd`)."""
-    mean = jnp.nanmean(values, axis=axis, keepdims=True)
-    variance = jnp.nanmean((values - mean) ** 2, axis=axis, keepdims=True)
-    count = jnp.sum(~jnp.isnan(values), axis=axis, keepdims=True)
-    std = jnp.sqrt(variance * count / (count - 1))
-    return std if keepdims else jnp.squeeze(std, axis=axis)
-
-
-def combine_rewards(rewards: jax.Array, reward_weights: jax.Array | None = None) -> jax.Array:
-    """`[n]` rewards from `[n]` or `[n, num_functions]` (NaN = the function returned None): the weighted sum of
-    the scored functions, NaN where no function scored the completion."""
-    rewards = jnp.asarray(rewards, jnp.float32)
-    if rewards.ndim == 1:
-        return rewards
-    weights = jnp.ones(rewards.shape[1]) if reward_weights is None else jnp.asarray(reward_weights, jnp.float32)
-    total = jnp.nansum(rewards * weights[None, :], axis=1)
-    return jnp.where(jnp.all(jnp.isnan(rewards), axis=1), jnp.nan, total)
 
 
 def grpo_advantages(
@@ -83,33 +65,6 @@ def grpo_advantages(
     elif scale_rewards == "batch":
         advantages = advantages / (nanstd(rewards) + 1e-4)
     return jnp.nan_to_num(advantages, nan=0.0)
-
-
-def reward_metrics(
-    rewards: jax.Array,
-    *,
-    num_generations: int,
-    scale_rewards: str = "group",
-    reward_weights: jax.Array | None = None,
-    reward_names: tuple[str, ...] | None = None,
-) -> dict[str, jax.Array]:
-    """TRL's reward metrics: `reward`, `reward_std`, `frac_reward_zero_std` and `rewards/<name>/mean|std`."""
-    per_function = jnp.asarray(rewards, jnp.float32)
-    if per_function.ndim == 1:
-        per_function = per_function[:, None]
-    names = reward_names or tuple(f"reward_{i}" for i in range(per_function.shape[1]))
-    total = combine_rewards(per_function, reward_weights)
-    if scale_rewards == "batch":
-        zero_std = jnp.isclose(nanstd(total), 0.0) * jnp.ones_like(total)
-    else:
-        group_std = nanstd(total.reshape(-1, num_generations), axis=1)
-        zero_std = jnp.repeat(jnp.isclose(group_std, 0.0), num_generations)
-    metrics = {"reward": jnp.nanmean(total), "reward_std": nanstd(total),
-               "frac_reward_zero_std": jnp.mean(zero_std.astype(jnp.float32))}
-    for i, name in enumerate(names):
-        metrics[f"rewards/{name}/mean"] = jnp.nanmean(per_function[:, i])
-        metrics[f"rewards/{name}/std"] = nanstd(per_function[:, i])
-    return metrics
 
 
 def high_entropy_mask(entropies: jax.Array, completion_mask: jax.Array, top_quantile: float) -> jax.Array:

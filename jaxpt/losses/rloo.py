@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpt.losses.grpo import combine_rewards, nanstd
+from jaxpt.losses.sampled_rewards import combine_rewards, nanstd
 
 
 def rloo_advantages(
