@@ -265,7 +265,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
             if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
                 log.write({"step": step, **evaluate_rollouts(rollout, state, eval_prompts, reward_funcs, tokenizer,
                                                              config, mesh=mesh, prompt_buckets=prompt_buckets,
-                                                             prompts_per_rollout=prompts_per_rollout)})
+                                                             prompts_per_rollout=prompts_per_rollout,
+                                                             ref_logps_fn=ref_logps_fn)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
                 checkpoints.save(step, state, {"num_tokens": num_tokens})

@@ -142,17 +142,19 @@ def make_ref_logps_fn(ref_params, graphdef, *, temperature: float, chunk_size: i
 
 
 def evaluate_rollouts(rollout: Callable, state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
-                      config, *, mesh, prompt_buckets: Sequence[int], prompts_per_rollout: int) -> dict[str, float]:
+                      config, *, mesh, prompt_buckets: Sequence[int], prompts_per_rollout: int,
+                      ref_logps_fn: Callable | None = None) -> dict[str, float]:
     """Sampled rewards on the eval prompts (TRL's reward metrics with an `eval_` prefix), averaged over rollouts of
     `prompts_per_rollout` prompts made by the method's `rollout` (the last one filled up with its last prompt, so
-    every rollout has the one compiled shape)."""
+    every rollout has the one compiled shape). `ref_logps_fn` goes to `rollout`, for a method whose rollout needs
+    the reference (RLOO's KL penalty in the reward)."""
     totals: dict[str, list[float]] = {}
     key = jax.random.key(config.seed + 1)
     for index, start in enumerate(range(0, len(prompts), prompts_per_rollout)):
         chunk = list(prompts[start:start + prompts_per_rollout])
         chunk += [chunk[-1]] * (prompts_per_rollout - len(chunk))
         _, metrics, _ = rollout(state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(key, index),
-                                mesh=mesh, prompt_buckets=prompt_buckets)
+                                mesh=mesh, prompt_buckets=prompt_buckets, ref_logps_fn=ref_logps_fn)
         for name, value in metrics.items():
             totals.setdefault(name, []).append(value)
     return {f"eval_{name}": float(np.mean(values)) for name, values in totals.items()}

@@ -30,3 +30,8 @@ def test_evaluate_rollouts_fills_the_last_rollout_and_averages_over_rollouts(tmp
     assert [ids for ids, _, _ in calls] == [[0, 1], [2, 3], [4, 4]]  # one shape: the last prompt repeats
     assert not np.array_equal(calls[0][1], calls[1][1])  # a fresh key per rollout
     assert metrics == {"eval_reward": pytest.approx((1 + 5 + 8) / 3), "eval_completions/mean_length": 2.0}
+    # a reference for the rollout (RLOO's KL penalty) reaches every rollout
+    calls.clear()
+    evaluate_rollouts(fake_rollout, None, prompts, [], None, cfg, mesh=None, prompt_buckets=[16],
+                      prompts_per_rollout=5, ref_logps_fn=len)
+    assert [fn for _, _, fn in calls] == [len]
