@@ -463,7 +463,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     total_steps = data.total_steps(config, steps_in_epoch)
     buckets = data.length_buckets(config.max_length or max(
         max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples))
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = data.pad_token_id(tokenizer)
 
     if config.precompute_ref_log_probs:  # before the first step donates the model's parameters
         reference = ref_model if ref_model is not None else model

@@ -471,7 +471,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     everything = examples + (eval_examples or [])  # a KL sequence joins one example's prompt to another's completion
     longest = max(len(e["prompt_ids"]) for e in everything) + max(len(e["completion_ids"]) for e in everything)
     buckets = data.length_buckets(min(config.max_length or longest, longest))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = data.pad_token_id(tokenizer)
     batch_args = dict(buckets=buckets, pad_token_id=pad_id, max_length=config.max_length, with_kl=with_kl)
 
     # The policy's buffers are donated by the train step, so a reference that is `model` itself is a copy, unless

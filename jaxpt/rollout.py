@@ -76,7 +76,7 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
     `state`'s parameters and the config's sampling options, then score them."""
     group = config.num_generations
     repeated = [p for p in prompts for _ in range(group)]
-    pad_id = pad_token_id(tokenizer)
+    pad_id = data.pad_token_id(tokenizer)
     length = data.bucket_length(max(len(p["prompt_ids"]) for p in prompts), prompt_buckets)
     prompt_ids = data.pad_rows([p["prompt_ids"] for p in repeated], length, pad_id, left=True)
     prompt_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in repeated], length, 0, left=True)
@@ -177,10 +177,6 @@ def eos_token_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos_token: completions need one to end.")
     return [tokenizer.eos_token_id]
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:

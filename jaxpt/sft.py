@@ -313,7 +313,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
     total_steps = data.total_steps(config, steps_in_epoch)
     buckets = data.length_buckets(config.max_length or max(len(e["input_ids"]) for e in examples))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = data.pad_token_id(tokenizer)
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
