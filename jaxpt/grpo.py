@@ -45,6 +45,7 @@ from jaxpt.losses.grpo import (
     grpo_loss,
     high_entropy_mask,
 )
+from jaxpt.losses.metrics import mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.sampled_rewards import reward_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
@@ -160,8 +161,8 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
 
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPOConfig, totals: dict):
-    """Loss of one micro-batch, normalised by the whole step's tokens/sequences; metric sums weighted by
-    completion tokens (divided in the step)."""
+    """Loss of one micro-batch, normalised by the whole step's tokens/sequences, and its metrics as `(sum,
+    count)` pairs, which add up over micro-batches exactly."""
     logps, entropy = completion_logps(params, graphdef, batch, temperature=config.temperature,
                                       chunk_size=config.logits_chunk_size)
     mask = batch["completion_mask"].astype(jnp.float32)
@@ -174,10 +175,10 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPO
         beta=config.beta, importance_sampling_level=config.importance_sampling_level,
         max_completion_length=config.max_completion_length, use_bias_correction_kl=config.use_bias_correction_kl,
         entropy_mask=entropy_mask, num_tokens=totals["tokens"], num_sequences=totals["sequences"],
+        return_counts=True,
     )
-    tokens = jnp.sum(mask)
-    metrics["entropy"] = jnp.sum(entropy * mask) / jnp.maximum(tokens, 1.0)
-    return loss, {key: value * tokens for key, value in metrics.items()}
+    metrics["entropy"] = sum_and_count(entropy, mask)
+    return loss, metrics
 
 
 def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
@@ -193,12 +194,12 @@ def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro_step(grads, micro_batch):
-            (loss, metric_sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
-            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_sums)
+            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_sums) = jax.lax.scan(micro_step, zeros, batch)
-        metrics = {key: jnp.sum(value) / totals["tokens"] for key, value in metric_sums.items()}
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        metrics = mean_metrics(total_metrics(metric_pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics

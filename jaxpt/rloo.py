@@ -35,6 +35,7 @@ from jaxpt import data, loop
 from jaxpt.checkpoint import Checkpointer
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
+from jaxpt.losses.metrics import mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.rloo import rloo_advantages, rloo_loss
 from jaxpt.losses.sampled_rewards import reward_metrics
 from jaxpt.models import set_gradient_checkpointing
@@ -143,17 +144,16 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
 
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: RLOOConfig, totals: dict):
-    """Loss of one micro-batch, normalised by the whole step's sequences; metric sums weighted by sequences
-    (entropy by completion tokens), divided in the step."""
+    """Loss of one micro-batch, normalised by the whole step's sequences, and its metrics as `(sum, count)` pairs
+    (clip ratios over sequences, entropy over completion tokens), which add up over micro-batches exactly."""
     logps, entropy = completion_logps(params, graphdef, batch, temperature=config.temperature,
                                       chunk_size=config.logits_chunk_size)
     mask = batch["completion_mask"].astype(jnp.float32)
     loss, metrics = rloo_loss(logps, batch.get("old_logps"), batch["advantages"], mask, epsilon=config.epsilon,
-                              epsilon_high=config.epsilon_high, num_sequences=totals["sequences"])
-    sequences = float(mask.shape[0])
-    sums = {key: value * sequences for key, value in metrics.items()}
-    sums["entropy"] = jnp.sum(entropy * mask) * totals["sequences"] / totals["tokens"]  # divided by sequences below
-    return loss, sums
+                              epsilon_high=config.epsilon_high, num_sequences=totals["sequences"],
+                              return_counts=True)
+    metrics["entropy"] = sum_and_count(entropy, mask)
+    return loss, metrics
 
 
 def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
@@ -169,12 +169,12 @@ def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro_step(grads, micro_batch):
-            (loss, metric_sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
-            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_sums)
+            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_sums) = jax.lax.scan(micro_step, zeros, batch)
-        metrics = {key: jnp.sum(value) / totals["sequences"] for key, value in metric_sums.items()}
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        metrics = mean_metrics(total_metrics(metric_pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxpt"
 METHODS = ("sft", "dpo", "reward", "kto", "grpo", "rloo")
-NEUTRAL_LOSS_MODULES = {"jaxpt.losses.logprobs", "jaxpt.losses.sampled_rewards"}
+NEUTRAL_LOSS_MODULES = {"jaxpt.losses.logprobs", "jaxpt.losses.metrics", "jaxpt.losses.sampled_rewards"}
 
 
 def imported_modules(path: Path) -> set[str]:

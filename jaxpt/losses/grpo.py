@@ -35,7 +35,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpt.losses.logprobs import masked_mean
+from jaxpt.losses.metrics import MetricPairs, mean_metrics, sum_and_count
 from jaxpt.losses.sampled_rewards import combine_rewards, nanstd
 from jaxpt.losses.sampled_rewards import reward_metrics as reward_metrics  # its former home: keep importable
 
@@ -93,13 +93,15 @@ def grpo_loss(
     entropy_mask: jax.Array | None = None,
     num_tokens: jax.Array | float | None = None,
     num_sequences: jax.Array | float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_counts: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array] | MetricPairs]:
     """GRPO loss from per-token log-probs `[batch, completion_length]` (see the module docstring).
 
     `old_logps` None means on-policy (`stop_gradient(logps)`, ratio 1); `ref_logps` is needed when
     `beta != 0`. `advantages` `[batch]`. `entropy_mask` (from `high_entropy_mask`) keeps only those tokens in
     the policy term. Metrics: `kl` (when beta != 0), `clip_ratio/low_mean`, `clip_ratio/high_mean`,
-    `clip_ratio/region_mean`.
+    `clip_ratio/region_mean`: means over the completion tokens (the clip ratios over the sequences with
+    `importance_sampling_level="sequence"`), or with `return_counts` `(sum, count)` pairs.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not a GRPO loss; use one of {GRPO_LOSS_TYPES}.")
@@ -130,7 +132,7 @@ def grpo_loss(
         if use_bias_correction_kl:
             kl = kl * ratio
         per_token = per_token + beta * kl
-        metrics["kl"] = masked_mean(jax.lax.stop_gradient(kl) * jnp.ones_like(mask), mask)
+        metrics["kl"] = sum_and_count(jax.lax.stop_gradient(kl), mask)
     per_token = per_token * jnp.ones_like(mask)  # sequence-level ratios broadcast over tokens
 
     tokens = jnp.sum(mask) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
@@ -147,11 +149,10 @@ def grpo_loss(
     low = ((ratio < 1 - epsilon) & (advantages < 0)).astype(jnp.float32)
     high = ((ratio > 1 + epsilon_high) & (advantages > 0)).astype(jnp.float32)
     if importance_sampling_level == "sequence":  # one value per sequence, as TRL averages them
-        sequence_mask = (jnp.sum(mask, axis=-1, keepdims=True) > 0).astype(jnp.float32)
-        clip_mean = lambda x: masked_mean(x, sequence_mask)
+        clip_mask = (jnp.sum(mask, axis=-1, keepdims=True) > 0).astype(jnp.float32)
     else:
-        clip_mean = lambda x: masked_mean(x, mask)
-    metrics["clip_ratio/low_mean"] = clip_mean(low)
-    metrics["clip_ratio/high_mean"] = clip_mean(high)
-    metrics["clip_ratio/region_mean"] = clip_mean(jnp.maximum(low, high))
-    return loss, metrics
+        clip_mask = mask
+    metrics["clip_ratio/low_mean"] = sum_and_count(low, clip_mask)
+    metrics["clip_ratio/high_mean"] = sum_and_count(high, clip_mask)
+    metrics["clip_ratio/region_mean"] = sum_and_count(jnp.maximum(low, high), clip_mask)
+    return loss, metrics if return_counts else mean_metrics(metrics)
