@@ -517,6 +517,16 @@ def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_value: int = 0, *, 
     return out
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id every method pads with: the tokenizer's pad token, else its EOS token (TRL's fallback), else 0.
+    Padding is masked out of attention and losses, so the id changes no loss; it matters where a model or
+    exported config reads it (a reward model pools at the last token that is not padding)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Epochs and steps
 # --------------------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from jaxpt.losses.dpo import (
     wpo_weights,
 )
 from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_stats, next_token_targets
+from jaxpt.losses.metrics import add_metrics, mean_metrics, total_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.sharding import (
     batch_divisor,
@@ -233,22 +234,15 @@ def _targets(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def _counts(batch: dict) -> dict[str, jax.Array]:
-    """What the metrics are averaged over: pairs (a pair without any completion token is padding) and the
-    predicted completion tokens of the chosen / rejected / all sequences."""
+    """What the loss of a whole step is normalised by: its pairs (a pair without any completion token is padding)
+    and, for the `sft` term, the predicted tokens of its chosen completions."""
     _, target_mask = _targets(batch)
-    target_mask = target_mask.astype(jnp.float32)
-    chosen_tokens, rejected_tokens = jnp.sum(target_mask[..., 0, :]), jnp.sum(target_mask[..., 1, :])
-    return {"pairs": jnp.sum(_pair_mask(batch).astype(jnp.float32)), "chosen_tokens": chosen_tokens,
-            "rejected_tokens": rejected_tokens, "completion_tokens": chosen_tokens + rejected_tokens}
+    return {"pairs": jnp.sum(_pair_mask(batch).astype(jnp.float32)),
+            "chosen_tokens": jnp.sum(target_mask[..., 0, :].astype(jnp.float32))}
 
 
 def _pair_mask(batch: dict) -> jax.Array:
     return jnp.sum(batch["completion_mask"] * batch["attention_mask"], axis=(-2, -1)) > 0
-
-
-# The count each metric is averaged over (the rest: pairs), so accumulated micro-batches add up exactly.
-METRIC_COUNTS = {"entropy": "completion_tokens", "logits/chosen": "chosen_tokens",
-                 "logits/rejected": "rejected_tokens", "mean_token_accuracy": "chosen_tokens"}
 
 
 def _token_logps(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: DPOConfig, *,
@@ -281,8 +275,8 @@ def reference_logps(ref_params: nnx.State, graphdef: nnx.GraphDef, batch: dict,
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: DPOConfig, totals: dict):
     """Loss of one micro-batch (which carries `ref_chosen_logps` / `ref_rejected_logps`), normalised by the pairs
-    (and, for the `sft` term, the chosen tokens) of the whole step; returns count-weighted metric sums (divided
-    by `totals` in the step) so micro-batches add up exactly."""
+    (and, for the `sft` term, the chosen tokens) of the whole step, and its metrics as `(sum, count)` pairs over
+    pairs or tokens, which add up over micro-batches exactly."""
     stats = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if config.use_weighting else ())
     token_logps, token_stats = _token_logps(params, graphdef, batch, config, stats=stats)
     _, target_mask = _targets(batch)
@@ -301,12 +295,11 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: DPOC
         f_divergence_type=config.f_divergence_type, f_alpha_divergence_coef=config.f_alpha_divergence_coef,
         discopop_tau=config.discopop_tau, loss_weights=config.loss_weights, **weights,
         sft_chosen_logps=jnp.sum(token_logps[:, 0] * chosen_mask, -1), sft_num_tokens=totals["chosen_tokens"],
-        pair_mask=_pair_mask(batch), num_pairs=totals["pairs"],
+        pair_mask=_pair_mask(batch), num_pairs=totals["pairs"], return_counts=True,
     )
     split = lambda side: {k: v[:, side] for k, v in token_stats.items()}
-    metrics.update(completion_token_metrics(split(0), split(1), chosen_mask, rejected_mask))
-    counts = _counts(batch)
-    return loss, {key: value * counts[METRIC_COUNTS.get(key, "pairs")] for key, value in metrics.items()}
+    metrics.update(completion_token_metrics(split(0), split(1), chosen_mask, rejected_mask, return_counts=True))
+    return loss, metrics
 
 
 def _with_reference(micro_batch: dict, ref_params, graphdef, config: DPOConfig) -> dict:
@@ -319,11 +312,6 @@ def _with_reference(micro_batch: dict, ref_params, graphdef, config: DPOConfig) 
         return micro_batch
     ref_chosen, ref_rejected = reference_logps(ref_params, graphdef, micro_batch, config)
     return {**micro_batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
-
-
-def _normalise(metric_sums: dict, totals: dict) -> dict:
-    return {key: jnp.sum(value) / jnp.maximum(totals[METRIC_COUNTS.get(key, "pairs")], 1.0)
-            for key, value in metric_sums.items()}
 
 
 def make_train_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
@@ -339,12 +327,12 @@ def make_train_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None,
 
         def micro_step(grads, micro_batch):
             micro_batch = _with_reference(micro_batch, ref_params, state.graphdef, config)
-            (loss, metric_sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
-            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_sums)
+            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_sums) = jax.lax.scan(micro_step, zeros, batch)
-        metrics = _normalise(metric_sums, totals)
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        metrics = mean_metrics(total_metrics(metric_pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
@@ -353,9 +341,11 @@ def make_train_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None,
                     extra_in_shardings=(_ref_sharding(config, state_sharding),))
 
 
-def make_eval_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
+def make_eval_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
+                   return_counts: bool = False):
     """`metrics = eval_step(state, batch, ref_params)`: loss and metrics without updating (same batch layout and
-    reference argument), plus the counts they are averaged over (`num_pairs`, `num_chosen_tokens`, ...)."""
+    reference argument); with `return_counts`, each as a `(sum, count)` pair over the pairs or tokens it is
+    averaged over, so batches add up (`evaluate`)."""
 
     def eval_step(state: TrainState, batch: dict, ref_params: nnx.State | None):
         totals = _counts(batch)
@@ -364,11 +354,10 @@ def make_eval_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None, 
             micro_batch = _with_reference(micro_batch, ref_params, state.graphdef, config)
             return None, loss_fn(state.params, state.graphdef, micro_batch, config, totals)
 
-        _, (losses, metric_sums) = jax.lax.scan(micro_step, None, batch)
-        metrics = _normalise(metric_sums, totals)
-        metrics["loss"] = jnp.sum(losses)
-        metrics.update({f"num_{key}": value for key, value in totals.items()})
-        return metrics
+        _, (losses, metric_pairs) = jax.lax.scan(micro_step, None, batch)
+        metrics = total_metrics(metric_pairs)
+        metrics["loss"] = (jnp.sum(losses) * totals["pairs"], totals["pairs"])  # the mean loss weighs by its pairs
+        return metrics if return_counts else mean_metrics(metrics)
 
     return jit_step(eval_step, mesh=mesh, state_sharding=state_sharding, train=False,
                     extra_in_shardings=(_ref_sharding(config, state_sharding),))
@@ -465,7 +454,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     total_steps = data.total_steps(config, steps_in_epoch)
     buckets = data.length_buckets(config.max_length or max(
         max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples))
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = data.pad_token_id(tokenizer)
     for checked in (model, ref_model):
         if checked is not None:
             data.check_model_fits(checked, examples + (eval_examples or []), ("chosen_input_ids", "rejected_input_ids"),
@@ -485,7 +474,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     ref_params = None if config.precompute_ref_log_probs else reference_params(state, ref_model, mesh)
     state_sharding = state.shardings(mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
-    eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding)
+    eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding, return_counts=True)
     checkpoints = loop.checkpointer(config, method="dpo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     num_tokens = progress.get("num_tokens", 0)
@@ -521,20 +510,15 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
 
 def evaluate(eval_step, state, ref_params, examples, config, mesh, buckets, pad_token_id) -> dict:
     """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix): pair metrics averaged over
-    pairs, token metrics over their tokens."""
+    pairs, token metrics over their tokens (`eval_step` returns `(sum, count)` pairs: `return_counts=True`)."""
     batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
-    totals, counts = {}, {}
+    totals = None
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         # padding pairs have no completion tokens: they count in no metric
         padding = {k: np.zeros_like(v[:1]) if np.ndim(v) else np.float32(0.0) for k, v in chunk[0].items()}
         chunk += [padding] * (batch_size - len(chunk))
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        metrics = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params))
-        batch_counts = {key: float(metrics.pop(f"num_{key}")) for key in
-                        ("pairs", "chosen_tokens", "rejected_tokens", "completion_tokens")}
-        for key, value in metrics.items():
-            count = batch_counts[METRIC_COUNTS.get(key, "pairs")]
-            totals[key] = totals.get(key, 0.0) + float(value) * count
-            counts[key] = counts.get(key, 0.0) + count
-    return {f"eval_{key}": value / max(counts[key], 1.0) for key, value in totals.items()}
+        totals = add_metrics(totals, jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1),
+                                                              ref_params)))
+    return {f"eval_{key}": float(value) for key, value in mean_metrics(totals).items()}

@@ -1,6 +1,7 @@
 """GRPO: `GRPOConfig`, rollouts (sample, reward, advantages), `make_train_step`, `train`.
 
-All of GRPO is here and in `jaxpt/losses/grpo.py`. One rollout samples `num_generations` completions for each of
+All of GRPO is here and in `jaxpt/losses/grpo.py` (sampling, scoring and the batch arithmetic it shares with
+RLOO are in `jaxpt/rollout.py`). One rollout samples `num_generations` completions for each of
 `generation_batch_size / num_generations` prompts with the training parameters (`jaxpt.sampling.generate`,
 no weight copy), scores them with the reward functions, and computes group-relative advantages; then
 `num_iterations` passes of optimizer steps consume it, each step a jitted update over
@@ -42,15 +43,18 @@ from jaxpt.losses.grpo import (
     grpo_advantages,
     grpo_loss,
     high_entropy_mask,
-    reward_metrics,
 )
+from jaxpt.losses.metrics import mean_metrics, sum_and_count, total_metrics
+from jaxpt.losses.sampled_rewards import reward_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import check_reward_functions, resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
     completion_logps,
     completion_metrics,
+    evaluate_rollouts,
     make_ref_logps_fn,
+    rollout_shape,
     sample_and_score,
 )
 from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
@@ -135,29 +139,6 @@ class GRPOConfig(TrainingConfig):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def rollout_shape(config: GRPOConfig, devices: int) -> tuple[int, int, int]:
-    """`(micro_batch, steps_per_generation, prompts_per_rollout)` from the config and the data-parallel device
-    count, with TRL's rules; clear errors when they do not divide."""
-    micro_batch = config.per_device_train_batch_size * devices
-    if config.generation_batch_size is not None:
-        if config.generation_batch_size % micro_batch:
-            raise ValueError(f"generation_batch_size={config.generation_batch_size} must be a multiple of "
-                             f"per_device_train_batch_size x devices = {micro_batch}.")
-        steps_per_generation = config.generation_batch_size // micro_batch
-    else:
-        steps_per_generation = config.steps_per_generation or config.gradient_accumulation_steps
-    if steps_per_generation % config.gradient_accumulation_steps:
-        raise ValueError(f"steps_per_generation={steps_per_generation} must be a multiple of "
-                         f"gradient_accumulation_steps={config.gradient_accumulation_steps} (each optimizer step "
-                         "takes whole micro-batches of one rollout).")
-    generation_batch = micro_batch * steps_per_generation
-    if generation_batch % config.num_generations:
-        raise ValueError(f"The generation batch ({generation_batch} completions = per_device_train_batch_size x "
-                         f"devices x steps_per_generation) must be divisible by num_generations="
-                         f"{config.num_generations}: adjust per_device_train_batch_size or num_generations.")
-    return micro_batch, steps_per_generation, generation_batch // config.num_generations
-
-
 def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
             config: GRPOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None):
     """Sample `num_generations` completions per prompt, score them, and compute group-relative advantages.
@@ -170,10 +151,6 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
     advantages = np.asarray(grpo_advantages(sampled.rewards, num_generations=config.num_generations,
                                             scale_rewards=config.scale_rewards, reward_weights=config.reward_weights))
     arrays = dict(sampled.arrays, advantages=advantages.astype(np.float32))
-    loss_mask = arrays["attention_mask"]
-    if config.mask_truncated_completions:
-        loss_mask = loss_mask * sampled.finished[:, None]
-    arrays["completion_mask"] = loss_mask.astype(np.int32)
     if ref_logps_fn is not None:
         arrays["ref_logps"] = ref_logps_fn(arrays)
     metrics = reward_metrics(sampled.rewards, num_generations=config.num_generations,
@@ -190,8 +167,8 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
 
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPOConfig, totals: dict):
-    """Loss of one micro-batch, normalised by the whole step's tokens/sequences; metric sums weighted by
-    completion tokens (divided in the step)."""
+    """Loss of one micro-batch, normalised by the whole step's tokens/sequences, and its metrics as `(sum,
+    count)` pairs, which add up over micro-batches exactly."""
     logps, entropy = completion_logps(params, graphdef, batch, temperature=config.temperature,
                                       chunk_size=config.logits_chunk_size)
     mask = batch["completion_mask"].astype(jnp.float32)
@@ -204,10 +181,10 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPO
         beta=config.beta, importance_sampling_level=config.importance_sampling_level,
         max_completion_length=config.max_completion_length, use_bias_correction_kl=config.use_bias_correction_kl,
         entropy_mask=entropy_mask, num_tokens=totals["tokens"], num_sequences=totals["sequences"],
+        return_counts=True,
     )
-    tokens = jnp.sum(mask)
-    metrics["entropy"] = jnp.sum(entropy * mask) / jnp.maximum(tokens, 1.0)
-    return loss, {key: value * tokens for key, value in metrics.items()}
+    metrics["entropy"] = sum_and_count(entropy, mask)
+    return loss, metrics
 
 
 def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
@@ -223,12 +200,12 @@ def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro_step(grads, micro_batch):
-            (loss, metric_sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
-            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_sums)
+            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_sums) = jax.lax.scan(micro_step, zeros, batch)
-        metrics = {key: jnp.sum(value) / totals["tokens"] for key, value in metric_sums.items()}
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        metrics = mean_metrics(total_metrics(metric_pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
@@ -328,8 +305,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
                     log.log(step, {**metrics, **rollout_metrics, "learning_rate": schedule(step - 1),
                                    "num_tokens": num_tokens}, epoch=step / steps_in_epoch)
             if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
-                log.write({"step": step, **evaluate(state, eval_prompts, reward_funcs, tokenizer, config, mesh,
-                                                    prompt_buckets, prompts_per_rollout)})
+                log.write({"step": step, **evaluate_rollouts(rollout, state, eval_prompts, reward_funcs, tokenizer,
+                                                             config, mesh=mesh, prompt_buckets=prompt_buckets,
+                                                             prompts_per_rollout=prompts_per_rollout)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
                 checkpoints.save(step, state, {"num_tokens": num_tokens})
@@ -339,16 +317,3 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
         checkpoints.close()
     return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
 
-
-def evaluate(state, prompts, reward_funcs, tokenizer, config, mesh, prompt_buckets, prompts_per_rollout) -> dict:
-    """Sampled rewards on the eval prompts (TRL's reward metrics with an `eval_` prefix), rollout by rollout."""
-    totals: dict[str, list[float]] = {}
-    key = jax.random.key(config.seed + 1)
-    for index, start in enumerate(range(0, len(prompts), prompts_per_rollout)):
-        chunk = list(prompts[start:start + prompts_per_rollout])
-        chunk += [chunk[-1]] * (prompts_per_rollout - len(chunk))  # one compiled shape
-        _, metrics, _ = rollout(state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(key, index),
-                                mesh=mesh, prompt_buckets=prompt_buckets)
-        for name, value in metrics.items():
-            totals.setdefault(name, []).append(value)
-    return {f"eval_{name}": float(np.mean(values)) for name, values in totals.items()}

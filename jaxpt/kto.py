@@ -51,8 +51,9 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
-from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, kto_metric_means
+from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss
 from jaxpt.losses.logprobs import chunked_token_logps, next_token_targets
+from jaxpt.losses.metrics import mean_metrics, total_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch, tree_shardings
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
@@ -289,38 +290,31 @@ def _reference_pass(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, conf
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, ref_logps: jax.Array, kl: jax.Array,
             num_examples: jax.Array, config: KTOConfig):
-    """Loss of one micro-batch, normalised by the examples of the whole step, with the step's KL estimate `kl`;
-    returns metric sums (counts, reward/log-prob/logit/entropy sums) that add up over micro-batches."""
+    """Loss of one micro-batch, normalised by the examples of the whole step, with the step's KL estimate `kl`,
+    and its metrics as `(sum, count)` pairs (over desirable / undesirable examples, or completion tokens) that add
+    up over micro-batches."""
     policy_logps, stats = _sequence_logps(params, graphdef, batch, config, with_metrics=True)
     is_example = _is_example(batch)
     loss, metrics = kto_loss(policy_logps, ref_logps, batch["label"], kl, beta=config.beta,
                              desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
-                             loss_type=config.loss_type, num_examples=num_examples, example_mask=is_example)
-    sums = {k: v for k, v in metrics.items() if k.startswith("count/") or k.endswith("_sum")}
+                             loss_type=config.loss_type, num_examples=num_examples, example_mask=is_example,
+                             return_counts=True)
     desirable = batch["label"].astype(jnp.float32) * is_example
     undesirable = (1.0 - batch["label"].astype(jnp.float32)) * is_example
-    sums.update({
-        "tokens": jnp.sum(stats["tokens"]),
-        "entropy_sum": jnp.sum(stats["entropy"]),
-        "tokens/chosen": jnp.sum(stats["tokens"] * desirable),
-        "tokens/rejected": jnp.sum(stats["tokens"] * undesirable),
-        "logits/chosen_sum": jnp.sum(stats["mean_logits"] * desirable),
-        "logits/rejected_sum": jnp.sum(stats["mean_logits"] * undesirable),
+    metrics.update({  # per-row sums over completion tokens: the count of each row is its number of tokens
+        "logits/chosen": (jnp.sum(stats["mean_logits"] * desirable), jnp.sum(stats["tokens"] * desirable)),
+        "logits/rejected": (jnp.sum(stats["mean_logits"] * undesirable), jnp.sum(stats["tokens"] * undesirable)),
+        "entropy": (jnp.sum(stats["entropy"]), jnp.sum(stats["tokens"])),
     })
-    return loss, sums
+    return loss, metrics
 
 
-def _step_metrics(sums: dict, kl: jax.Array) -> dict[str, jax.Array]:
-    """TRL's metrics of a whole step from the summed micro-batch sums."""
-
-    def ratio(numerator, denominator):
-        return jnp.where(denominator > 0, numerator / jnp.maximum(denominator, 1.0), jnp.nan)
-
-    metrics = kto_metric_means(sums)
+def _step_metrics(metric_pairs: dict, kl: jax.Array) -> dict[str, jax.Array]:
+    """TRL's metrics of a whole step from the micro-batches' `(sum, count)` pairs: a mean over no example of a
+    kind is NaN (undefined: TRL logs nothing for such a batch)."""
+    metrics = mean_metrics(total_metrics(metric_pairs), empty=jnp.nan)
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     metrics["kl"] = kl
-    metrics["logits/chosen"] = ratio(sums["logits/chosen_sum"], sums["tokens/chosen"])
-    metrics["logits/rejected"] = ratio(sums["logits/rejected_sum"], sums["tokens/rejected"])
-    metrics["entropy"] = jnp.where(sums["tokens"] > 0, sums["entropy_sum"] / jnp.maximum(sums["tokens"], 1.0), 0.0)
     return metrics
 
 
@@ -350,13 +344,13 @@ def make_train_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None,
 
         def micro_step(grads, inputs):
             micro_batch, micro_ref_logps = inputs
-            (loss, sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, micro_ref_logps, kl,
-                                                num_examples, config)
-            return jax.tree.map(jnp.add, grads, micro_grads), (loss, sums)
+            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, micro_ref_logps,
+                                                        kl, num_examples, config)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, sums) = jax.lax.scan(micro_step, zeros, (batch, ref_logps))
-        metrics = _step_metrics(jax.tree.map(jnp.sum, sums), kl)
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, ref_logps))
+        metrics = _step_metrics(metric_pairs, kl)
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
@@ -377,8 +371,8 @@ def make_eval_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None, 
             return None, loss_fn(state.params, state.graphdef, micro_batch, micro_ref_logps, kl, num_examples,
                                  config)
 
-        _, (losses, sums) = jax.lax.scan(micro_step, None, (batch, ref_logps))
-        metrics = _step_metrics(jax.tree.map(jnp.sum, sums), kl)
+        _, (losses, metric_pairs) = jax.lax.scan(micro_step, None, (batch, ref_logps))
+        metrics = _step_metrics(metric_pairs, kl)
         metrics["loss"] = jnp.sum(losses)
         metrics["num_examples"] = jnp.sum(_is_example(batch))
         return metrics
@@ -473,7 +467,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     everything = examples + (eval_examples or [])  # a KL sequence joins one example's prompt to another's completion
     longest = max(len(e["prompt_ids"]) for e in everything) + max(len(e["completion_ids"]) for e in everything)
     buckets = data.length_buckets(min(config.max_length or longest, longest))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = data.pad_token_id(tokenizer)
     for checked in (model, ref_model):  # a KL sequence may join the longest prompt to the longest completion
         if checked is not None:
             data.check_model_fits(checked, everything, ("prompt_ids", "completion_ids"), method="KTO",

@@ -267,7 +267,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     total_steps = data.total_steps(config, steps_in_epoch)
     longest = max(len(e[key]) for e in examples + (eval_examples or []) for key in ("chosen_ids", "rejected_ids"))
     buckets = data.length_buckets(config.max_length or longest)
-    pad_id = _pad_token_id(tokenizer)
+    pad_id = data.pad_token_id(tokenizer)
     data.check_model_fits(model, examples + (eval_examples or []), ("chosen_ids", "rejected_ids"), method="Reward",
                           length_fields="max_length", extra_ids=(pad_id,))
     if pad_id == tokenizer.eos_token_id:
@@ -314,14 +314,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     if model_dir is not None:
         _set_pad_token_id(model_dir, pad_id)
     return loop.TrainResult(state, log.history, model_dir)
-
-
-def _pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad token, else its EOS token (TRL's fallback), else 0."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
 
 
 def _set_pad_token_id(model_dir: str, pad_token_id: int) -> None:

@@ -2,9 +2,10 @@
 
 All of RLOO is here and in `jaxpt/losses/rloo.py`: GRPO's sibling with REINFORCE leave-one-out advantages,
 the KL to the reference as a reward penalty (`beta`, first-order estimator summed over the sequence) and a
-clipped *sequence*-level ratio. Rollouts and batch arithmetic are GRPO's (TRL's): one rollout samples
-`num_generations` completions for each of `generation_batch_size / num_generations` prompts with the training
-parameters, then `num_iterations` passes of optimizer steps consume it.
+clipped *sequence*-level ratio. Sampling, scoring and the batch arithmetic (TRL's) are shared with GRPO in
+`jaxpt/rollout.py`: one rollout samples `num_generations` completions for each of
+`generation_batch_size / num_generations` prompts with the training parameters, then `num_iterations` passes of
+optimizer steps consume it.
 
 ```python
 config = RLOOConfig(output_dir="out", num_generations=4, max_completion_length=64, max_steps=100)
@@ -33,15 +34,18 @@ from flax import nnx
 from jaxpt import data, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
-from jaxpt.losses.grpo import nanstd, reward_metrics
+from jaxpt.losses.metrics import mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.rloo import penalized_rewards, rloo_advantages, rloo_loss
+from jaxpt.losses.sampled_rewards import nanstd, reward_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import check_reward_functions, resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
     completion_logps,
     completion_metrics,
+    evaluate_rollouts,
     make_ref_logps_fn,
+    rollout_shape,
     sample_and_score,
 )
 from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
@@ -114,29 +118,6 @@ class RLOOConfig(TrainingConfig):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def rollout_shape(config: RLOOConfig, devices: int) -> tuple[int, int, int]:
-    """`(micro_batch, steps_per_generation, prompts_per_rollout)` from the config and the data-parallel device
-    count, with TRL's rules; clear errors when they do not divide."""
-    micro_batch = config.per_device_train_batch_size * devices
-    if config.generation_batch_size is not None:
-        if config.generation_batch_size % micro_batch:
-            raise ValueError(f"generation_batch_size={config.generation_batch_size} must be a multiple of "
-                             f"per_device_train_batch_size x devices = {micro_batch}.")
-        steps_per_generation = config.generation_batch_size // micro_batch
-    else:
-        steps_per_generation = config.steps_per_generation or config.gradient_accumulation_steps
-    if steps_per_generation % config.gradient_accumulation_steps:
-        raise ValueError(f"steps_per_generation={steps_per_generation} must be a multiple of "
-                         f"gradient_accumulation_steps={config.gradient_accumulation_steps} (each optimizer step "
-                         "takes whole micro-batches of one rollout).")
-    generation_batch = micro_batch * steps_per_generation
-    if generation_batch % config.num_generations:
-        raise ValueError(f"The generation batch ({generation_batch} completions = per_device_train_batch_size x "
-                         f"devices x steps_per_generation) must be divisible by num_generations="
-                         f"{config.num_generations}: adjust per_device_train_batch_size or num_generations.")
-    return micro_batch, steps_per_generation, generation_batch // config.num_generations
-
-
 def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
             config: RLOOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None):
     """Sample `num_generations` completions per prompt, score them, and compute leave-one-out advantages with
@@ -146,10 +127,6 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
     if np.isnan(sampled.rewards).all(axis=1).any():  # None (or NaN) from every function
         logger.warning("Some completions got no reward from any reward function; their advantage is 0.")
     arrays = dict(sampled.arrays)
-    loss_mask = arrays["attention_mask"]
-    if config.mask_truncated_completions:
-        loss_mask = loss_mask * sampled.finished[:, None]
-    arrays["completion_mask"] = loss_mask.astype(np.int32)
     metrics = {}
     sequence_kl = None
     if ref_logps_fn is not None:
@@ -180,17 +157,16 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
 
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: RLOOConfig, totals: dict):
-    """Loss of one micro-batch, normalised by the whole step's sequences; metric sums weighted by sequences
-    (entropy by completion tokens), divided in the step."""
+    """Loss of one micro-batch, normalised by the whole step's sequences, and its metrics as `(sum, count)` pairs
+    (clip ratios over sequences, entropy over completion tokens), which add up over micro-batches exactly."""
     logps, entropy = completion_logps(params, graphdef, batch, temperature=config.temperature,
                                       chunk_size=config.logits_chunk_size)
     mask = batch["completion_mask"].astype(jnp.float32)
     loss, metrics = rloo_loss(logps, batch.get("old_logps"), batch["advantages"], mask, epsilon=config.epsilon,
-                              epsilon_high=config.epsilon_high, num_sequences=totals["sequences"])
-    sequences = float(mask.shape[0])
-    sums = {key: value * sequences for key, value in metrics.items()}
-    sums["entropy"] = jnp.sum(entropy * mask) * totals["sequences"] / totals["tokens"]  # divided by sequences below
-    return loss, sums
+                              epsilon_high=config.epsilon_high, num_sequences=totals["sequences"],
+                              return_counts=True)
+    metrics["entropy"] = sum_and_count(entropy, mask)
+    return loss, metrics
 
 
 def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
@@ -206,12 +182,12 @@ def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro_step(grads, micro_batch):
-            (loss, metric_sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
-            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_sums)
+            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_sums) = jax.lax.scan(micro_step, zeros, batch)
-        metrics = {key: jnp.sum(value) / totals["sequences"] for key, value in metric_sums.items()}
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        metrics = mean_metrics(total_metrics(metric_pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
@@ -311,8 +287,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                     log.log(step, {**metrics, **rollout_metrics, "learning_rate": schedule(step - 1),
                                    "num_tokens": num_tokens}, epoch=step / steps_in_epoch)
             if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
-                log.write({"step": step, **evaluate(state, eval_prompts, reward_funcs, tokenizer, config, mesh,
-                                                    prompt_buckets, prompts_per_rollout)})
+                log.write({"step": step, **evaluate_rollouts(rollout, state, eval_prompts, reward_funcs, tokenizer,
+                                                             config, mesh=mesh, prompt_buckets=prompt_buckets,
+                                                             prompts_per_rollout=prompts_per_rollout,
+                                                             ref_logps_fn=ref_logps_fn)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
                 checkpoints.save(step, state, {"num_tokens": num_tokens})
@@ -322,16 +300,3 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
         checkpoints.close()
     return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
 
-
-def evaluate(state, prompts, reward_funcs, tokenizer, config, mesh, prompt_buckets, prompts_per_rollout) -> dict:
-    """Sampled rewards on the eval prompts (TRL's reward metrics with an `eval_` prefix), rollout by rollout."""
-    totals: dict[str, list[float]] = {}
-    key = jax.random.key(config.seed + 1)
-    for index, start in enumerate(range(0, len(prompts), prompts_per_rollout)):
-        chunk = list(prompts[start:start + prompts_per_rollout])
-        chunk += [chunk[-1]] * (prompts_per_rollout - len(chunk))  # one compiled shape
-        _, metrics, _ = rollout(state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(key, index),
-                                mesh=mesh, prompt_buckets=prompt_buckets)
-        for name, value in metrics.items():
-            totals.setdefault(name, []).append(value)
-    return {f"eval_{name}": float(np.mean(values)) for name, values in totals.items()}

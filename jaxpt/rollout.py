@@ -1,12 +1,15 @@
-"""What GRPO and RLOO share: sample `num_generations` completions per prompt with the training parameters,
-decode and score them (`sample_and_score`), and the completion log-probs the updates train on
-(`completion_logps`, and `make_ref_logps_fn` for the reference model's).
+"""What GRPO and RLOO share: the batch arithmetic of a rollout (`rollout_shape`, TRL's rules), sampling
+`num_generations` completions per prompt with the training parameters, decoding and scoring them
+(`sample_and_score`), the completion log-probs the updates train on (`completion_logps`, and `make_ref_logps_fn`
+for the reference model's), and evaluation by sampled rewards (`evaluate_rollouts`). Each method keeps its own
+`rollout` (its advantages and metrics) and its loop.
 
 `sample_and_score` returns numpy arrays, grouped contiguously (`num_generations` rows per prompt):
 `prompt_ids`/`prompt_mask` `[n, prompt_bucket]` (left-padded), `completion_ids`/`attention_mask` `[n,
-max_completion_length]` (1 on generated tokens, EOS included), `old_logps` (the sampler's
-`log softmax(logits / temperature)` of each token), `lengths`, `finished` (ended with EOS), the rewards
-`[n, num_functions]` (NaN = None) and the decoded completions.
+max_completion_length]` (1 on generated tokens, EOS included), `completion_mask` (the tokens the loss trains on:
+`attention_mask`, without the completions cut at `max_completion_length` when `mask_truncated_completions`),
+`old_logps` (the sampler's `log softmax(logits / temperature)` of each token), `lengths`, `finished` (ended with
+EOS), the rewards `[n, num_functions]` (NaN = None) and the decoded completions.
 """
 
 from __future__ import annotations
@@ -44,13 +47,36 @@ class Rollout:
                 for p, c, a, row in zip(self.prompts, self.completions, advantages, self.rewards, strict=True)]
 
 
+def rollout_shape(config, devices: int) -> tuple[int, int, int]:
+    """`(micro_batch, steps_per_generation, prompts_per_rollout)` from the config and the data-parallel device
+    count, with TRL's rules; clear errors when they do not divide."""
+    micro_batch = config.per_device_train_batch_size * devices
+    if config.generation_batch_size is not None:
+        if config.generation_batch_size % micro_batch:
+            raise ValueError(f"generation_batch_size={config.generation_batch_size} must be a multiple of "
+                             f"per_device_train_batch_size x devices = {micro_batch}.")
+        steps_per_generation = config.generation_batch_size // micro_batch
+    else:
+        steps_per_generation = config.steps_per_generation or config.gradient_accumulation_steps
+    if steps_per_generation % config.gradient_accumulation_steps:
+        raise ValueError(f"steps_per_generation={steps_per_generation} must be a multiple of "
+                         f"gradient_accumulation_steps={config.gradient_accumulation_steps} (each optimizer step "
+                         "takes whole micro-batches of one rollout).")
+    generation_batch = micro_batch * steps_per_generation
+    if generation_batch % config.num_generations:
+        raise ValueError(f"The generation batch ({generation_batch} completions = per_device_train_batch_size x "
+                         f"devices x steps_per_generation) must be divisible by num_generations="
+                         f"{config.num_generations}: adjust per_device_train_batch_size or num_generations.")
+    return micro_batch, steps_per_generation, generation_batch // config.num_generations
+
+
 def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer, config, *,
                      key: jax.Array, mesh, prompt_buckets: Sequence[int]) -> Rollout:
     """Sample `config.num_generations` completions for each prompt (`data.prepare_prompts` records) with
     `state`'s parameters and the config's sampling options, then score them."""
     group = config.num_generations
     repeated = [p for p in prompts for _ in range(group)]
-    pad_id = pad_token_id(tokenizer)
+    pad_id = data.pad_token_id(tokenizer)
     length = data.bucket_length(max(len(p["prompt_ids"]) for p in prompts), prompt_buckets)
     prompt_ids = data.pad_rows([p["prompt_ids"] for p in repeated], length, pad_id, left=True)
     prompt_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in repeated], length, 0, left=True)
@@ -68,8 +94,12 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
     prompt_texts = [p["prompt"] for p in repeated]
     rewards = score_completions(reward_funcs, prompts=prompt_texts, completions=completions,
                                 completion_ids=id_lists, columns=columns)
+    attention_mask = np.asarray(attention_mask, np.int32)
+    completion_mask = attention_mask * np.asarray(finished)[:, None] if config.mask_truncated_completions \
+        else attention_mask
     arrays = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": np.asarray(completion_ids),
-              "attention_mask": np.asarray(attention_mask, np.int32), "old_logps": np.asarray(old_logps)}
+              "attention_mask": attention_mask, "completion_mask": completion_mask.astype(np.int32),
+              "old_logps": np.asarray(old_logps)}
     return Rollout(arrays, rewards, tuple(reward_function_name(f) for f in reward_funcs), prompt_texts, completions,
                    np.asarray(lengths), np.asarray(finished))
 
@@ -111,6 +141,25 @@ def make_ref_logps_fn(ref_params, graphdef, *, temperature: float, chunk_size: i
     return ref_logps
 
 
+def evaluate_rollouts(rollout: Callable, state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
+                      config, *, mesh, prompt_buckets: Sequence[int], prompts_per_rollout: int,
+                      ref_logps_fn: Callable | None = None) -> dict[str, float]:
+    """Sampled rewards on the eval prompts (TRL's reward metrics with an `eval_` prefix), averaged over rollouts of
+    `prompts_per_rollout` prompts made by the method's `rollout` (the last one filled up with its last prompt, so
+    every rollout has the one compiled shape). `ref_logps_fn` goes to `rollout`, for a method whose rollout needs
+    the reference (RLOO's KL penalty in the reward)."""
+    totals: dict[str, list[float]] = {}
+    key = jax.random.key(config.seed + 1)
+    for index, start in enumerate(range(0, len(prompts), prompts_per_rollout)):
+        chunk = list(prompts[start:start + prompts_per_rollout])
+        chunk += [chunk[-1]] * (prompts_per_rollout - len(chunk))
+        _, metrics, _ = rollout(state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(key, index),
+                                mesh=mesh, prompt_buckets=prompt_buckets, ref_logps_fn=ref_logps_fn)
+        for name, value in metrics.items():
+            totals.setdefault(name, []).append(value)
+    return {f"eval_{name}": float(np.mean(values)) for name, values in totals.items()}
+
+
 def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict[str, float]:
     """TRL's `completions/*` metrics: lengths of all completions and of those that ended with EOS."""
     lengths = np.asarray(lengths, np.float64)
@@ -128,10 +177,6 @@ def eos_token_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos_token: completions need one to end.")
     return [tokenizer.eos_token_id]
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:

@@ -29,6 +29,7 @@ from jaxpt import data, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.logprobs import next_token_targets
+from jaxpt.losses.metrics import add_metrics, mean_metrics, total_metrics
 from jaxpt.losses.sft import SFT_LOSS_TYPES, sft_loss_from_hidden
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
@@ -247,17 +248,14 @@ def _model_inputs(batch: dict) -> dict:
 
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: SFTConfig, num_tokens: jax.Array):
-    """Loss of one micro-batch, normalised by the loss tokens of the whole step; returns token-weighted
-    metric sums (divided by `num_tokens` in the step) so micro-batches add up exactly."""
+    """Loss of one micro-batch, normalised by the loss tokens of the whole step, and its metrics as `(sum,
+    count)` pairs, which add up over micro-batches exactly."""
     model = nnx.merge(graphdef, params)
     targets, target_mask = _targets(batch)
     hidden = model.hidden_states(batch["input_ids"], **_model_inputs(batch))
-    loss, metrics = sft_loss_from_hidden(hidden, model.lm_head_weight(), targets, target_mask,
-                                         loss_type=config.loss_type, num_tokens=num_tokens,
-                                         logit_softcap=model.final_logit_softcap,
-                                         chunk_size=config.logits_chunk_size)
-    count = jnp.sum(target_mask)
-    return loss, {key: value * count for key, value in metrics.items()}
+    return sft_loss_from_hidden(hidden, model.lm_head_weight(), targets, target_mask, loss_type=config.loss_type,
+                                num_tokens=num_tokens, logit_softcap=model.final_logit_softcap,
+                                chunk_size=config.logits_chunk_size, return_counts=True)
 
 
 def make_train_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
@@ -269,13 +267,14 @@ def make_train_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None,
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro_step(grads, micro_batch):
-            (loss, metric_sums), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, num_tokens)
+            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config,
+                                                        num_tokens)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
-            return grads, (loss, metric_sums)
+            return grads, (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_sums) = jax.lax.scan(micro_step, zeros, batch)
-        metrics = {key: jnp.sum(value) / num_tokens for key, value in metric_sums.items()}
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        metrics = mean_metrics(total_metrics(metric_pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
@@ -289,20 +288,22 @@ def _targets_mask_all(batch: dict) -> jax.Array:
     return _targets(flat)[1]
 
 
-def make_eval_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
-    """`metrics = eval_step(state, batch)`: loss and metrics without updating (same batch layout)."""
+def make_eval_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
+                   return_counts: bool = False):
+    """`metrics = eval_step(state, batch)`: loss and metrics without updating (same batch layout); with
+    `return_counts`, each as a `(sum, count)` pair over the loss tokens, so batches add up (`evaluate`)."""
 
     def eval_step(state: TrainState, batch: dict):
-        num_tokens = jnp.maximum(jnp.sum(_targets_mask_all(batch)), 1.0)
+        loss_tokens = jnp.sum(_targets_mask_all(batch))
+        num_tokens = jnp.maximum(loss_tokens, 1.0)
 
         def micro_step(_, micro_batch):
             return None, loss_fn(state.params, state.graphdef, micro_batch, config, num_tokens)
 
-        _, (losses, metric_sums) = jax.lax.scan(micro_step, None, batch)
-        metrics = {key: jnp.sum(value) / num_tokens for key, value in metric_sums.items()}
-        metrics["loss"] = jnp.sum(losses)
-        metrics["num_loss_tokens"] = jnp.sum(_targets_mask_all(batch))
-        return metrics
+        _, (losses, metric_pairs) = jax.lax.scan(micro_step, None, batch)
+        metrics = total_metrics(metric_pairs)
+        metrics["loss"] = (jnp.sum(losses) * loss_tokens, loss_tokens)  # the mean loss weighs by its tokens
+        return metrics if return_counts else mean_metrics(metrics)
 
     return jit_step(eval_step, mesh=mesh, state_sharding=state_sharding, train=False)
 
@@ -329,7 +330,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
     total_steps = data.total_steps(config, steps_in_epoch)
     buckets = data.length_buckets(config.max_length or max(len(e["input_ids"]) for e in examples))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = data.pad_token_id(tokenizer)
     data.check_model_fits(model, examples + (eval_examples or []), ("input_ids",), method="SFT",
                           length_fields="max_length", extra_ids=(pad_id,))
 
@@ -338,7 +339,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
-    eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding)
+    eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding, return_counts=True)
     checkpoints = loop.checkpointer(config, method="sft", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     num_tokens = progress.get("num_tokens", 0)
@@ -372,16 +373,13 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
 
 
 def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) -> dict:
-    """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix), token-weighted."""
+    """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix), token-weighted: `eval_step`
+    returns `(sum, count)` pairs (`make_eval_step(return_counts=True)`)."""
     batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
-    totals, tokens = {}, 0.0
+    totals = None
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         chunk += [{k: np.zeros_like(v[:1]) for k, v in chunk[0].items()}] * (batch_size - len(chunk))  # no loss
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        metrics = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1)))
-        count = float(metrics.pop("num_loss_tokens"))
-        tokens += count
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * count
-    return {f"eval_{key}": value / max(tokens, 1.0) for key, value in totals.items()}
+        totals = add_metrics(totals, jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1))))
+    return {f"eval_{key}": float(value) for key, value in mean_metrics(totals).items()}

@@ -74,14 +74,18 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_rloo_raises_the_mean_reward_and_logs_trl_metrics(tmp_path):
-    result = rloo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, config(tmp_path, max_steps=20, beta=0.01),
-                        reward_funcs=[digits_reward])
-    rewards = [r["reward"] for r in result.metrics]
+    cfg = config(tmp_path, max_steps=20, beta=0.01, eval_strategy="steps", eval_steps=20)
+    result = rloo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, cfg, reward_funcs=[digits_reward],
+                        eval_dataset=PROMPTS.select(range(4)))
+    rewards = [r["reward"] for r in result.metrics if "reward" in r]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "grad_norm", "learning_rate", "reward", "reward_std", "rewards/digits_reward/mean", "kl",
             "entropy", "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio"} <= set(
         records[0])
+    # evaluation rolls out with the reference too (beta != 0 puts the KL penalty in the reward)
+    evals = [r for r in records if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [20] and evals[0]["eval_kl"] > 0
 
 
 def test_config_validation(tmp_path):

@@ -1,5 +1,6 @@
 """Pure loss functions on arrays: `loss, metrics = <method>_loss(...)`. No models, no config objects; all jittable
-and differentiable, so they compose (`dpo + 0.1 * sft`) in your own steps."""
+and differentiable, so they compose (`dpo + 0.1 * sft`) in your own steps. Metrics are means; with
+`return_counts=True` they are `(sum, count)` pairs that add up over micro-batches (`jaxpt.losses.metrics`)."""
 
 from jaxpt.losses.dpo import DPO_LOSS_TYPES, dpo_loss
 from jaxpt.losses.grpo import GRPO_LOSS_TYPES, grpo_advantages, grpo_loss

@@ -50,6 +50,8 @@ Metrics (TRL's names, means over the pairs): `rewards/chosen` (β c), `rewards/r
 `rewards/accuracies` (β c > β r), `rewards/margins` (β (c - r)), `logps/chosen`, `logps/rejected`.
 `completion_token_metrics` adds TRL's per-token ones: `entropy`, `logits/chosen`, `logits/rejected` (the mean logit
 over the vocabulary, averaged over the completion tokens) and `mean_token_accuracy` (of the chosen completions).
+With `return_counts=True` both return each metric as a `(sum, count)` pair (`jaxpt.losses.metrics`) over its pairs
+or tokens, which add up over micro-batches and batches.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from jaxpt.losses.logprobs import masked_mean
+from jaxpt.losses.metrics import MetricPairs, mean_metrics, sum_and_count
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -132,10 +137,6 @@ def f_divergence_scores(logratios: jax.Array, f_divergence_type: str = "reverse_
     raise ValueError(f"f_divergence_type={f_divergence_type!r}; use one of {F_DIVERGENCE_TYPES}.")
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
-
 def _sort_valid(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Ascending sort with the masked-out entries moved to the end (they then pair with each other)."""
     return jnp.sort(jnp.where(mask, values, jnp.finfo(jnp.float32).max))
@@ -162,7 +163,8 @@ def dpo_loss(
     sft_num_tokens: jax.Array | float | None = None,
     pair_mask: jax.Array | None = None,
     num_pairs: jax.Array | float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_counts: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array] | MetricPairs]:
     """DPO-family loss of a batch of preference pairs (formulas in the module docstring).
 
     Arguments, all `[batch]` unless noted:
@@ -182,7 +184,8 @@ def dpo_loss(
       `sft_loss`'s `num_tokens`). `aot`/`aot_unpaired` sort within the pairs given; with WPO, the `sft` term is
       scaled by the mean pair weight of the pairs given.
 
-    Returns `(loss, metrics)`; metrics are means over the (unmasked) pairs given, with TRL's names.
+    Returns `(loss, metrics)`; metrics are means over the (unmasked) pairs given, with TRL's names (with
+    `return_counts`, `(sum, count)` pairs).
     """
     loss_types, weights = check_dpo_options(loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
                                             f_divergence_type=f_divergence_type,
@@ -224,7 +227,7 @@ def dpo_loss(
             tokens = jnp.sum(jnp.where(mask, f32(chosen_lengths), 0.0)) if sft_num_tokens is None else sft_num_tokens
             term = -jnp.sum(jnp.where(mask, sft_logps, 0.0)) / jnp.maximum(f32(tokens), 1.0)
             if pair_weights is not None:  # TRL broadcasts the batch NLL to every pair, then weights the pairs
-                term = term * _masked_mean(pair_weights, mask)
+                term = term * masked_mean(pair_weights, mask)
             loss = loss + weight * term
             continue
         if name == "sigmoid":
@@ -277,14 +280,14 @@ def dpo_loss(
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
     metrics = {
-        "rewards/chosen": _masked_mean(chosen_rewards, mask),
-        "rewards/rejected": _masked_mean(rejected_rewards, mask),
-        "rewards/accuracies": _masked_mean((chosen_rewards > rejected_rewards).astype(jnp.float32), mask),
-        "rewards/margins": _masked_mean(chosen_rewards - rejected_rewards, mask),
-        "logps/chosen": _masked_mean(jax.lax.stop_gradient(chosen_logps), mask),
-        "logps/rejected": _masked_mean(jax.lax.stop_gradient(rejected_logps), mask),
+        "rewards/chosen": sum_and_count(chosen_rewards, mask),
+        "rewards/rejected": sum_and_count(rejected_rewards, mask),
+        "rewards/accuracies": sum_and_count((chosen_rewards > rejected_rewards).astype(jnp.float32), mask),
+        "rewards/margins": sum_and_count(chosen_rewards - rejected_rewards, mask),
+        "logps/chosen": sum_and_count(jax.lax.stop_gradient(chosen_logps), mask),
+        "logps/rejected": sum_and_count(jax.lax.stop_gradient(rejected_logps), mask),
     }
-    return loss, metrics
+    return loss, metrics if return_counts else mean_metrics(metrics)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -328,20 +331,19 @@ def wpo_weights(token_logps: jax.Array, log_sum_sq_probs: jax.Array, mask: jax.A
 
 
 def completion_token_metrics(chosen_stats: dict[str, jax.Array], rejected_stats: dict[str, jax.Array],
-                             chosen_mask: jax.Array, rejected_mask: jax.Array) -> dict[str, jax.Array]:
+                             chosen_mask: jax.Array, rejected_mask: jax.Array, *,
+                             return_counts: bool = False) -> dict[str, jax.Array] | MetricPairs:
     """TRL's per-token DPO metrics from `chunked_token_logps_and_stats` statistics (`entropy`, `mean_logits`,
     `is_top1`, each `[batch, seq]`) of the chosen and rejected sequences and their completion masks:
     `entropy` (over all completion tokens), `logits/chosen` and `logits/rejected` (the mean logit over the
     vocabulary, averaged over the completion tokens), `mean_token_accuracy` (top-1 hits on the chosen
     completions)."""
-    chosen_mask = chosen_mask.astype(jnp.float32)
-    rejected_mask = rejected_mask.astype(jnp.float32)
-    chosen_tokens = jnp.maximum(jnp.sum(chosen_mask), 1.0)
-    rejected_tokens = jnp.maximum(jnp.sum(rejected_mask), 1.0)
-    entropy = jnp.sum(chosen_stats["entropy"] * chosen_mask) + jnp.sum(rejected_stats["entropy"] * rejected_mask)
-    return {
-        "entropy": entropy / jnp.maximum(jnp.sum(chosen_mask) + jnp.sum(rejected_mask), 1.0),
-        "logits/chosen": jnp.sum(chosen_stats["mean_logits"] * chosen_mask) / chosen_tokens,
-        "logits/rejected": jnp.sum(rejected_stats["mean_logits"] * rejected_mask) / rejected_tokens,
-        "mean_token_accuracy": jnp.sum(chosen_stats["is_top1"] * chosen_mask) / chosen_tokens,
+    chosen_entropy, chosen_tokens = sum_and_count(chosen_stats["entropy"], chosen_mask)
+    rejected_entropy, rejected_tokens = sum_and_count(rejected_stats["entropy"], rejected_mask)
+    metrics = {
+        "entropy": (chosen_entropy + rejected_entropy, chosen_tokens + rejected_tokens),
+        "logits/chosen": sum_and_count(chosen_stats["mean_logits"], chosen_mask),
+        "logits/rejected": sum_and_count(rejected_stats["mean_logits"], rejected_mask),
+        "mean_token_accuracy": sum_and_count(chosen_stats["is_top1"], chosen_mask),
     }
+    return metrics if return_counts else mean_metrics(metrics)

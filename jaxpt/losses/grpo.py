@@ -35,29 +35,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpt.losses.metrics import MetricPairs, mean_metrics, sum_and_count
+from jaxpt.losses.sampled_rewards import combine_rewards, nanstd
+from jaxpt.losses.sampled_rewards import reward_metrics as reward_metrics  # its former home: keep importable
+
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-
-
-def nanstd(values: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
-    """Unbiased standard deviation ignoring NaNs (TRL's `nanstd`)."""
-    mean = jnp.nanmean(values, axis=axis, keepdims=True)
-    variance = jnp.nanmean((values - mean) ** 2, axis=axis, keepdims=True)
-    count = jnp.sum(~jnp.isnan(values), axis=axis, keepdims=True)
-    std = jnp.sqrt(variance * count / (count - 1))
-    return std if keepdims else jnp.squeeze(std, axis=axis)
-
-
-def combine_rewards(rewards: jax.Array, reward_weights: jax.Array | None = None) -> jax.Array:
-    """`[n]` rewards from `[n]` or `[n, num_functions]` (NaN = the function returned None): the weighted sum of
-    the scored functions, NaN where no function scored the completion."""
-    rewards = jnp.asarray(rewards, jnp.float32)
-    if rewards.ndim == 1:
-        return rewards
-    weights = jnp.ones(rewards.shape[1]) if reward_weights is None else jnp.asarray(reward_weights, jnp.float32)
-    total = jnp.nansum(rewards * weights[None, :], axis=1)
-    return jnp.where(jnp.all(jnp.isnan(rewards), axis=1), jnp.nan, total)
 
 
 def grpo_advantages(
@@ -81,33 +65,6 @@ def grpo_advantages(
     elif scale_rewards == "batch":
         advantages = advantages / (nanstd(rewards) + 1e-4)
     return jnp.nan_to_num(advantages, nan=0.0)
-
-
-def reward_metrics(
-    rewards: jax.Array,
-    *,
-    num_generations: int,
-    scale_rewards: str = "group",
-    reward_weights: jax.Array | None = None,
-    reward_names: tuple[str, ...] | None = None,
-) -> dict[str, jax.Array]:
-    """TRL's reward metrics: `reward`, `reward_std`, `frac_reward_zero_std` and `rewards/<name>/mean|std`."""
-    per_function = jnp.asarray(rewards, jnp.float32)
-    if per_function.ndim == 1:
-        per_function = per_function[:, None]
-    names = reward_names or tuple(f"reward_{i}" for i in range(per_function.shape[1]))
-    total = combine_rewards(per_function, reward_weights)
-    if scale_rewards == "batch":
-        zero_std = jnp.isclose(nanstd(total), 0.0) * jnp.ones_like(total)
-    else:
-        group_std = nanstd(total.reshape(-1, num_generations), axis=1)
-        zero_std = jnp.repeat(jnp.isclose(group_std, 0.0), num_generations)
-    metrics = {"reward": jnp.nanmean(total), "reward_std": nanstd(total),
-               "frac_reward_zero_std": jnp.mean(zero_std.astype(jnp.float32))}
-    for i, name in enumerate(names):
-        metrics[f"rewards/{name}/mean"] = jnp.nanmean(per_function[:, i])
-        metrics[f"rewards/{name}/std"] = nanstd(per_function[:, i])
-    return metrics
 
 
 def high_entropy_mask(entropies: jax.Array, completion_mask: jax.Array, top_quantile: float) -> jax.Array:
@@ -136,13 +93,15 @@ def grpo_loss(
     entropy_mask: jax.Array | None = None,
     num_tokens: jax.Array | float | None = None,
     num_sequences: jax.Array | float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_counts: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array] | MetricPairs]:
     """GRPO loss from per-token log-probs `[batch, completion_length]` (see the module docstring).
 
     `old_logps` None means on-policy (`stop_gradient(logps)`, ratio 1); `ref_logps` is needed when
     `beta != 0`. `advantages` `[batch]`. `entropy_mask` (from `high_entropy_mask`) keeps only those tokens in
     the policy term. Metrics: `kl` (when beta != 0), `clip_ratio/low_mean`, `clip_ratio/high_mean`,
-    `clip_ratio/region_mean`.
+    `clip_ratio/region_mean`: means over the completion tokens (the clip ratios over the sequences with
+    `importance_sampling_level="sequence"`), or with `return_counts` `(sum, count)` pairs.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not a GRPO loss; use one of {GRPO_LOSS_TYPES}.")
@@ -173,7 +132,7 @@ def grpo_loss(
         if use_bias_correction_kl:
             kl = kl * ratio
         per_token = per_token + beta * kl
-        metrics["kl"] = _masked_mean(jax.lax.stop_gradient(kl) * jnp.ones_like(mask), mask)
+        metrics["kl"] = sum_and_count(jax.lax.stop_gradient(kl), mask)
     per_token = per_token * jnp.ones_like(mask)  # sequence-level ratios broadcast over tokens
 
     tokens = jnp.sum(mask) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
@@ -191,15 +150,10 @@ def grpo_loss(
     low = ((unclipped < 1 - epsilon) & (advantages < 0)).astype(jnp.float32)
     high = ((unclipped > 1 + epsilon_high) & (advantages > 0)).astype(jnp.float32)
     if importance_sampling_level == "sequence":  # one value per sequence, as TRL averages them
-        sequence_mask = (jnp.sum(mask, axis=-1, keepdims=True) > 0).astype(jnp.float32)
-        clip_mean = lambda x: _masked_mean(x, sequence_mask)
+        clip_mask = (jnp.sum(mask, axis=-1, keepdims=True) > 0).astype(jnp.float32)
     else:
-        clip_mean = lambda x: _masked_mean(x, mask)
-    metrics["clip_ratio/low_mean"] = clip_mean(low)
-    metrics["clip_ratio/high_mean"] = clip_mean(high)
-    metrics["clip_ratio/region_mean"] = clip_mean(jnp.maximum(low, high))
-    return loss, metrics
-
-
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        clip_mask = mask
+    metrics["clip_ratio/low_mean"] = sum_and_count(low, clip_mask)
+    metrics["clip_ratio/high_mean"] = sum_and_count(high, clip_mask)
+    metrics["clip_ratio/region_mean"] = sum_and_count(jnp.maximum(low, high), clip_mask)
+    return loss, metrics if return_counts else mean_metrics(metrics)

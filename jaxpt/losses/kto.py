@@ -24,14 +24,19 @@ Metrics, TRL's names. Means over this batch: `rewards/chosen`, `rewards/rejected
 desirable / undesirable examples), `rewards/margins` (their difference), `logps/chosen`, `logps/rejected` (mean
 policy log-prob), `kl` (`z0`); a mean over no examples is NaN (TRL logs nothing then). Sums that add up over
 micro-batches and devices: `count/chosen`, `count/rejected`, `rewards/chosen_sum`, `rewards/rejected_sum`,
-`logps/chosen_sum`, `logps/rejected_sum`. `kto_metric_means` turns summed sums into the means, which is how
-`jaxpt.kto`'s step reports a whole accumulated batch.
+`logps/chosen_sum`, `logps/rejected_sum`; `kto_metric_means` turns summed sums into the means. With
+`return_counts=True`, the metrics are `(sum, count)` pairs instead (`jaxpt.losses.metrics`): `rewards/chosen`,
+`rewards/rejected`, `logps/chosen`, `logps/rejected`, counted over the desirable / undesirable examples, which is
+how `jaxpt.kto`'s step adds up a whole accumulated batch.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxpt.losses.logprobs import masked_mean
+from jaxpt.losses.metrics import MetricPairs, sum_and_count
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -46,9 +51,8 @@ def kto_kl_estimate(policy_kl_logps: jax.Array, ref_kl_logps: jax.Array, *,
     """`z0 = max(0, mean(policy_kl_logps - ref_kl_logps))` over the (masked) mismatched pairs `[batch]`, under
     `stop_gradient`: the reference point of the KTO loss."""
     difference = policy_kl_logps.astype(jnp.float32) - ref_kl_logps.astype(jnp.float32)
-    mask = jnp.ones_like(difference) if example_mask is None else example_mask.astype(jnp.float32)
-    mean = jnp.sum(difference * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
+    mask = jnp.ones_like(difference) if example_mask is None else example_mask
+    return jax.lax.stop_gradient(jnp.maximum(masked_mean(difference, mask), 0.0))
 
 
 def kto_loss(
@@ -63,7 +67,8 @@ def kto_loss(
     loss_type: str = "kto",
     num_examples: jax.Array | float | None = None,
     example_mask: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_counts: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array] | MetricPairs]:
     """KTO loss from per-sequence completion log-prob sums `[batch]` of the policy and the reference, the labels
     `is_desirable` `[batch]` (bool or 0/1) and the KL estimate `kl` (a scalar; clamped at 0 and not
     differentiated here; None or anything for `apo_zero_unpaired`). Returns `(loss, metrics)`."""
@@ -89,16 +94,13 @@ def kto_loss(
 
     rewards = jax.lax.stop_gradient(beta * logratios)
     policy = jax.lax.stop_gradient(policy)
-    chosen = mask * desirable
-    rejected = mask * (~desirable)
-    sums = {
-        "count/chosen": jnp.sum(chosen),
-        "count/rejected": jnp.sum(rejected),
-        "rewards/chosen_sum": jnp.sum(rewards * chosen),
-        "rewards/rejected_sum": jnp.sum(rewards * rejected),
-        "logps/chosen_sum": jnp.sum(policy * chosen),
-        "logps/rejected_sum": jnp.sum(policy * rejected),
-    }
+    chosen, rejected = mask * desirable, mask * (~desirable)
+    pairs = {"rewards/chosen": sum_and_count(rewards, chosen), "rewards/rejected": sum_and_count(rewards, rejected),
+             "logps/chosen": sum_and_count(policy, chosen), "logps/rejected": sum_and_count(policy, rejected)}
+    if return_counts:
+        return loss, pairs
+    sums = {"count/chosen": pairs["rewards/chosen"][1], "count/rejected": pairs["rewards/rejected"][1],
+            **{f"{name}_sum": total for name, (total, _) in pairs.items()}}
     return loss, {**kto_metric_means(sums), "kl": z0, **sums}
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpt.losses.grpo import combine_rewards, nanstd
+from jaxpt.losses.metrics import MetricPairs, mean_metrics, sum_and_count
+from jaxpt.losses.sampled_rewards import combine_rewards, nanstd
 
 
 def rloo_advantages(
@@ -75,9 +76,11 @@ def rloo_loss(
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     num_sequences: jax.Array | float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_counts: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array] | MetricPairs]:
     """RLOO loss from per-token log-probs `[batch, completion_length]`; `old_logps` None means on-policy.
-    Metrics: `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean` (fractions of sequences)."""
+    Metrics: `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean` (fractions of sequences; with
+    `return_counts`, `(sum, count)` pairs)."""
     mask = completion_mask.astype(jnp.float32)
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     sequence_logps = jnp.sum(logps * mask, axis=-1)
@@ -89,6 +92,6 @@ def rloo_loss(
     loss = jnp.sum(per_sequence) / sequences
     low = ((ratio < 1 - epsilon) & (advantages < 0)).astype(jnp.float32)
     high = ((ratio > 1 + epsilon_high) & (advantages > 0)).astype(jnp.float32)
-    metrics = {"clip_ratio/low_mean": jnp.mean(low), "clip_ratio/high_mean": jnp.mean(high),
-               "clip_ratio/region_mean": jnp.mean(jnp.maximum(low, high))}
-    return loss, metrics
+    metrics = {"clip_ratio/low_mean": sum_and_count(low), "clip_ratio/high_mean": sum_and_count(high),
+               "clip_ratio/region_mean": sum_and_count(jnp.maximum(low, high))}
+    return loss, metrics if return_counts else mean_metrics(metrics)

@@ -8,7 +8,8 @@ batch; pass `num_tokens` to normalise by the tokens of the whole accumulated bat
 `num_items_in_batch`), so that accumulated micro-batch losses sum to the big-batch loss.
 
 Metrics (TRL's names): `entropy` (mean entropy of the predictive distribution over loss tokens) and
-`mean_token_accuracy` (fraction of loss tokens whose target is the argmax).
+`mean_token_accuracy` (fraction of loss tokens whose target is the argmax); with `return_counts=True`, each as a
+`(sum, count)` pair over the loss tokens (`jaxpt.losses.metrics`), which add up over micro-batches.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpt.losses.logprobs import entropy_from_logits, token_logps, weighted_nll_from_hidden
+from jaxpt.losses.metrics import MetricPairs, mean_metrics, sum_and_count
 
 SFT_LOSS_TYPES = ("nll", "dft")
 
@@ -33,7 +35,8 @@ def sft_loss(
     *,
     loss_type: str = "nll",
     num_tokens: jax.Array | float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_counts: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array] | MetricPairs]:
     """SFT loss from logits `[batch, seq, vocab]`, targets `[batch, seq]` (aligned with the logits: see
     `logprobs.next_token_targets`) and a loss mask `[batch, seq]`."""
     _check_loss_type(loss_type)
@@ -45,12 +48,10 @@ def sft_loss(
     if loss_type == "dft":
         per_token = per_token * jax.lax.stop_gradient(jnp.exp(logps))
     loss = jnp.sum(per_token * mask) / denominator
-    is_argmax = jnp.argmax(logits, axis=-1) == target_ids
-    metrics = {
-        "entropy": jnp.sum(jax.lax.stop_gradient(entropy_from_logits(logits)) * mask) / jnp.maximum(count, 1.0),
-        "mean_token_accuracy": jnp.sum(is_argmax * mask) / jnp.maximum(count, 1.0),
-    }
-    return loss, metrics
+    is_argmax = (jnp.argmax(logits, axis=-1) == target_ids).astype(jnp.float32)
+    metrics = {"entropy": sum_and_count(jax.lax.stop_gradient(entropy_from_logits(logits)), mask),
+               "mean_token_accuracy": sum_and_count(is_argmax, mask)}
+    return loss, metrics if return_counts else mean_metrics(metrics)
 
 
 def sft_loss_from_hidden(
@@ -63,7 +64,8 @@ def sft_loss_from_hidden(
     num_tokens: jax.Array | float | None = None,
     logit_softcap: float | None = None,
     chunk_size: int = 1024,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_counts: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array] | MetricPairs]:
     """The same loss and metrics from final hidden states `[batch, seq, hidden]` and the output projection
     `[vocab, hidden]`, chunked: never materialises `[batch, seq, vocab]` logits, and computes the gradient in
     the forward pass (`logprobs.weighted_nll_from_hidden`). What `jaxpt.sft`'s train step uses."""
@@ -75,8 +77,6 @@ def sft_loss_from_hidden(
         hidden_states, lm_head_weight, target_ids, mask / denominator, chunk_size=chunk_size,
         logit_softcap=logit_softcap, prob_weighted=loss_type == "dft", with_metrics=True,
     )
-    metrics = {
-        "entropy": jnp.sum(per_token["entropy"] * mask) / jnp.maximum(count, 1.0),
-        "mean_token_accuracy": jnp.sum(per_token["is_argmax"] * mask) / jnp.maximum(count, 1.0),
-    }
-    return loss, metrics
+    metrics = {"entropy": sum_and_count(per_token["entropy"], mask),
+               "mean_token_accuracy": sum_and_count(per_token["is_argmax"], mask)}
+    return loss, metrics if return_counts else mean_metrics(metrics)
