@@ -95,13 +95,20 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
     rewards = score_completions(reward_funcs, prompts=prompt_texts, completions=completions,
                                 completion_ids=id_lists, columns=columns)
     attention_mask = np.asarray(attention_mask, np.int32)
-    completion_mask = attention_mask * np.asarray(finished)[:, None] if config.mask_truncated_completions \
-        else attention_mask
     arrays = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": np.asarray(completion_ids),
-              "attention_mask": attention_mask, "completion_mask": completion_mask.astype(np.int32),
-              "old_logps": np.asarray(old_logps)}
+              "attention_mask": attention_mask, "old_logps": np.asarray(old_logps),
+              "completion_mask": loss_mask(attention_mask, finished,
+                                           mask_truncated_completions=config.mask_truncated_completions)}
     return Rollout(arrays, rewards, tuple(reward_function_name(f) for f in reward_funcs), prompt_texts, completions,
                    np.asarray(lengths), np.asarray(finished))
+
+
+def loss_mask(attention_mask: np.ndarray, finished: np.ndarray, *, mask_truncated_completions: bool) -> np.ndarray:
+    """The completion tokens the loss trains on `[n, completion_len]`: every generated token, or with
+    `mask_truncated_completions` only those of completions that ended with EOS (TRL's option)."""
+    if mask_truncated_completions:
+        attention_mask = attention_mask * np.asarray(finished)[:, None]
+    return np.asarray(attention_mask, np.int32)
 
 
 def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk_size: int = 1024):

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 import jaxpt.rloo
 from jaxpt.losses.rloo import rloo_loss
-from jaxpt.rollout import Rollout
+from jaxpt.rollout import Rollout, loss_mask
 
 GENERATIONS, PROMPTS = 3, 3
 BATCH = GENERATIONS * PROMPTS
@@ -105,7 +105,9 @@ def jaxpt_rollout(inputs, monkeypatch, tmp_path, *, beta, reward_weights, reward
     finished = np.array([ids[-1] == EOS for ids in inputs["completion_ids"]])
     sampled = Rollout(arrays={"prompt_ids": np.full((BATCH, 2), 7), "prompt_mask": np.ones((BATCH, 2), np.int32),
                               "completion_ids": completion_ids, "attention_mask": attention_mask,
-                              "old_logps": inputs["old_logps"]},
+                              "old_logps": inputs["old_logps"],
+                              "completion_mask": loss_mask(attention_mask, finished,
+                                                           mask_truncated_completions=mask_truncated_completions)},
                       rewards=REWARDS, reward_names=REWARD_NAMES, prompts=["p"] * BATCH,
                       completions=["text"] * BATCH, lengths=LENGTHS, finished=finished)
     monkeypatch.setattr(jaxpt.rloo, "sample_and_score", lambda *args, **kwargs: sampled)
