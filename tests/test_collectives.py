@@ -38,23 +38,24 @@ def _nbytes(arrays) -> int:
     return sum(BYTES[dtype] * math.prod(dims) for dtype, dims in arrays)
 
 
+def _closing(text: str, depth: int) -> int:
+    """Index of the parenthesis that brings `depth` open ones back to zero."""
+    for index, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return index
+    raise ValueError(f"unbalanced parentheses in {text[:200]!r}")
+
+
 def _split_instruction(rest: str) -> tuple[str, str, str, str]:
     """`SHAPE opcode(operands), attributes` -> (shape, opcode, operands, attributes)."""
-    if rest.startswith("("):  # a tuple shape: up to its matching parenthesis
-        depth = 0
-        for end, char in enumerate(rest):
-            depth += {"(": 1, ")": -1}.get(char, 0)
-            if depth == 0:
-                break
+    if rest.startswith("("):  # a tuple shape, up to its matching parenthesis
+        end = _closing(rest, 0)
         shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
     else:
         shape, _, rest = rest.partition(" ")
     opcode, _, rest = rest.partition("(")
-    depth, end = 1, 0
-    for end, char in enumerate(rest):
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if depth == 0:
-            break
+    end = _closing(rest, 1)
     return shape, opcode.strip(), rest[:end], rest[end + 1:]
 
 
@@ -190,7 +191,7 @@ def test_parser_sees_loops_and_flags_logits_buffers():
 ENTRY %main (a: f32[32768,6]) -> f32[32768,48] {
   %a = f32[32768,6]{1,0} parameter(0)
   %all-gather.2 = f32[32768,48]{1,0} all-gather(%a), dimensions={1}
-  %w = (s32[], f32[512,32768]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %w = (s32[], f32[512,32768]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   ROOT %r = f32[32768,48]{1,0} copy(%all-gather.2)
 }
 """
