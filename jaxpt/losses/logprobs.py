@@ -79,14 +79,15 @@ def masked_mean(values: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
 BATCH_AXES = ("data", "fsdp")
 
 
-def _row_chunks(hidden_states, target_ids, token_weights, chunk_size):
-    """`[rows, seq, ...]` arrays -> `[num_chunks, rows * length, ...]` chunks along the sequence, and the inverse
-    map for per-token outputs `[num_chunks, rows * length] -> [rows, seq]`.
+def _row_chunks(chunk_size, hidden_states, *per_token):
+    """`hidden_states` `[rows, seq, hidden]` and `per_token` `[rows, seq]` arrays -> `[num_chunks, rows * length,
+    ...]` chunks along the sequence, followed by the inverse map for per-token outputs `[num_chunks, rows * length]
+    -> [rows, seq]`.
 
     A chunk holds `length = max(1, chunk_size // rows)` positions of every row (at most `seq`), so about
     `chunk_size` tokens (never fewer than one per row): under a mesh, `rows` are the device's own rows and
     `chunk_size` bounds each device's `[tokens, vocab]` logits buffer. The sequence is padded to a multiple of
-    `length`; padded positions get target 0 and weight 0, and their outputs are dropped.
+    `length`; padded positions get zeros (target 0, weight 0), and their outputs are dropped.
     """
     rows, seq, _ = hidden_states.shape
     length = max(1, min(seq, chunk_size // rows))
@@ -102,8 +103,7 @@ def _row_chunks(hidden_states, target_ids, token_weights, chunk_size):
     def unchunked(x):
         return jnp.swapaxes(x.reshape(num_chunks, rows, length), 0, 1).reshape(rows, num_chunks * length)[:, :seq]
 
-    return (chunked(hidden_states), chunked(target_ids.astype(jnp.int32)),
-            chunked(token_weights.astype(jnp.float32)), unchunked)
+    return (chunked(hidden_states), *(chunked(x) for x in per_token), unchunked)
 
 
 def _on_own_rows(local, row_args, shared_args):
@@ -217,7 +217,7 @@ def chunked_token_logps(
     """
 
     def local(hidden_states, target_ids, weight):
-        hidden, targets, _, unchunked = _row_chunks(hidden_states, target_ids, target_ids, chunk_size)
+        hidden, targets, unchunked = _row_chunks(chunk_size, hidden_states, target_ids.astype(jnp.int32))
         logps, entropy = _chunked_logps(hidden, weight, targets, logit_softcap, float(temperature))
         return unchunked(logps), unchunked(entropy)
 
@@ -296,7 +296,7 @@ def chunked_token_logps_and_stats(
         raise ValueError(f"stats={tuple(stats)}: unknown {unknown}; choose from {TOKEN_STATS}.")
 
     def local(hidden_states, target_ids, weight):
-        hidden, targets, _, unchunked = _row_chunks(hidden_states, target_ids, target_ids, chunk_size)
+        hidden, targets, unchunked = _row_chunks(chunk_size, hidden_states, target_ids.astype(jnp.int32))
         logps, per_token = _chunked_logps_stats(hidden, weight, targets, logit_softcap, float(temperature),
                                                 tuple(stats))
         return unchunked(logps), tuple(unchunked(x) for x in per_token)
@@ -401,7 +401,8 @@ def weighted_nll_from_hidden(
     """
 
     def local(hidden_states, target_ids, token_weights, weight):
-        hidden, targets, weights, unchunked = _row_chunks(hidden_states, target_ids, token_weights, chunk_size)
+        hidden, targets, weights, unchunked = _row_chunks(chunk_size, hidden_states, target_ids.astype(jnp.int32),
+                                                          token_weights.astype(jnp.float32))
         loss, per_token = _weighted_nll(hidden, weight, targets, weights, logit_softcap, float(temperature),
                                         bool(prob_weighted), bool(with_metrics))
         return loss[None], tuple(unchunked(x) for x in per_token)  # this device's share of the loss
