@@ -404,7 +404,11 @@ def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config
         buckets = data.length_buckets(config.max_length or max(len(e["chosen_input_ids"]) for e in examples))
 
     def compute(params, batch):
-        return reference_logps(params, graphdef, {k: v[0] for k, v in batch.items()}, config)
+        batch = {k: v[0] for k, v in batch.items()}
+        if mesh is None:
+            return reference_logps(params, graphdef, batch, config)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # sharding hints and data-parallel log-probs
+            return reference_logps(params, graphdef, batch, config)
 
     if mesh is None:
         compute = jax.jit(compute)

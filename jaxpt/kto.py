@@ -52,7 +52,7 @@ from jaxpt import data, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss
-from jaxpt.losses.logprobs import chunked_token_logps, next_token_targets
+from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_stats, next_token_targets
 from jaxpt.losses.metrics import mean_metrics, total_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch, tree_shardings
@@ -215,24 +215,6 @@ def collate(examples: Sequence[dict | None], *, accumulation_steps: int, buckets
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _mean_logits(hidden: jax.Array, weight: jax.Array, logit_softcap: float | None, chunk_size: int) -> jax.Array:
-    """Mean over the vocabulary of each position's logits `[batch, seq]` (a metric), without full logits: the
-    mean of a linear map is the map of the mean; with soft-capping, chunk by chunk."""
-    hidden, weight = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight)
-    if logit_softcap is None:
-        return jnp.einsum("bsh,h->bs", hidden.astype(jnp.float32), jnp.mean(weight.astype(jnp.float32), axis=0))
-    batch, seq, features = hidden.shape
-    tokens = batch * seq
-    chunk = min(chunk_size, tokens)
-    flat = jnp.pad(hidden.reshape(tokens, features), ((0, -tokens % chunk), (0, 0))).reshape(-1, chunk, features)
-
-    def one_chunk(hidden_chunk):
-        logits = jnp.dot(hidden_chunk, weight.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
-        return jnp.mean(jnp.tanh(logits / logit_softcap) * logit_softcap, axis=-1)
-
-    return jax.lax.map(one_chunk, flat).reshape(-1)[:tokens].reshape(batch, seq)
-
-
 def _sequence_logps(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: KTOConfig, *,
                     prefix: str = "", with_metrics: bool = False):
     """Sum of the completion tokens' log-probs per sequence `[micro_batch]` (and, with `with_metrics`, per-row
@@ -241,16 +223,15 @@ def _sequence_logps(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, conf
     input_ids, attention_mask = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"]
     targets, target_mask = next_token_targets(input_ids, batch[f"{prefix}completion_mask"] * attention_mask)
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask)
-    weight = model.lm_head_weight()
-    out = chunked_token_logps(hidden, weight, targets, chunk_size=config.logits_chunk_size,
-                              logit_softcap=model.final_logit_softcap, return_entropy=with_metrics)
+    options = dict(chunk_size=config.logits_chunk_size, logit_softcap=model.final_logit_softcap)
     mask = target_mask.astype(jnp.float32)
     if not with_metrics:
-        return jnp.sum(out * mask, axis=-1)
-    logps, entropy = out
-    mean_logits = _mean_logits(hidden, weight, model.final_logit_softcap, config.logits_chunk_size)
-    stats = {"tokens": jnp.sum(mask, axis=-1), "entropy": jnp.sum(entropy * mask, axis=-1),
-             "mean_logits": jnp.sum(mean_logits * mask, axis=-1)}  # per row [micro_batch]
+        return jnp.sum(chunked_token_logps(hidden, model.lm_head_weight(), targets, **options) * mask, axis=-1)
+    # the statistics come from the same data-parallel pass over each chunk's logits
+    logps, per_token = chunked_token_logps_and_stats(hidden, model.lm_head_weight(), targets,
+                                                     stats=("entropy", "mean_logits"), **options)
+    stats = {"tokens": jnp.sum(mask, axis=-1), "entropy": jnp.sum(per_token["entropy"] * mask, axis=-1),
+             "mean_logits": jnp.sum(per_token["mean_logits"] * mask, axis=-1)}  # per row [micro_batch]
     return jnp.sum(logps * mask, axis=-1), stats
 
 

@@ -135,7 +135,10 @@ def make_ref_logps_fn(ref_params, graphdef, *, temperature: float, chunk_size: i
 
     @jax.jit
     def compute(params, batch):
-        return completion_logps(params, graphdef, batch, temperature=temperature, chunk_size=chunk_size)[0]
+        if mesh is None:
+            return completion_logps(params, graphdef, batch, temperature=temperature, chunk_size=chunk_size)[0]
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # sharding hints and data-parallel log-probs
+            return completion_logps(params, graphdef, batch, temperature=temperature, chunk_size=chunk_size)[0]
 
     def ref_logps(arrays: dict) -> np.ndarray:
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")

@@ -7,15 +7,21 @@ Conventions that keep XLA fast on every backend:
 - the target logit is picked with a one-hot comparison against an iota, which fuses with the log-softmax;
 - all log-softmax arithmetic is float32, whatever the compute dtype;
 - `chunked_token_logps` goes from final hidden states to log-probs a chunk of tokens at a time, with a
-  hand-written backward pass, so `[batch, seq, vocab]` float32 logits never exist at once.
+  hand-written backward pass, so `[batch, seq, vocab]` float32 logits never exist at once;
+- the chunked functions are data-parallel: under a mesh (the abstract mesh a train step is traced in), each
+  device computes the log-probs of its own rows (`shard_map` over the batch axes), chunking along the sequence,
+  with the output projection gathered once per call and its gradient reduced once. Chunking the global token
+  axis instead made XLA shard the hidden dimension and all-reduce every `[chunk, vocab]` logits buffer.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 
 def next_token_targets(input_ids: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -69,19 +75,61 @@ def masked_mean(values: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _flatten_chunks(hidden_states, target_ids, token_weights, chunk_size):
-    batch, seq, features = hidden_states.shape
-    tokens = batch * seq
-    chunk_size = min(chunk_size, tokens)
-    num_chunks = -(-tokens // chunk_size)
-    padding = num_chunks * chunk_size - tokens
-    flat = [hidden_states.reshape(tokens, features), target_ids.reshape(tokens).astype(jnp.int32),
-            token_weights.reshape(tokens).astype(jnp.float32)]
-    if padding:  # padded tokens get weight 0
-        flat = [jnp.pad(x, ((0, padding),) + ((0, 0),) * (x.ndim - 1)) for x in flat]
-    hidden, targets, weights = flat
-    return (hidden.reshape(num_chunks, chunk_size, features), targets.reshape(num_chunks, chunk_size),
-            weights.reshape(num_chunks, chunk_size), tokens)
+# The mesh axes a batch is split over: `jaxpt.sharding.BATCH_AXES` (losses import nothing of jaxpt).
+BATCH_AXES = ("data", "fsdp")
+
+
+def _row_chunks(chunk_size, hidden_states, *per_token):
+    """`hidden_states` `[rows, seq, hidden]` and `per_token` `[rows, seq]` arrays -> `[num_chunks, rows * length,
+    ...]` chunks along the sequence, followed by the inverse map for per-token outputs `[num_chunks, rows * length]
+    -> [rows, seq]`.
+
+    A chunk holds `length = max(1, chunk_size // rows)` positions of every row (at most `seq`), so about
+    `chunk_size` tokens (never fewer than one per row): under a mesh, `rows` are the device's own rows and
+    `chunk_size` bounds each device's `[tokens, vocab]` logits buffer. The sequence is padded to a multiple of
+    `length`; padded positions get zeros (target 0, weight 0), and their outputs are dropped.
+    """
+    rows, seq, _ = hidden_states.shape
+    length = max(1, min(seq, chunk_size // rows))
+    num_chunks = -(-seq // length)
+    padding = num_chunks * length - seq
+
+    def chunked(x):
+        if padding:
+            x = jnp.pad(x, ((0, 0), (0, padding)) + ((0, 0),) * (x.ndim - 2))
+        x = jnp.swapaxes(x.reshape(rows, num_chunks, length, *x.shape[2:]), 0, 1)
+        return x.reshape(num_chunks, rows * length, *x.shape[3:])
+
+    def unchunked(x):
+        return jnp.swapaxes(x.reshape(num_chunks, rows, length), 0, 1).reshape(rows, num_chunks * length)[:, :seq]
+
+    return (chunked(hidden_states), *(chunked(x) for x in per_token), unchunked)
+
+
+def _on_own_rows(local, row_args, shared_args):
+    """`local(*row_args, *shared_args)` with each device on its own rows, under the active mesh.
+
+    `row_args` are `[rows, ...]` arrays split over the mesh's batch axes, `shared_args` (the output projection)
+    are gathered whole onto every device, once; every output of `local` has the rows as its leading axis (a
+    per-device partial sum is returned as `[1]` and summed by the caller). A shared argument is marked
+    device-varying before use, so its cotangent, a per-device partial sum, is reduced over the batch axes once,
+    by the transpose of that mark. Without a mesh, or when its batch axes do not divide the rows, `local` runs
+    on the global arrays (XLA places it).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rows = row_args[0].shape[0]
+    axes = () if mesh.empty else tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    ways = math.prod(mesh.shape[axis] for axis in axes)
+    if ways == 1 or rows % ways:
+        return local(*row_args, *shared_args)
+
+    def per_device(*args):
+        own_rows, shared = args[:len(row_args)], args[len(row_args):]
+        return local(*own_rows, *(jax.lax.pcast(x, axes, to="varying") for x in shared))
+
+    in_specs = (PartitionSpec(axes),) * len(row_args) + (PartitionSpec(),) * len(shared_args)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(axes))(*row_args,
+                                                                                                 *shared_args)
 
 
 def _chunk_logits(hidden_chunk, weight, logit_softcap, temperature):
@@ -140,7 +188,7 @@ def _chunked_bwd(logit_softcap, temperature, residuals, cotangents):
         )
         return d_weight, d_hidden.astype(hidden_chunk.dtype)
 
-    d_weight0 = jnp.zeros(weight.shape, jnp.float32)
+    d_weight0 = jnp.zeros_like(weight, jnp.float32)  # like weight: device-varying inside shard_map
     d_weight, d_hidden = jax.lax.scan(one_chunk, d_weight0, (hidden, targets, d_logps))
     return d_hidden, d_weight.astype(weight.dtype), None
 
@@ -161,20 +209,22 @@ def chunked_token_logps(
     """`token_logps(project(hidden_states, weight), target_ids)` without holding the full logits.
 
     hidden_states `[batch, seq, hidden]` (final, normed), weight `[vocab, hidden]` (the model's
-    `lm_head_weight()`), target_ids `[batch, seq]`. Tokens are processed `chunk_size` at a time; the backward
-    pass recomputes each chunk's logits, so peak memory is `chunk_size * vocab` floats, not
+    `lm_head_weight()`), target_ids `[batch, seq]`. About `chunk_size` tokens are processed at a time (a chunk
+    is a stretch of the sequence of every row: see `_row_chunks`); the backward pass recomputes each chunk's
+    logits, so peak memory is about `chunk_size * vocab` floats (per device, under a mesh), not
     `batch * seq * vocab`. `logit_softcap` is the model's `final_logit_softcap` (Gemma 2).
     With `return_entropy`, also the per-token entropy (a metric: not differentiated).
     """
-    batch, seq, _ = hidden_states.shape
-    no_weights = jnp.zeros(target_ids.shape, jnp.float32)
-    hidden, targets, _, tokens = _flatten_chunks(hidden_states, target_ids, no_weights, chunk_size)
-    logps, entropy = _chunked_logps(hidden, weight.astype(hidden_states.dtype), targets, logit_softcap,
-                                    float(temperature))
-    logps = logps.reshape(-1)[:tokens].reshape(batch, seq)
+
+    def local(hidden_states, target_ids, weight):
+        hidden, targets, unchunked = _row_chunks(chunk_size, hidden_states, target_ids.astype(jnp.int32))
+        logps, entropy = _chunked_logps(hidden, weight, targets, logit_softcap, float(temperature))
+        return unchunked(logps), unchunked(entropy)
+
+    logps, entropy = _on_own_rows(local, (hidden_states, target_ids), (weight.astype(hidden_states.dtype),))
     if not return_entropy:
         return logps
-    return logps, jax.lax.stop_gradient(entropy.reshape(-1)[:tokens].reshape(batch, seq))
+    return logps, jax.lax.stop_gradient(entropy)
 
 
 TOKEN_STATS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
@@ -244,14 +294,15 @@ def chunked_token_logps_and_stats(
     unknown = [name for name in stats if name not in TOKEN_STATS]
     if unknown:
         raise ValueError(f"stats={tuple(stats)}: unknown {unknown}; choose from {TOKEN_STATS}.")
-    batch, seq, _ = hidden_states.shape
-    no_weights = jnp.zeros(target_ids.shape, jnp.float32)
-    hidden, targets, _, tokens = _flatten_chunks(hidden_states, target_ids, no_weights, chunk_size)
-    logps, per_token = _chunked_logps_stats(hidden, weight.astype(hidden_states.dtype), targets, logit_softcap,
-                                            float(temperature), tuple(stats))
-    unflatten = lambda x: x.reshape(-1)[:tokens].reshape(batch, seq)
-    return unflatten(logps), {name: jax.lax.stop_gradient(unflatten(x)) for name, x in zip(stats, per_token,
-                                                                                          strict=True)}
+
+    def local(hidden_states, target_ids, weight):
+        hidden, targets, unchunked = _row_chunks(chunk_size, hidden_states, target_ids.astype(jnp.int32))
+        logps, per_token = _chunked_logps_stats(hidden, weight, targets, logit_softcap, float(temperature),
+                                                tuple(stats))
+        return unchunked(logps), tuple(unchunked(x) for x in per_token)
+
+    logps, per_token = _on_own_rows(local, (hidden_states, target_ids), (weight.astype(hidden_states.dtype),))
+    return logps, {name: jax.lax.stop_gradient(x) for name, x in zip(stats, per_token, strict=True)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -294,7 +345,7 @@ def _weighted_nll_chunks(hidden, weight, targets, weights, logit_softcap, temper
         )
         return d_weight, (loss, logps, entropy, is_argmax, d_hidden.astype(hidden_chunk.dtype))
 
-    d_weight0 = jnp.zeros(weight.shape, jnp.float32) if with_grads else None
+    d_weight0 = jnp.zeros_like(weight, jnp.float32) if with_grads else None  # like weight: device-varying in shard_map
     d_weight, (losses, logps, entropy, is_argmax, d_hidden) = jax.lax.scan(one_chunk, d_weight0,
                                                                            (hidden, targets, weights))
     return jnp.sum(losses), (logps, entropy, is_argmax), d_hidden, d_weight
@@ -348,14 +399,18 @@ def weighted_nll_from_hidden(
     chunk instead of four, one pass over each chunk's logits, and no `[batch, seq, vocab]` buffer. Losses that
     are not linear in the log-probs (DPO, GRPO) use `chunked_token_logps`.
     """
-    batch, seq, _ = hidden_states.shape
-    hidden, targets, weights, tokens = _flatten_chunks(hidden_states, target_ids, token_weights, chunk_size)
-    loss, (logps, entropy, is_argmax) = _weighted_nll(
-        hidden, weight.astype(hidden_states.dtype), targets, jax.lax.stop_gradient(weights), logit_softcap,
-        float(temperature), bool(prob_weighted), bool(with_metrics),
+
+    def local(hidden_states, target_ids, token_weights, weight):
+        hidden, targets, weights, unchunked = _row_chunks(chunk_size, hidden_states, target_ids.astype(jnp.int32),
+                                                          token_weights.astype(jnp.float32))
+        loss, per_token = _weighted_nll(hidden, weight, targets, weights, logit_softcap, float(temperature),
+                                        bool(prob_weighted), bool(with_metrics))
+        return loss[None], tuple(unchunked(x) for x in per_token)  # this device's share of the loss
+
+    losses, (logps, entropy, is_argmax) = _on_own_rows(
+        local, (hidden_states, target_ids, jax.lax.stop_gradient(token_weights)), (weight.astype(hidden_states.dtype),)
     )
-    unflatten = lambda x: jax.lax.stop_gradient(x.reshape(-1)[:tokens].reshape(batch, seq))
-    per_token = {"logps": unflatten(logps)}
+    per_token = {"logps": jax.lax.stop_gradient(logps)}
     if with_metrics:
-        per_token.update(entropy=unflatten(entropy), is_argmax=unflatten(is_argmax))
-    return loss, per_token
+        per_token.update(entropy=jax.lax.stop_gradient(entropy), is_argmax=jax.lax.stop_gradient(is_argmax))
+    return jnp.sum(losses), per_token

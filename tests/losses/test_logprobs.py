@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxpt.losses.logprobs import (
+    TOKEN_STATS,
     chunked_token_logps,
     chunked_token_logps_and_stats,
     entropy_from_logits,
@@ -196,3 +197,79 @@ def test_chunked_logps_and_stats_against_numpy(softcap):
     np.testing.assert_allclose(grad(hidden_states), expected(hidden_states), atol=1e-6)
     with pytest.raises(ValueError, match="unknown \\['logits'\\]"):
         chunked_token_logps_and_stats(hidden_states, weight, targets, stats=("logits",))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 12, 1000])
+def test_chunk_length_and_sequence_padding_do_not_change_results(chunk_size):
+    """3 rows of 10 tokens: `chunk_size // rows` positions per chunk (1; 4, the sequence padded to 12; all 10)
+    give the full-logits values and gradients."""
+    rng = np.random.RandomState(6)
+    hidden_states = jnp.asarray(rng.randn(3, 10, 16), jnp.float32)
+    weight = jnp.asarray(rng.randn(40, 16) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.randint(0, 40, (3, 10)))
+    token_weights = jnp.asarray(rng.rand(3, 10), jnp.float32)
+
+    def full(h, w):
+        logps = token_logps(project_to_vocab(h, w), targets)
+        return -jnp.sum(logps * token_weights), logps
+
+    def chunked(h, w):
+        return -jnp.sum(chunked_token_logps(h, w, targets, chunk_size=chunk_size) * token_weights), None
+
+    def fused(h, w):
+        loss, per_token = weighted_nll_from_hidden(h, w, targets, token_weights, chunk_size=chunk_size)
+        return loss, per_token["logps"]
+
+    (ref_loss, ref_logps), ref_grads = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden_states, weight)
+    for loss_fn in (chunked, fused):
+        (loss, logps), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(hidden_states, weight)
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+        if logps is not None:
+            np.testing.assert_allclose(logps, ref_logps, atol=1e-5)
+        for a, b in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape,rows", [((1, 8, 1), 8), ((2, 2, 2), 8), ((1, 8, 1), 6)],
+                         ids=["fsdp8", "2x2x2", "rows_not_divisible"])
+def test_data_parallel_under_a_mesh_equals_no_mesh(mesh_shape, rows):
+    """Under a mesh each device computes its own rows (shard_map over the batch axes); values and gradients
+    equal the computation without a mesh. Rows the batch axes do not divide run unsplit (same numbers)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxpt.sharding import make_mesh
+
+    rng = np.random.RandomState(7)
+    hidden_states = jnp.asarray(rng.randn(rows, 12, 16), jnp.float32)
+    weight = jnp.asarray(rng.randn(40, 16) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.randint(0, 40, (rows, 12)))
+    token_weights = jnp.asarray(rng.rand(rows, 12), jnp.float32)
+    cotangent = jnp.asarray(rng.randn(rows, 12), jnp.float32)
+
+    def everything(h, w):
+        logps, entropy = chunked_token_logps(h, w, targets, chunk_size=8, return_entropy=True)
+        stats_logps, stats = chunked_token_logps_and_stats(h, w, targets, chunk_size=8, stats=TOKEN_STATS)
+        loss, per_token = weighted_nll_from_hidden(h, w, targets, token_weights, chunk_size=8, with_metrics=True)
+        objective = jnp.sum(logps * cotangent) + jnp.sum(stats_logps * cotangent ** 2) + 3.0 * loss
+        return objective, (logps, entropy, stats, per_token)
+
+    grad_fn = jax.value_and_grad(everything, argnums=(0, 1), has_aux=True)
+    expected = jax.jit(grad_fn)(hidden_states, weight)
+
+    mesh = make_mesh(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
+    divides = rows % (mesh_shape[0] * mesh_shape[1]) == 0
+    rows_spec = PartitionSpec(("data", "fsdp")) if divides else PartitionSpec()
+
+    def in_mesh(h, w):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return grad_fn(h, w)
+
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert ("shard_map" in str(jax.make_jaxpr(grad_fn)(hidden_states, weight))) == divides
+    sharded = jax.jit(in_mesh, in_shardings=(NamedSharding(mesh, rows_spec),
+                                             NamedSharding(mesh, PartitionSpec("tensor", "fsdp"))))
+    got = sharded(hidden_states, weight)
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(got), jax.tree.leaves(expected),
+                          strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path[0]))
+    assert float(jnp.abs(got[1][1]).max()) > 1e-3  # the weight gradient is not trivially zero
