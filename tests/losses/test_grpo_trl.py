@@ -158,7 +158,7 @@ def test_sequence_level_clip_ratios_leave_out_empty_completions():
     loss, grad, metrics = jaxpt_grpo(inputs, **options)
     assert loss == pytest.approx(trl_loss, rel=1e-9)
     np.testing.assert_allclose(grad, trl_grad, rtol=1e-9, atol=1e-12)
-    assert metrics["kl"] == pytest.approx(trl_metrics["kl"], rel=1e-9)
+    assert metrics["kl"] == pytest.approx(trl_metrics["kl"], rel=1e-6)  # metrics are float32 sums and counts
     for key in METRICS:
         assert trl_metrics[key] > 0, key
         assert metrics[key] == pytest.approx(trl_metrics[key] * BATCH / (BATCH - 1), rel=1e-6), key
