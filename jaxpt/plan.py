@@ -109,8 +109,9 @@ def method_config(method: str, *, per_device_train_batch_size: int, max_length: 
     if per_device_train_batch_size < 1 or gradient_accumulation_steps < 1:
         raise ValueError(f"per_device_train_batch_size={per_device_train_batch_size} and gradient_accumulation_steps="
                          f"{gradient_accumulation_steps} must be >= 1.")
-    fields = dict(per_device_train_batch_size=per_device_train_batch_size, gradient_checkpointing=gradient_checkpointing,
-                  bf16=bf16, gradient_accumulation_steps=gradient_accumulation_steps)
+    fields = dict(per_device_train_batch_size=per_device_train_batch_size, bf16=bf16,
+                  gradient_checkpointing=gradient_checkpointing,
+                  gradient_accumulation_steps=gradient_accumulation_steps)
     if method in ("grpo", "rloo"):
         prompt_length, completion_length = rollout_lengths(max_length, max_prompt_length, max_completion_length)
         fields.update(max_prompt_length=prompt_length, max_completion_length=completion_length)
@@ -240,34 +241,47 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in match.group(2).split(",") if d] if match else []
 
 
+def _closing(text: str, depth: int = 0) -> int:
+    """Index of the parenthesis that closes the one open at `depth` (or opened by text[0] when depth is 0)."""
+    for index, char in enumerate(text):
+        depth += char == "("
+        depth -= char == ")"
+        if depth == 0:
+            return index
+    return len(text)
+
+
 def _split_instruction(line: str):
-    """`(name, shape, opcode, operand_names, attributes)` of an HLO instruction line, or None."""
+    """`(name, shape, opcode, operand_names, attributes, operand_text)` of an HLO instruction line, or None."""
     match = _INSTRUCTION.match(line)
     if not match:
         return None
     rest = line[match.end():]
     if rest.startswith("("):  # tuple shape: up to its closing parenthesis
-        depth = 0
-        for i, char in enumerate(rest):
-            depth += char == "("
-            depth -= char == ")"
-            if depth == 0:
-                break
-        shape, rest = rest[:i + 1], rest[i + 1:].lstrip()
+        end = _closing(rest)
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
     else:
         shape, _, rest = rest.partition(" ")
     opcode, paren, rest = rest.partition("(")
     if not paren:
         return None
-    depth, end = 1, len(rest)
-    for i, char in enumerate(rest):
-        depth += char == "("
-        depth -= char == ")"
-        if depth == 0:
-            end = i
-            break
+    end = _closing(rest, depth=1)
     operands = re.findall(r"%([^\s,()]+)", rest[:end])
-    return match.group(1), shape, opcode.strip(), operands, rest[end + 1:]
+    return match.group(1), shape, opcode.strip(), operands, rest[end + 1:], rest[:end]
+
+
+def _trip_count_from_condition(computations: dict, condition) -> int | None:
+    """A loop's trip count from its condition `counter < N` (jax's scans and fori loops count 0, 1, ...), when
+    the backend did not annotate it; None when the condition is anything else."""
+    if condition is None:
+        return None
+    instructions = computations.get(condition.group(1), [])
+    constants = {name: text for name, _, opcode, _, _, text in instructions if opcode == "constant"}
+    compares = [inst for inst in instructions if inst[2] == "compare" and "direction=LT" in inst[4]]
+    if len(compares) != 1:
+        return None
+    bounds = [constants[o] for o in compares[0][3][1:] if o in constants]
+    return int(bounds[0]) if bounds and bounds[0].strip().isdigit() else None
 
 
 def hlo_costs(hlo_text: str) -> dict[str, Any]:
@@ -318,7 +332,7 @@ def hlo_costs(hlo_text: str) -> dict[str, Any]:
         memo[name] = zero()  # guards against recursion
         total = zero()
         shapes = {inst[0]: inst[1] for inst in computations.get(name, [])}
-        for inst_name, shape, opcode, operands, attributes in computations.get(name, []):
+        for _, shape, opcode, operands, attributes, _ in computations.get(name, []):
             base = opcode.removesuffix("-start")
             if base in COLLECTIVE_KINDS:
                 moved = sum(shape_bytes(shapes.get(o, "")) for o in operands)
@@ -331,13 +345,21 @@ def hlo_costs(hlo_text: str) -> dict[str, Any]:
                 contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attributes)
                 depth = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting else 1
                 total["flops"] += 2 * math.prod(_dims(shape)) * depth
+            elif opcode == "convolution" and len(operands) > 1:  # TPU writes dots as convolutions
+                kernel = _dims(shapes.get(operands[1], ""))
+                labels = re.search(r"dim_labels=[^_]*_([^-]*)->", attributes)
+                if labels and "o" in labels.group(1) and len(labels.group(1)) == len(kernel):
+                    out_features = kernel[labels.group(1).index("o")]
+                    total["flops"] += 2 * math.prod(_dims(shape)) * math.prod(kernel) // max(out_features, 1)
             if opcode == "while":
                 body = re.search(r"body=%([^\s,]+)", attributes)
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', attributes)
-                if not trips:
+                trips = int(trips.group(1)) if trips else _trip_count_from_condition(
+                    computations, re.search(r"condition=%([^\s,]+)", attributes))
+                if trips is None:
                     unknown_trip_counts += 1
                 if body:
-                    add(total, cost(body.group(1)), int(trips.group(1)) if trips else 1)
+                    add(total, cost(body.group(1)), trips if trips is not None else 1)
                 continue
             if opcode == "conditional":
                 branches = re.findall(r"%([^\s,{}]+)", " ".join(re.findall(
