@@ -198,3 +198,17 @@ def test_topology_without_libtpu_names_the_extra(tiny_config_dir):
     with pytest.raises(ValueError, match=r"jaxpt\[tpu-plan\]"):
         cli.main(["plan", "--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=8",
                   "--per_device_train_batch_size", "1", "--max_length", "64", "--topology", "v5p:2x2x2"])
+
+
+@pytest.mark.parametrize("method, tokens, band", [
+    ("kto", 32, (11.0, 15.0)),  # + the KL pairs' forward, the reference's two forwards, the mean-logits metric
+    ("reward", 2 * 32, (6.0, 9.0)),  # chosen + rejected; no output projection over the vocabulary
+    ("grpo", 32, (4.0, 9.0)),      # log-probs of the completion half only
+    ("rloo", 32, (4.0, 9.0)),
+])
+def test_plan_other_methods_compile_their_collated_batches(tiny_config_dir, method, tokens, band):
+    result = plan.plan(tiny_config_dir, method=method, mesh_shape="fsdp=8", per_device_train_batch_size=1,
+                       max_length=32)
+    assert result["method"] == method and result["tokens_per_device"] == tokens
+    assert band[0] <= result["flops_per_param_token"] <= band[1]
+    assert result["argument_bytes"] >= 3 * 4 * result["params"] / 8
