@@ -424,6 +424,7 @@ def plan(model_name_or_path: str | os.PathLike, *, method: str, mesh_shape: str 
         raise ValueError(f"hbm_gib={hbm_gib} must be > 0 (the memory of one device, GiB).")
     num_devices = math.prod(mesh_sizes.values())
     if topology is not None:
+        _require_libtpu(topology)
         return _plan_here(request)
     import jax
 
@@ -454,14 +455,18 @@ def _plan_in_child(request: dict, num_devices: int) -> dict:
     return json.loads(lines[-1])
 
 
-def _topology_mesh(topology: str, mesh_sizes: dict[str, int]):
-    """A mesh over the devices of a TPU topology description (compile-only; no TPU needed, libtpu is)."""
+def _require_libtpu(topology: str) -> None:
     try:
         import libtpu  # noqa: F401
     except ImportError:
         raise ValueError(f"topology={topology!r} compiles for TPU, which needs the libtpu wheel: pip install "
                          "'jaxpt[tpu-plan]' (libtpu at the version jax pins), or leave --topology out to plan on "
                          "CPU devices.") from None
+
+
+def _topology_mesh(topology: str, mesh_sizes: dict[str, int]):
+    """A mesh over the devices of a TPU topology description (compile-only; no TPU needed, libtpu is)."""
+    _require_libtpu(topology)
     import jax
     from jax.experimental import topologies
     from jax.sharding import AxisType
