@@ -600,6 +600,9 @@ def format_table(result: dict) -> str:
                                f"{result['largest_collective']['kind']} {result['largest_collective']['shape']}"),
         ("compile", f"{result['compile_seconds']:.1f} s"),
     ]
+    if result["unknown_trip_counts"]:
+        rows.append(("note", f"{result['unknown_trip_counts']} loop(s) of unknown trip count counted once: flops and "
+                             "collective bytes are lower bounds"))
     if "fits" in result:
         rows.append(("fits", f"{'yes' if result['fits'] else 'NO'} in {gib(result['hbm_bytes'])}"))
     width = max(len(name) for name, _ in rows)
