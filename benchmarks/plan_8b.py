@@ -1,12 +1,13 @@
 """`jaxpt plan` at Llama-3-8B shapes: per-device memory, flops and collective traffic of the SFT and DPO steps.
 
 Writes a Llama-3-8B `config.json` (vocab 128256, hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 kv heads,
-llama3 rope scaling) to a temporary directory (no weights) and plans each method's real train step on a mesh of
-`--mesh` simulated CPU devices (default fsdp=64; a child process with `--xla_force_host_platform_device_count`),
-or for a TPU topology with `--topology v5p:4x4x4` (needs libtpu: `pip install 'jaxpt[tpu-plan]'`). Per device:
-1 x 2048 tokens, bf16 compute, gradient checkpointing. Prints, per method, argument + temp bytes (target <= 24 GiB),
-flops against the analytic band (6 x params x tokens for forward + backward, +2 for the checkpointed forward, +2
-for DPO's in-step reference forward: SFT 6-9, DPO 8-11), collective bytes, and one JSON line with everything.
+llama3 rope scaling as in Llama-3.1-8B) to a temporary directory (no weights) and plans each method's real train
+step on a mesh of `--mesh` simulated CPU devices (default fsdp=64; a child process with
+`--xla_force_host_platform_device_count`), or for a TPU topology with `--topology v5p:4x4x4` (needs libtpu:
+`pip install 'jaxpt[tpu-plan]'`). Per device: 1 x 2048 tokens, bf16 compute, gradient checkpointing. Prints, per
+method, argument + temp bytes (target <= 24 GiB), flops against the analytic band (6 x params x tokens for forward
++ backward, +2 for the checkpointed forward, +2 for DPO's in-step reference forward: SFT 6-9, DPO 8-11),
+collective bytes, and one JSON line with everything.
 
     python benchmarks/plan_8b.py                          # SFT and DPO, 64 CPU devices (minutes per method)
     python benchmarks/plan_8b.py --methods sft --topology v5p:4x4x4
@@ -19,7 +20,7 @@ import json
 import tempfile
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
                  rope_theta=500000.0, tie_word_embeddings=False,
                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
