@@ -3,6 +3,7 @@
     jaxpt sft    --model_name_or_path DIR --dataset_name PATH_OR_ID --output_dir OUT [SFTConfig fields ...]
     jaxpt dpo    ... [DPOConfig fields]        jaxpt reward ... [RewardConfig fields]
     jaxpt kto    ... [KTOConfig fields]        jaxpt grpo / rloo ... --reward_funcs accuracy,format
+    jaxpt plan   --model_name_or_path CONFIG --method sft --mesh fsdp=64 ...   per-device cost, no weights (plan -h)
     jaxpt smoke  [--output_dir DIR]            build a tiny random Llama, save it, load it, print logits
     jaxpt demo   [--output_dir DIR]            the embedded end-to-end run (SFT then GRPO on arithmetic)
 
@@ -262,8 +263,14 @@ def smoke(argv: list[str]) -> int:
     return 0
 
 
+def plan_command(argv: list[str]) -> int:
+    from jaxpt import plan
+
+    return plan.main(argv)
+
+
 COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "kto": kto_command,
-            "grpo": grpo_command, "rloo": rloo_command, "smoke": smoke, "demo": demo}
+            "grpo": grpo_command, "rloo": rloo_command, "plan": plan_command, "smoke": smoke, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:

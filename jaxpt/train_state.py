@@ -54,6 +54,10 @@ class TrainState(flax.struct.PyTreeNode):
 
         With a `mesh`, parameters and optimizer state are laid out by the model's partition rules
         (parameters already placed by `from_pretrained(mesh=...)` stay where they are).
+
+        An abstract `model` (`nnx.eval_shape(lambda: from_config(...))`) gives an abstract state: every leaf a
+        `jax.ShapeDtypeStruct` (with its `NamedSharding` when a `mesh` is given), nothing allocated. That is what
+        `step.lower(state, batch).compile()` needs to plan a run before any weights exist (`jaxpt.plan`).
         """
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if jax.tree_util.tree_leaves(rest):
@@ -66,10 +70,14 @@ class TrainState(flax.struct.PyTreeNode):
             return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                        graphdef=graphdef, tx=optimizer, partition_rules=rules)
 
+        is_abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(params))
         if mesh is None:
-            return init(params)
+            return jax.eval_shape(init, params) if is_abstract else init(params)
         abstract = jax.eval_shape(init, params)
         shardings = tree_shardings(abstract, mesh, rules)
+        if is_abstract:
+            return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                                abstract, shardings)
         return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
 
     def model(self) -> nnx.Module:

@@ -1,0 +1,214 @@
+"""`jaxpt plan` and abstract `TrainState`s: a train step compiled for simulated devices without any weights."""
+
+import json
+import math
+import resource
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+import transformers
+from flax import nnx
+
+import jaxpt.models
+from jaxpt import cli, plan
+from jaxpt.sharding import make_mesh
+from jaxpt.train_state import TrainState
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+KEYS = {"devices", "mesh", "method", "backend", "params", "argument_bytes", "output_bytes", "temp_bytes", "peak_bytes",
+        "flops", "collective_bytes", "collectives", "compile_seconds", "fits"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_config")
+    transformers.LlamaConfig(**TINY).save_pretrained(directory)
+    assert not list(directory.glob("*.safetensors"))  # a config alone: nothing to load weights from
+    return directory
+
+
+def _tiny_model():
+    return jaxpt.models.from_config(transformers.LlamaConfig(**TINY))
+
+
+def test_create_on_an_abstract_model_with_a_mesh_matches_the_concrete_state():
+    mesh = make_mesh(fsdp=8)
+    tx = optax.adamw(1e-3)
+    abstract = TrainState.create(nnx.eval_shape(_tiny_model), tx, mesh=mesh)
+    concrete = TrainState.create(_tiny_model(), tx, mesh=mesh)
+    abstract_leaves, concrete_leaves = jax.tree.leaves(abstract), jax.tree.leaves(concrete)
+    assert len(abstract_leaves) == len(concrete_leaves) > 10
+    for leaf, real in zip(abstract_leaves, concrete_leaves, strict=True):
+        assert isinstance(leaf, jax.ShapeDtypeStruct)
+        assert (leaf.shape, leaf.dtype) == (real.shape, real.dtype)
+        assert leaf.sharding == real.sharding
+    # The embedding is split over fsdp: the abstract state carries the partition rules' layout.
+    embedding = abstract.params["model"]["embed_tokens"]["weight"].value
+    assert embedding.sharding.spec != jax.sharding.PartitionSpec()
+    assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
+
+
+def test_create_on_an_abstract_model_without_a_mesh_allocates_nothing():
+    state = TrainState.create(nnx.eval_shape(_tiny_model), optax.adamw(1e-3))
+    leaves = jax.tree.leaves(state)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+    params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state.params))
+    moments = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state.opt_state))
+    assert moments == 2 * params + 1  # Adam's mu and nu, and its step count
+
+
+def test_hlo_costs_count_loop_bodies_as_often_as_they_run():
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+    sharded = lambda shape, spec: jax.ShapeDtypeStruct(shape, jnp.float32,
+                                                       sharding=jax.sharding.NamedSharding(mesh, spec))
+    layers, rows, width = 10, 64, 256
+    weights = sharded((layers, width, width), jax.sharding.PartitionSpec(None, "x", None))
+    inputs = sharded((rows, width), jax.sharding.PartitionSpec("x", None))
+
+    def loss(w, x):
+        out, _ = jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)
+        return out.sum()
+
+    compiled = jax.jit(jax.grad(loss)).lower(weights, inputs).compile()
+    costs = plan.hlo_costs(compiled.as_text())
+    # Forward, input-gradient and weight-gradient matmuls of every layer, on this device's quarter of the rows.
+    assert costs["flops"] == 3 * layers * 2 * (rows // 4) * width * width
+    assert costs["unknown_trip_counts"] == 0
+    # Each layer's weight is gathered (forward and backward: 2 x 10 all-gathers of a quarter of it) and its
+    # gradient all-reduced, every iteration.
+    assert costs["collectives"]["all-gather"] == 2 * layers
+    assert costs["collective_bytes_by_kind"]["all-gather"] == 2 * layers * width * width * 4 // 4
+    assert costs["collective_bytes_by_kind"]["all-reduce"] == layers * width * width * 4
+    assert costs["collective_bytes"] == sum(costs["collective_bytes_by_kind"].values())
+    assert costs["largest_collective"]["bytes"] == width * width * 4
+
+
+def test_plan_sft_in_process_reports_memory_flops_and_collectives(tiny_config_dir):
+    result = plan.plan(tiny_config_dir / "config.json", method="sft", mesh_shape="data=1,fsdp=8,tensor=1",
+                       per_device_train_batch_size=2, max_length=64, hbm_gib=1e-3)
+    assert KEYS <= set(result)
+    assert result["devices"] == 8 and result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    model = _tiny_model()
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert result["params"] == params
+    assert result["matmul_params"] == params - TINY["vocab_size"] * TINY["hidden_size"]  # all but the lookup table
+    assert result["tokens_per_device"] == 2 * 64
+    # float32 parameters and Adam's two moments, split 8 ways (norm weights are not split), plus the batch.
+    state_bytes = 3 * 4 * params / 8
+    assert state_bytes <= result["argument_bytes"] <= 1.1 * state_bytes
+    assert result["peak_bytes"] >= result["argument_bytes"] + result["temp_bytes"]
+    # A training step: 6 x matmul parameters x tokens, plus attention's score and value matmuls.
+    assert 6.0 <= result["flops_per_param_token"] <= 9.0
+    assert result["collective_bytes"] > 0 and sum(result["collectives"].values()) > 0
+    assert result["compile_seconds"] > 0 and result["backend"] == "cpu"
+    assert result["fits"] is False  # 1 MiB is too little
+
+
+def test_plan_dpo_counts_the_reference_forward(tiny_config_dir):
+    common = dict(method="dpo", mesh_shape={"fsdp": 8}, per_device_train_batch_size=1, max_length=64)
+    with_reference = plan.plan(tiny_config_dir, **common)
+    precomputed = plan.plan(tiny_config_dir, **common, config_overrides={"precompute_ref_log_probs": True})
+    assert with_reference["tokens_per_device"] == precomputed["tokens_per_device"] == 2 * 64  # chosen + rejected
+    # The in-step reference adds one forward pass (2 flops per parameter and token) and a policy-sized argument.
+    extra = with_reference["flops_per_param_token"] - precomputed["flops_per_param_token"]
+    assert 1.5 <= extra <= 2.5
+    assert 6.0 <= precomputed["flops_per_param_token"] <= 9.0
+    params_bytes = 4 * with_reference["params"] / 8
+    assert with_reference["argument_bytes"] - precomputed["argument_bytes"] == pytest.approx(params_bytes, rel=0.1)
+
+
+def test_plan_in_a_child_process_with_more_devices_and_no_weights(tmp_path):
+    # Float32 weights and Adam moments of this config take ~33 GiB: more than this machine's memory. Planning
+    # it must stay small, because nothing is allocated.
+    config = transformers.LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                      num_hidden_layers=1, num_attention_heads=64, num_key_value_heads=8)
+    config.save_pretrained(tmp_path)
+    argv = ["plan", "--model_name_or_path", str(tmp_path), "--method", "sft", "--mesh", "fsdp=16",
+            "--per_device_train_batch_size", "1", "--max_length", "32", "--gradient_checkpointing", "true",
+            "--bf16", "true", "--hbm_gib", "100", "--logits_chunk_size", "16"]
+    process = subprocess.run([sys.executable, "-m", "jaxpt.cli", *argv], capture_output=True, text=True,
+                             timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    lines = process.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert "arguments + temp" in process.stdout  # the table comes first
+    assert result["devices"] == 16 and result["backend"] == "cpu" and result["gradient_checkpointing"]
+    params = result["params"]
+    assert params > 2.5e9
+    assert 3 * 4 * params / 16 <= result["argument_bytes"] <= 1.05 * 3 * 4 * params / 16
+    assert result["fits"] is True  # 100 GiB per device
+    peak_rss_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert peak_rss_bytes < 0.2 * 3 * 4 * params  # far below the weights and moments it describes
+
+
+def test_plan_rejects_bad_input_before_compiling(tiny_config_dir, tmp_path):
+    common = dict(method="sft", mesh_shape="fsdp=8", per_device_train_batch_size=1, max_length=64)
+    with pytest.raises(ValueError, match="method='ppo'"):
+        plan.plan(tiny_config_dir, **{**common, "method": "ppo"})
+    with pytest.raises(ValueError, match="unknown axes"):
+        plan.plan(tiny_config_dir, **{**common, "mesh_shape": "fsdp=8,pipeline=2"})
+    with pytest.raises(ValueError, match="AXIS=SIZE"):
+        plan.plan(tiny_config_dir, **{**common, "mesh_shape": "fsdp:8"})
+    with pytest.raises(ValueError, match=">= 1"):
+        plan.plan(tiny_config_dir, **{**common, "mesh_shape": "fsdp=-1"})
+    with pytest.raises(FileNotFoundError, match="No config.json"):
+        plan.plan(tmp_path, **common)
+    with pytest.raises(ValueError, match="not SFTConfig fields"):
+        plan.plan(tiny_config_dir, **common, config_overrides={"beta": 0.1})
+    with pytest.raises(ValueError, match="loss_type"):
+        plan.plan(tiny_config_dir, **common, config_overrides={"loss_type": "nope"})
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        plan.plan(tiny_config_dir, **common, max_prompt_length=8)
+    with pytest.raises(ValueError, match="hbm_gib"):
+        plan.plan(tiny_config_dir, **common, hbm_gib=0)
+
+
+def test_rollout_lengths_split_max_length():
+    assert plan.rollout_lengths(512, None, None) == (256, 256)
+    assert plan.rollout_lengths(512, 100, None) == (100, 412)
+    assert plan.rollout_lengths(512, None, 400) == (112, 400)
+    assert plan.rollout_lengths(512, 64, 128) == (64, 128)
+
+
+def test_grpo_batch_layout_is_the_rollout_arrays():
+    config = plan.method_config("grpo", per_device_train_batch_size=2, max_length=96, gradient_checkpointing=False,
+                                bf16=False, gradient_accumulation_steps=2, max_prompt_length=32,
+                                max_completion_length=None, config_overrides={"beta": 0.04})
+    layout = plan.batch_layout("grpo", config, micro_batch=16, length=None)
+    assert layout["prompt_ids"] == ((2, 16, 32), "int32")
+    assert layout["completion_mask"] == ((2, 16, 64), "int32")
+    assert layout["advantages"] == ((2, 16), "float32")
+    assert layout["ref_logps"] == ((2, 16, 64), "float32")  # beta != 0: the KL term needs them
+    assert "old_logps" not in layout  # one optimizer step per rollout, one iteration: on-policy
+    config.num_iterations = 2
+    assert plan.batch_layout("grpo", config, micro_batch=16, length=None)["old_logps"] == ((2, 16, 64), "float32")
+
+
+def test_topology_without_libtpu_names_the_extra(tiny_config_dir):
+    try:
+        import libtpu  # noqa: F401
+        pytest.skip("libtpu is installed here: the TPU path is exercised by benchmarks/plan_8b.py --topology")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match=r"jaxpt\[tpu-plan\]"):
+        cli.main(["plan", "--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=8",
+                  "--per_device_train_batch_size", "1", "--max_length", "64", "--topology", "v5p:2x2x2"])
+
+
+@pytest.mark.parametrize("method, tokens, band", [
+    ("kto", 32, (11.0, 15.0)),  # + the KL pairs' forward, the reference's two forwards, the mean-logits metric
+    ("reward", 2 * 32, (6.0, 9.0)),  # chosen + rejected; no output projection over the vocabulary
+    ("grpo", 32, (4.0, 9.0)),      # log-probs of the completion half only
+    ("rloo", 32, (4.0, 9.0)),
+])
+def test_plan_other_methods_compile_their_collated_batches(tiny_config_dir, method, tokens, band):
+    result = plan.plan(tiny_config_dir, method=method, mesh_shape="fsdp=8", per_device_train_batch_size=1,
+                       max_length=32)
+    assert result["method"] == method and result["tokens_per_device"] == tokens
+    assert band[0] <= result["flops_per_param_token"] <= band[1]
+    assert result["argument_bytes"] >= 3 * 4 * result["params"] / 8
