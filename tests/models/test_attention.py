@@ -7,8 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 from jax.experimental.pallas import tpu as pltpu
 
+import jaxpt.models
+from jaxpt.demo import tiny_llama_config
 from jaxpt.models.attention import attention, positions_from_mask, resolve_attn_implementation, segments_from_inputs
 
 
@@ -101,10 +104,12 @@ def _assert_backend_matches_xla(implementation, seq, *, packed, atol=2e-5, **fea
         out = attention(q, k, v, segment_ids=segment_ids, implementation=implementation, **features)
         return jnp.sum(out * cotangent), out * real
 
-    (_, out), grads = jax.value_and_grad(lambda *a: loss(implementation, *a), argnums=(0, 1, 2), has_aux=True)(
-        query, key, value)
-    (_, ref_out), ref_grads = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True)(
-        query, key, value)
+    def value_and_grads(implementation):
+        return jax.jit(jax.value_and_grad(lambda *a: loss(implementation, *a), argnums=(0, 1, 2), has_aux=True))(
+            query, key, value)
+
+    (_, out), grads = value_and_grads(implementation)
+    (_, ref_out), ref_grads = value_and_grads("xla")
     assert float(jnp.abs(ref_out).max()) > 0.1
     np.testing.assert_allclose(out, ref_out, atol=atol)
     for grad, ref in zip(grads, ref_grads, strict=True):
@@ -147,3 +152,42 @@ def test_attn_implementation_names():
     assert resolve_attn_implementation("splash") == "splash"
     with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'"):
         resolve_attn_implementation("flash_attention_2")
+
+
+def test_attn_implementation_on_the_config_and_from_config():
+    """The HF config's attn_implementation is read (transformers' names mean "xla"); `from_config(...,
+    attn_implementation=)` overrides it; the model's logits equal the "xla" model's (Llama, padded and packed)."""
+    hf_config = tiny_llama_config(64, attn_implementation="sdpa")
+    assert jaxpt.models.from_config(hf_config).config.attn_implementation == "xla"
+    hf_config._attn_implementation = "splash"
+    assert jaxpt.models.from_config(hf_config).config.attn_implementation == "splash"
+    with pytest.raises(ValueError, match="attn_implementation='sliding'"):
+        jaxpt.models.from_config(hf_config, attn_implementation="sliding")
+    xla_model = jaxpt.models.from_config(hf_config, attn_implementation="eager")
+    cudnn_model = jaxpt.models.from_config(hf_config, attn_implementation="cudnn")
+    assert {layer.self_attn.attn_implementation for layer in cudnn_model.model.layers} == {"cudnn"}
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, 64, (2, 24)))
+    mask = jnp.asarray([[1] * 24, [1] * 17 + [0] * 7])
+    packed = jnp.asarray([[1] * 10 + [2] * 14, [1] * 5 + [2] * 12 + [0] * 7])
+    run = jax.jit(lambda model, ids, mask, packed: (model(ids, attention_mask=mask), model(ids, segment_ids=packed)))
+    real = (mask != 0)[..., None], (packed != 0)[..., None]
+    for logits, reference, keep in zip(run(cudnn_model, ids, mask, packed), run(xla_model, ids, mask, packed), real,
+                                       strict=True):
+        np.testing.assert_allclose(logits * keep, reference * keep, atol=1e-5)
+
+
+def test_gemma2_splash_logits_match_xla_in_interpret_mode():
+    """Gemma 2 (a sliding-window layer and a global one, attention soft-capping) on packed segments."""
+    hf_config = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, sliding_window=8,
+        query_pre_attn_scalar=24, initializer_range=0.2, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    xla_model = jaxpt.models.from_config(hf_config)
+    splash_model = jaxpt.models.from_config(hf_config, attn_implementation="splash")
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, 64, (2, 40)))
+    packed = jnp.asarray([[1] * 15 + [2] * 25, [1] * 22 + [2] * 12 + [0] * 6])
+    real = (packed != 0)[..., None]
+    logits = jax.jit(lambda ids, segment_ids: splash_model(ids, segment_ids=segment_ids))(ids, packed)
+    reference = jax.jit(lambda ids, segment_ids: xla_model(ids, segment_ids=segment_ids))(ids, packed)
+    assert float(jnp.abs(reference - reference[:, :1]).max()) > 0.1
+    np.testing.assert_allclose(logits * real, reference * real, atol=1e-4)
