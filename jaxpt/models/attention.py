@@ -104,6 +104,7 @@ def attention(
     block (queries and keys).
     """
     implementation = resolve_attn_implementation(implementation)
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)  # numpy ids (an attention_mask given as numpy) stay traceable
     features = dict(segment_ids=segment_ids, scale=scale, sliding_window=sliding_window,
                     logit_softcap=logit_softcap)
     if implementation == "cudnn":
@@ -151,7 +152,7 @@ def xla_attention(
     q = q.reshape(num_blocks, batch, kv_heads, groups * block, head_dim)
     k = key.reshape(batch, num_blocks, block, kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
     v = value.reshape(batch, num_blocks, block, kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
-    segments = segment_ids.astype(jnp.int32).reshape(batch, num_blocks, block).transpose(1, 0, 2)
+    segments = jnp.asarray(segment_ids, jnp.int32).reshape(batch, num_blocks, block).transpose(1, 0, 2)
     out = _attention(q, k, v, segments, (float(scale), logit_softcap, sliding_window))
     out = out.reshape(num_blocks, batch, kv_heads, groups, block, head_dim).transpose(1, 0, 4, 2, 3, 5)
     return out.reshape(batch, padded, q_heads, head_dim)[:, :seq]
