@@ -9,6 +9,7 @@ jaxpt.models.save_pretrained(model, "out_dir")                   # transformers 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpt.models import gemma, llama, qwen2, qwen3
+from jaxpt.models.attention import resolve_attn_implementation
 from jaxpt.models.safetensors_io import SafetensorsReader, load_array, save_checkpoint
 from jaxpt.sharding import partition_spec, path_name
 
@@ -87,10 +89,18 @@ def from_config(
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> nnx.Module:
-    """A freshly initialised model for a `transformers` config object (e.g. `transformers.LlamaConfig(...)`)."""
+    """A freshly initialised model for a `transformers` config object (e.g. `transformers.LlamaConfig(...)`).
+
+    `attn_implementation` (one of `jaxpt.models.attention.ATTN_IMPLEMENTATIONS`: "xla", "cudnn", "splash",
+    "flash"; transformers' "eager" / "sdpa" mean "xla") picks the attention kernel; by default the one the
+    config names (`hf_config._attn_implementation`), else "xla".
+    """
     family = _family(hf_config.model_type)
     config = family.CONFIG.from_hf(hf_config)
+    if attn_implementation is not None:
+        config = dataclasses.replace(config, attn_implementation=resolve_attn_implementation(attn_implementation))
     rngs = rngs if rngs is not None else nnx.Rngs(seed)
     if num_labels is None:
         return family.CAUSAL_LM[hf_config.model_type](config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -122,19 +132,24 @@ def from_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     num_labels: int | None = None,
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> nnx.Module:
     """Load a Hugging Face checkpoint directory (or Hub id) into a jaxpt model.
 
     `dtype` is the compute dtype, `param_dtype` the stored one. With `num_labels`, the
     `*ForSequenceClassification` variant (`score` head, freshly initialised when the checkpoint has none, as
     `transformers` does). With `mesh`, each parameter is read shard by shard straight onto its devices,
-    laid out by the family's partition rules.
+    laid out by the family's partition rules. `attn_implementation` picks the attention kernel (see
+    `from_config`).
     """
+    if attn_implementation is not None:
+        resolve_attn_implementation(attn_implementation)  # a bad name fails before any file is read
     directory = resolve_checkpoint_dir(name_or_path)
     hf_config = load_hf_config(directory)
     family = _family(hf_config.model_type)
     abstract = nnx.eval_shape(
-        lambda: from_config(hf_config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, seed=seed)
+        lambda: from_config(hf_config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, seed=seed,
+                            attn_implementation=attn_implementation)
     )
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     reader = SafetensorsReader(directory)

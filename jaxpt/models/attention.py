@@ -2,21 +2,31 @@
 
 - `segments_from_inputs` / `positions_from_mask`: who attends to whom, and the default position ids, for
   padded or packed batches.
-- `attention`: the kernel (causal, padding, packed segments, sliding window, logit soft-capping,
-  grouped-query heads), with a hand-written flash-attention-style backward pass (`jax.custom_vjp`).
+- `attention`: causal attention with padding, packed segments, sliding window, logit soft-capping and
+  grouped-query heads, by one of the `ATTN_IMPLEMENTATIONS` (a model config's `attn_implementation`):
+  - "xla" (the default; transformers' "eager" and "sdpa" mean it too): jaxpt's own kernel, a flash-attention
+    style loop over blocks with a hand-written backward pass (`jax.custom_vjp`), every feature, any device;
+  - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` on GPU (its XLA reference elsewhere);
+  - "splash" / "flash": the Pallas TPU kernels of `jax.experimental.pallas.ops.tpu` (interpret mode off TPU).
+  A backend that cannot express a feature the call needs runs the "xla" kernel instead and says so once on the
+  "jaxpt" logger.
 
-Performance notes (XLA on CPU, measured in benchmarks/forward_backward.py): attention puts heads first, folds
-the query heads that share a key/value head into the rows of one matmul (no repeated K/V), and splits queries
-into causal chunks so the masked upper triangle is never computed.
+Performance notes (XLA on CPU, measured in benchmarks/forward_backward.py and benchmarks/compile_time.py): the
+kernel puts heads first and folds the query heads that share a key/value head into the rows of one matmul (no
+repeated K/V); it loops over query blocks and, inside, over the key blocks each can see (`fori_loop`s with
+dynamic bounds), so the masked upper triangle is never computed and compile time does not grow with length.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+logger = logging.getLogger("jaxpt")
 
 # --------------------------------------------------------------------------------------------------------------
 # Segments and positions
@@ -67,6 +77,11 @@ def positions_from_mask(attention_mask: jax.Array | None, segment_ids: jax.Array
 
 
 MASK_VALUE = float(np.finfo(np.float32).min)
+# The "xla" kernel's block (queries and keys). On CPU, 64 ran attention's forward+backward fastest (8 x 512 and
+# 8 x 2048 tokens, head_dim 64: 2x faster than 128, which was 2x faster than 256); 128 elsewhere, a matrix unit's
+# tile (untuned there: accelerators have their own backends).
+CPU_BLOCK_SIZE = 64
+BLOCK_SIZE = 128
 
 
 def attention(
@@ -78,7 +93,8 @@ def attention(
     scale: float,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
-    query_chunk_size: int = 128,
+    implementation: str = "xla",
+    block_size: int | None = None,
 ) -> jax.Array:
     """Causal dot-product attention over one sequence (training / prefill).
 
@@ -86,124 +102,332 @@ def attention(
     segment_ids `[batch, seq]` (a token attends to earlier tokens with the same id, see
     `segments_from_inputs`). Returns `[batch, seq, q_heads, head_dim]`.
 
-    Scores are float32; `logit_softcap` is Gemma 2's `tanh(s / cap) * cap`; `sliding_window` keeps keys with
-    `q_index - k_index < sliding_window` (HF's sliding-window overlay). Queries are split into chunks of
-    `query_chunk_size`; each chunk only multiplies against the keys it can see. The backward pass is written
-    by hand (flash-attention style): it keeps only each row's log-sum-exp and recomputes the probabilities,
-    so memory stays linear in the sequence length apart from one chunk's scores.
+    `scale` multiplies the scores; `logit_softcap` is Gemma 2's `tanh(s / cap) * cap`; `sliding_window` keeps
+    keys with `q_index - k_index < sliding_window` (HF's sliding-window overlay). `implementation` is one of
+    `ATTN_IMPLEMENTATIONS` (or an alias, see `resolve_attn_implementation`); `block_size` is the "xla" kernel's
+    block (queries and keys; default `CPU_BLOCK_SIZE` on CPU, else `BLOCK_SIZE`).
+    """
+    implementation = resolve_attn_implementation(implementation)
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)  # numpy ids (an attention_mask given as numpy) stay traceable
+    features = dict(segment_ids=segment_ids, scale=scale, sliding_window=sliding_window,
+                    logit_softcap=logit_softcap)
+    if implementation == "cudnn":
+        return _cudnn_attention(query, key, value, **features)
+    if implementation == "splash":
+        return _splash_attention(query, key, value, **features)
+    if implementation == "flash":
+        return _flash_attention(query, key, value, **features)
+    return xla_attention(query, key, value, **features, block_size=block_size)
+
+
+def xla_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    block_size: int | None = None,
+) -> jax.Array:
+    """jaxpt's attention kernel ("xla"), `attention`'s arguments. Scores are float32.
+
+    Flash-attention style: queries and keys are cut into blocks of `block_size`; a loop over query blocks runs a
+    loop over the key blocks each can see (later blocks, and blocks wholly outside the window, are skipped)
+    with an online softmax. The loops are `jax.lax.fori_loop`s (dynamic bounds are fine: autodiff never goes
+    through them, the backward pass is written by hand), so the compiled program and its compile time do not
+    grow with the sequence length. The backward pass keeps only each row's log-sum-exp and recomputes the
+    probabilities block by block, so memory stays linear in the sequence length.
     """
     batch, seq, q_heads, head_dim = query.shape
     kv_heads = key.shape[2]
     groups = q_heads // kv_heads
-    # Heads first; the `groups` query heads that share a kv head stay together so they fold into rows.
-    q = query.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [b, kvh, g, s, d]
-    k = key.transpose(0, 2, 1, 3)  # [b, kvh, s, d]
-    v = value.transpose(0, 2, 1, 3)  # [b, kvh, s, d]
-    blocks = _attention_blocks(seq, query_chunk_size, sliding_window)
-    out = _attention(q, k, v, segment_ids, (float(scale), logit_softcap, sliding_window, blocks))
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, q_heads, head_dim)
+    if block_size is None:
+        block_size = CPU_BLOCK_SIZE if jax.default_backend() == "cpu" else BLOCK_SIZE
+    block = min(block_size, seq)
+    num_blocks = -(-seq // block)
+    padded = num_blocks * block
+    if padded != seq:  # padded keys come after every real query (causally invisible); padded queries are cut off
+        pad = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
+        query, key, value = jnp.pad(query, pad), jnp.pad(key, pad), jnp.pad(value, pad)
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - seq)))
+    # Blocks first (so a loop step reads one contiguous block), then heads; the `groups` query heads that share
+    # a kv head fold into the rows of one matmul: q [blocks, b, kvh, g * block, d], k/v [blocks, b, kvh, block, d].
+    q = query.reshape(batch, num_blocks, block, kv_heads, groups, head_dim).transpose(1, 0, 3, 4, 2, 5)
+    q = q.reshape(num_blocks, batch, kv_heads, groups * block, head_dim)
+    k = key.reshape(batch, num_blocks, block, kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
+    v = value.reshape(batch, num_blocks, block, kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
+    segments = jnp.asarray(segment_ids, jnp.int32).reshape(batch, num_blocks, block).transpose(1, 0, 2)
+    out = _attention(q, k, v, segments, (float(scale), logit_softcap, sliding_window))
+    out = out.reshape(num_blocks, batch, kv_heads, groups, block, head_dim).transpose(1, 0, 4, 2, 3, 5)
+    return out.reshape(batch, padded, q_heads, head_dim)[:, :seq]
 
 
-def _attention_blocks(seq: int, chunk: int, window: int | None) -> tuple[tuple[int, int, int], ...]:
-    """(query start, query end, first visible key) for each query chunk."""
-    blocks = []
-    for q_start in range(0, seq, chunk):
-        q_end = min(q_start + chunk, seq)
-        k_start = 0 if window is None else max(0, q_start - window + 1)
-        blocks.append((q_start, q_end, k_start))
-    return tuple(blocks)
+def _key_blocks(q_block, block, window):
+    """The key blocks `[first, end)` query block `q_block` can see: none after it, none wholly out of the window."""
+    first = 0 if window is None else jnp.maximum(0, (q_block * block - window + 1) // block)
+    return first, q_block + 1
 
 
-def _chunk_scores(q_chunk, k_chunk, segment_ids, block, scale, softcap, window):
-    """Masked float32 scores `[b, kvh, g * chunk, keys]` of one query chunk, and the pre-softcap ones."""
-    q_start, q_end, k_start = block
-    batch, kv_heads, rows, _ = q_chunk.shape
-    chunk = q_end - q_start
-    raw = jnp.einsum("bhqd,bhkd->bhqk", q_chunk, k_chunk, preferred_element_type=jnp.float32) * scale
-    scores = raw if softcap is None else jnp.tanh(raw / softcap) * softcap
-    q_index = jnp.arange(q_start, q_end)[:, None]
-    k_index = jnp.arange(k_start, q_end)[None, :]
-    allowed = k_index <= q_index  # [chunk, keys]
+def _block_scores(q_block, k_block, segments, i, j, scale, softcap, window):
+    """Masked float32 scores `[b, kvh, g * block, block]` of query block i against key block j, and the soft-capped
+    ones before masking (None without soft-capping)."""
+    batch, kv_heads, rows, _ = q_block.shape
+    block = k_block.shape[2]
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q_block, k_block, preferred_element_type=jnp.float32) * scale
+    capped = None
+    if softcap is not None:
+        capped = jnp.tanh(scores / softcap)
+        scores = capped * softcap
+    q_index = i * block + jnp.arange(block)[:, None]
+    k_index = j * block + jnp.arange(block)[None, :]
+    allowed = k_index <= q_index  # [block, block]
     if window is not None:
         allowed = allowed & (q_index - k_index < window)
-    same_segment = segment_ids[:, q_start:q_end, None] == segment_ids[:, None, k_start:q_end]  # [b, chunk, keys]
-    allowed = allowed[None] & same_segment
-    scores = scores.reshape(batch, kv_heads, rows // chunk, chunk, q_end - k_start)
+    allowed = allowed[None] & (segments[i][:, :, None] == segments[j][:, None, :])  # [b, block, block]
+    scores = scores.reshape(batch, kv_heads, rows // block, block, block)
     scores = jnp.where(allowed[:, None, None], scores, MASK_VALUE)
-    return raw, scores.reshape(batch, kv_heads, rows, q_end - k_start)
+    return scores.reshape(batch, kv_heads, rows, block), capped
 
 
-def _q_chunk(q, block):
-    batch, kv_heads, groups, _, head_dim = q.shape
-    q_start, q_end, _ = block
-    return q[:, :, :, q_start:q_end].reshape(batch, kv_heads, groups * (q_end - q_start), head_dim)
+def _attention_forward(q, k, v, segments, options):
+    scale, softcap, window = options
+    num_blocks, batch, kv_heads, rows, head_dim = q.shape
+    block = k.shape[3]
 
+    def query_block(i, carry):
+        out, logsumexp = carry
+        q_block = q[i]
 
-def _attention_forward(q, k, v, segment_ids, options):
-    scale, softcap, window, blocks = options
-    batch, kv_heads, groups, _, head_dim = q.shape
-    outputs, logsumexps = [], []
-    for block in blocks:
-        q_start, q_end, k_start = block
-        _, scores = _chunk_scores(_q_chunk(q, block), k[:, :, k_start:q_end], segment_ids, block, scale, softcap,
-                                  window)
-        row_max = jnp.max(scores, axis=-1, keepdims=True)
-        unnormalised = jnp.exp(scores - row_max)
-        row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
+        def key_block(j, state):
+            # Online softmax: rescale what the earlier key blocks summed to the new row maximum. A row whose keys
+            # so far are all masked sums garbage at max MASK_VALUE; its first real score rescales that by
+            # exp(MASK_VALUE - max) = 0, and every row sees a real key (its own diagonal) in its last block.
+            row_max, row_sum, acc = state
+            scores, _ = _block_scores(q_block, k[j], segments, i, j, scale, softcap, window)
+            new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1, keepdims=True))
+            correction = jnp.exp(row_max - new_max)
+            unnormalised = jnp.exp(scores - new_max)
+            row_sum = row_sum * correction + jnp.sum(unnormalised, axis=-1, keepdims=True)
+            acc = acc * correction + jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v[j],
+                                                preferred_element_type=jnp.float32)
+            return new_max, row_sum, acc
+
+        first, end = _key_blocks(i, block, window)
+        init = (jnp.full((batch, kv_heads, rows, 1), MASK_VALUE, jnp.float32),
+                jnp.zeros((batch, kv_heads, rows, 1), jnp.float32),
+                jnp.zeros((batch, kv_heads, rows, head_dim), jnp.float32))
+        row_max, row_sum, acc = jax.lax.fori_loop(first, end, key_block, init)
         # normalise the [rows, head_dim] output rather than the [rows, keys] probabilities: one pass fewer
-        out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v[:, :, k_start:q_end],
-                         preferred_element_type=jnp.float32)
-        out = (out / row_sum).astype(v.dtype)
-        chunk = q_end - q_start
-        outputs.append(out.reshape(batch, kv_heads, groups, chunk, head_dim))
-        logsumexps.append((row_max + jnp.log(row_sum)).reshape(batch, kv_heads, groups, chunk))
-    concat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=3)
-    return concat(outputs), concat(logsumexps)  # [b, kvh, g, s, d], [b, kvh, g, s]
+        out = out.at[i].set((acc / row_sum).astype(v.dtype))
+        logsumexp = logsumexp.at[i].set((row_max + jnp.log(row_sum))[..., 0])
+        return out, logsumexp
+
+    init = (jnp.zeros(q.shape, v.dtype), jnp.zeros(q.shape[:-1], jnp.float32))
+    return jax.lax.fori_loop(0, num_blocks, query_block, init)  # out like q, logsumexp [blocks, b, kvh, rows]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, segment_ids, options):
-    return _attention_forward(q, k, v, segment_ids, options)[0]
+def _attention(q, k, v, segments, options):
+    return _attention_forward(q, k, v, segments, options)[0]
 
 
-def _attention_fwd(q, k, v, segment_ids, options):
-    out, logsumexp = _attention_forward(q, k, v, segment_ids, options)
-    return out, (q, k, v, segment_ids, out, logsumexp)
+def _attention_fwd(q, k, v, segments, options):
+    out, logsumexp = _attention_forward(q, k, v, segments, options)
+    return out, (q, k, v, segments, out, logsumexp)
 
 
 def _attention_bwd(options, residuals, d_out):
-    scale, softcap, window, blocks = options
-    q, k, v, segment_ids, out, logsumexp = residuals
-    batch, kv_heads, groups, _, head_dim = q.shape
+    scale, softcap, window = options
+    q, k, v, segments, out, logsumexp = residuals
+    block = k.shape[3]
     # softmax backward: d_scores = p * (d_p - rowsum(d_out * out))
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, kvh, g, s]
-    d_q_chunks = []
-    d_k = jnp.zeros(k.shape, jnp.float32)
-    d_v = jnp.zeros(v.shape, jnp.float32)
-    for block in blocks:
-        q_start, q_end, k_start = block
-        chunk = q_end - q_start
-        rows = groups * chunk
-        q_chunk = _q_chunk(q, block)
-        k_chunk, v_chunk = k[:, :, k_start:q_end], v[:, :, k_start:q_end]
-        raw, scores = _chunk_scores(q_chunk, k_chunk, segment_ids, block, scale, softcap, window)
-        probs = jnp.exp(scores - logsumexp[:, :, :, q_start:q_end].reshape(batch, kv_heads, rows, 1))
-        d_out_chunk = d_out[:, :, :, q_start:q_end].reshape(batch, kv_heads, rows, head_dim)
-        d_v = d_v.at[:, :, k_start:q_end].add(
-            jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), d_out_chunk, preferred_element_type=jnp.float32)
-        )
-        d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_chunk, v_chunk, preferred_element_type=jnp.float32)
-        d_scores = probs * (d_probs - delta[:, :, :, q_start:q_end].reshape(batch, kv_heads, rows, 1))
-        if softcap is not None:
-            d_scores = d_scores * (1.0 - jnp.tanh(raw / softcap) ** 2)
-        d_scores = (d_scores * scale).astype(q.dtype)
-        d_q = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k_chunk, preferred_element_type=jnp.float32)
-        d_q_chunks.append(d_q.reshape(batch, kv_heads, groups, chunk, head_dim))
-        d_k = d_k.at[:, :, k_start:q_end].add(
-            jnp.einsum("bhqk,bhqd->bhkd", d_scores, q_chunk, preferred_element_type=jnp.float32)
-        )
-    d_q = d_q_chunks[0] if len(d_q_chunks) == 1 else jnp.concatenate(d_q_chunks, axis=3)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    logsumexp = logsumexp[..., None]
+
+    def query_block(i, carry):
+        d_q, d_k, d_v = carry
+        q_block, d_out_block = q[i], d_out[i]
+
+        def key_block(j, state):
+            d_q_block, d_k, d_v = state
+            k_block, v_block = k[j], v[j]
+            scores, capped = _block_scores(q_block, k_block, segments, i, j, scale, softcap, window)
+            probs = jnp.exp(scores - logsumexp[i])
+            d_v = d_v.at[j].add(jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), d_out_block,
+                                           preferred_element_type=jnp.float32))
+            d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_block, v_block, preferred_element_type=jnp.float32)
+            d_scores = probs * (d_probs - delta[i])
+            if softcap is not None:
+                d_scores = d_scores * (1.0 - capped * capped)
+            d_scores = (d_scores * scale).astype(q.dtype)
+            d_q_block = d_q_block + jnp.einsum("bhqk,bhkd->bhqd", d_scores, k_block,
+                                               preferred_element_type=jnp.float32)
+            d_k = d_k.at[j].add(jnp.einsum("bhqk,bhqd->bhkd", d_scores, q_block, preferred_element_type=jnp.float32))
+            return d_q_block, d_k, d_v
+
+        first, end = _key_blocks(i, block, window)
+        d_q_block, d_k, d_v = jax.lax.fori_loop(first, end, key_block,
+                                                (jnp.zeros(q_block.shape, jnp.float32), d_k, d_v))
+        return d_q.at[i].set(d_q_block.astype(q.dtype)), d_k, d_v
+
+    init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    d_q, d_k, d_v = jax.lax.fori_loop(0, q.shape[0], query_block, init)
+    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backends: `attn_implementation`
+# --------------------------------------------------------------------------------------------------------------
+
+
+ATTN_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "flash")
+# transformers' names for its own default kernels mean jaxpt's default kernel
+ATTN_IMPLEMENTATION_ALIASES = {"eager": "xla", "sdpa": "xla"}
+PALLAS_BLOCK_SIZE = 128
+
+_reported_fallbacks: set[tuple[str, str]] = set()
+
+
+def resolve_attn_implementation(value: str | None) -> str:
+    """An `attn_implementation` value as one of `ATTN_IMPLEMENTATIONS` (None and transformers' "eager" / "sdpa"
+    are "xla"); anything else is a ValueError."""
+    if value is None:
+        return "xla"
+    name = ATTN_IMPLEMENTATION_ALIASES.get(value, value)
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={value!r} is not supported; use one of {ATTN_IMPLEMENTATIONS} (or transformers' "
+            f"{sorted(ATTN_IMPLEMENTATION_ALIASES)}, which mean 'xla')."
+        )
+    return name
+
+
+def attn_implementation_from_hf(hf_config) -> str:
+    """The `attn_implementation` a `transformers` config asks for (its `_attn_implementation`, set by
+    `attn_implementation=` at construction or `from_pretrained`), resolved; "xla" when it names none."""
+    value = getattr(hf_config, "_attn_implementation", None) or getattr(hf_config, "attn_implementation", None)
+    return resolve_attn_implementation(value if isinstance(value, str) else None)
+
+
+def _fall_back(implementation: str, feature: str) -> None:
+    """Log, once per backend and feature, that a call runs the "xla" kernel because the backend lacks `feature`."""
+    if (implementation, feature) not in _reported_fallbacks:
+        _reported_fallbacks.add((implementation, feature))
+        logger.info("attn_implementation=%r cannot express %s: those calls run the 'xla' kernel.",
+                    implementation, feature)
+
+
+def _is_one_right_padded_segment(segment_ids: jax.Array) -> jax.Array:
+    """True when every row is one segment (id 1) followed by padding (id 0): what sequence lengths express."""
+    lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
+    expected = (jnp.arange(segment_ids.shape[1])[None, :] < lengths[:, None]).astype(segment_ids.dtype)
+    return jnp.all(segment_ids == expected)
+
+
+def _cudnn_attention(query, key, value, *, segment_ids, scale, sliding_window, logit_softcap):
+    """`jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU, XLA's reference implementation elsewhere.
+
+    It takes padding as per-row sequence lengths, so a batch whose rows are each one right-padded sequence runs
+    it; a batch with packed segments or left padding runs the "xla" kernel (a `lax.cond`, decided per batch).
+    Rows' padded positions are not attended to by either; their own outputs differ (cuDNN gives zeros) and
+    nothing reads them. cuDNN lacks logit soft-capping and float32 inputs: those calls run the "xla" kernel.
+    """
+    features = dict(segment_ids=segment_ids, scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
+    if logit_softcap is not None:
+        _fall_back("cudnn", "logit soft-capping")
+        return xla_attention(query, key, value, **features)
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and query.dtype not in (jnp.bfloat16, jnp.float16):
+        _fall_back("cudnn", f"{query.dtype} inputs (it runs bfloat16 / float16)")
+        return xla_attention(query, key, value, **features)
+    _fall_back("cudnn", "packed segment_ids or left padding (checked per batch)")
+
+    def fused(query, key, value, segment_ids):
+        lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(
+            query, key, value, scale=scale, is_causal=True, query_seq_lengths=lengths,
+            key_value_seq_lengths=lengths,
+            local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
+            implementation="cudnn" if on_gpu else None,
+        ).astype(query.dtype)
+
+    def kernel(query, key, value, segment_ids):
+        return xla_attention(query, key, value, **{**features, "segment_ids": segment_ids})
+
+    return jax.lax.cond(_is_one_right_padded_segment(segment_ids), fused, kernel, query, key, value, segment_ids)
+
+
+def _pad_for_pallas(query, key, value, segment_ids):
+    """Pad the sequence to a multiple of `PALLAS_BLOCK_SIZE` (the Pallas kernels' block): padded keys come after
+    every real query (causally invisible), padded queries attend to themselves and are cut off."""
+    seq = query.shape[1]
+    padded = -(-seq // PALLAS_BLOCK_SIZE) * PALLAS_BLOCK_SIZE
+    if padded == seq:
+        return query, key, value, segment_ids.astype(jnp.int32)
+    pad = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
+    segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - seq)), constant_values=-1)
+    return jnp.pad(query, pad), jnp.pad(key, pad), jnp.pad(value, pad), segment_ids
+
+
+def _splash_attention(query, key, value, *, segment_ids, scale, sliding_window, logit_softcap):
+    """Pallas splash attention (TPU; interpret mode elsewhere): causal or sliding-window mask, segment ids,
+    soft-capping, one MQA kernel per kv head for grouped-query heads. Every feature: it never falls back."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    batch, seq, q_heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    groups = q_heads // kv_heads
+    # splash has no scale argument: scale the queries (soft-capping then sees the scaled scores, as ours)
+    query, key, value, segments = _pad_for_pallas(query * jnp.asarray(scale, query.dtype), key, value, segment_ids)
+    padded = query.shape[1]
+    if sliding_window is None:
+        head_mask = splash.CausalMask((padded, padded))
+    else:
+        head_mask = splash.LocalMask((padded, padded), window_size=(sliding_window - 1, 0), offset=0)
+    block = PALLAS_BLOCK_SIZE
+    block_sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                    block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                                    block_kv_dq=block)
+    kernel = splash.make_splash_mqa_single_device(
+        splash.MultiHeadMask([head_mask] * groups), block_sizes=block_sizes, attn_logits_soft_cap=logit_softcap,
+        interpret=jax.default_backend() != "tpu",
+    )
+    q = query.reshape(batch, padded, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [b, kvh, g, s, d]
+    k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [b, kvh, s, d]
+
+    def one_row(q, k, v, segments):  # q [kvh, g, s, d], k/v [kvh, s, d], segments [s]
+        ids = splash.SegmentIds(q=segments, kv=segments)
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+
+    out = jax.vmap(one_row)(q, k, v, segments)  # [b, kvh, g, s, d]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, padded, q_heads, head_dim)
+    return out[:, :seq].astype(query.dtype)
+
+
+def _flash_attention(query, key, value, *, segment_ids, scale, sliding_window, logit_softcap):
+    """Pallas flash attention for TPU (`jax.experimental.pallas.ops.tpu.flash_attention`): causal, segment ids,
+    scale; kv heads repeated for grouped-query heads. It lacks sliding windows and soft-capping: those calls run
+    the "xla" kernel. Off TPU it runs only inside `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`."""
+    features = dict(segment_ids=segment_ids, scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
+    if sliding_window is not None:
+        _fall_back("flash", "sliding windows")
+        return xla_attention(query, key, value, **features)
+    if logit_softcap is not None:
+        _fall_back("flash", "logit soft-capping")
+        return xla_attention(query, key, value, **features)
+    from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+
+    batch, seq, q_heads, head_dim = query.shape
+    groups = q_heads // key.shape[2]
+    query, key, value, segments = _pad_for_pallas(query, key, value, segment_ids)
+    q = query.transpose(0, 2, 1, 3)  # [b, heads, s, d]
+    k = jnp.repeat(key.transpose(0, 2, 1, 3), groups, axis=1)
+    v = jnp.repeat(value.transpose(0, 2, 1, 3), groups, axis=1)
+    out = pallas_flash.flash_attention(q, k, v, segment_ids=pallas_flash.SegmentIds(q=segments, kv=segments),
+                                       causal=True, sm_scale=float(scale))
+    return out.transpose(0, 2, 1, 3)[:, :seq].astype(query.dtype)

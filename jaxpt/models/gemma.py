@@ -23,7 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpt.models.attention import attention, positions_from_mask, segments_from_inputs
+from jaxpt.models.attention import (
+    attention,
+    attn_implementation_from_hf,
+    positions_from_mask,
+    segments_from_inputs,
+)
 from jaxpt.models.kv_cache import CacheStep, KVCache, LayerCache, begin_decode, begin_prefill, cached_attention
 from jaxpt.models.layers import (
     BATCH_AXES,
@@ -79,6 +84,7 @@ class GemmaConfig:
     attention_bias: bool = False
     initializer_range: float = 0.02
     pad_token_id: int | None = None
+    attn_implementation: str = "xla"  # jaxpt.models.attention.ATTN_IMPLEMENTATIONS
     model_type: str = "gemma2"
     hf_config_json: str = dataclasses.field(default="{}", repr=False)  # the full HF config, for save_pretrained
 
@@ -128,6 +134,7 @@ class GemmaConfig:
             attention_bias=bool(getattr(hf_config, "attention_bias", False)),
             initializer_range=hf_config.initializer_range,
             pad_token_id=getattr(hf_config, "pad_token_id", None),
+            attn_implementation=attn_implementation_from_hf(hf_config),
             model_type=model_type,
             hf_config_json=hf_config.to_json_string(use_diff=False),
         )
@@ -171,6 +178,7 @@ class GemmaAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.attn_implementation = config.attn_implementation
         self.scale = config.query_pre_attn_scalar**-0.5
         self.sliding_window = config.sliding_window if layer_type == "sliding_attention" else None
         self.logit_softcap = config.attn_logit_softcapping
@@ -202,7 +210,8 @@ class GemmaAttention(nnx.Module):
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
         out = attention(query, key, value, segment_ids=segment_ids, scale=self.scale,
-                        sliding_window=self.sliding_window, logit_softcap=self.logit_softcap)
+                        sliding_window=self.sliding_window, logit_softcap=self.logit_softcap,
+                        implementation=self.attn_implementation)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def call_with_cache(

@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpt.models.attention import attention, positions_from_mask, segments_from_inputs
+from jaxpt.models.attention import (
+    attention,
+    attn_implementation_from_hf,
+    positions_from_mask,
+    segments_from_inputs,
+)
 from jaxpt.models.kv_cache import CacheStep, KVCache, LayerCache, begin_decode, begin_prefill, cached_attention
 from jaxpt.models.layers import (
     BATCH_AXES,
@@ -65,6 +70,7 @@ class Qwen2Config:
     layer_types: tuple[str, ...] = ()  # per layer: "full_attention" or "sliding_attention"
     initializer_range: float = 0.02
     pad_token_id: int | None = None
+    attn_implementation: str = "xla"  # jaxpt.models.attention.ATTN_IMPLEMENTATIONS
     model_type: str = "qwen2"
     hf_config_json: str = dataclasses.field(default="{}", repr=False)  # the full HF config, for save_pretrained
 
@@ -89,6 +95,7 @@ class Qwen2Config:
             layer_types=tuple(hf_config.layer_types),
             initializer_range=hf_config.initializer_range,
             pad_token_id=getattr(hf_config, "pad_token_id", None),
+            attn_implementation=attn_implementation_from_hf(hf_config),
             model_type=hf_config.model_type,
             hf_config_json=hf_config.to_json_string(use_diff=False),
         )
@@ -131,6 +138,7 @@ class Qwen2Attention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.attn_implementation = config.attn_implementation
         self.scale = config.head_dim**-0.5
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if is_sliding else None
@@ -156,7 +164,7 @@ class Qwen2Attention(nnx.Module):
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
         out = attention(query, key, value, segment_ids=segment_ids, scale=self.scale,
-                        sliding_window=self.sliding_window)
+                        sliding_window=self.sliding_window, implementation=self.attn_implementation)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
     # Copied from jaxpt.models.llama.LlamaAttention.call_with_cache
