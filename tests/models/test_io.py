@@ -40,9 +40,9 @@ def test_bfloat16_checkpoint_roundtrip(tmp_path):
     assert reader.get("model.norm.weight").dtype == ml_dtypes.bfloat16
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     reloaded = jaxpt.models.from_pretrained(tmp_path / "bf16", param_dtype=jnp.bfloat16)
-    weight = reloaded.model.layers[0].mlp.up_proj.weight[...]
-    assert weight.dtype == jnp.bfloat16
-    expected = np.asarray(model.model.layers[0].mlp.up_proj.weight[...]).astype(ml_dtypes.bfloat16)
+    weight = reloaded.model.layers.mlp.up_proj.weight[...]  # [num_layers, out, in]
+    assert weight.dtype == jnp.bfloat16 and weight.shape == (2, 64, 32)
+    expected = np.asarray(model.model.layers.mlp.up_proj.weight[...]).astype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(np.asarray(weight), expected)
 
 
