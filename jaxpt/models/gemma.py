@@ -302,7 +302,7 @@ class GemmaModel(nnx.Module):
             return layer(x, *rope[layer_type], segments, sliding_window=self.sliding_window(layer_type)), None
 
         x, _ = scan_layers(self.layers, run_layer, x, options=self.config.layer_types,
-                           remat=self.gradient_checkpointing)
+                           remat=self.gradient_checkpointing, partition_rules=PARTITION_RULES)
         return self.norm(x)
 
     def call_with_cache(

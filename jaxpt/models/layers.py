@@ -203,6 +203,7 @@ def scan_layers(
     *,
     options: Sequence[Hashable],
     remat: bool = False,
+    partition_rules: Sequence[tuple[str, tuple[str | None, ...]]] = (),
 ) -> tuple[jax.Array, Any]:
     """Run the stacked decoder `layers` (`stack_layers`) in order with `jax.lax.scan`, one traced layer for any
     depth: `x, out[i] = call(layer_i, x, per_layer[i], options[i])`. Returns the last `x` and `out` stacked.
@@ -213,8 +214,12 @@ def scan_layers(
     specialises on them) while compile time stays independent of depth.
     `remat` (gradient checkpointing): the scanned body is rematerialised; the backward pass keeps only each
     layer's input and recomputes the rest, with the layer's weights read again.
+    `partition_rules` (the family's, for one layer): on a mesh, each layer's weights are gathered inside the
+    scanned body (`gather_layer_params`), so the backward pass of a checkpointed layer gathers them again
+    instead of keeping a gathered copy of every layer alive.
     """
     graphdef, params = nnx.split(layers)
+    compute_dtype = next((module.dtype for _, module in nnx.iter_graph(layers) if isinstance(module, Linear)), None)
     distinct = tuple(dict.fromkeys(options))
     option_index = jnp.asarray([distinct.index(option) for option in options], jnp.int32)
 
@@ -226,6 +231,7 @@ def scan_layers(
 
     def body(x, scanned):
         layer_params, index, layer_inputs = scanned
+        layer_params = gather_layer_params(layer_params, partition_rules, compute_dtype)
         if len(distinct) == 1:
             return branch(distinct[0])(x, layer_params, layer_inputs)
         return jax.lax.switch(index, [branch(option) for option in distinct], x, layer_params, layer_inputs)
@@ -234,6 +240,27 @@ def scan_layers(
         # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward pass anyway.
         body = jax.checkpoint(body, prevent_cse=False)
     return jax.lax.scan(body, x, (params, option_index, per_layer))
+
+
+def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> Any:
+    """One layer's parameters as its matmuls read them: matrices cast to `compute_dtype` first (so a bfloat16 step
+    moves bfloat16 weights, not float32 ones), then, on a mesh, gathered over "fsdp" while staying split over
+    "tensor" as the family's `partition_rules` say. Without a mesh only the cast happens (the matmuls cast anyway).
+    """
+    from jaxpt.sharding import partition_spec, path_name
+
+    mesh = jax.sharding.get_abstract_mesh()
+
+    def prepare(path, value):
+        if compute_dtype is not None and value.ndim >= 2 and jnp.issubdtype(value.dtype, jnp.floating):
+            value = value.astype(compute_dtype)
+        if mesh.empty or not partition_rules:
+            return value
+        spec = partition_spec(path_name(path), value.shape, partition_rules, mesh)
+        return jax.lax.with_sharding_constraint(value, PartitionSpec(*(None if axis == "fsdp" else axis
+                                                                       for axis in spec)))
+
+    return jax.tree_util.tree_map_with_path(prepare, params)
 
 
 def last_token_index(attention_mask: jax.Array | None, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:

@@ -240,7 +240,7 @@ class Qwen2Model(nnx.Module):
             return layer(x, cos, sin, segments, sliding_window=sliding_window), None
 
         x, _ = scan_layers(self.layers, run_layer, x, options=self.sliding_windows(),
-                           remat=self.gradient_checkpointing)
+                           remat=self.gradient_checkpointing, partition_rules=PARTITION_RULES)
         return self.norm(x)
 
     # Copied from jaxpt.models.llama.LlamaModel.call_with_cache
