@@ -12,6 +12,9 @@ numbers.
     python benchmarks/compile_time.py --sweep tokens         # 512 ... 8192 tokens at 2 layers
     python benchmarks/compile_time.py --gradient_checkpointing true
 
+(From a source checkout, `python -m benchmarks.compile_time` measures that checkout's jaxpt; running the file
+directly imports the installed one.)
+
 Targets (issue 8, this CPU): 16 layers within 1.5x of 2 layers; 4096 tokens within 1.5x of 512 tokens.
 """
 
