@@ -161,15 +161,16 @@ def from_pretrained(
             key = jax.random.fold_in(jax.random.key(seed), len(name))
             init = jax.jit(lambda: init_std * jax.random.normal(key, leaf.shape, leaf.dtype), out_shardings=sharding)
             return init()
-        expected = tuple(leaf.shape) if len(tensors) == 1 else tuple(leaf.shape[1:])
+        stacked = tensors != [name]  # a decoder-layer parameter: one tensor per layer, even for one layer
+        expected = tuple(leaf.shape[1:]) if stacked else tuple(leaf.shape)
         for tensor in tensors:
             if reader.shape(tensor) != expected:
                 raise ValueError(
                     f"Tensor {tensor!r} in {directory} has shape {reader.shape(tensor)}, the model expects {expected}."
                 )
-        if len(tensors) == 1:
-            return load_array(reader, name, dtype=leaf.dtype, sharding=sharding)
-        return load_stacked_array(reader, tensors, dtype=leaf.dtype, sharding=sharding)
+        if stacked:
+            return load_stacked_array(reader, tensors, dtype=leaf.dtype, sharding=sharding)
+        return load_array(reader, name, dtype=leaf.dtype, sharding=sharding)
 
     names = [tensor for path, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
              for tensor in hf_tensor_names(path_name(path), num_layers)]
