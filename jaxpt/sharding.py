@@ -2,7 +2,9 @@
 
 Mesh axes are `("data", "fsdp", "tensor")`. Parameters are laid out by per-family partition rules declared
 next to each model (`jaxpt/models/llama.py: PARTITION_RULES`): `(regex over the HF parameter name, one mesh
-axis or None per dimension)`. The batch is split over `("data", "fsdp")`.
+axis or None per dimension)`, written for one decoder layer: a parameter under `layers` with one more dimension
+than its rule is a stacked decoder-layer parameter (`[num_layers, ...]`) and gets an unsharded leading layer
+axis. The batch is split over `("data", "fsdp")`.
 
 Any leaf of any pytree that mirrors the parameters (gradients, optimizer moments inside an optax state, a
 `TrainState`) gets the sharding of the parameter it mirrors: its name is read from the dictionary keys on its
@@ -63,8 +65,15 @@ def path_name(path: Sequence[Any]) -> str:
 
 
 def partition_spec(name: str, shape: Sequence[int], rules: PartitionRules, mesh: Mesh) -> PartitionSpec:
-    """The first rule whose regex matches `name`; a dimension that its mesh axis does not divide is replicated."""
+    """The first rule whose regex matches `name`; a dimension that its mesh axis does not divide is replicated.
+
+    Rules describe one layer; a stacked decoder-layer parameter (`model.layers.mlp.up_proj.weight`
+    `[num_layers, out, in]`: named under `layers`, one dimension more than its rule) keeps its layer axis unsharded.
+    """
+    stacked = "layers" in name.split(".")
     for pattern, axes in rules:
+        if stacked and len(axes) + 1 == len(shape):
+            axes = (None, *axes)
         if re.search(pattern, name) and len(axes) == len(shape):
             spec = []
             for size, axis in zip(shape, axes, strict=True):

@@ -64,14 +64,15 @@ def reference(checkpoint, batch):
 def test_mesh_gives_same_logits_and_gradients(shape, checkpoint, batch, reference):
     mesh = make_mesh(data=shape[0], fsdp=shape[1], tensor=shape[2])
     model = jaxpt.models.from_pretrained(checkpoint, mesh=mesh)
-    # Parameters really are split over the mesh, following the Llama partition rules.
-    q_proj = model.model.layers[0].self_attn.q_proj.weight[...]
-    down_proj = model.model.layers[1].mlp.down_proj.weight[...]
+    # Parameters really are split over the mesh, following the Llama partition rules; the stacked layers'
+    # leading layer axis stays whole.
+    q_proj = model.model.layers.self_attn.q_proj.weight[...]
+    down_proj = model.model.layers.mlp.down_proj.weight[...]
     embed = model.model.embed_tokens.weight[...]
     fsdp = "fsdp" if shape[1] > 1 else None
     tensor = "tensor" if shape[2] > 1 else None
-    assert q_proj.sharding.spec == PartitionSpec(tensor, fsdp)
-    assert down_proj.sharding.spec == PartitionSpec(fsdp, tensor)
+    assert q_proj.sharding.spec == PartitionSpec(None, tensor, fsdp)
+    assert down_proj.sharding.spec == PartitionSpec(None, fsdp, tensor)
     assert embed.sharding.spec == PartitionSpec(tensor, fsdp)
     if shape[1] * shape[2] > 1:
         assert q_proj.addressable_shards[0].data.size < q_proj.size
@@ -91,10 +92,11 @@ def test_train_state_on_mesh_shards_optimizer_moments(checkpoint):
     model = jaxpt.models.from_pretrained(checkpoint, mesh=mesh)
     state = TrainState.create(model, optax.adamw(1e-3), mesh=mesh)
     mu = by_name(state.opt_state[0].mu)  # adamw = chain(scale_by_adam, ...): first moments mirror the params
-    assert mu["model.layers.0.mlp.gate_proj.weight"].sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert mu["model.layers.mlp.gate_proj.weight"].sharding.spec == PartitionSpec(None, "tensor", "fsdp")
     assert state.step.sharding.spec == PartitionSpec()
     shardings = by_name(state.shardings(mesh).params)
-    assert shardings["model.layers.0.mlp.down_proj.weight"].spec == PartitionSpec("fsdp", "tensor")
+    assert shardings["model.layers.mlp.down_proj.weight"].spec == PartitionSpec(None, "fsdp", "tensor")
+    assert shardings["model.layers.input_layernorm.weight"].spec == PartitionSpec(None, None)
 
 
 def by_name(tree):
@@ -153,12 +155,19 @@ def test_shard_batch_rejects_indivisible_batch():
 
 def test_tree_shardings_follow_rules_by_name():
     mesh = make_mesh(data=1, fsdp=4, tensor=2)
-    tree = {"model": {"layers": {0: {"self_attn": {"o_proj": {"weight": jnp.zeros((32, 32))}}}},
-                      "norm": {"weight": jnp.zeros((32,))}},
-            "lm_head": {"weight": jnp.zeros((96, 32))}, "count": jnp.zeros(())}
+    stacked = {"self_attn": {"o_proj": {"weight": jnp.zeros((3, 32, 32))}},
+               "input_layernorm": {"weight": jnp.zeros((3, 32))}}
+    tree = {"model": {"layers": stacked, "norm": {"weight": jnp.zeros((32,))}},
+            "lm_head": {"weight": jnp.zeros((96, 32))}, "count": jnp.zeros(()),
+            "one_layer": {"layers": {0: {"self_attn": {"o_proj": {"weight": jnp.zeros((32, 32))}}}}}}
     rules = jaxpt.models.llama.PARTITION_RULES
     shardings = tree_shardings(tree, mesh, rules)
-    assert shardings["model"]["layers"][0]["self_attn"]["o_proj"]["weight"].spec == PartitionSpec("fsdp", "tensor")
+    # Rules describe one layer; stacked decoder layers [num_layers, ...] keep the layer axis unsharded.
+    layers = shardings["model"]["layers"]
+    assert layers["self_attn"]["o_proj"]["weight"].spec == PartitionSpec(None, "fsdp", "tensor")
+    assert layers["input_layernorm"]["weight"].spec == PartitionSpec(None, None)
+    one_layer = shardings["one_layer"]["layers"][0]["self_attn"]["o_proj"]["weight"]
+    assert one_layer.spec == PartitionSpec("fsdp", "tensor")
     assert shardings["model"]["norm"]["weight"].spec == PartitionSpec(None)
     assert shardings["lm_head"]["weight"].spec == PartitionSpec("tensor", "fsdp")
     assert shardings["count"].spec == PartitionSpec()

@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxpt.models import gemma, llama, qwen2, qwen3
 from jaxpt.models.attention import resolve_attn_implementation
-from jaxpt.models.safetensors_io import SafetensorsReader, load_array, save_checkpoint
+from jaxpt.models.safetensors_io import SafetensorsReader, load_array, load_stacked_array, save_checkpoint
 from jaxpt.sharding import partition_spec, path_name
 
 # model_type (config.json) -> the family module that ports it.
@@ -34,7 +34,7 @@ FAMILIES = {
 }
 
 __all__ = ["from_pretrained", "save_pretrained", "from_config", "load_hf_config", "FAMILIES", "param_names",
-           "set_gradient_checkpointing"]
+           "hf_tensor_names", "set_gradient_checkpointing"]
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
@@ -120,8 +120,19 @@ def set_gradient_checkpointing(model: nnx.Module, enabled: bool = True) -> nnx.M
 
 
 def param_names(model: nnx.Module) -> list[str]:
-    """HF names of the model's parameters (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+    """Names of the model's parameters: HF's, except that decoder layers are stacked, so
+    `model.layers.self_attn.q_proj.weight` (`[num_layers, out, in]`) holds HF's `model.layers.{i}.self_attn...`
+    in row i (`hf_tensor_names`)."""
     return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]]
+
+
+def hf_tensor_names(name: str, num_layers: int) -> list[str]:
+    """The Hugging Face tensor(s) a parameter holds: `[name]`, or for a stacked decoder-layer parameter
+    (`model.layers.mlp.up_proj.weight`) one name per layer (`model.layers.{i}.mlp.up_proj.weight`, row i)."""
+    prefix, sep, rest = name.partition("layers.")
+    if not sep or (prefix and not prefix.endswith(".")):
+        return [name]
+    return [f"{prefix}layers.{index}.{rest}" for index in range(num_layers)]
 
 
 def from_pretrained(
@@ -156,22 +167,31 @@ def from_pretrained(
     rules = family.PARTITION_RULES
     init_std = getattr(hf_config, "initializer_range", 0.02)
 
+    num_layers = hf_config.num_hidden_layers
+
     def load(path, leaf):
         name = path_name(path)
         sharding = None
         if mesh is not None:
             sharding = jax.sharding.NamedSharding(mesh, partition_spec(name, leaf.shape, rules, mesh))
-        if name not in reader:  # a new classifier head (checked below): normal(0, initializer_range), as HF
+        tensors = hf_tensor_names(name, num_layers)
+        if tensors[0] not in reader:  # a new classifier head (checked below): normal(0, initializer_range), as HF
             key = jax.random.fold_in(jax.random.key(seed), len(name))
             init = jax.jit(lambda: init_std * jax.random.normal(key, leaf.shape, leaf.dtype), out_shardings=sharding)
             return init()
-        if reader.shape(name) != tuple(leaf.shape):
-            raise ValueError(
-                f"Tensor {name!r} in {directory} has shape {reader.shape(name)}, the model expects {leaf.shape}."
-            )
+        stacked = tensors != [name]  # a decoder-layer parameter: one tensor per layer, even for one layer
+        expected = tuple(leaf.shape[1:]) if stacked else tuple(leaf.shape)
+        for tensor in tensors:
+            if reader.shape(tensor) != expected:
+                raise ValueError(
+                    f"Tensor {tensor!r} in {directory} has shape {reader.shape(tensor)}, the model expects {expected}."
+                )
+        if stacked:
+            return load_stacked_array(reader, tensors, dtype=leaf.dtype, sharding=sharding)
         return load_array(reader, name, dtype=leaf.dtype, sharding=sharding)
 
-    names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
+    names = [tensor for path, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+             for tensor in hf_tensor_names(path_name(path), num_layers)]
     missing = [n for n in names if n not in reader and not (n.startswith("score.") and num_labels is not None)]
     if missing:
         raise ValueError(
@@ -199,8 +219,12 @@ def save_pretrained(
     path = Path(path)
     hf_config = model.config.to_hf()
     params = nnx.state(model, nnx.Param)
-    named = [(path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
-    saved_dtype = jnp.dtype(dtype) if dtype is not None else named[0][1].dtype
+    leaves = [(path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+    # One HF tensor per layer of a stacked parameter, sliced only as it is written.
+    named = ((tensor, leaf if tensor == name else leaf[index])
+             for name, leaf in leaves
+             for index, tensor in enumerate(hf_tensor_names(name, hf_config.num_hidden_layers)))
+    saved_dtype = jnp.dtype(dtype) if dtype is not None else leaves[0][1].dtype
     num_labels = getattr(model, "num_labels", None)
     causal_lm, classifier = _family(hf_config.model_type).HF_ARCHITECTURES[hf_config.model_type]
     if num_labels is not None:

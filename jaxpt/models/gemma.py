@@ -1,8 +1,9 @@
 """Gemma 2 and Gemma 3 (text), a Flax NNX port of `transformers`' `modeling_gemma2.py` / `modeling_gemma3.py`.
 
 Reads top to bottom like the original: config, RMSNorm, MLP, attention, decoder layer, scaled embedding,
-model, LM head, sequence classifier. Parameter names and layouts are HF's, so safetensors load and save name
-for name. What Gemma adds to Llama:
+model, LM head, sequence classifier. Parameter names and layouts are HF's, with the decoder layers stacked as in
+`llama.py` (`model.layers.self_attn.q_proj.weight` is `[num_layers, out, in]`) and scanned; each layer's type
+(sliding or global) is a per-layer option of `layers.scan_layers`. What Gemma adds to Llama:
 
 - RMSNorm scales by `1 + weight` (weights are zero-centred), in float32, then casts back;
 - four norms per layer ("sandwich" norms around attention and around the MLP);
@@ -35,16 +36,19 @@ from jaxpt.models.layers import (
     Embed,
     Linear,
     activation,
-    call_layer,
     constrain,
     last_token_index,
     project_to_vocab,
+    scan_layers,
+    stack_layers,
 )
 from jaxpt.models.rope import RopeConfig, apply_rope, rope_cos_sin
 
 # How each parameter is laid out on the mesh ("data", "fsdp", "tensor"), by HF name; the first rule that
 # matches wins. Matrices are [out, in]: column-parallel layers shard `out` over "tensor", row-parallel ones
-# shard `in`; the other dimension is split over "fsdp". Dimensions that do not divide stay replicated.
+# shard `in`; the other dimension is split over "fsdp". Dimensions that do not divide stay replicated. Rules
+# describe one layer: a stacked decoder-layer parameter gets an unsharded leading layer axis
+# (`jaxpt.sharding.partition_spec`).
 PARTITION_RULES = (
     (r"embed_tokens\.weight$", ("tensor", "fsdp")),  # [vocab, hidden]
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("tensor", "fsdp")),  # [out, hidden]
@@ -173,14 +177,12 @@ class GemmaMLP(nnx.Module):
 
 
 class GemmaAttention(nnx.Module):
-    def __init__(self, config: GemmaConfig, layer_type: str, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.layer_type = layer_type
+    def __init__(self, config: GemmaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.attn_implementation = config.attn_implementation
         self.scale = config.query_pre_attn_scalar**-0.5
-        self.sliding_window = config.sliding_window if layer_type == "sliding_attention" else None
         self.logit_softcap = config.attn_logit_softcapping
         dense = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype,
                      init_std=config.initializer_range, rngs=rngs)
@@ -206,28 +208,30 @@ class GemmaAttention(nnx.Module):
         key = constrain(apply_rope(key, cos, sin), BATCH_AXES, None, "tensor", None)
         return query, key, value
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, *, sliding_window: int | None
+    ) -> jax.Array:
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
-        out = attention(query, key, value, segment_ids=segment_ids, scale=self.scale,
-                        sliding_window=self.sliding_window, logit_softcap=self.logit_softcap,
-                        implementation=self.attn_implementation)
+        out = attention(query, key, value, segment_ids=segment_ids, scale=self.scale, sliding_window=sliding_window,
+                        logit_softcap=self.logit_softcap, implementation=self.attn_implementation)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def call_with_cache(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep, *,
+        sliding_window: int | None,
     ) -> tuple[jax.Array, LayerCache]:
         """`__call__` for generation: this call's keys/values go into `cache` (`kv_cache.cached_attention`)."""
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
-        out, cache = cached_attention(query, key, value, cache, step, scale=self.scale,
-                                      sliding_window=self.sliding_window, logit_softcap=self.logit_softcap)
+        out, cache = cached_attention(query, key, value, cache, step, scale=self.scale, sliding_window=sliding_window,
+                                      logit_softcap=self.logit_softcap)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
 
 
 class GemmaDecoderLayer(nnx.Module):
-    def __init__(self, config: GemmaConfig, layer_type: str, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.self_attn = GemmaAttention(config, layer_type, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: GemmaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.self_attn = GemmaAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = GemmaMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, **norm)
@@ -235,15 +239,20 @@ class GemmaDecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, **norm)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, **norm)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, segment_ids))
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, *, sliding_window: int | None
+    ) -> jax.Array:
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, sliding_window=sliding_window)
+        x = x + self.post_attention_layernorm(attn_out)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return constrain(x, BATCH_AXES, None, None)
 
     def call_with_cache(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep, *,
+        sliding_window: int | None,
     ) -> tuple[jax.Array, LayerCache]:
-        attn_out, cache = self.self_attn.call_with_cache(self.input_layernorm(x), cos, sin, cache, step)
+        attn_out, cache = self.self_attn.call_with_cache(self.input_layernorm(x), cos, sin, cache, step,
+                                                         sliding_window=sliding_window)
         x = x + self.post_attention_layernorm(attn_out)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return constrain(x, BATCH_AXES, None, None), cache
@@ -263,7 +272,12 @@ class GemmaScaledWordEmbedding(Embed):
 
 
 class GemmaModel(nnx.Module):
-    """Embeddings, decoder layers and the final norm: input ids -> final hidden states `[batch, seq, hidden]`."""
+    """Embeddings, decoder layers and the final norm: input ids -> final hidden states `[batch, seq, hidden]`.
+
+    The decoder layers are one stacked module (`layers.stack_layers`, parameters `[num_layers, ...]`) run by
+    `layers.scan_layers`, with each layer's type as its option: a sliding layer attends within
+    `config.sliding_window` with the local rope, a global one over everything with the global rope.
+    """
 
     def __init__(self, config: GemmaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.config = config
@@ -271,9 +285,9 @@ class GemmaModel(nnx.Module):
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
             init_std=config.initializer_range, rngs=rngs,
         )
-        self.layers = nnx.List(
-            [GemmaDecoderLayer(config, layer_type, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-             for layer_type in config.layer_types]
+        self.layers = stack_layers(
+            [GemmaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+             for _ in range(config.num_hidden_layers)]
         )
         self.norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.gradient_checkpointing = False  # see jaxpt.models.set_gradient_checkpointing
@@ -291,8 +305,12 @@ class GemmaModel(nnx.Module):
         segments = segments_from_inputs(input_ids, attention_mask, segment_ids)
         rope = self.rope_by_layer_type(positions)
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
-        for layer, layer_type in zip(self.layers, self.config.layer_types, strict=True):
-            x = call_layer(layer, x, *rope[layer_type], segments, remat=self.gradient_checkpointing)
+
+        def run_layer(layer, x, _, layer_type):
+            return layer(x, *rope[layer_type], segments, sliding_window=self.sliding_window(layer_type)), None
+
+        x, _ = scan_layers(self.layers, run_layer, x, options=self.config.layer_types,
+                           remat=self.gradient_checkpointing, partition_rules=PARTITION_RULES)
         return self.norm(x)
 
     def call_with_cache(
@@ -301,11 +319,17 @@ class GemmaModel(nnx.Module):
         """`__call__` for generation: hidden states `[batch, seq, hidden]` of tokens written at `step` into `cache`."""
         rope = self.rope_by_layer_type(positions)
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
-        layer_caches = []
-        for layer, layer_type, layer_cache in zip(self.layers, self.config.layer_types, cache.layers, strict=True):
-            x, layer_cache = layer.call_with_cache(x, *rope[layer_type], layer_cache, step)
-            layer_caches.append(layer_cache)
-        return self.norm(x), cache.replace(layers=tuple(layer_caches))
+
+        def run_layer(layer, x, layer_cache, layer_type):
+            return layer.call_with_cache(x, *rope[layer_type], layer_cache, step,
+                                         sliding_window=self.sliding_window(layer_type))
+
+        x, layer_caches = scan_layers(self.layers, run_layer, x, cache.layers, options=self.config.layer_types)
+        return self.norm(x), cache.replace(layers=layer_caches)
+
+    def sliding_window(self, layer_type: str) -> int | None:
+        """The attention window of a layer of this type: `config.sliding_window` when sliding, else None."""
+        return self.config.sliding_window if layer_type == "sliding_attention" else None
 
     def rope_by_layer_type(self, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
         """cos, sin `[batch, seq, head_dim]` per layer type (computed once when both types share a rope)."""
@@ -355,9 +379,9 @@ class GemmaForCausalLM(nnx.Module):
 
     # Copied from jaxpt.models.llama.LlamaForCausalLM.init_cache
     def init_cache(self, batch_size: int, max_length: int, *, dtype: Any = None) -> KVCache:
-        """An empty `KVCache` with `max_length` slots per row (prompt + new tokens), per layer keys
-        `[batch_size, kv_heads, head_dim, max_length]` and values `[batch_size, kv_heads, max_length, head_dim]`
-        (`kv_cache.LayerCache`), in the compute dtype unless `dtype` is given."""
+        """An empty `KVCache` with `max_length` slots per row (prompt + new tokens), keys
+        `[num_layers, batch_size, kv_heads, head_dim, max_length]` and values `[num_layers, batch_size, kv_heads,
+        max_length, head_dim]` (`kv_cache.LayerCache`), in the compute dtype unless `dtype` is given."""
         return KVCache.create(
             batch_size=batch_size, max_length=max_length, num_layers=self.config.num_hidden_layers,
             num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,

@@ -1,9 +1,9 @@
 """Generation with a preallocated key/value cache.
 
-`KVCache` holds every layer's keys and values (`LayerCache`); `begin_prefill` / `begin_decode` say where a
-call's tokens go and what they attend to (`CacheStep`); `cached_attention` writes a layer's new keys and
-values and attends: a prefill runs the training kernel `attention.attention` over the prompt, a decode step
-attends over the whole cache.
+`KVCache` holds every layer's keys and values (`LayerCache`, stacked along a leading layer axis and scanned
+with the stacked decoder layers); `begin_prefill` / `begin_decode` say where a call's tokens go and what they
+attend to (`CacheStep`); `cached_attention` writes a layer's new keys and values and attends: a prefill runs
+the training kernel `attention.attention` over the prompt, a decode step attends over the whole cache.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from jaxpt.models.layers import BATCH_AXES, constrain
 
 class LayerCache(flax.struct.PyTreeNode):
     """One layer's cached keys `[batch, kv_heads, head_dim, max_length]` and values `[batch, kv_heads, max_length,
-    head_dim]`.
+    head_dim]` (in `KVCache.layers`, every layer's, with a leading `[num_layers]` axis).
 
     Heads first, and keys stored transposed, so that both products of a decode step are plain `[rows, k] x [k, n]`
     matmuls on the cache as it is: `scores = q @ key`, `out = probs @ value`. On XLA-CPU a matmul whose right
@@ -43,17 +43,16 @@ class KVCache(flax.struct.PyTreeNode):
     `jit` (`dynamic_update_slice` clamps): size the cache `prompt_len + max_new_tokens`.
     """
 
-    layers: tuple[LayerCache, ...]
+    layers: LayerCache  # keys [num_layers, batch, kv_heads, head_dim, max_length], values [..., max_length, head_dim]
     mask: jax.Array  # [batch, max_length] bool
     length: jax.Array  # [] int32
 
     @classmethod
     def create(cls, *, batch_size: int, max_length: int, num_layers: int, num_kv_heads: int, head_dim: int,
                dtype: Any) -> KVCache:
-        key_shape = (batch_size, num_kv_heads, head_dim, max_length)
-        value_shape = (batch_size, num_kv_heads, max_length, head_dim)
-        layers = tuple(LayerCache(key=jnp.zeros(key_shape, dtype), value=jnp.zeros(value_shape, dtype))
-                       for _ in range(num_layers))
+        key_shape = (num_layers, batch_size, num_kv_heads, head_dim, max_length)
+        value_shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        layers = LayerCache(key=jnp.zeros(key_shape, dtype), value=jnp.zeros(value_shape, dtype))
         return cls(layers=layers, mask=jnp.zeros((batch_size, max_length), bool), length=jnp.zeros((), jnp.int32))
 
     @property

@@ -10,7 +10,9 @@ generation cache from `kv_cache.py`:
   `matmul_transposed_weight` reads HF-layout weights in place for the few-row matmuls of decode steps on CPU;
   `project_to_vocab` turns final hidden states into logits.
 - `constrain`: an activation sharding hint that is a no-op without a mesh.
-- `call_layer`: a decoder layer, rematerialised when gradient checkpointing is on.
+- `stack_layers` / `scan_layers`: the decoder layers as one module whose parameters have a leading layer axis
+  (`[num_layers, ...]`), run with `jax.lax.scan` (rematerialised when gradient checkpointing is on), so a
+  step's compile time does not grow with depth.
 - `last_token_index`: where a sequence classifier pools.
 
 Performance note (XLA on CPU, measured in benchmarks/forward_backward.py): dense layers multiply 2-D
@@ -19,6 +21,7 @@ matrices (`[tokens, features]`), since a matmul on 3-D activations was 2x slower
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Any
 
@@ -174,12 +177,90 @@ def constrain(x: jax.Array, *spec) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def call_layer(layer: nnx.Module, *args, remat: bool = False):
-    """`layer(*args)`, or with gradient checkpointing (`remat`): its activations are recomputed in the backward
-    pass instead of kept, trading about a third more compute for memory linear in the number of layers."""
-    if not remat:
-        return layer(*args)
-    return nnx.remat(lambda module, *inputs: module(*inputs))(layer, *args)
+def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
+    """One module with the structure of `layers[0]` whose every parameter stacks the layers' along a new leading
+    axis: `self_attn.q_proj.weight` `[num_layers, out, in]`, row i from `layers[i]` (HF's `model.layers.{i}`).
+
+    The layers must be built alike (same submodules, same static attributes): what differs from layer to layer
+    (a sliding window, a rope) is passed to `scan_layers` as an option. Building them one by one and stacking
+    draws the same initial values as a Python list of layers would.
+    """
+    graphdef, first = nnx.split(layers[0])
+    states = [first]
+    for index, layer in enumerate(layers[1:], start=1):
+        layer_graphdef, state = nnx.split(layer)
+        if layer_graphdef != graphdef:
+            raise ValueError(f"Decoder layer {index} is not built like layer 0; stacked layers must be alike.")
+        states.append(state)
+    return nnx.merge(graphdef, jax.tree.map(lambda *rows: jnp.stack(rows), *states))
+
+
+def scan_layers(
+    layers: nnx.Module,
+    call: Callable[[nnx.Module, jax.Array, Any, Hashable], tuple[jax.Array, Any]],
+    x: jax.Array,
+    per_layer: Any = None,
+    *,
+    options: Sequence[Hashable],
+    remat: bool = False,
+    partition_rules: Sequence[tuple[str, tuple[str | None, ...]]] = (),
+) -> tuple[jax.Array, Any]:
+    """Run the stacked decoder `layers` (`stack_layers`) in order with `jax.lax.scan`, one traced layer for any
+    depth: `x, out[i] = call(layer_i, x, per_layer[i], options[i])`. Returns the last `x` and `out` stacked.
+
+    `per_layer`: arrays (any pytree, or None) with a leading layer axis scanned along, such as a KV cache.
+    `options`: one static value per layer (hashable, e.g. its sliding window). `call` is traced once per distinct
+    value and each layer runs its own through `lax.switch`, so options stay Python values (the attention kernel
+    specialises on them) while compile time stays independent of depth.
+    `remat` (gradient checkpointing): the scanned body is rematerialised; the backward pass keeps only each
+    layer's input and recomputes the rest, with the layer's weights read again.
+    `partition_rules` (the family's, for one layer): on a mesh, each layer's weights are gathered inside the
+    scanned body (`gather_layer_params`), so the backward pass of a checkpointed layer gathers them again
+    instead of keeping a gathered copy of every layer alive.
+    """
+    graphdef, params = nnx.split(layers)
+    compute_dtype = next((module.dtype for _, module in nnx.iter_graph(layers) if isinstance(module, Linear)), None)
+    distinct = tuple(dict.fromkeys(options))
+    option_index = jnp.asarray([distinct.index(option) for option in options], jnp.int32)
+
+    def branch(option):
+        def run(x, layer_params, layer_inputs):
+            return call(nnx.merge(graphdef, layer_params), x, layer_inputs, option)
+
+        return run
+
+    def body(x, scanned):
+        layer_params, index, layer_inputs = scanned
+        layer_params = gather_layer_params(layer_params, partition_rules, compute_dtype)
+        if len(distinct) == 1:
+            return branch(distinct[0])(x, layer_params, layer_inputs)
+        return jax.lax.switch(index, [branch(option) for option in distinct], x, layer_params, layer_inputs)
+
+    if remat:
+        # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward pass anyway.
+        body = jax.checkpoint(body, prevent_cse=False)
+    return jax.lax.scan(body, x, (params, option_index, per_layer))
+
+
+def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> Any:
+    """One layer's parameters as its matmuls read them: matrices cast to `compute_dtype` first (so a bfloat16 step
+    moves bfloat16 weights, not float32 ones), then, on a mesh, gathered over "fsdp" while staying split over
+    "tensor" as the family's `partition_rules` say. Without a mesh only the cast happens (the matmuls cast anyway).
+    """
+    from jaxpt.sharding import partition_spec, path_name
+
+    mesh = jax.sharding.get_abstract_mesh()
+
+    def prepare(path, value):
+        if compute_dtype is not None and value.ndim >= 2 and jnp.issubdtype(value.dtype, jnp.floating):
+            value = value.astype(compute_dtype)
+        if mesh.empty or not partition_rules:
+            return value
+        spec = partition_spec(path_name(path), value.shape, partition_rules, mesh)
+        return jax.lax.with_sharding_constraint(value, PartitionSpec(*(None if axis == "fsdp" else axis
+                                                                       for axis in spec)))
+
+    return jax.tree_util.tree_map_with_path(prepare, params)
 
 
 def last_token_index(attention_mask: jax.Array | None, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:

@@ -1,8 +1,10 @@
 """Llama 2 / 3.x and Mistral, a Flax NNX port of `transformers`' `modeling_llama.py` / `modeling_mistral.py`.
 
 Reads top to bottom like the original: config, RMSNorm, MLP, attention, decoder layer, model, LM head,
-sequence classifier. Parameter names and layouts are HF's (`model.layers.0.self_attn.q_proj.weight` is
-`[out, in]`), so safetensors load and save name for name. Mistral is Llama plus a sliding window.
+sequence classifier. Parameter names and layouts are HF's (`q_proj.weight` is `[out, in]`), except that the
+decoder layers are stacked: `model.layers.self_attn.q_proj.weight` is `[num_layers, out, in]`, row i holding HF's
+`model.layers.{i}.self_attn.q_proj.weight` (`jaxpt.models.from_pretrained` / `save_pretrained` convert), and the
+layers run in a `jax.lax.scan` (`layers.scan_layers`). Mistral is Llama plus a sliding window.
 Rotary embeddings (`rope.py`), the attention kernel (`attention.py`) and the generation cache (`kv_cache.py`)
 are shared by every family.
 
@@ -33,16 +35,19 @@ from jaxpt.models.layers import (
     Embed,
     Linear,
     activation,
-    call_layer,
     constrain,
     last_token_index,
     project_to_vocab,
+    scan_layers,
+    stack_layers,
 )
 from jaxpt.models.rope import RopeConfig, apply_rope, rope_cos_sin
 
 # How each parameter is laid out on the mesh ("data", "fsdp", "tensor"), by HF name; the first rule that
 # matches wins. Matrices are [out, in]: column-parallel layers shard `out` over "tensor", row-parallel ones
-# shard `in`; the other dimension is split over "fsdp". Dimensions that do not divide stay replicated.
+# shard `in`; the other dimension is split over "fsdp". Dimensions that do not divide stay replicated. Rules
+# describe one layer: a stacked decoder-layer parameter gets an unsharded leading layer axis
+# (`jaxpt.sharding.partition_spec`).
 PARTITION_RULES = (
     (r"embed_tokens\.weight$", ("tensor", "fsdp")),  # [vocab, hidden]
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("tensor", "fsdp")),  # [out, hidden]
@@ -143,7 +148,6 @@ class LlamaAttention(nnx.Module):
         self.head_dim = config.head_dim
         self.attn_implementation = config.attn_implementation
         self.scale = config.head_dim**-0.5
-        self.sliding_window = config.sliding_window
         dense = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype,
                      init_std=config.initializer_range, rngs=rngs)
         self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, **dense)
@@ -161,21 +165,23 @@ class LlamaAttention(nnx.Module):
         key = constrain(apply_rope(key, cos, sin), BATCH_AXES, None, "tensor", None)
         return query, key, value
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, *, sliding_window: int | None
+    ) -> jax.Array:
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
-        out = attention(query, key, value, segment_ids=segment_ids, scale=self.scale,
-                        sliding_window=self.sliding_window, implementation=self.attn_implementation)
+        out = attention(query, key, value, segment_ids=segment_ids, scale=self.scale, sliding_window=sliding_window,
+                        implementation=self.attn_implementation)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def call_with_cache(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep, *,
+        sliding_window: int | None,
     ) -> tuple[jax.Array, LayerCache]:
         """`__call__` for generation: this call's keys/values go into `cache` (`kv_cache.cached_attention`)."""
         batch, seq, _ = x.shape
         query, key, value = self.project_qkv(x, cos, sin)
-        out, cache = cached_attention(query, key, value, cache, step, scale=self.scale,
-                                      sliding_window=self.sliding_window)
+        out, cache = cached_attention(query, key, value, cache, step, scale=self.scale, sliding_window=sliding_window)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
 
 
@@ -188,28 +194,36 @@ class LlamaDecoderLayer(nnx.Module):
             config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype
         )
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, *, sliding_window: int | None
+    ) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, sliding_window=sliding_window)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, BATCH_AXES, None, None)
 
     def call_with_cache(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: LayerCache, step: CacheStep, *,
+        sliding_window: int | None,
     ) -> tuple[jax.Array, LayerCache]:
-        attn_out, cache = self.self_attn.call_with_cache(self.input_layernorm(x), cos, sin, cache, step)
+        attn_out, cache = self.self_attn.call_with_cache(self.input_layernorm(x), cos, sin, cache, step,
+                                                         sliding_window=sliding_window)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, BATCH_AXES, None, None), cache
 
 
 class LlamaModel(nnx.Module):
-    """Embeddings, decoder layers and the final norm: input ids -> final hidden states `[batch, seq, hidden]`."""
+    """Embeddings, decoder layers and the final norm: input ids -> final hidden states `[batch, seq, hidden]`.
+
+    The decoder layers are one stacked module (`layers.stack_layers`, parameters `[num_layers, ...]`) run by
+    `layers.scan_layers`; what differs between layers (the sliding window) is a per-layer option.
+    """
 
     def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                   init_std=config.initializer_range, rngs=rngs)
-        self.layers = nnx.List(
+        self.layers = stack_layers(
             [LlamaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
              for _ in range(config.num_hidden_layers)]
         )
@@ -229,8 +243,12 @@ class LlamaModel(nnx.Module):
         segments = segments_from_inputs(input_ids, attention_mask, segment_ids)
         cos, sin = rope_cos_sin(positions, self.config.rope)  # [batch, seq, head_dim]
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
-        for layer in self.layers:
-            x = call_layer(layer, x, cos, sin, segments, remat=self.gradient_checkpointing)
+
+        def run_layer(layer, x, _, sliding_window):
+            return layer(x, cos, sin, segments, sliding_window=sliding_window), None
+
+        x, _ = scan_layers(self.layers, run_layer, x, options=self.sliding_windows(),
+                           remat=self.gradient_checkpointing, partition_rules=PARTITION_RULES)
         return self.norm(x)
 
     def call_with_cache(
@@ -239,11 +257,16 @@ class LlamaModel(nnx.Module):
         """`__call__` for generation: hidden states `[batch, seq, hidden]` of tokens written at `step` into `cache`."""
         cos, sin = rope_cos_sin(positions, self.config.rope)  # [batch, seq, head_dim]
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
-        layer_caches = []
-        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            x, layer_cache = layer.call_with_cache(x, cos, sin, layer_cache, step)
-            layer_caches.append(layer_cache)
-        return self.norm(x), cache.replace(layers=tuple(layer_caches))
+
+        def run_layer(layer, x, layer_cache, sliding_window):
+            return layer.call_with_cache(x, cos, sin, layer_cache, step, sliding_window=sliding_window)
+
+        x, layer_caches = scan_layers(self.layers, run_layer, x, cache.layers, options=self.sliding_windows())
+        return self.norm(x), cache.replace(layers=layer_caches)
+
+    def sliding_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full attention); Mistral slides on every layer."""
+        return (self.config.sliding_window,) * self.config.num_hidden_layers
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -277,9 +300,9 @@ class LlamaForCausalLM(nnx.Module):
     # Generation with a KV cache (`jaxpt.sampling` drives these): init_cache -> prefill -> decode_step ...
 
     def init_cache(self, batch_size: int, max_length: int, *, dtype: Any = None) -> KVCache:
-        """An empty `KVCache` with `max_length` slots per row (prompt + new tokens), per layer keys
-        `[batch_size, kv_heads, head_dim, max_length]` and values `[batch_size, kv_heads, max_length, head_dim]`
-        (`kv_cache.LayerCache`), in the compute dtype unless `dtype` is given."""
+        """An empty `KVCache` with `max_length` slots per row (prompt + new tokens), keys
+        `[num_layers, batch_size, kv_heads, head_dim, max_length]` and values `[num_layers, batch_size, kv_heads,
+        max_length, head_dim]` (`kv_cache.LayerCache`), in the compute dtype unless `dtype` is given."""
         return KVCache.create(
             batch_size=batch_size, max_length=max_length, num_layers=self.config.num_hidden_layers,
             num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.head_dim,

@@ -121,6 +121,27 @@ def load_array(
     return jax.make_array_from_callback(view.shape, sharding, lambda index: np.asarray(view[index]).astype(dtype))
 
 
+def load_stacked_array(
+    reader: SafetensorsReader,
+    names: list[str],
+    *,
+    dtype,
+    sharding: jax.sharding.Sharding | None = None,
+) -> jax.Array:
+    """Tensors `names` (one per decoder layer, equal shapes) stacked along a new leading axis, as one jax array of
+    `dtype`; with a `sharding`, each device reads only its own slice of each layer's tensor."""
+    views = [reader.get(name) for name in names]
+    shape = (len(views), *views[0].shape)
+    if sharding is None:
+        return jax.numpy.asarray(np.stack([np.asarray(view).astype(dtype) for view in views]))
+
+    def read(index):
+        rows = range(len(views))[index[0]]
+        return np.stack([np.asarray(views[row][index[1:]]).astype(dtype) for row in rows])
+
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
 def to_host(array: jax.Array) -> np.ndarray:
     """A full numpy copy of a (possibly sharded, possibly multi-host) array."""
     if isinstance(array, jax.Array) and not array.is_fully_addressable:

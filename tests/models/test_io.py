@@ -40,9 +40,9 @@ def test_bfloat16_checkpoint_roundtrip(tmp_path):
     assert reader.get("model.norm.weight").dtype == ml_dtypes.bfloat16
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     reloaded = jaxpt.models.from_pretrained(tmp_path / "bf16", param_dtype=jnp.bfloat16)
-    weight = reloaded.model.layers[0].mlp.up_proj.weight[...]
-    assert weight.dtype == jnp.bfloat16
-    expected = np.asarray(model.model.layers[0].mlp.up_proj.weight[...]).astype(ml_dtypes.bfloat16)
+    weight = reloaded.model.layers.mlp.up_proj.weight[...]  # [num_layers, out, in]
+    assert weight.dtype == jnp.bfloat16 and weight.shape == (2, 64, 32)
+    expected = np.asarray(model.model.layers.mlp.up_proj.weight[...]).astype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(np.asarray(weight), expected)
 
 
@@ -94,3 +94,13 @@ def test_shape_mismatch_is_reported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="has shape .* the model expects"):
         jaxpt.models.from_pretrained(tmp_path)
+
+
+def test_stacked_layer_parameters_name_one_hf_tensor_per_layer():
+    """`model.layers.X` `[num_layers, ...]` holds HF's `model.layers.{i}.X` in row i, one layer included."""
+    names = jaxpt.models.hf_tensor_names
+    assert names("model.layers.mlp.up_proj.weight", 2) == ["model.layers.0.mlp.up_proj.weight",
+                                                           "model.layers.1.mlp.up_proj.weight"]
+    assert names("model.layers.input_layernorm.weight", 1) == ["model.layers.0.input_layernorm.weight"]
+    assert names("model.norm.weight", 2) == ["model.norm.weight"]
+    assert names("lm_head.weight", 2) == ["lm_head.weight"]

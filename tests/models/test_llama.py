@@ -133,7 +133,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     (plain, plain_grads), plain_jaxpr = loss_and_grads(jaxpt.models.from_pretrained(tmp_path))
     model = jaxpt.models.set_gradient_checkpointing(jaxpt.models.from_pretrained(tmp_path))
     (remat, remat_grads), remat_jaxpr = loss_and_grads(model)
-    assert float(remat) == float(plain)
+    assert abs(float(remat) - float(plain)) < 1e-6  # the scanned, rematerialised forward may round differently
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert "remat" in str(remat_jaxpr) and "remat" not in str(plain_jaxpr)

@@ -1,5 +1,7 @@
 """Qwen2 / Qwen2.5 port: logits equal `transformers` (float32, 1e-4) in every calling mode."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import transformers
@@ -51,21 +53,22 @@ def test_packed_segments_match_each_sequence_alone(name, checkpoints):
 
 def test_qkv_biases_are_loaded(checkpoints):
     hf_model, _, model = checkpoints("qwen2")
-    for hf_layer, layer in zip(hf_model.model.layers, model.model.layers, strict=True):
+    layers = model.model.layers  # stacked: row i is HF's layer i
+    for index, hf_layer in enumerate(hf_model.model.layers):
         for proj in ("q_proj", "k_proj", "v_proj"):
             expected = getattr(hf_layer.self_attn, proj).bias.detach().numpy()
             assert np.abs(expected).max() > 0.1
-            np.testing.assert_array_equal(np.asarray(getattr(layer.self_attn, proj).bias[...]), expected)
-        assert layer.self_attn.o_proj.bias is None and layer.mlp.gate_proj.bias is None
+            np.testing.assert_array_equal(np.asarray(getattr(layers.self_attn, proj).bias[...][index]), expected)
+    assert layers.self_attn.o_proj.bias is None and layers.mlp.gate_proj.bias is None
 
 
 def test_sliding_window_only_on_sliding_layers(checkpoints):
     """`layer_types` decides which layers slide, and the window really masks (so the parity above can fail)."""
     _, directory, model = checkpoints("qwen2_mqa_tied_sliding")
-    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, 8, 8]
+    assert model.model.sliding_windows() == (None, 8, 8)
     full = jaxpt.models.from_pretrained(directory)
-    for layer in full.model.layers:
-        layer.self_attn.sliding_window = None
+    full.model.config = dataclasses.replace(full.model.config, sliding_window=None)
+    assert full.model.sliding_windows() == (None, None, None)
     ids = parity.random_ids(96, (1, 30))
     a, b = np.asarray(model(ids)), np.asarray(full(ids))
     np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-5)  # inside the window: identical

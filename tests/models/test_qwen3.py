@@ -1,5 +1,7 @@
 """Qwen3 port: logits equal `transformers` (float32, 1e-4) in every calling mode."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import transformers
@@ -53,25 +55,26 @@ def test_packed_segments_match_each_sequence_alone(name, checkpoints):
 
 def test_qk_norms_and_attention_biases_are_loaded(checkpoints):
     hf_model, _, model = checkpoints("qwen3_mqa_tied_bias_sliding")
-    for hf_layer, layer in zip(hf_model.model.layers, model.model.layers, strict=True):
+    layers = model.model.layers  # stacked: row i is HF's layer i
+    for index, hf_layer in enumerate(hf_model.model.layers):
         for module in ("q_norm", "k_norm", "q_proj", "k_proj", "v_proj", "o_proj"):
             param = "weight" if module.endswith("norm") else "bias"
             expected = getattr(getattr(hf_layer.self_attn, module), param).detach().numpy()
             assert np.abs(expected - (1.0 if param == "weight" else 0.0)).max() > 0.01  # not HF's init values
-            actual = getattr(getattr(layer.self_attn, module), param)[...]
+            actual = getattr(getattr(layers.self_attn, module), param)[...][index]
             np.testing.assert_array_equal(np.asarray(actual), expected)
-        assert layer.mlp.gate_proj.bias is None
+    assert layers.mlp.gate_proj.bias is None
     _, _, unbiased = checkpoints("qwen3")
-    assert unbiased.model.layers[0].self_attn.q_proj.bias is None
+    assert unbiased.model.layers.self_attn.q_proj.bias is None
 
 
 def test_sliding_window_only_on_sliding_layers(checkpoints):
     """`layer_types` decides which layers slide, and the window really masks (so the parity above can fail)."""
     _, directory, model = checkpoints("qwen3_mqa_tied_bias_sliding")
-    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, 8, 8]
+    assert model.model.sliding_windows() == (None, 8, 8)
     full = jaxpt.models.from_pretrained(directory)
-    for layer in full.model.layers:
-        layer.self_attn.sliding_window = None
+    full.model.config = dataclasses.replace(full.model.config, sliding_window=None)
+    assert full.model.sliding_windows() == (None, None, None)
     ids = parity.random_ids(96, (1, 30))
     a, b = np.asarray(model(ids)), np.asarray(full(ids))
     np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-5)  # inside the window: identical
