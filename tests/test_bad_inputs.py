@@ -51,8 +51,13 @@ def model_dir(tmp_path_factory, tokenizer, model):
     tiny_llama_config(len(tokenizer)).save_pretrained(directory)
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-    safetensors_io.save_checkpoint({path_name(path): (0.05 * rng.standard_normal(leaf.shape)).astype(np.float32)
-                                    for path, leaf in params}, directory)
+    num_layers = model.config.num_hidden_layers
+    tensors = {}
+    for path, leaf in params:
+        names = jaxpt.models.hf_tensor_names(path_name(path), num_layers)  # a stacked parameter: one per layer
+        shape = leaf.shape[1:] if len(names) > 1 else leaf.shape
+        tensors.update({name: (0.05 * rng.standard_normal(shape)).astype(np.float32) for name in names})
+    safetensors_io.save_checkpoint(tensors, directory)
     return directory
 
 
