@@ -320,11 +320,15 @@ class GemmaModel(nnx.Module):
         rope = self.rope_by_layer_type(positions)
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
 
-        def run_layer(layer, x, layer_cache, layer_type):
-            return layer.call_with_cache(x, *rope[layer_type], layer_cache, step,
-                                         sliding_window=self.sliding_window(layer_type))
+        # The stacked cache rides in the scan's carry; each layer writes only its new slots (kv_cache.cached_attention).
+        def run_layer(layer, carry, index, layer_type):
+            x, layer_caches = carry
+            return layer.call_with_cache(x, *rope[layer_type], layer_caches, step._replace(layer=index),
+                                         sliding_window=self.sliding_window(layer_type)), None
 
-        x, layer_caches = scan_layers(self.layers, run_layer, x, cache.layers, options=self.config.layer_types)
+        layer_indices = jnp.arange(len(self.config.layer_types), dtype=jnp.int32)
+        (x, layer_caches), _ = scan_layers(self.layers, run_layer, (x, cache.layers), layer_indices,
+                                           options=self.config.layer_types)
         return self.norm(x), cache.replace(layers=layer_caches)
 
     def sliding_window(self, layer_type: str) -> int | None:

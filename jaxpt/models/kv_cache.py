@@ -67,11 +67,13 @@ class CacheStep(NamedTuple):
     `start`: slot of the call's first token. `kv_mask` `[batch, max_length]`: slots holding real tokens, this
     call's included. `segment_ids` `[batch, seq]`: set for a prefill, whose queries attend only to each other
     through the training kernel `attention`; None for decoding, whose queries attend over the cache.
+    `layer`: which layer of the stacked cache a layer reads and writes (the scan over layers sets it per layer).
     """
 
     start: jax.Array | int
     kv_mask: jax.Array
     segment_ids: jax.Array | None = None
+    layer: jax.Array | int = 0
 
 
 def begin_prefill(
@@ -116,28 +118,34 @@ def cached_attention(
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
 ) -> tuple[jax.Array, LayerCache]:
-    """Attention for generation: write this call's keys/values into the layer's cache, then attend.
+    """Attention for generation: write this call's keys/values into layer `step.layer` of the cache, then attend.
 
     query `[batch, seq, q_heads, head_dim]`, key/value `[batch, seq, kv_heads, head_dim]` (rope applied),
-    stored at slots `[step.start, step.start + seq)`. A prefill (`step.segment_ids` set) runs the training
-    kernel `attention` over the prompt alone; a decode step (one or a few tokens) attends over the whole
-    cache: a key is visible when its slot holds a real token (`step.kv_mask`), is not after the query's slot,
-    and, with `sliding_window`, is fewer than `sliding_window` slots before it (HF's window, by index). Returns
-    `[batch, seq, q_heads, head_dim]` and the updated cache.
+    stored at slots `[step.start, step.start + seq)` of the stacked `cache` (every layer's, `[num_layers, ...]`).
+    A prefill (`step.segment_ids` set) runs the training kernel `attention` over the prompt alone; a decode step
+    (one or a few tokens) attends over the layer's whole cache: a key is visible when its slot holds a real token
+    (`step.kv_mask`), is not after the query's slot, and, with `sliding_window`, is fewer than `sliding_window`
+    slots before it (HF's window, by index). Returns `[batch, seq, q_heads, head_dim]` and the updated cache.
+
+    The stacked cache travels in the layer scan's carry and only the new slots are written, at
+    `[step.layer, ..., step.start]`, which XLA does in place. Scanning the cache as per-layer inputs and outputs
+    instead copied every layer's whole cache at every decode step (greedy generation ~30% slower on CPU).
     """
-    new_key = key.transpose(0, 2, 3, 1).astype(cache.key.dtype)  # [b, kvh, d, s]
-    new_value = value.transpose(0, 2, 1, 3).astype(cache.value.dtype)  # [b, kvh, s, d]
+    new_key = key.transpose(0, 2, 3, 1).astype(cache.key.dtype)[None]  # [1, b, kvh, d, s]
+    new_value = value.transpose(0, 2, 1, 3).astype(cache.value.dtype)[None]  # [1, b, kvh, s, d]
     cache = LayerCache(
-        key=constrain(jax.lax.dynamic_update_slice(cache.key, new_key, (0, 0, 0, step.start)),
-                      BATCH_AXES, "tensor", None, None),
-        value=constrain(jax.lax.dynamic_update_slice(cache.value, new_value, (0, 0, step.start, 0)),
-                        BATCH_AXES, "tensor", None, None),
+        key=constrain(jax.lax.dynamic_update_slice(cache.key, new_key, (step.layer, 0, 0, 0, step.start)),
+                      None, BATCH_AXES, "tensor", None, None),
+        value=constrain(jax.lax.dynamic_update_slice(cache.value, new_value, (step.layer, 0, 0, step.start, 0)),
+                        None, BATCH_AXES, "tensor", None, None),
     )
     if step.segment_ids is not None:
         out = attention(query, key, value, segment_ids=step.segment_ids, scale=scale, sliding_window=sliding_window,
                         logit_softcap=logit_softcap)
         return out, cache
-    return _attention_over_cache(query, cache, step, scale, sliding_window, logit_softcap), cache
+    layer_cache = LayerCache(key=jax.lax.dynamic_index_in_dim(cache.key, step.layer, keepdims=False),
+                             value=jax.lax.dynamic_index_in_dim(cache.value, step.layer, keepdims=False))
+    return _attention_over_cache(query, layer_cache, step, scale, sliding_window, logit_softcap), cache
 
 
 def _attention_over_cache(query, cache, step, scale, sliding_window, logit_softcap):

@@ -197,18 +197,20 @@ def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
 
 def scan_layers(
     layers: nnx.Module,
-    call: Callable[[nnx.Module, jax.Array, Any, Hashable], tuple[jax.Array, Any]],
-    x: jax.Array,
+    call: Callable[[nnx.Module, Any, Any, Hashable], tuple[Any, Any]],
+    x: Any,
     per_layer: Any = None,
     *,
     options: Sequence[Hashable],
     remat: bool = False,
     partition_rules: Sequence[tuple[str, tuple[str | None, ...]]] = (),
-) -> tuple[jax.Array, Any]:
+) -> tuple[Any, Any]:
     """Run the stacked decoder `layers` (`stack_layers`) in order with `jax.lax.scan`, one traced layer for any
     depth: `x, out[i] = call(layer_i, x, per_layer[i], options[i])`. Returns the last `x` and `out` stacked.
 
-    `per_layer`: arrays (any pytree, or None) with a leading layer axis scanned along, such as a KV cache.
+    `x`: the carry, an array or any pytree (generation carries `(hidden, stacked KV cache)`, so the cache is
+    updated in place rather than copied through the scan's inputs and outputs).
+    `per_layer`: arrays (any pytree, or None) with a leading layer axis scanned along (e.g. layer indices).
     `options`: one static value per layer (hashable, e.g. its sliding window). `call` is traced once per distinct
     value and each layer runs its own through `lax.switch`, so options stay Python values (the attention kernel
     specialises on them) while compile time stays independent of depth.

@@ -267,10 +267,15 @@ class Qwen3Model(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.config.rope)  # [batch, seq, head_dim]
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
 
-        def run_layer(layer, x, layer_cache, sliding_window):
-            return layer.call_with_cache(x, cos, sin, layer_cache, step, sliding_window=sliding_window)
+        # The stacked cache rides in the scan's carry; each layer writes only its new slots (kv_cache.cached_attention).
+        def run_layer(layer, carry, index, sliding_window):
+            x, layer_caches = carry
+            return layer.call_with_cache(x, cos, sin, layer_caches, step._replace(layer=index),
+                                         sliding_window=sliding_window), None
 
-        x, layer_caches = scan_layers(self.layers, run_layer, x, cache.layers, options=self.sliding_windows())
+        layer_indices = jnp.arange(len(self.sliding_windows()), dtype=jnp.int32)
+        (x, layer_caches), _ = scan_layers(self.layers, run_layer, (x, cache.layers), layer_indices,
+                                           options=self.sliding_windows())
         return self.norm(x), cache.replace(layers=layer_caches)
 
     def sliding_windows(self) -> tuple[int | None, ...]:
