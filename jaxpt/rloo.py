@@ -38,9 +38,10 @@ from jaxpt.losses.metrics import mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.rloo import penalized_rewards, rloo_advantages, rloo_loss
 from jaxpt.losses.sampled_rewards import nanstd, reward_metrics
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.rewards import check_reward_functions, resolve_reward_function
+from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
+    check_rollout_inputs,
     completion_logps,
     completion_metrics,
     evaluate_rollouts,
@@ -227,15 +228,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
-    for checked_prompts in (prompts, eval_prompts or []):
-        if checked_prompts:
-            check_reward_functions(reward_funcs, columns=checked_prompts[0]["columns"])
-    for checked in (model, ref_model):
-        if checked is not None:
-            data.check_model_fits(checked, prompts + (eval_prompts or []), ("prompt_ids",), method="RLOO",
-                                  length_fields="max_prompt_length + max_completion_length",
-                                  extra_length=config.max_completion_length,
-                                  extra_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id))
+    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="RLOO")
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)

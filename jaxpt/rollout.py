@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxpt import data
 from jaxpt.losses.logprobs import chunked_token_logps
-from jaxpt.rewards import reward_function_name, score_completions
+from jaxpt.rewards import check_reward_functions, reward_function_name, score_completions
 from jaxpt.sampling import generate
 from jaxpt.sharding import shard_batch
 
@@ -68,6 +68,21 @@ def rollout_shape(config, devices: int) -> tuple[int, int, int]:
                          f"devices x steps_per_generation) must be divisible by num_generations="
                          f"{config.num_generations}: adjust per_device_train_batch_size or num_generations.")
     return micro_batch, steps_per_generation, generation_batch // config.num_generations
+
+
+def check_rollout_inputs(reward_funcs: Sequence[Callable], models: Sequence, prompts: Sequence[dict],
+                         eval_prompts: Sequence[dict] | None, tokenizer, config, *, method: str) -> None:
+    """Before anything compiles: every reward function finds the columns it needs in the train (and eval) prompts,
+    and each model (`None` entries skipped) fits the prompts plus `max_completion_length` tokens."""
+    for checked_prompts in (prompts, eval_prompts or []):
+        if checked_prompts:
+            check_reward_functions(reward_funcs, columns=checked_prompts[0]["columns"])
+    for model in models:
+        if model is not None:
+            data.check_model_fits(model, list(prompts) + list(eval_prompts or []), ("prompt_ids",), method=method,
+                                  length_fields="max_prompt_length + max_completion_length",
+                                  extra_length=config.max_completion_length,
+                                  extra_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id))
 
 
 def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer, config, *,
