@@ -82,7 +82,7 @@ def check_rollout_inputs(reward_funcs: Sequence[Callable], models: Sequence, pro
             data.check_model_fits(model, list(prompts) + list(eval_prompts or []), ("prompt_ids",), method=method,
                                   length_fields="max_prompt_length + max_completion_length",
                                   extra_length=config.max_completion_length,
-                                  extra_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id))
+                                  extra_ids=(tokenizer.eos_token_id, data.pad_token_id(tokenizer)))
 
 
 def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer, config, *,
