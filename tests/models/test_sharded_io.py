@@ -210,3 +210,51 @@ def test_export_host_memory_is_bounded_by_the_largest_tensor(tmp_path):
     reader = SafetensorsReader(tmp_path)
     assert reader.dtype("model.layers.15.mlp.up_proj.weight") == ml_dtypes.bfloat16
     assert float(reader.get("model.layers.15.mlp.up_proj.weight")[3, 5]) == float(jnp.bfloat16(0.01))
+
+
+WORKER = """
+import os, sys
+process_id, port, source, output = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=120)
+import jaxpt.models
+from jaxpt.sharding import make_mesh
+model = jaxpt.models.from_pretrained(source, mesh=make_mesh(data=1, fsdp=2, tensor=2))
+assert not model.model.layers.mlp.up_proj.weight[...].is_fully_addressable
+jaxpt.models.save_pretrained(model, output, dtype="bfloat16", max_shard_size="40KB")
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.slow  # two fresh processes (~20 s of CPU); test_multi_host_gather_path... covers the gather in one
+def test_two_process_export_gathers_on_every_process_and_process_0_writes(checkpoint, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, source = checkpoint
+    (tmp_path / "worker.py").write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(root)}
+    workers = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), str(port), str(source),
+                                 str(tmp_path / f"out{i}")], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [worker.communicate(timeout=300)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(logs)[-3000:]
+    assert not (tmp_path / "out1").exists()  # every process gathers, only process 0 writes
+    exported, original = SafetensorsReader(tmp_path / "out0"), SafetensorsReader(source)
+    assert (tmp_path / "out0" / INDEX_FILE).exists() and exported.names() == original.names()
+    for name in original.names():
+        expected = np.asarray(original.get(name)).astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(np.asarray(exported.get(name)), expected, err_msg=name)
