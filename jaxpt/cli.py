@@ -45,6 +45,9 @@ class ModelConfig:
 
     model_name_or_path: str = field(metadata={"help": "Hugging Face checkpoint directory or Hub id."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+    dtype: str = field(default="float32", metadata={
+        "help": "The dtype the weights are held (and trained) in; 'auto': the checkpoint's own. Compute dtype: "
+                "--bf16.", "choices": ["auto", "bfloat16", "float16", "float32"]})
 
 
 def parse(config_class, argv: list[str], *extra):
@@ -119,10 +122,6 @@ def load_tokenizer(name_or_path: str, *, flag: str = "--tokenizer_name_or_path")
 def load_model_and_data(script_args, model_args, config, *, num_labels=None):
     """`(model, tokenizer, train_set, eval_set)`; the cheap things (tokenizer, data) first, so their errors come
     before the model is read."""
-    import jax
-    import jax.numpy as jnp
-
-    import jaxpt.models
     from jaxpt import data
 
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
@@ -132,10 +131,24 @@ def load_model_and_data(script_args, model_args, config, *, num_labels=None):
     if config.eval_strategy != "no":
         eval_set = data.load_dataset(script_args.dataset_name, split=script_args.dataset_test_split,
                                      config_name=script_args.dataset_config)
-    bf16 = config.bf16 if config.bf16 is not None else jax.default_backend() != "cpu"
-    model = jaxpt.models.from_pretrained(model_args.model_name_or_path, num_labels=num_labels,
-                                         dtype=jnp.bfloat16 if bf16 else jnp.float32, seed=config.seed)
+    model = load_model(model_args.model_name_or_path, model_args, config, num_labels=num_labels)
     return model, tokenizer, train_set, eval_set
+
+
+def load_model(name_or_path: str, model_args, config, *, num_labels=None):
+    """`jaxpt.models.from_pretrained` with the run's dtypes, each parameter read straight into its shards on the
+    mesh `train()` builds from the same config (never a whole copy on one device)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxpt.models
+    from jaxpt.sharding import mesh_from_config
+
+    bf16 = config.bf16 if config.bf16 is not None else jax.default_backend() != "cpu"
+    param_dtype = model_args.dtype if model_args.dtype == "auto" else jnp.dtype(model_args.dtype)
+    return jaxpt.models.from_pretrained(name_or_path, num_labels=num_labels, mesh=mesh_from_config(config),
+                                        dtype=jnp.bfloat16 if bf16 else jnp.float32, param_dtype=param_dtype,
+                                        seed=config.seed)
 
 
 def _offline_command(method_module, config_class, argv: list[str], *, num_labels: int | None = None) -> int:
@@ -188,7 +201,6 @@ class RewardArguments:
 
 def _online_command(method_module, config_class, argv: list[str]) -> int:
     """`jaxpt grpo|rloo`: like the offline commands, plus the reward functions (resolved before any loading)."""
-    import jaxpt.models
     from jaxpt import rewards
 
     script_args, model_args, config, reward_args = parse(config_class, argv, RewardArguments)
@@ -199,7 +211,7 @@ def _online_command(method_module, config_class, argv: list[str]) -> int:
         raise ValueError("Pass --reward_funcs (and/or --reward_model_name_or_path): nothing scores the completions.")
     model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
     if reward_model:
-        reward_funcs.append(rewards.model_reward(jaxpt.models.from_pretrained(reward_model, num_labels=1),
+        reward_funcs.append(rewards.model_reward(load_model(reward_model, model_args, config, num_labels=1),
                                                  load_tokenizer(reward_model, flag="--reward_model_name_or_path")))
     result = method_module.train(model, tokenizer, train_set, config, reward_funcs=reward_funcs,
                                  eval_dataset=eval_set)

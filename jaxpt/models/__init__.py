@@ -10,17 +10,25 @@ jaxpt.models.save_pretrained(model, "out_dir")                   # transformers 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxpt.models import gemma, llama, qwen2, qwen3
 from jaxpt.models.attention import resolve_attn_implementation
-from jaxpt.models.safetensors_io import SafetensorsReader, load_array, load_stacked_array, save_checkpoint
+from jaxpt.models.safetensors_io import (
+    SafetensorsReader,
+    TensorToWrite,
+    load_array,
+    load_stacked_array,
+    write_checkpoint,
+)
 from jaxpt.sharding import partition_spec, path_name
 
 # model_type (config.json) -> the family module that ports it.
@@ -34,7 +42,7 @@ FAMILIES = {
 }
 
 __all__ = ["from_pretrained", "save_pretrained", "from_config", "load_hf_config", "FAMILIES", "param_names",
-           "hf_tensor_names", "set_gradient_checkpointing"]
+           "hf_tensor_names", "set_gradient_checkpointing", "export_dtype", "gather_to_host"]
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
@@ -147,7 +155,9 @@ def from_pretrained(
 ) -> nnx.Module:
     """Load a Hugging Face checkpoint directory (or Hub id) into a jaxpt model.
 
-    `dtype` is the compute dtype, `param_dtype` the stored one. With `num_labels`, the
+    `dtype` is the compute dtype, `param_dtype` the stored one (`"auto"`: the checkpoint's own, as transformers'
+    `dtype="auto"`). The checkpoint's dtype is recorded on `model.config` (its HF config's `dtype`):
+    `save_pretrained` exports in it by default. With `num_labels`, the
     `*ForSequenceClassification` variant (`score` head, freshly initialised when the checkpoint has none, as
     `transformers` does). With `mesh`, each parameter is read shard by shard straight onto its devices,
     laid out by the family's partition rules. `attn_implementation` picks the attention kernel (see
@@ -158,12 +168,17 @@ def from_pretrained(
     directory = resolve_checkpoint_dir(name_or_path)
     hf_config = load_hf_config(directory)
     family = _family(hf_config.model_type)
+    reader = SafetensorsReader(directory)
+    stored_dtype = _config_dtype(hf_config) or _first_floating_dtype(reader)
+    if stored_dtype is not None:  # recorded on model.config: save_pretrained exports in it by default
+        hf_config.dtype = stored_dtype.name
+    if isinstance(param_dtype, str) and param_dtype == "auto":  # transformers' dtype="auto": as stored
+        param_dtype = stored_dtype if stored_dtype is not None else jnp.float32
     abstract = nnx.eval_shape(
         lambda: from_config(hf_config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype, seed=seed,
                             attn_implementation=attn_implementation)
     )
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    reader = SafetensorsReader(directory)
     rules = family.PARTITION_RULES
     init_std = getattr(hf_config, "initializer_range", 0.02)
 
@@ -202,29 +217,44 @@ def from_pretrained(
     return nnx.merge(graphdef, params, rest)
 
 
+def _first_floating_dtype(reader: SafetensorsReader) -> np.dtype | None:
+    """The dtype of the checkpoint's first floating tensor (transformers' fallback for a config without `dtype`)."""
+    for name in reader.names():
+        if jnp.issubdtype(reader.dtype(name), jnp.floating):
+            return np.dtype(reader.dtype(name))
+    return None
+
+
 def save_pretrained(
     model: nnx.Module,
     path: str | os.PathLike,
     *,
     dtype: Any = None,
-    max_shard_size: int = 5 * 1024**3,
+    max_shard_size: int | str = 5 * 1024**3,
 ) -> Path:
     """Write `config.json` + safetensors that `transformers` loads with the same logits.
 
-    `dtype` casts the saved weights (default: as stored). Sharded / multi-host parameters are gathered;
-    only process 0 writes.
+    Streams tensor by tensor: each one (one layer of a stacked decoder parameter) is cast to `dtype` on its devices,
+    gathered once in that dtype, written and dropped, so host memory holds about one tensor, never the model.
+    `dtype`: default the dtype of the checkpoint the model was loaded from (the HF config's `dtype` recorded on
+    `model.config`: a bfloat16 checkpoint exports bfloat16), else the parameters' own. Files of at most
+    `max_shard_size` (bytes, or "5GB" / "500MB" as transformers writes it), with `model.safetensors.index.json` when
+    there are several. Every process must call it (the gathers are collectives); only process 0 writes.
     """
-    import numpy as np
-
     path = Path(path)
     hf_config = model.config.to_hf()
+    max_shard_bytes = parse_size(max_shard_size, field_name="max_shard_size")
     params = nnx.state(model, nnx.Param)
     leaves = [(path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
-    # One HF tensor per layer of a stacked parameter, sliced only as it is written.
-    named = ((tensor, leaf if tensor == name else leaf[index])
-             for name, leaf in leaves
-             for index, tensor in enumerate(hf_tensor_names(name, hf_config.num_hidden_layers)))
-    saved_dtype = jnp.dtype(dtype) if dtype is not None else leaves[0][1].dtype
+    saved_dtype = export_dtype(model, dtype)
+    tensors = []
+    for name, leaf in leaves:
+        names = hf_tensor_names(name, hf_config.num_hidden_layers)
+        stacked = names != [name]  # one HF tensor per layer, sliced on device only when it is written
+        shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+        for index, tensor in enumerate(names):
+            fetch = functools.partial(_export_tensor, leaf, index if stacked else None, saved_dtype)
+            tensors.append(TensorToWrite(tensor, shape, saved_dtype, fetch))
     num_labels = getattr(model, "num_labels", None)
     causal_lm, classifier = _family(hf_config.model_type).HF_ARCHITECTURES[hf_config.model_type]
     if num_labels is not None:
@@ -232,9 +262,93 @@ def save_pretrained(
         hf_config.num_labels = num_labels
     else:
         hf_config.architectures = [causal_lm]
-    hf_config.dtype = str(jnp.dtype(saved_dtype).name)
+    hf_config.dtype = saved_dtype.name
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
         hf_config.save_pretrained(path)
-    save_checkpoint(named, path, max_shard_bytes=max_shard_size, convert=lambda a: a.astype(np.dtype(saved_dtype)))
+    write_checkpoint(tensors, path, max_shard_bytes=max_shard_bytes)
+    if jax.process_count() > 1:  # every process returns once the files exist (a reader may be on any process)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxpt_save_pretrained")
     return path
+
+
+def export_dtype(model: nnx.Module, dtype: Any = None) -> np.dtype:
+    """The dtype `save_pretrained(model, dtype=dtype)` writes: `dtype`, else the one recorded on `model.config`
+    (the checkpoint's own, by `from_pretrained`), else the first floating parameter's."""
+    if dtype is None:
+        dtype = _config_dtype(model.config.to_hf())
+    if dtype is None:
+        floating = [leaf.dtype for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+                    if jnp.issubdtype(leaf.dtype, jnp.floating)]
+        dtype = floating[0] if floating else jnp.float32
+    try:
+        resolved = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        raise ValueError(f"dtype={dtype!r} is not a dtype: pass e.g. jnp.bfloat16, 'bfloat16' or 'float32'.") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"dtype={dtype!r} is not a floating dtype: pass e.g. 'bfloat16' or 'float32'.")
+    return resolved
+
+
+def _config_dtype(hf_config) -> np.dtype | None:
+    """The HF config's `dtype` (transformers 5; `torch_dtype` before), as a numpy dtype, or None when unset."""
+    recorded = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if recorded is None:
+        return None
+    return np.dtype(jnp.dtype(str(recorded).removeprefix("torch.")))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _layer_in_dtype(array: jax.Array, index: jax.Array | None, *, dtype) -> jax.Array:
+    """Row `index` of a stacked parameter (or the whole parameter for `index=None`), cast on its devices and laid
+    out as they hold it. Always a new buffer: a host copy taken of it is cached on it, and must go when it does."""
+    if index is not None:
+        array = jax.lax.dynamic_index_in_dim(array, index, keepdims=False)
+    return jnp.copy(array.astype(dtype))
+
+
+def _export_tensor(leaf: jax.Array, index: int | None, dtype: np.dtype) -> np.ndarray | None:
+    return gather_to_host(_layer_in_dtype(leaf, index, dtype=dtype))
+
+
+def gather_to_host(array: jax.Array) -> np.ndarray | None:
+    """The whole of `array` as a numpy array on process 0, None on the others. A sharded single-process array is
+    copied shard by shard into one host array; a multi-host one is first replicated across the devices (a
+    collective every process joins), then process 0 copies one replica."""
+    if array.is_fully_addressable:
+        return np.asarray(array) if jax.process_index() == 0 else None
+    return _replicated_to_host(array)
+
+
+def _replicated_to_host(array: jax.Array) -> np.ndarray | None:
+    sharding = array.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        from jax.experimental import multihost_utils
+
+        whole = multihost_utils.process_allgather(array, tiled=True)
+        return np.asarray(whole) if jax.process_index() == 0 else None
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    whole = jax.jit(jnp.copy, out_shardings=replicated)(array)
+    return np.asarray(whole.addressable_data(0)) if jax.process_index() == 0 else None
+
+
+_SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "TB": 10**12, "B": 1}
+
+
+def parse_size(size: int | str, *, field_name: str) -> int:
+    """Bytes from an int or a transformers-style size string ("5GB" = 5e9 bytes, "2GiB" = 2 * 2**30)."""
+    if isinstance(size, str):
+        text = size.strip().upper()
+        for unit, factor in _SIZE_UNITS.items():
+            if text.endswith(unit):
+                try:
+                    size = int(float(text[: -len(unit)]) * factor)
+                except ValueError:
+                    break
+                break
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"{field_name}={size!r} must be a positive number of bytes or a size like '5GB' / '500MB'.")
+    return size

@@ -7,10 +7,12 @@ straight from the page cache into the array that needs it: no full host copy per
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -73,6 +75,9 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name][1]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return _DTYPES[self._entries[name][1]["dtype"]]
 
     def get(self, name: str) -> np.ndarray:
         """A read-only memory-mapped view of the tensor; slicing it reads only the slice."""
@@ -153,59 +158,132 @@ def to_host(array: jax.Array) -> np.ndarray:
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, *, metadata: dict | None = None) -> None:
     """Write `tensors` as one safetensors file (`{"format": "pt"}` metadata, as `transformers` writes)."""
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
     ordered = sorted(tensors.items())
-    for name, array in ordered:
-        if array.dtype not in _NAMES:
-            raise ValueError(f"Cannot save tensor {name!r} of dtype {array.dtype} to safetensors.")
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # keep the data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for _, array in ordered:
-            f.write(np.ascontiguousarray(array).tobytes())
+    specs = [TensorToWrite(name, tuple(array.shape), array.dtype, lambda array=array: np.asarray(array))
+             for name, array in ordered]
+    _write_file(Path(path), specs, metadata=metadata, write=True)
 
 
-def save_checkpoint(
-    named_arrays: Iterator[tuple[str, jax.Array]] | Mapping[str, jax.Array],
+@dataclasses.dataclass(frozen=True)
+class TensorToWrite:
+    """One tensor of a checkpoint being written: its name, shape and dtype (known before any data moves, so file
+    headers and shard boundaries are fixed up front) and `fetch`, called once when its bytes are due, on every
+    process in the same order, returning the host copy on the writing process (None on the others)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fetch: Callable[[], np.ndarray | None]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def shard_file_names(count: int) -> list[str]:
+    """`model.safetensors`, or `model-0000i-of-0000n.safetensors` for `count > 1` (transformers' names)."""
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def plan_shards(tensors: Sequence[TensorToWrite], max_shard_bytes: int) -> list[list[TensorToWrite]]:
+    """Tensors split, in order, into files of at most `max_shard_bytes` (a larger tensor gets a file of its own)."""
+    shards: list[list[TensorToWrite]] = [[]]
+    shard_bytes = 0
+    for tensor in tensors:
+        if shards[-1] and shard_bytes + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(tensor)
+        shard_bytes += tensor.nbytes
+    return shards
+
+
+def write_checkpoint(
+    tensors: Sequence[TensorToWrite],
     directory: str | os.PathLike,
     *,
     max_shard_bytes: int = 5 * 1024**3,
-    convert: Callable[[np.ndarray], np.ndarray] | None = None,
+    write: bool | None = None,
+) -> list[str]:
+    """Stream `tensors` into `model.safetensors`, or into `model-0000i-of-0000n.safetensors` files of at most
+    `max_shard_bytes` plus `model.safetensors.index.json`: each tensor is fetched, written and dropped before the
+    next, so host memory holds one tensor at a time. Every process must call it (fetches may be collectives); only
+    the writing one (`write`, default: process 0) touches the disk. Returns the file names written."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_size={max_shard_bytes} must be > 0 bytes.")
+    write = jax.process_index() == 0 if write is None else write
+    directory = Path(directory)
+    shards = plan_shards(tensors, max_shard_bytes)
+    names = shard_file_names(len(shards))
+    if write:
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_weights(directory, keep=names)
+    for file_name, shard in zip(names, shards, strict=True):
+        _write_file(directory / file_name, shard, write=write)
+    if write and len(shards) > 1:
+        weight_map = {tensor.name: file_name
+                      for file_name, shard in zip(names, shards, strict=True) for tensor in shard}
+        total = sum(tensor.nbytes for tensor in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return names if write else []
+
+
+def _remove_stale_weights(directory: Path, *, keep: list[str]) -> None:
+    """Weights files of an earlier export into the same directory that this one does not overwrite (a single file
+    left beside a new sharded index, or shards of another count) would be read as part of the new checkpoint."""
+    stale = [directory / SINGLE_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]
+    for path in stale:
+        if path.name not in keep and path.is_file():
+            path.unlink()
+
+
+def _write_file(path: Path, tensors: Sequence[TensorToWrite], *, metadata: dict | None = None, write: bool) -> None:
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for tensor in tensors:
+        dtype = np.dtype(tensor.dtype)
+        if dtype not in _NAMES:
+            raise ValueError(f"Cannot save tensor {tensor.name!r} of dtype {dtype} to safetensors; supported: "
+                             f"{sorted(str(d) for d in _NAMES)}.")
+        if tensor.name in header:
+            raise ValueError(f"Tensor name {tensor.name!r} appears twice in one checkpoint.")
+        header[tensor.name] = {"dtype": _NAMES[dtype], "shape": list(tensor.shape),
+                               "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    if not write:
+        for tensor in tensors:
+            tensor.fetch()  # this process's part in each gather; the writer's copy is the one written
+        return
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # keep the data 8-byte aligned
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for tensor in tensors:
+            host = tensor.fetch()
+            if host is None or tuple(host.shape) != tuple(tensor.shape) or host.dtype != np.dtype(tensor.dtype):
+                got = None if host is None else (tuple(host.shape), host.dtype)
+                raise RuntimeError(f"Tensor {tensor.name!r} came back as {got}, not the planned "
+                                   f"{(tuple(tensor.shape), np.dtype(tensor.dtype))}.")
+            f.write(memoryview(np.ascontiguousarray(host).reshape(-1).view(np.uint8)))
+            del host  # one tensor on the host at a time
+    os.replace(partial, path)  # a complete file or none: an interrupted export never leaves a truncated one
+
+
+def save_checkpoint(
+    named_arrays: Iterable[tuple[str, jax.Array | np.ndarray]] | Mapping[str, jax.Array | np.ndarray],
+    directory: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
 ) -> list[str]:
     """Write arrays as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` + index when larger than
-    `max_shard_bytes`. Only process 0 writes; every process must call it (sharded arrays are gathered)."""
-    directory = Path(directory)
+    `max_shard_bytes`, streaming one array at a time to the host. Only process 0 writes; every process must call it
+    (sharded arrays are gathered)."""
     items = named_arrays.items() if isinstance(named_arrays, Mapping) else named_arrays
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_bytes = 0
-    total = 0
-    for name, array in items:
-        host = to_host(array)
-        if convert is not None:
-            host = convert(host)
-        if shards[-1] and shard_bytes + host.nbytes > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = host
-        shard_bytes += host.nbytes
-        total += host.nbytes
-    if jax.process_index() != 0:
-        return []
-    directory.mkdir(parents=True, exist_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], directory / SINGLE_FILE)
-        return [SINGLE_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for file_name, shard in zip(names, shards, strict=True):
-        save_file(shard, directory / file_name)
-        weight_map.update({tensor: file_name for tensor in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    return names
+    tensors = [TensorToWrite(name, tuple(array.shape), np.dtype(array.dtype), lambda array=array: to_host(array))
+               for name, array in items]
+    return write_checkpoint(tensors, directory, max_shard_bytes=max_shard_bytes)
