@@ -308,6 +308,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
     check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="GRPO")
+    if ref_model is not None and config.beta != 0.0:
+        check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
@@ -319,7 +321,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     ref_logps_fn = None
     if config.beta != 0.0:
         reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else jax.tree.map(jnp.copy, state.params)
-        check_reference_dtypes(state.params, reference)
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
                                          chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
                                          logps_fn=logps_fn)

@@ -98,28 +98,23 @@ def test_grpo_on_policy_ratio_is_exactly_one_in_bfloat16(bf16_rollout):
     assert metrics["sampling/importance_sampling_ratio/mean"] == pytest.approx(ratios.mean(), rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
-def test_grpo_sampler_correction_weights_the_on_policy_loss(bf16_rollout, mode):
-    """The correction multiplies each token's policy loss by the trainer/sampler ratio (bounded as configured)."""
+def test_grpo_sampler_correction_weights_the_on_policy_loss(bf16_rollout):
+    """The correction multiplies each token's policy loss by the trainer/sampler ratio, truncated at clip_max
+    (the other modes: the float64 and TRL parity tests; the step's wiring is the same)."""
     cfg, arrays, trainer_logps = bf16_rollout
     mask = arrays["completion_mask"].astype(np.float64)
-    log_ratio = (trainer_logps.astype(np.float64) - arrays["sampler_logps"]) * mask
-    if mode == "token_truncate":  # a cap the bf16 gap exceeds, so that the truncation matters
-        clip_max = float(np.quantile(np.exp(log_ratio)[mask > 0], 0.7))
-        weights = np.minimum(np.exp(log_ratio), clip_max)
-    else:
-        sequence_ratio = np.exp(log_ratio.sum(-1, keepdims=True))
-        clip_max = float(np.median(sequence_ratio))
-        weights = np.where(sequence_ratio > clip_max, 0.0, sequence_ratio)
-    corrected = cfg.replace(sampler_importance_sampling_correction=True, sampler_importance_sampling_mode=mode,
+    ratios = np.exp((trainer_logps.astype(np.float64) - arrays["sampler_logps"]) * mask)
+    clip_max = float(np.quantile(ratios[mask > 0], 0.7))  # a cap the bf16 gap exceeds: the truncation matters
+    weights = np.minimum(ratios, clip_max)
+    corrected = cfg.replace(sampler_importance_sampling_correction=True,
+                            sampler_importance_sampling_mode="token_truncate",
                             sampler_importance_sampling_clip_max=clip_max)
     metrics = one_step(corrected, arrays)
     assert metrics["loss"] == pytest.approx(on_policy_loss(arrays, weights), rel=1e-5)
     assert metrics["loss"] != pytest.approx(on_policy_loss(arrays), rel=1e-3)
     assert metrics["clip_ratio/region_mean"] == 0.0
-    applied = weights[mask > 0] if mode == "token_truncate" else weights
-    assert metrics["sampling/importance_sampling_ratio/max"] == pytest.approx(applied.max(), rel=1e-6)
-    assert metrics["sampling/importance_sampling_ratio/mean"] == pytest.approx(applied.mean(), rel=1e-5)
+    assert metrics["sampling/importance_sampling_ratio/max"] == pytest.approx(clip_max, rel=1e-6)
+    assert metrics["sampling/importance_sampling_ratio/mean"] == pytest.approx(weights[mask > 0].mean(), rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,3 +219,9 @@ def test_correction_config_is_checked(tmp_path):
     with pytest.raises(ValueError, match="set sampler_importance_sampling_clip_min or"):
         grpo.GRPOConfig(output_dir=str(tmp_path), sampler_importance_sampling_correction=True,
                         sampler_importance_sampling_mode="token_truncate", sampler_importance_sampling_clip_max=None)
+
+
+def test_rloo_kl_penalty_without_the_policy_forward_pass_is_refused(tmp_path):
+    cfg = rloo.RLOOConfig(**settings(tmp_path, beta=0.1))
+    with pytest.raises(ValueError, match="needs policy_logps_fn"):
+        rloo.rollout(None, [], [], None, cfg, key=None, mesh=None, prompt_buckets=[16], ref_logps_fn=len)
