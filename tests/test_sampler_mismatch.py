@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import jaxpt.models
-from jaxpt import grpo, rloo
+from jaxpt import cli, grpo, rloo
 from jaxpt.losses.sampler_mismatch import (
     SAMPLER_IMPORTANCE_SAMPLING_MODES,
     combine_extremes,
@@ -212,6 +212,13 @@ def test_importance_weights_match_a_float64_reference(mode, bounds):
 
 
 def test_correction_config_is_checked(tmp_path):
+    _, _, parsed = cli.parse(grpo.GRPOConfig, [
+        "--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path),
+        "--sampler_importance_sampling_correction", "true", "--sampler_importance_sampling_mode", "token_mask",
+        "--sampler_importance_sampling_clip_min", "0.5", "--sampler_importance_sampling_clip_max", "2"])
+    assert (parsed.sampler_importance_sampling_correction, parsed.sampler_importance_sampling_mode,
+            parsed.sampler_importance_sampling_clip_min, parsed.sampler_importance_sampling_clip_max) == (
+        True, "token_mask", 0.5, 2.0)
     with pytest.raises(ValueError, match="sampler_importance_sampling_mode='tokens'"):
         grpo.GRPOConfig(output_dir=str(tmp_path), sampler_importance_sampling_mode="tokens")
     with pytest.raises(ValueError, match="sampler_importance_sampling_clip_min=3.0 must be below"):
