@@ -182,7 +182,6 @@ def time_jaxpt(args, checkpoint, tokenizer, dataset):
                                           tokenizer, config, key=jax.random.fold_in(key, i), mesh=None,
                                           prompt_buckets=[args.prompt_len])
         rollout_done = time.perf_counter()  # rollout returns numpy arrays: the sampling has finished
-        del arrays["old_logps"]  # on-policy (one step per rollout): ratio 1, as grpo.train does
         batch = {k: v.reshape(1, micro_batch, *v.shape[1:]) for k, v in arrays.items()}
         state, step_metrics = train_step(state, shard_batch(batch, None, batch_axis=1))
         entropy = float(jax.block_until_ready(step_metrics["entropy"]))

@@ -13,10 +13,18 @@ config = GRPOConfig(output_dir="out", num_generations=8, max_completion_length=6
 result = jaxpt.grpo.train(model, tokenizer, prompts_dataset, config, reward_funcs=[jaxpt.rewards.accuracy_reward])
 ```
 
-Old log-probs (for the importance ratio when a rollout feeds several optimizer steps) are the sampler's own
-`log softmax(logits / temperature)` of the sampled tokens, which equal a teacher-forced forward pass with the
-same parameters (TRL computes them with an extra forward pass); with one optimizer step per rollout and
-`num_iterations=1` the update is on-policy and the ratio is 1, as in TRL.
+Old log-probs, as TRL: when a rollout feeds more than one optimizer step (`num_iterations > 1` or
+`steps_per_generation > gradient_accumulation_steps`), a forward pass with the training log-prob function and the
+parameters before the first update; with one optimizer step per rollout the update is on-policy, old =
+stop_gradient(current), and the ratio is exactly 1 in every dtype. The sampler's own log-probs (decode loop, KV
+cache) differ from the training forward pass's in bfloat16; every step logs the gap with TRL's names
+(`sampling/sampling_logp_difference/mean|max`, `sampling/importance_sampling_ratio/min|mean|max`), and
+`sampler_importance_sampling_correction` corrects for it as TRL's `vllm_importance_sampling_correction` does for
+its vLLM sampler (`jaxpt/losses/sampler_mismatch.py`). TRL name -> jaxpt name:
+`vllm_importance_sampling_correction` -> `sampler_importance_sampling_correction` (off by default: TRL applies it
+only with `use_vllm=True`), `vllm_importance_sampling_mode` -> `sampler_importance_sampling_mode`,
+`vllm_importance_sampling_clip_max` (formerly `_cap`) -> `sampler_importance_sampling_clip_max`,
+`vllm_importance_sampling_clip_min` -> `sampler_importance_sampling_clip_min`.
 """
 
 from __future__ import annotations
@@ -46,14 +54,22 @@ from jaxpt.losses.grpo import (
 )
 from jaxpt.losses.metrics import mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.sampled_rewards import reward_metrics
+from jaxpt.losses.sampler_mismatch import (
+    SAMPLER_IMPORTANCE_SAMPLING_MODES,
+    combine_extremes,
+    sampler_importance_weights,
+    sampler_mismatch_metrics,
+)
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
+    check_reference_dtypes,
     check_rollout_inputs,
     completion_logps,
     completion_metrics,
     evaluate_rollouts,
+    make_logps_fn,
     make_ref_logps_fn,
     rollout_shape,
     sample_and_score,
@@ -105,9 +121,31 @@ class GRPOConfig(TrainingConfig):
     log_completions: bool = field(default=False, metadata={"help": "Append every rollout's prompts, completions "
                                                                    "and rewards to output_dir/completions.jsonl."})
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs."})
+    sampler_importance_sampling_correction: bool = field(default=False, metadata={
+        "help": "Weight the policy loss by the importance ratio trainer / sampler log-probs (TRL's "
+                "vllm_importance_sampling_correction, which TRL applies only with use_vllm; jaxpt's sampler is the "
+                "in-process decode loop, whose log-probs differ from the training forward pass's in bfloat16)."})
+    sampler_importance_sampling_mode: str = field(default="sequence_mask", metadata={
+        "help": f"TRL's vllm_importance_sampling_mode: one of {SAMPLER_IMPORTANCE_SAMPLING_MODES} (per token or per "
+                "sequence; ratios outside [clip_min, clip_max] clipped or set to 0)."})
+    sampler_importance_sampling_clip_max: float | None = field(default=3.0, metadata={
+        "help": "TRL's vllm_importance_sampling_clip_max (formerly _cap): upper bound of the correction ratio."})
+    sampler_importance_sampling_clip_min: float | None = field(default=None, metadata={
+        "help": "TRL's vllm_importance_sampling_clip_min: lower bound of the correction ratio (None: none)."})
 
     def validate(self) -> None:
         super().validate()
+        if self.sampler_importance_sampling_mode not in SAMPLER_IMPORTANCE_SAMPLING_MODES:
+            raise ValueError(f"sampler_importance_sampling_mode={self.sampler_importance_sampling_mode!r}; use one of "
+                             f"{SAMPLER_IMPORTANCE_SAMPLING_MODES}.")
+        clip_min, clip_max = self.sampler_importance_sampling_clip_min, self.sampler_importance_sampling_clip_max
+        if clip_min is not None and clip_max is not None and clip_min >= clip_max:
+            raise ValueError(f"sampler_importance_sampling_clip_min={clip_min} must be below "
+                             f"sampler_importance_sampling_clip_max={clip_max}.")
+        if (self.sampler_importance_sampling_correction and self.sampler_importance_sampling_mode.endswith("_truncate")
+                and clip_min is None and clip_max is None):
+            raise ValueError(f"sampler_importance_sampling_mode={self.sampler_importance_sampling_mode!r} clips the "
+                             "ratio: set sampler_importance_sampling_clip_min or sampler_importance_sampling_clip_max.")
         if self.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is not a GRPO loss; use one of {GRPO_LOSS_TYPES}.")
         if self.scale_rewards not in SCALE_REWARDS:
@@ -141,10 +179,14 @@ class GRPOConfig(TrainingConfig):
 
 
 def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
-            config: GRPOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None):
+            config: GRPOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None,
+            policy_logps_fn=None):
     """Sample `num_generations` completions per prompt, score them, and compute group-relative advantages.
     Returns `(arrays, metrics, records)`: the rollout's numpy arrays `[n, ...]` for the update, its
-    reward/completion metrics (TRL's names) and per-completion records for `log_completions`."""
+    reward/completion metrics (TRL's names) and per-completion records for `log_completions`.
+    `policy_logps_fn(params, arrays)` (`rollout.make_logps_fn`): given, the arrays get `old_logps` from the
+    training forward pass with `state.params` (for a rollout that feeds several optimizer steps); without it the
+    update is on-policy. `ref_logps_fn(arrays)`: the reference's log-probs (`ref_logps`, for beta != 0)."""
     sampled = sample_and_score(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
                                prompt_buckets=prompt_buckets)
     if np.isnan(sampled.rewards).all(axis=1).any():
@@ -152,6 +194,8 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
     advantages = np.asarray(grpo_advantages(sampled.rewards, num_generations=config.num_generations,
                                             scale_rewards=config.scale_rewards, reward_weights=config.reward_weights))
     arrays = dict(sampled.arrays, advantages=advantages.astype(np.float32))
+    if policy_logps_fn is not None:
+        arrays["old_logps"] = policy_logps_fn(state.params, arrays)
     if ref_logps_fn is not None:
         arrays["ref_logps"] = ref_logps_fn(arrays)
     metrics = reward_metrics(sampled.rewards, num_generations=config.num_generations,
@@ -176,23 +220,39 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPO
     entropy_mask = None
     if config.top_entropy_quantile < 1.0:
         entropy_mask = high_entropy_mask(entropy, mask, config.top_entropy_quantile)
+    # The old (behaviour) log-probs: the pre-update forward pass, or on-policy the current ones, detached.
+    trainer_logps = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
+    weights, extremes = None, {}
+    if config.sampler_importance_sampling_correction:
+        if "sampler_logps" not in batch:
+            raise ValueError("sampler_importance_sampling_correction needs the sampler's log-probs in the batch "
+                             "(`sampler_logps`, from the rollout).")
+        weights = sampler_importance_weights(
+            trainer_logps, batch["sampler_logps"], mask, mode=config.sampler_importance_sampling_mode,
+            clip_min=config.sampler_importance_sampling_clip_min, clip_max=config.sampler_importance_sampling_clip_max)
     loss, metrics = grpo_loss(
         logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
         loss_type=config.loss_type, epsilon=config.epsilon, epsilon_high=config.epsilon_high, delta=config.delta,
         beta=config.beta, importance_sampling_level=config.importance_sampling_level,
         max_completion_length=config.max_completion_length, use_bias_correction_kl=config.use_bias_correction_kl,
-        entropy_mask=entropy_mask, num_tokens=totals["tokens"], num_sequences=totals["sequences"],
-        return_counts=True,
+        entropy_mask=entropy_mask, importance_sampling_weights=weights, num_tokens=totals["tokens"],
+        num_sequences=totals["sequences"], return_counts=True,
     )
     metrics["entropy"] = sum_and_count(entropy, mask)
-    return loss, metrics
+    if "sampler_logps" in batch:
+        sampling_pairs, extremes = sampler_mismatch_metrics(trainer_logps, batch["sampler_logps"], mask,
+                                                            importance_weights=weights)
+        metrics.update(sampling_pairs)
+    return loss, (metrics, extremes)
 
 
 def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
     """`state, metrics = step(state, batch)`: one optimizer step over rollout arrays shaped
     `[accumulation, micro_batch, ...]` (`prompt_ids`, `prompt_mask`, `completion_ids`, `attention_mask`,
-    `completion_mask`, `advantages`, and optionally `old_logps` / `ref_logps`), micro-batches scanned inside.
-    Without `old_logps` the update is on-policy (ratio 1). jitted with explicit shardings and the state donated."""
+    `completion_mask`, `advantages`, and optionally `old_logps` / `ref_logps` / `sampler_logps`), micro-batches
+    scanned inside. Without `old_logps` the update is on-policy (ratio exactly 1). With `sampler_logps` (the
+    sampler's log-probs) it logs the sampler/trainer mismatch and can correct for it
+    (`sampler_importance_sampling_correction`). jitted with explicit shardings and the state donated."""
 
     def step(state: TrainState, batch: dict):
         mask = batch["completion_mask"].astype(jnp.float32)
@@ -201,12 +261,13 @@ def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro_step(grads, micro_batch):
-            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
-            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
+            (loss, aux), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        grads, (losses, (metric_pairs, extremes)) = jax.lax.scan(micro_step, zeros, batch)
         metrics = mean_metrics(total_metrics(metric_pairs))
+        metrics.update(combine_extremes(extremes))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
@@ -247,16 +308,22 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
     check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="GRPO")
+    if ref_model is not None and config.beta != 0.0:
+        check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
+    # Old and reference log-probs: the train step's log-prob function, jitted once (exact ratios in every dtype).
+    logps_fn = make_logps_fn(state.graphdef, temperature=config.temperature, chunk_size=config.logits_chunk_size,
+                             micro_batch=micro_batch, mesh=mesh)
     ref_logps_fn = None
     if config.beta != 0.0:
         reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else jax.tree.map(jnp.copy, state.params)
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
-                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh)
+                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
+                                         logps_fn=logps_fn)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     checkpoints = loop.checkpointer(config, method="grpo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
@@ -278,9 +345,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
             arrays, rollout_metrics, records = rollout(
                 state, [prompts[i] for i in indices], reward_funcs, tokenizer, config,
                 key=jax.random.fold_in(base_key, rollout_index), mesh=mesh, prompt_buckets=prompt_buckets,
-                ref_logps_fn=ref_logps_fn)
-            if steps_per_rollout == 1 and config.num_iterations == 1:
-                del arrays["old_logps"]  # on-policy: the ratio is exactly 1, as TRL's
+                ref_logps_fn=ref_logps_fn, policy_logps_fn=logps_fn if steps_per_rollout > 1 else None)
             if config.log_completions:
                 append_jsonl(Path(config.output_dir) / "completions.jsonl",
                               [{"step": step, **r} for r in records])

@@ -184,7 +184,8 @@ def batch_layout(method: str, config, *, micro_batch: int, length: int) -> dict[
     prompt, completion = config.max_prompt_length, config.max_completion_length
     batch = {"prompt_ids": ((*rows, prompt), ints), "prompt_mask": ((*rows, prompt), ints),
              "completion_ids": ((*rows, completion), ints), "attention_mask": ((*rows, completion), ints),
-             "completion_mask": ((*rows, completion), ints), "advantages": (rows, floats)}
+             "completion_mask": ((*rows, completion), ints), "advantages": (rows, floats),
+             "sampler_logps": ((*rows, completion), floats)}  # the sampler's log-probs: mismatch metrics
     steps_per_generation = config.steps_per_generation or steps
     if config.generation_batch_size is not None:
         steps_per_generation = config.generation_batch_size // micro_batch

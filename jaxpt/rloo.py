@@ -12,9 +12,14 @@ config = RLOOConfig(output_dir="out", num_generations=4, max_completion_length=6
 result = jaxpt.rloo.train(model, tokenizer, prompts_dataset, config, reward_funcs=["accuracy_reward"])
 ```
 
-Old log-probs are the sampler's own `log softmax(logits / temperature)` of the sampled tokens (they equal a
-teacher-forced forward pass with the same parameters); with one optimizer step per rollout and
-`num_iterations=1` the update is on-policy and the ratio is 1.
+Old log-probs, as TRL: a forward pass with the training log-prob function and the parameters before the first
+update, which the KL penalty uses (with the reference's log-probs from the very same jitted function, so the
+penalty is exactly 0 while the reference equals the policy, in every dtype) and the ratio divides by when a
+rollout feeds several optimizer steps; with one optimizer step per rollout the update is on-policy, old =
+stop_gradient(current), and the ratio is exactly 1. The sampler's own log-probs (decode loop) differ from the
+training forward pass's in bfloat16; every step logs the gap with TRL's GRPO names
+(`sampling/sampling_logp_difference/mean|max`, `sampling/importance_sampling_ratio/min|mean|max`, raw per-token
+ratios: TRL's RLOO has no importance-sampling correction, nor does jaxpt's).
 """
 
 from __future__ import annotations
@@ -37,14 +42,17 @@ from jaxpt.logging import MetricsLogger
 from jaxpt.losses.metrics import mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.rloo import penalized_rewards, rloo_advantages, rloo_loss
 from jaxpt.losses.sampled_rewards import nanstd, reward_metrics
+from jaxpt.losses.sampler_mismatch import combine_extremes, sampler_mismatch_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
+    check_reference_dtypes,
     check_rollout_inputs,
     completion_logps,
     completion_metrics,
     evaluate_rollouts,
+    make_logps_fn,
     make_ref_logps_fn,
     rollout_shape,
     sample_and_score,
@@ -120,14 +128,23 @@ class RLOOConfig(TrainingConfig):
 
 
 def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
-            config: RLOOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None):
+            config: RLOOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None,
+            policy_logps_fn=None):
     """Sample `num_generations` completions per prompt, score them, and compute leave-one-out advantages with
-    the KL penalty in the reward. Returns `(arrays, metrics, records)` like GRPO's rollout."""
+    the KL penalty in the reward. Returns `(arrays, metrics, records)` like GRPO's rollout.
+    `policy_logps_fn(params, arrays)` (`rollout.make_logps_fn`): the arrays get `old_logps` from the training
+    forward pass with `state.params`; needed with `ref_logps_fn` (the KL penalty) and for a rollout that feeds
+    several optimizer steps."""
+    if ref_logps_fn is not None and policy_logps_fn is None:
+        raise ValueError("RLOO's KL penalty (ref_logps_fn) needs policy_logps_fn: the policy's log-probs must come "
+                         "from the training forward pass (rollout.make_logps_fn), not from the sampler.")
     sampled = sample_and_score(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
                                prompt_buckets=prompt_buckets)
     if np.isnan(sampled.rewards).all(axis=1).any():  # None (or NaN) from every function
         logger.warning("Some completions got no reward from any reward function; their advantage is 0.")
     arrays = dict(sampled.arrays)
+    if policy_logps_fn is not None:
+        arrays["old_logps"] = policy_logps_fn(state.params, arrays)
     metrics = {}
     sequence_kl = None
     if ref_logps_fn is not None:
@@ -167,14 +184,20 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: RLOO
                               epsilon_high=config.epsilon_high, num_sequences=totals["sequences"],
                               return_counts=True)
     metrics["entropy"] = sum_and_count(entropy, mask)
-    return loss, metrics
+    extremes = {}
+    if "sampler_logps" in batch:  # the sampler/trainer gap, against the old log-probs the ratio divides by
+        trainer_logps = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
+        sampling_pairs, extremes = sampler_mismatch_metrics(trainer_logps, batch["sampler_logps"], mask)
+        metrics.update(sampling_pairs)
+    return loss, (metrics, extremes)
 
 
 def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
     """`state, metrics = step(state, batch)`: one optimizer step over rollout arrays shaped
     `[accumulation, micro_batch, ...]` (`prompt_ids`, `prompt_mask`, `completion_ids`, `attention_mask`,
-    `completion_mask`, `advantages`, and optionally `old_logps` / `ref_logps`), micro-batches scanned inside.
-    Without `old_logps` the update is on-policy (ratio 1). jitted with explicit shardings and the state donated."""
+    `completion_mask`, `advantages`, and optionally `old_logps` / `sampler_logps`), micro-batches scanned inside.
+    Without `old_logps` the update is on-policy (ratio exactly 1); with `sampler_logps` it logs the sampler/trainer
+    mismatch. jitted with explicit shardings and the state donated."""
 
     def step(state: TrainState, batch: dict):
         mask = batch["completion_mask"].astype(jnp.float32)
@@ -183,12 +206,13 @@ def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro_step(grads, micro_batch):
-            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
-            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
+            (loss, aux), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        grads, (losses, (metric_pairs, extremes)) = jax.lax.scan(micro_step, zeros, batch)
         metrics = mean_metrics(total_metrics(metric_pairs))
+        metrics.update(combine_extremes(extremes))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads), metrics
@@ -229,16 +253,22 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
     check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="RLOO")
+    if ref_model is not None and config.beta != 0.0:
+        check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
+    # Old and reference log-probs: the train step's log-prob function, jitted once (exact ratios in every dtype).
+    logps_fn = make_logps_fn(state.graphdef, temperature=config.temperature, chunk_size=config.logits_chunk_size,
+                             micro_batch=micro_batch, mesh=mesh)
     ref_logps_fn = None
     if config.beta != 0.0:
         reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else jax.tree.map(jnp.copy, state.params)
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
-                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh)
+                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
+                                         logps_fn=logps_fn)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     checkpoints = loop.checkpointer(config, method="rloo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
@@ -260,9 +290,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
             arrays, rollout_metrics, records = rollout(
                 state, [prompts[i] for i in indices], reward_funcs, tokenizer, config,
                 key=jax.random.fold_in(base_key, rollout_index), mesh=mesh, prompt_buckets=prompt_buckets,
-                ref_logps_fn=ref_logps_fn)
-            if steps_per_rollout == 1 and config.num_iterations == 1:
-                del arrays["old_logps"]  # on-policy: the ratio is exactly 1, as TRL's
+                ref_logps_fn=ref_logps_fn,
+                policy_logps_fn=logps_fn if steps_per_rollout > 1 or ref_logps_fn is not None else None)
+            if steps_per_rollout == 1:
+                arrays.pop("old_logps", None)  # on-policy: old = stop_gradient(current), ratio exactly 1 (TRL)
             if config.log_completions:
                 append_jsonl(Path(config.output_dir) / "completions.jsonl",
                               [{"step": step, **r} for r in records])
@@ -283,7 +314,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                 log.write({"step": step, **evaluate_rollouts(rollout, state, eval_prompts, reward_funcs, tokenizer,
                                                              config, mesh=mesh, prompt_buckets=prompt_buckets,
                                                              prompts_per_rollout=prompts_per_rollout,
-                                                             ref_logps_fn=ref_logps_fn)})
+                                                             ref_logps_fn=ref_logps_fn,
+                                                             policy_logps_fn=logps_fn)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
                 checkpoints.save(step, state, {"num_tokens": num_tokens})

@@ -8,13 +8,24 @@ for the reference model's), and evaluation by sampled rewards (`evaluate_rollout
 `prompt_ids`/`prompt_mask` `[n, prompt_bucket]` (left-padded), `completion_ids`/`attention_mask` `[n,
 max_completion_length]` (1 on generated tokens, EOS included), `completion_mask` (the tokens the loss trains on:
 `attention_mask`, without the completions cut at `max_completion_length` when `mask_truncated_completions`),
-`old_logps` (the sampler's `log softmax(logits / temperature)` of each token), `lengths`, `finished` (ended with
-EOS), the rewards `[n, num_functions]` (NaN = None) and the decoded completions.
+`sampler_logps` (the sampler's `log softmax(logits / temperature)` of each token), `lengths`, `finished` (ended
+with EOS), the rewards `[n, num_functions]` (NaN = None) and the decoded completions.
+
+Old log-probs. The sampler's log-probs equal the training forward pass's in exact arithmetic, but not in bfloat16
+(decode loop vs teacher-forced pass: up to a few tenths of a nat per token), so the ratio and RLOO's KL penalty
+never use them. As TRL: when a rollout feeds more than one optimizer step (`num_iterations > 1` or
+`steps_per_generation > gradient_accumulation_steps`), its `old_logps` come from the training forward pass with
+the parameters before the first update (`make_logps_fn`, the jitted `completion_logps` the train step runs);
+with one step per rollout the update is on-policy, old = stop_gradient(current), and the ratio is exactly 1.
+The reference log-probs go through the very same jitted function, so RLOO's KL penalty is exactly 0 while the
+reference equals the policy. `sampler_logps` stay in the batch for the mismatch metrics and the optional
+importance-sampling correction (`jaxpt.losses.sampler_mismatch`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,7 +110,7 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
                    max_new_tokens=config.max_completion_length, temperature=config.temperature,
                    top_k=config.top_k or None, top_p=config.top_p if config.top_p < 1.0 else None,
                    min_p=config.min_p, eos_token_ids=eos_token_ids(tokenizer), pad_token_id=pad_id, mesh=mesh)
-    completion_ids, old_logps, attention_mask, lengths, finished = jax.device_get(
+    completion_ids, sampler_logps, attention_mask, lengths, finished = jax.device_get(
         (out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished))
     id_lists = [row[: int(n)].tolist() for row, n in zip(completion_ids, lengths, strict=True)]
     texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
@@ -111,7 +122,7 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
                                 completion_ids=id_lists, columns=columns)
     attention_mask = np.asarray(attention_mask, np.int32)
     arrays = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": np.asarray(completion_ids),
-              "attention_mask": attention_mask, "old_logps": np.asarray(old_logps),
+              "attention_mask": attention_mask, "sampler_logps": np.asarray(sampler_logps),
               "completion_mask": loss_mask(attention_mask, finished,
                                            mask_truncated_completions=config.mask_truncated_completions)}
     return Rollout(arrays, rewards, tuple(reward_function_name(f) for f in reward_funcs), prompt_texts, completions,
@@ -144,9 +155,11 @@ def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk
                                return_entropy=True)
 
 
-def make_ref_logps_fn(ref_params, graphdef, *, temperature: float, chunk_size: int, micro_batch: int,
-                      mesh=None) -> Callable[[dict], np.ndarray]:
-    """Reference per-token log-probs of a rollout's arrays, micro-batch by micro-batch (jitted, no gradient)."""
+def make_logps_fn(graphdef, *, temperature: float, chunk_size: int, micro_batch: int,
+                  mesh=None) -> Callable[[object, dict], np.ndarray]:
+    """`logps(params, arrays) -> [n, completion_len]`: the training forward pass's per-token log-probs of a
+    rollout's arrays (`completion_logps`, the function the train step differentiates, jitted once, no gradient),
+    micro-batch by micro-batch of `micro_batch` rows (the train step's), for old and reference log-probs alike."""
 
     @jax.jit
     def compute(params, batch):
@@ -155,31 +168,55 @@ def make_ref_logps_fn(ref_params, graphdef, *, temperature: float, chunk_size: i
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # sharding hints and data-parallel log-probs
             return completion_logps(params, graphdef, batch, temperature=temperature, chunk_size=chunk_size)[0]
 
-    def ref_logps(arrays: dict) -> np.ndarray:
+    def logps(params, arrays: dict) -> np.ndarray:
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")
         out = []
         for start in range(0, len(arrays["prompt_ids"]), micro_batch):
             batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh)
-            out.append(np.asarray(jax.device_get(compute(ref_params, batch))))
+            out.append(np.asarray(jax.device_get(compute(params, batch))))
         return np.concatenate(out)
 
-    return ref_logps
+    return logps
+
+
+def make_ref_logps_fn(ref_params, graphdef, *, temperature: float, chunk_size: int, micro_batch: int,
+                      mesh=None, logps_fn: Callable | None = None) -> Callable[[dict], np.ndarray]:
+    """Reference per-token log-probs of a rollout's arrays: `logps_fn` (default: a new `make_logps_fn`) with
+    `ref_params`. Pass the policy's `logps_fn` so the reference runs the very computation the old log-probs do."""
+    if logps_fn is None:
+        logps_fn = make_logps_fn(graphdef, temperature=temperature, chunk_size=chunk_size, micro_batch=micro_batch,
+                                 mesh=mesh)
+    return functools.partial(logps_fn, ref_params)
+
+
+def check_reference_dtypes(policy_params, ref_params) -> None:
+    """A reference model runs with the policy's graph (its compute dtype): its parameters must have the policy's
+    dtypes too, or the KL to an identical reference is not 0 (a bfloat16 policy against a float32 copy of it)."""
+    leaves_with_names = jax.tree_util.tree_leaves_with_path
+    policy = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in leaves_with_names(policy_params)}
+    for path, leaf in leaves_with_names(ref_params):
+        name = jax.tree_util.keystr(path)
+        if name in policy and leaf.dtype != policy[name]:
+            raise ValueError(f"ref_model parameter {name} is {leaf.dtype} but the policy's is {policy[name]}: load "
+                             "the reference with the policy's param_dtype (from_pretrained(..., param_dtype=...)).")
 
 
 def evaluate_rollouts(rollout: Callable, state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
                       config, *, mesh, prompt_buckets: Sequence[int], prompts_per_rollout: int,
-                      ref_logps_fn: Callable | None = None) -> dict[str, float]:
+                      ref_logps_fn: Callable | None = None,
+                      policy_logps_fn: Callable | None = None) -> dict[str, float]:
     """Sampled rewards on the eval prompts (TRL's reward metrics with an `eval_` prefix), averaged over rollouts of
     `prompts_per_rollout` prompts made by the method's `rollout` (the last one filled up with its last prompt, so
-    every rollout has the one compiled shape). `ref_logps_fn` goes to `rollout`, for a method whose rollout needs
-    the reference (RLOO's KL penalty in the reward)."""
+    every rollout has the one compiled shape). `ref_logps_fn` and `policy_logps_fn` go to `rollout`, for a method
+    whose rollout needs the reference and the policy's forward log-probs (RLOO's KL penalty in the reward)."""
     totals: dict[str, list[float]] = {}
     key = jax.random.key(config.seed + 1)
     for index, start in enumerate(range(0, len(prompts), prompts_per_rollout)):
         chunk = list(prompts[start:start + prompts_per_rollout])
         chunk += [chunk[-1]] * (prompts_per_rollout - len(chunk))
         _, metrics, _ = rollout(state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(key, index),
-                                mesh=mesh, prompt_buckets=prompt_buckets, ref_logps_fn=ref_logps_fn)
+                                mesh=mesh, prompt_buckets=prompt_buckets, ref_logps_fn=ref_logps_fn,
+                                policy_logps_fn=policy_logps_fn)
         for name, value in metrics.items():
             totals.setdefault(name, []).append(value)
     return {f"eval_{name}": float(np.mean(values)) for name, values in totals.items()}

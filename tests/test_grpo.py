@@ -98,7 +98,7 @@ def test_training_log_probs_equal_sampler_and_teacher_forced(rollout_arrays):
     np.testing.assert_allclose(np.asarray(logps)[valid], np.asarray(expected)[valid], atol=1e-5)
     # the rollout sampled at temperature 1.0: its log-probs match the same computation at 1.0
     logps_t1, _ = completion_logps(state.params, state.graphdef, batch, temperature=1.0)
-    np.testing.assert_allclose(np.asarray(logps_t1)[valid], arrays["old_logps"][valid], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(logps_t1)[valid], arrays["sampler_logps"][valid], atol=2e-5)
 
 
 def _one_step(cfg, arrays, accumulation, mesh=None):
@@ -113,7 +113,8 @@ def _one_step(cfg, arrays, accumulation, mesh=None):
 def test_accumulation_equals_one_big_batch(rollout_arrays, loss_type):
     cfg, _, arrays, _, _ = rollout_arrays
     arrays = dict(arrays)
-    arrays["old_logps"] = arrays["old_logps"] + 0.3 * np.random.RandomState(0).randn(*arrays["old_logps"].shape)
+    noise = 0.3 * np.random.RandomState(0).randn(*arrays["sampler_logps"].shape)
+    arrays["old_logps"] = arrays["sampler_logps"] + noise
     cfg = cfg.replace(loss_type=loss_type)
     metrics_1, params_1 = _one_step(cfg, arrays, 1)
     metrics_4, params_4 = _one_step(cfg, arrays, 4)

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxpt import rloo
+from jaxpt.rollout import make_logps_fn
 from jaxpt.train_state import TrainState
 from tests.helpers import char_tokenizer, tiny_llama
 
@@ -40,8 +41,11 @@ def test_rollout_advantages_are_leave_one_out_with_the_kl_penalty(tmp_path):
         ref_logps["value"] = arrays["old_logps"] - 0.1 * arrays["attention_mask"]
         return ref_logps["value"]
 
+    policy_logps_fn = make_logps_fn(state.graphdef, temperature=cfg.temperature, chunk_size=cfg.logits_chunk_size,
+                                    micro_batch=8)
     arrays, metrics, records = rloo.rollout(state, prompts, [digits_reward], TOKENIZER, cfg, key=jax.random.key(1),
-                                            mesh=None, prompt_buckets=[16], ref_logps_fn=fake_reference)
+                                            mesh=None, prompt_buckets=[16], ref_logps_fn=fake_reference,
+                                            policy_logps_fn=policy_logps_fn)
     rewards = np.asarray([r["digits_reward"] for r in records])
     kl = ((arrays["old_logps"] - ref_logps["value"]) * arrays["completion_mask"]).sum(-1)
     penalised = (rewards - 0.5 * kl).reshape(4, 4)
@@ -56,7 +60,8 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     prompts = rloo.data.prepare_prompts(PROMPTS, TOKENIZER, method="RLOO")[:4]
     arrays, _, _ = rloo.rollout(state, prompts, [digits_reward], TOKENIZER, cfg, key=jax.random.key(0), mesh=None,
                                 prompt_buckets=[16])
-    arrays["old_logps"] = arrays["old_logps"] + 0.05 * np.random.RandomState(0).randn(*arrays["old_logps"].shape)
+    noise = 0.05 * np.random.RandomState(0).randn(*arrays["sampler_logps"].shape)
+    arrays["old_logps"] = arrays["sampler_logps"] + noise
 
     def one_step(accumulation):
         fresh = TrainState.create(tiny_llama(VOCAB), optax.sgd(1.0))

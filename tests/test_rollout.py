@@ -20,7 +20,7 @@ def test_evaluate_rollouts_fills_the_last_rollout_and_averages_over_rollouts(tmp
     calls = []
 
     def fake_rollout(state, prompts, reward_funcs, tokenizer, config, *, key, mesh, prompt_buckets,
-                     ref_logps_fn=None):
+                     ref_logps_fn=None, policy_logps_fn=None):
         calls.append(([p["id"] for p in prompts], np.asarray(jax.random.key_data(key)), ref_logps_fn))
         return None, {"reward": float(sum(p["id"] for p in prompts)), "completions/mean_length": 2.0}, []
 

@@ -15,10 +15,12 @@ from jaxpt.losses.logprobs import (
 )
 from jaxpt.losses.reward import reward_loss
 from jaxpt.losses.rloo import rloo_advantages, rloo_loss
+from jaxpt.losses.sampler_mismatch import sampler_importance_weights
 from jaxpt.losses.sft import SFT_LOSS_TYPES, sft_loss, sft_loss_from_hidden
 
 __all__ = [
     "DPO_LOSS_TYPES", "GRPO_LOSS_TYPES", "SFT_LOSS_TYPES", "chunked_token_logps", "dpo_loss", "entropy_from_logits",
     "grpo_advantages", "grpo_loss", "kto_loss", "masked_mean", "next_token_targets", "reward_loss",
-    "rloo_advantages", "rloo_loss", "sft_loss", "sft_loss_from_hidden", "token_logps", "weighted_nll_from_hidden",
+    "rloo_advantages", "rloo_loss", "sampler_importance_weights", "sft_loss", "sft_loss_from_hidden", "token_logps",
+    "weighted_nll_from_hidden",
 ]

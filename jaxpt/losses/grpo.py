@@ -16,7 +16,9 @@ exponentiated mean log-ratio of the sequence (`importance_sampling_level="sequen
     KL_it = exp(ref - logp) - (ref - logp) - 1          (k3 estimator, Schulman 2020; times w when
                                                           use_bias_correction_kl, as TRL)
 
-`delta` caps `w` from above on the unclipped side (two-sided clipping, Magistral/INTELLECT-2). The per-token
+`delta` caps `w` from above on the unclipped side (two-sided clipping, Magistral/INTELLECT-2). Optional
+`importance_sampling_weights` multiply the policy term (not the KL), correcting for a sampler whose log-probs differ
+from the trainer's (`jaxpt/losses/sampler_mismatch.py`, TRL's `vllm_importance_sampling_correction`). The per-token
 losses are reduced according to `loss_type`:
 
     grpo     mean over sequences of (sum over tokens / sequence length)
@@ -91,6 +93,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     use_bias_correction_kl: bool = True,
     entropy_mask: jax.Array | None = None,
+    importance_sampling_weights: jax.Array | None = None,
     num_tokens: jax.Array | float | None = None,
     num_sequences: jax.Array | float | None = None,
     return_counts: bool = False,
@@ -99,9 +102,12 @@ def grpo_loss(
 
     `old_logps` None means on-policy (`stop_gradient(logps)`, ratio 1); `ref_logps` is needed when
     `beta != 0`. `advantages` `[batch]`. `entropy_mask` (from `high_entropy_mask`) keeps only those tokens in
-    the policy term. Metrics: `kl` (when beta != 0), `clip_ratio/low_mean`, `clip_ratio/high_mean`,
-    `clip_ratio/region_mean`: means over the completion tokens (the clip ratios over the sequences with
-    `importance_sampling_level="sequence"`), or with `return_counts` `(sum, count)` pairs.
+    the policy term. `importance_sampling_weights` (`[batch, length]` or `[batch, 1]`, from
+    `jaxpt.losses.sampler_mismatch.sampler_importance_weights`) multiply the policy term, correcting for a
+    sampler whose distribution differs from the trainer's (TRL's `vllm_importance_sampling_correction`).
+    Metrics: `kl` (when beta != 0), `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`:
+    means over the completion tokens (the clip ratios over the sequences with `importance_sampling_level=
+    "sequence"`), or with `return_counts` `(sum, count)` pairs.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not a GRPO loss; use one of {GRPO_LOSS_TYPES}.")
@@ -125,6 +131,8 @@ def grpo_loss(
     per_token = -jnp.minimum(unclipped * advantages, clipped * advantages)
     if entropy_mask is not None:
         per_token = per_token * entropy_mask
+    if importance_sampling_weights is not None:
+        per_token = per_token * jax.lax.stop_gradient(importance_sampling_weights)
     metrics = {}
     if beta != 0.0:
         ref_minus_logp = ref_logps - logps

@@ -39,15 +39,18 @@ def fixed_inputs(seed=15):
     advantages = np.array([1.3, -0.7, 0.4, -1.1, 0.9, -0.2])
     mask = (np.arange(LENGTH)[None, :] < LENGTHS[:, None]).astype(np.int64)
     entropies = rng.uniform(0.0, 2.0, (BATCH, LENGTH))
+    # Sampler-correction weights (TRL's vLLM importance-sampling ratios), with masked-out (0) and truncated ones.
+    token_weights = np.minimum(rng.uniform(0.3, 3.5, (BATCH, LENGTH)), 3.0) * (rng.uniform(size=(BATCH, LENGTH)) > 0.2)
+    sequence_weights = np.array([[1.2], [0.0], [0.7], [2.9], [0.0], [1.05]])
     return dict(logps=logps, old_logps=old_logps, ref_logps=ref_logps, advantages=advantages, mask=mask,
-                entropies=entropies)
+                entropies=entropies, sampler_weights={"token": token_weights, "sequence": sequence_weights})
 
 
 ACCELERATOR = Accelerator(cpu=True)
 
 
 def trl_grpo(inputs, *, loss_type, level, beta, bias_correction, epsilon, epsilon_high, delta, top_entropy_quantile,
-             on_policy):
+             on_policy, sampler_correction):
     """TRL's `_compute_loss` on `inputs`: (loss, d loss / d logps, logged metrics)."""
     trainer = object.__new__(trl.GRPOTrainer)
     trainer.args = types.SimpleNamespace(use_bias_correction_kl=bias_correction, delta=delta, steps_per_generation=1)
@@ -59,7 +62,8 @@ def trl_grpo(inputs, *, loss_type, level, beta, bias_correction, epsilon, epsilo
     trainer.max_completion_length = MAX_COMPLETION_LENGTH
     trainer.top_entropy_quantile = top_entropy_quantile
     trainer.off_policy_mask_threshold = None
-    trainer.use_vllm = False
+    trainer.use_vllm = sampler_correction is not None  # TRL applies its importance-sampling correction with vLLM
+    trainer.vllm_importance_sampling_correction = sampler_correction is not None
     trainer.aux_loss_enabled = False
     trainer._entropy_bonus_enabled = False
     trainer._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
@@ -75,6 +79,8 @@ def trl_grpo(inputs, *, loss_type, level, beta, bias_correction, epsilon, epsilo
         batch["old_per_token_logps"] = torch.tensor(inputs["old_logps"], dtype=torch.float64)
     if beta != 0.0:
         batch["ref_per_token_logps"] = torch.tensor(inputs["ref_logps"], dtype=torch.float64)
+    if sampler_correction is not None:
+        batch["importance_sampling_ratio"] = torch.tensor(inputs["sampler_weights"][sampler_correction])
     loss = trainer._compute_loss(None, batch)
     loss.backward()
     metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
@@ -82,7 +88,7 @@ def trl_grpo(inputs, *, loss_type, level, beta, bias_correction, epsilon, epsilo
 
 
 def jaxpt_grpo(inputs, *, loss_type, level, beta, bias_correction, epsilon, epsilon_high, delta, top_entropy_quantile,
-               on_policy):
+               on_policy, sampler_correction):
     """jaxpt's `grpo_loss` as `jaxpt.grpo`'s step calls it for one micro-batch: (loss, gradient, metrics)."""
     with jax.enable_x64(True):
         mask = jnp.asarray(inputs["mask"], jnp.float64)
@@ -96,13 +102,16 @@ def jaxpt_grpo(inputs, *, loss_type, level, beta, bias_correction, epsilon, epsi
                 jnp.asarray(inputs["advantages"]), mask, loss_type=loss_type, epsilon=epsilon,
                 epsilon_high=epsilon_high, delta=delta, beta=beta, importance_sampling_level=level,
                 max_completion_length=MAX_COMPLETION_LENGTH, use_bias_correction_kl=bias_correction,
-                entropy_mask=entropy_mask, num_tokens=jnp.sum(mask), num_sequences=BATCH)
+                entropy_mask=entropy_mask, num_tokens=jnp.sum(mask), num_sequences=BATCH,
+                importance_sampling_weights=None if sampler_correction is None else jnp.asarray(
+                    inputs["sampler_weights"][sampler_correction]))
 
         (loss, metrics), grad = jax.value_and_grad(loss_of, has_aux=True)(jnp.asarray(inputs["logps"]))
         return float(loss), np.asarray(grad), {key: float(value) for key, value in metrics.items()}
 
 
-DEFAULTS = dict(epsilon=0.2, epsilon_high=0.2, delta=None, top_entropy_quantile=1.0, on_policy=False)
+DEFAULTS = dict(epsilon=0.2, epsilon_high=0.2, delta=None, top_entropy_quantile=1.0, on_policy=False,
+                sampler_correction=None)
 # Every loss type x importance-sampling level x {no KL, KL with and without the bias correction} ...
 CASES = [dict(loss_type=loss_type, level=level, beta=beta, bias_correction=bias_correction)
          for loss_type, level, (beta, bias_correction) in itertools.product(
@@ -115,6 +124,11 @@ CASES += [dict(loss_type=loss_type, level=level, beta=0.04, bias_correction=True
                         dict(delta=1.1),  # below 1 + epsilon_high: TRL counts no high clipping
                         dict(top_entropy_quantile=0.4),
                         dict(on_policy=True))]  # no old log-probs: ratio 1 with the gradient of exp(logp - sg(logp))
+# ... and the sampler importance-sampling correction (TRL's vllm_importance_sampling_correction): per-token and
+# per-sequence weights on the policy term, with and without KL, clipping on both sides.
+CASES += [dict(loss_type=loss_type, level=level, beta=beta, bias_correction=True, sampler_correction=weights)
+          for loss_type, level in (("dapo", "token"), ("grpo", "token"), ("grpo", "sequence"))
+          for beta in (0.0, 0.04) for weights in ("token", "sequence")]
 
 
 def case_id(case):

@@ -105,15 +105,18 @@ def jaxpt_rollout(inputs, monkeypatch, tmp_path, *, beta, reward_weights, reward
     finished = np.array([ids[-1] == EOS for ids in inputs["completion_ids"]])
     sampled = Rollout(arrays={"prompt_ids": np.full((BATCH, 2), 7), "prompt_mask": np.ones((BATCH, 2), np.int32),
                               "completion_ids": completion_ids, "attention_mask": attention_mask,
-                              "old_logps": inputs["old_logps"],
+                              # the sampler's log-probs, unlike the training forward pass's: never in the KL
+                              "sampler_logps": inputs["old_logps"] - 0.25,
                               "completion_mask": loss_mask(attention_mask, finished,
                                                            mask_truncated_completions=mask_truncated_completions)},
                       rewards=REWARDS, reward_names=REWARD_NAMES, prompts=["p"] * BATCH,
                       completions=["text"] * BATCH, lengths=LENGTHS, finished=finished)
     monkeypatch.setattr(jaxpt.rloo, "sample_and_score", lambda *args, **kwargs: sampled)
     ref_logps_fn = (lambda arrays: inputs["ref_logps"]) if beta else None
-    arrays, metrics, _ = jaxpt.rloo.rollout(None, [{"prompt": "p"}] * PROMPTS, [], None, config, key=None,
-                                            mesh=None, prompt_buckets=[2], ref_logps_fn=ref_logps_fn)
+    policy = types.SimpleNamespace(params=None)  # TRL's old_per_token_logps: the training forward pass's
+    arrays, metrics, _ = jaxpt.rloo.rollout(policy, [{"prompt": "p"}] * PROMPTS, [], None, config, key=None,
+                                            mesh=None, prompt_buckets=[2], ref_logps_fn=ref_logps_fn,
+                                            policy_logps_fn=lambda params, arrays: inputs["old_logps"])
     return arrays, metrics
 
 
