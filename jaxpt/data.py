@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -453,31 +454,82 @@ def check_model_fits(model, examples: Sequence[dict], keys: Sequence[str], *, me
 
 def pack_bfd(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
     """Best-fit-decreasing bins of example indices whose lengths sum to at most `seq_length` (longer examples
-    must be truncated first). Sequences are placed longest first, each into the fullest bin it fits; among
-    equally full bins, the one that has had that free space longest (TRL's order, so the bins are TRL's)."""
-    if any(length > seq_length for length in lengths):
+    must be truncated first). Sequences are placed longest first (ties in index order), each into the fullest bin
+    it fits; among equally full bins, the one that has had that free space longest (TRL's order, so the bins are
+    TRL's). Empty examples are left out. `bfd_bins` gives the same bins as arrays, in O(n log n)."""
+    members, sizes = bfd_bins(lengths, seq_length)
+    return [part.tolist() for part in np.split(members, np.cumsum(sizes)[:-1])] if len(sizes) else []
+
+
+def bfd_bins(lengths: Sequence[int] | np.ndarray, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_bfd`'s bins as `(members, sizes)`: the example indices of every bin, bin after bin (in the order the
+    bins were opened, each bin's members in the order they were placed), and the number of examples per bin.
+
+    O(n log n) (one sort) plus O(seq_length) per distinct length, with no Python step per sequence. Sequences of
+    one length L are placed together: the bin that fits L most tightly (free space v >= L, the smallest such v)
+    takes v // L of them in a row, since after each one its free space is again the smallest >= L, or below L.
+    So every bin with the same free space takes the same number, and a queue of bins per free space (in the order
+    they got it, TRL's tie-break) hands out whole runs of bins as numpy arrays."""
+    lengths = np.asarray(lengths, np.int64).reshape(-1)
+    if seq_length < 1:
+        raise ValueError(f"pack_bfd: seq_length={seq_length} must be >= 1.")
+    if lengths.size and int(lengths.max()) > seq_length:
         raise ValueError("pack_bfd: truncate examples to seq_length before packing.")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    space: list[int] = []
-    since: list[int] = []  # when each bin got its current free space
-    for time, index in enumerate(order):
-        length = lengths[index]
-        if length == 0:
-            continue
-        best = -1
-        for b, free in enumerate(space):  # O(n * bins): fine for the dataset sizes preprocessing sees per chunk
-            if length <= free and (best < 0 or (free, since[b]) < (space[best], since[best])):
-                best = b
-        if best < 0:
-            bins.append([index])
-            space.append(seq_length - length)
-            since.append(time)
-        else:
-            bins[best].append(index)
-            space[best] -= length
-            since[best] = time
-    return bins
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties in index order
+    order = order[lengths[order] > 0]
+    run_values, run_counts = np.unique(-lengths[order], return_counts=True)
+    queues: list[deque] = [deque() for _ in range(seq_length)]  # free space -> arrays of bin ids, oldest first
+    queued = np.zeros(seq_length, np.int64)  # bins waiting in each queue
+    free = np.empty(len(order), np.int64)  # free space of each opened bin (never more bins than sequences)
+    bin_of_placed = []  # per run: the bin of each sequence, in placing order
+    num_bins = 0
+    for negative_length, count in zip(run_values.tolist(), run_counts.tolist(), strict=True):
+        length, left = -negative_length, count
+        touched, taken = [], []  # bins in the order they were filled, and how many sequences each took
+        for space in (np.flatnonzero(queued[length:]) + length).tolist():
+            per_bin = space // length
+            queue = queues[space]
+            while queue and left:
+                bins = queue.popleft()
+                take = min(len(bins), -(-left // per_bin))
+                if take < len(bins):
+                    queue.appendleft(bins[take:])
+                queued[space] -= take
+                counts = np.full(take, per_bin, np.int64)
+                counts[-1] = left - per_bin * (take - 1)  if per_bin * take > left else per_bin
+                touched.append(bins[:take])
+                taken.append(counts)
+                left -= int(counts.sum())
+            if not left:
+                break
+        if left:  # no open bin fits the rest: open bins, each filled with as many as fit
+            per_bin = seq_length // length
+            new = -(-left // per_bin)
+            counts = np.full(new, per_bin, np.int64)
+            counts[-1] = left - per_bin * (new - 1)
+            free[num_bins:num_bins + new] = seq_length
+            touched.append(np.arange(num_bins, num_bins + new))
+            taken.append(counts)
+            num_bins += new
+        bins, counts = np.concatenate(touched), np.concatenate(taken)
+        bin_of_placed.append(np.repeat(bins, counts))
+        free[bins] -= counts * length
+        # Queue every touched bin under its new free space, in the order the bins were filled (TRL queues a bin
+        # when it gets its free space; a stable sort keeps that order within each free space).
+        spaces = free[bins]
+        by_space = np.argsort(spaces, kind="stable")
+        spaces, bins = spaces[by_space], bins[by_space]
+        starts = np.flatnonzero(np.diff(spaces, prepend=-1))
+        for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(bins)], strict=True):
+            space = int(spaces[start])
+            if space:  # a full bin takes nothing more
+                queues[space].append(bins[start:end])
+                queued[space] += end - start
+    if not bin_of_placed:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bin_of_placed = np.concatenate(bin_of_placed)
+    by_bin = np.argsort(bin_of_placed, kind="stable")  # each bin's members in placing order
+    return order[by_bin], np.bincount(bin_of_placed, minlength=num_bins)
 
 
 def length_buckets(max_length: int, *, min_length: int = 64) -> list[int]:
