@@ -253,8 +253,14 @@ def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text
     columns = tuple(columns) if columns is not None else text_columns(fmt, text_field=text_field)
     template = str(getattr(tokenizer, "chat_template", None) or "")
     kind = "conversational (lists of role/content messages)" if fmt.conversational else "standard (strings)"
-    values = {name: _column(dataset, name) for name in columns}
-    for name, column in values.items():
+    values: dict[str, Any] = {}
+    for name in columns:
+        strings = None if fmt.conversational else _string_column(dataset, name)
+        if strings is not None:  # an Arrow string column: the same checks, without a Python object per row
+            _check_string_column(strings, name, method=method, text_field=text_field)
+            values[name] = strings
+            continue
+        column = values[name] = _column(dataset, name)
         if all(value is None for value in column):
             raise ValueError(f"The {method} dataset's {name!r} column is null in every row: fill it (or use a "
                              "dataset with that column).")
@@ -275,7 +281,13 @@ def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text
             raise ValueError(f"The {method} dataset's {name!r} column is an empty string in every row, so there is "
                              "no token to train on: check the column mapping.")
     if "chosen" in values:
-        same = sum(c == r for c, r in zip(values["chosen"], values["rejected"], strict=True))
+        chosen, rejected = values["chosen"], values["rejected"]
+        if isinstance(chosen, list) or isinstance(rejected, list):
+            same = sum(c == r for c, r in zip(_as_list(chosen), _as_list(rejected), strict=True))
+        else:
+            import pyarrow.compute as pc
+
+            same = int(pc.sum(pc.equal(chosen, rejected)).as_py() or 0)
         if same == len(dataset):
             raise ValueError(f"Every one of the {len(dataset)} pairs of the {method} dataset has identical chosen "
                              "and rejected completions: such a pair carries no preference signal.")
@@ -305,8 +317,45 @@ def _column_names(dataset) -> list[str]:
 
 def _column(dataset, name: str) -> list:
     if hasattr(dataset, "column_names"):
-        return list(dataset[name]) if name in dataset.column_names else [None] * len(dataset)
+        if name not in dataset.column_names:
+            return [None] * len(dataset)
+        if hasattr(dataset, "select_columns"):  # a datasets.Dataset: one formatted batch (row by row is slow)
+            return list(dataset.select_columns([name])[:][name])
+        return list(dataset[name])
     return [row.get(name) for row in dataset]
+
+
+def _as_list(column) -> list:
+    return column if isinstance(column, list) else column.to_pylist()
+
+
+def _string_column(dataset, name: str):
+    """The column as an Arrow (chunked) string array when `dataset` is a `datasets.Dataset` whose feature for it is
+    a plain string (not e.g. a `Json` column, stored as strings but decoded by the formatter), else None."""
+    features = getattr(dataset, "features", None)
+    if features is None or not hasattr(dataset, "with_format") or name not in features:
+        return None
+    feature = features[name]
+    if type(feature).__name__ != "Value" or getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return None
+    return dataset.with_format("arrow")[name]  # follows an indices mapping (select, shuffle)
+
+
+def _check_string_column(strings, name: str, *, method: str, text_field: str) -> None:
+    """`check_rows`' checks of a standard column, on its Arrow strings: no nulls, not every row empty."""
+    import pyarrow.compute as pc
+
+    nulls = strings.null_count
+    if nulls == len(strings):
+        raise ValueError(f"The {method} dataset's {name!r} column is null in every row: fill it (or use a "
+                         "dataset with that column).")
+    if nulls:
+        index = pc.index(pc.is_null(strings), True).as_py()
+        raise ValueError(f"{method} dataset, row {index}, column {name!r} is null: fill it or drop the row.")
+    if name in ("text", text_field, "completion", "chosen", "rejected") and len(strings) and pc.all(
+            pc.equal(pc.binary_length(strings), 0)).as_py():
+        raise ValueError(f"The {method} dataset's {name!r} column is an empty string in every row, so there is "
+                         "no token to train on: check the column mapping.")
 
 
 def _is_messages(value) -> bool:
@@ -387,11 +436,13 @@ def tokenize_prompt_completion(tokenizer, prompt, completion, *, conversational:
 
 def check_nonempty(ids: Sequence[int], *, what: str, index: int) -> None:
     if len(ids) == 0:
-        raise ValueError(
-            f"Example {index}: the {what} tokenized to no tokens. Check that the tokenizer matches the model "
+        raise ValueError(empty_tokens_message(what=what, index=index))
+
+
+def empty_tokens_message(*, what: str, index: int) -> str:
+    return (f"Example {index}: the {what} tokenized to no tokens. Check that the tokenizer matches the model "
             "family (a WordLevel tokenizer saved for a qwen2 model is rebuilt as byte-level by transformers and "
-            "encodes to nothing)."
-        )
+            "encodes to nothing).")
 
 
 def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int | None = None) -> list[dict]:
@@ -413,6 +464,74 @@ def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int |
         prompts.append({"prompt": row["prompt"], "prompt_ids": ids,
                         "columns": {k: v for k, v in row.items() if k != "prompt"}})
     return prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Ragged:
+    """A column of variable-length sequences in an Arrow list column's layout: every row's values one after the
+    other in `values`, and each row's length in `lengths`."""
+
+    values: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Where each row starts in `values`."""
+        return np.cumsum(self.lengths) - self.lengths
+
+    def rows(self) -> list[np.ndarray]:
+        """One view of `values` per row."""
+        return np.split(self.values, np.cumsum(self.lengths)[:-1]) if len(self.lengths) else []
+
+
+def ragged_from_lists(rows: Sequence[Sequence[int]], dtype=np.int32) -> Ragged:
+    import itertools
+
+    lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
+    values = np.fromiter(itertools.chain.from_iterable(rows), dtype, count=int(lengths.sum()))
+    return Ragged(values, lengths)
+
+
+def ragged_from_arrow(column, dtype=np.int32) -> Ragged:
+    """An Arrow list column (chunked or not, sliced or not) as `Ragged`, without a Python object per row."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return Ragged(values, lengths)
+
+
+def map_columns(dataset, function, *, columns: Sequence[str], fn_kwargs: dict[str, Any],
+                num_proc: int | None = None, desc: str | None = None) -> dict[str, Ragged | np.ndarray]:
+    """`function(batch, **fn_kwargs)` (a dict of column lists in, a dict of equally long lists out) over the
+    `columns` of `dataset`: with `datasets.Dataset.map(batched=True, num_proc=num_proc)` for a `datasets.Dataset`
+    (so the datasets cache serves a file-backed dataset the second time), else in one call on plain rows (a list of
+    dicts or a dict of lists). List outputs come back as `Ragged`, the others as numpy arrays: read from the Arrow
+    table, never row by row."""
+    if num_proc is not None and (not isinstance(num_proc, int) or num_proc < 1):
+        raise ValueError(f"dataset_num_proc={num_proc!r} must be a positive number of processes (or None: one).")
+    if hasattr(dataset, "map") and hasattr(dataset, "select_columns"):
+        mapped = dataset.select_columns(list(columns)).map(
+            function, batched=True, num_proc=num_proc if num_proc and num_proc > 1 else None,
+            remove_columns=list(columns), fn_kwargs=fn_kwargs, desc=desc)
+        table = mapped.with_format("arrow")[:]  # follows an indices mapping, if any
+        out: dict[str, Ragged | np.ndarray] = {}
+        for name in table.column_names:
+            column = table.column(name)
+            import pyarrow as pa
+
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                out[name] = ragged_from_arrow(column)
+            else:
+                out[name] = column.to_numpy(zero_copy_only=False)
+        return out
+    if isinstance(dataset, dict):
+        batch = {name: list(dataset[name]) for name in columns}
+    else:
+        batch = {name: [row.get(name) for row in dataset] for name in columns}
+    result = function(batch, **fn_kwargs)
+    return {name: ragged_from_lists(value) if value and isinstance(value[0], (list, tuple, np.ndarray))
+            else np.asarray(value) for name, value in result.items()}
 
 
 def check_model_fits(model, examples: Sequence[dict], keys: Sequence[str], *, method: str, length_fields: str,
