@@ -408,6 +408,23 @@ def tokenize(tokenizer, text_or_messages, *, add_generation_prompt: bool = False
     return result
 
 
+def tokenize_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many strings, as `tokenizer(texts, add_special_tokens=True)["input_ids"]` gives them. A
+    `transformers` fast tokenizer without truncation or padding set on its backend is run through the backend's
+    `encode_batch_fast` (no offsets, no per-text Python conversion); the first texts are checked against the
+    ordinary call, which serves whenever they differ."""
+    texts = list(texts)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    encode = getattr(backend, "encode_batch_fast", None)
+    if encode is not None and backend.truncation is None and backend.padding is None and \
+            backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False)):
+        ids = [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
+        probe = texts[:4]
+        if [list(i) for i in tokenizer(probe, add_special_tokens=True)["input_ids"]] == ids[:len(probe)]:
+            return ids
+    return [list(i) for i in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
 def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
     length = 0
     for a, b in zip(ids, other, strict=False):
@@ -501,6 +518,19 @@ def ragged_from_arrow(column, dtype=np.int32) -> Ragged:
     return Ragged(values, lengths)
 
 
+def _arrow_outputs(batch: dict[str, list], *, function, function_kwargs: dict[str, Any]):
+    """`function`'s outputs as an Arrow table (int32 lists for lists of token ids or masks): `datasets` writes
+    it as it is, where Python lists would be inferred value by value. (A table replaces the batch's columns,
+    which `map_columns` removes anyway.)"""
+    import pyarrow as pa
+
+    out = {}
+    for name, value in function(batch, **function_kwargs).items():
+        is_lists = len(value) and isinstance(value[0], (list, tuple))
+        out[name] = pa.array(value, type=pa.list_(pa.int32()) if is_lists else None)
+    return pa.table(out)
+
+
 def map_columns(dataset, function, *, columns: Sequence[str], fn_kwargs: dict[str, Any],
                 num_proc: int | None = None, desc: str | None = None) -> dict[str, Ragged | np.ndarray]:
     """`function(batch, **fn_kwargs)` (a dict of column lists in, a dict of equally long lists out) over the
@@ -511,15 +541,15 @@ def map_columns(dataset, function, *, columns: Sequence[str], fn_kwargs: dict[st
     if num_proc is not None and (not isinstance(num_proc, int) or num_proc < 1):
         raise ValueError(f"dataset_num_proc={num_proc!r} must be a positive number of processes (or None: one).")
     if hasattr(dataset, "map") and hasattr(dataset, "select_columns"):
+        import pyarrow as pa
+
         mapped = dataset.select_columns(list(columns)).map(
-            function, batched=True, num_proc=num_proc if num_proc and num_proc > 1 else None,
-            remove_columns=list(columns), fn_kwargs=fn_kwargs, desc=desc)
+            _arrow_outputs, batched=True, num_proc=num_proc if num_proc and num_proc > 1 else None,
+            remove_columns=list(columns), fn_kwargs={"function": function, "function_kwargs": fn_kwargs}, desc=desc)
         table = mapped.with_format("arrow")[:]  # follows an indices mapping, if any
         out: dict[str, Ragged | np.ndarray] = {}
         for name in table.column_names:
             column = table.column(name)
-            import pyarrow as pa
-
             if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
                 out[name] = ragged_from_arrow(column)
             else:

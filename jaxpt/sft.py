@@ -160,7 +160,7 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer, columns: Sequence[str],
     are tokenized as a batch; conversations go through the chat template one by one."""
     if len(columns) == 1 and not conversational:  # language modeling, standard: one batched tokenizer call
         texts = [text if not eos_token or text.endswith(eos_token) else text + eos_token for text in batch[columns[0]]]
-        return {"input_ids": tokenizer(texts, add_special_tokens=True)["input_ids"]}
+        return {"input_ids": data.tokenize_texts(tokenizer, texts)}
     if len(columns) == 1:  # language modeling, conversational
         outs = [data.tokenize(tokenizer, messages, assistant_mask=assistant_only_loss)
                 for messages in batch[columns[0]]]
@@ -178,9 +178,8 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer, columns: Sequence[str],
                     data.tokenize(tokenizer, messages, assistant_mask=True)["assistant_masks"])
         return out
     completions = [c if not eos_token or c.endswith(eos_token) else c + eos_token for c in completions]
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    full_ids = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)], add_special_tokens=True)
-    full_ids = full_ids["input_ids"]
+    prompt_ids = data.tokenize_texts(tokenizer, prompts)
+    full_ids = data.tokenize_texts(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
     return {"input_ids": full_ids,
             "prompt_length": [data.common_prefix_length(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]}
 
@@ -256,18 +255,17 @@ def pack_ragged(input_ids: data.Ragged, loss_mask: np.ndarray, seq_length: int, 
             piece_lengths = np.minimum(lengths[example] - rank * seq_length, seq_length)
         members, sizes = data.bfd_bins(piece_lengths, seq_length)
         num_rows = len(sizes)
+        # Per placed piece (row after row): its row, its rank in the row, where it starts in the packed output and
+        # where in the flat output rows; then per token, one arange plus a repeated offset per piece.
         member_lengths = piece_lengths[members]
         member_row = np.repeat(np.arange(num_rows), sizes)
-        member_rank = np.arange(len(members)) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # within its row
-        # token k of the packed output comes from piece `members[j]`, at offset k - (start of that piece there)
+        member_rank = np.arange(len(members)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         out_starts = np.cumsum(member_lengths) - member_lengths
-        row_token_starts = np.cumsum(np.bincount(member_row, weights=member_lengths, minlength=num_rows)
-                                     ).astype(np.int64)
-        row_token_starts = np.concatenate([[0], row_token_starts[:-1]])
+        row_starts = out_starts[np.cumsum(sizes) - sizes]  # first piece of each row
+        destination_starts = member_row * seq_length + out_starts - row_starts[member_row]
         out_token = np.arange(int(member_lengths.sum()))
         source = out_token + np.repeat(piece_starts[members] - out_starts, member_lengths)
-        token_row = np.repeat(member_row, member_lengths)
-        destination = token_row * seq_length + out_token - row_token_starts[token_row]
+        destination = out_token + np.repeat(destination_starts - out_starts, member_lengths)
         segments = np.repeat(member_rank + 1, member_lengths)
     packed = {name: np.zeros(num_rows * seq_length, np.int32) for name in ("input_ids", "loss_mask", "segment_ids")}
     packed["input_ids"][destination] = input_ids.values[source]
