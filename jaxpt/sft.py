@@ -130,25 +130,34 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
                    "assistant_only_loss": config.assistant_only_loss})
     input_ids = tokenized["input_ids"]
     lengths = input_ids.lengths
-    position = np.arange(len(input_ids.values)) - np.repeat(input_ids.starts, lengths)  # within its example
-    loss_mask = np.ones(len(input_ids.values), np.int32)
+    long = truncate and bool((lengths > max_length).any())
+    position = None  # of each token within its example, computed only when a mask or a cut needs it
+    if completion_only or long:
+        position = np.arange(len(input_ids.values)) - np.repeat(input_ids.starts, lengths)
+    loss_mask = None  # None: every token (full loss), without a flat array of ones
     if completion_only:
-        loss_mask &= position >= np.repeat(tokenized["prompt_length"], lengths)
+        loss_mask = (position >= np.repeat(tokenized["prompt_length"], lengths)).astype(np.int32)
     if config.assistant_only_loss:
-        loss_mask &= tokenized["assistant_masks"].values.astype(np.int32)
-    _check_examples(input_ids, loss_mask, position, tokenized.get("prompt_length"), max_length=max_length,
-                    truncate=truncate, completion_only=completion_only,
-                    assistant_only=config.assistant_only_loss)
-    if truncate:
+        assistant = tokenized["assistant_masks"].values.astype(np.int32)
+        loss_mask = assistant if loss_mask is None else loss_mask & assistant
+    _check_examples(input_ids, loss_mask, tokenized.get("prompt_length"), max_length=max_length, truncate=truncate,
+                    completion_only=completion_only, assistant_only=config.assistant_only_loss)
+    if long:
         kept = position < max_length
         input_ids = data.Ragged(input_ids.values[kept], np.minimum(lengths, max_length))
-        loss_mask, position = loss_mask[kept], position[kept]
-    if not (loss_mask.astype(bool) & (position > 0)).any():  # the first token is never a target
+        loss_mask = None if loss_mask is None else loss_mask[kept]
+    if loss_mask is None:
+        trainable = bool((input_ids.lengths > 1).any())
+    else:  # the first token of an example is never a target
+        trainable = bool(loss_mask[np.repeat(input_ids.starts, input_ids.lengths) < np.arange(len(loss_mask))].any())
+    if not trainable:
         raise ValueError(f"None of the {len(lengths)} SFT examples has a token to train on (each is one token, or "
                          "its loss mask is empty): check the dataset's text columns and completion_only_loss / "
                          "assistant_only_loss.")
     if packing:
         return pack_ragged(input_ids, loss_mask, max_length, strategy=config.packing_strategy)
+    if loss_mask is None:
+        loss_mask = np.ones(len(input_ids.values), np.int32)
     masks = data.Ragged(loss_mask, input_ids.lengths).rows()
     return [{"input_ids": ids, "loss_mask": mask} for ids, mask in zip(input_ids.rows(), masks, strict=True)]
 
@@ -184,13 +193,11 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer, columns: Sequence[str],
             "prompt_length": [data.common_prefix_length(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]}
 
 
-def _check_examples(input_ids: data.Ragged, loss_mask: np.ndarray, position: np.ndarray, prompt_length, *,
-                    max_length: int | None, truncate: bool, completion_only: bool, assistant_only: bool) -> None:
-    """The per-example checks, on the flat arrays: the first bad example (in dataset order, and per example in
-    the order the checks read) fails with its index named."""
+def _check_examples(input_ids: data.Ragged, loss_mask: np.ndarray | None, prompt_length, *, max_length: int | None,
+                    truncate: bool, completion_only: bool, assistant_only: bool) -> None:
+    """The per-example checks, on the flat arrays (`loss_mask` None: every token): the first bad example (in
+    dataset order, and per example in the order the checks read) fails with its index named."""
     lengths = input_ids.lengths
-    ends = np.cumsum(lengths)
-    mask_sums = np.concatenate([[0], np.cumsum(loss_mask, dtype=np.int64)])
     problems = []  # (example index, check order, message)
 
     def first(bad: np.ndarray, order: int, message) -> None:
@@ -203,16 +210,19 @@ def _check_examples(input_ids: data.Ragged, loss_mask: np.ndarray, position: np.
             f"Example {i}: the prompt is {int(prompt_length[i])} tokens, not shorter than max_length={max_length}, "
             "so no completion token would be trained on: raise max_length or shorten/filter long prompts."))
     first(lengths == 0, 1, lambda i: data.empty_tokens_message(what="example", index=i))
-    if assistant_only:
-        first(mask_sums[ends] == mask_sums[ends - lengths], 2, lambda i: (
-            f"Example {i} has no assistant tokens: with assistant_only_loss=True the chat template must mark "
-            "assistant turns with {% generation %} ... {% endgeneration %}."))
-    if truncate:
+    if loss_mask is not None and (assistant_only or truncate):
+        ends = np.cumsum(lengths)
         starts = ends - lengths
-        kept_sums = mask_sums[starts + np.minimum(lengths, max_length)] - mask_sums[starts]
-        first((lengths > max_length) & (kept_sums == 0), 3, lambda i: (
-            f"Example {i}: truncated to max_length={max_length}, it keeps no assistant token to train on: raise "
-            "max_length or shorten/filter long conversations."))
+        mask_sums = np.concatenate([[0], np.cumsum(loss_mask, dtype=np.int64)])
+        if assistant_only:
+            first(mask_sums[ends] == mask_sums[starts], 2, lambda i: (
+                f"Example {i} has no assistant tokens: with assistant_only_loss=True the chat template must mark "
+                "assistant turns with {% generation %} ... {% endgeneration %}."))
+        if truncate:
+            kept_sums = mask_sums[starts + np.minimum(lengths, max_length)] - mask_sums[starts]
+            first((lengths > max_length) & (kept_sums == 0), 3, lambda i: (
+                f"Example {i}: truncated to max_length={max_length}, it keeps no assistant token to train on: "
+                "raise max_length or shorten/filter long conversations."))
     if problems:
         raise ValueError(min(problems)[2])
 
@@ -225,24 +235,24 @@ def pack_examples(examples: Sequence[dict], seq_length: int, *, strategy: str = 
     return pack_ragged(input_ids, loss_mask, seq_length, strategy=strategy)
 
 
-def pack_ragged(input_ids: data.Ragged, loss_mask: np.ndarray, seq_length: int, *, strategy: str = "bfd") -> list[dict]:
-    """`pack_examples` on flat arrays (`loss_mask` runs alongside `input_ids.values`), with numpy gathers only:
-    `bfd` truncates each example to `seq_length`, `bfd_split` cuts long ones into `seq_length` pieces packed like
-    examples (TRL's strategies, bins as TRL's `pack_dataset`), `wrapped` fills rows in order and cuts only at row
-    ends (a segment never spans two rows)."""
+def pack_ragged(input_ids: data.Ragged, loss_mask: np.ndarray | None, seq_length: int, *,
+                strategy: str = "bfd") -> list[dict]:
+    """`pack_examples` on flat arrays (`loss_mask` runs alongside `input_ids.values`; None: every token), with
+    numpy gathers only: `bfd` truncates each example to `seq_length`, `bfd_split` cuts long ones into
+    `seq_length` pieces packed like examples (TRL's strategies, bins as TRL's `pack_dataset`), `wrapped` fills
+    rows in order and cuts only at row ends (a segment never spans two rows)."""
     lengths = input_ids.lengths
     starts = input_ids.starts
+    total = int(lengths.sum())
     if strategy == "wrapped":
-        total = int(lengths.sum())
         num_rows = -(-total // seq_length)
         token = np.arange(total)
-        first_of_example = np.zeros(total, bool)
-        first_of_example[starts[lengths > 0]] = True
-        new_segment = first_of_example | (token % seq_length == 0)
+        new_segment = token % seq_length == 0
+        new_segment[starts[lengths > 0]] = True
         segments = np.cumsum(new_segment)
-        segments = segments - segments[token - token % seq_length] + 1
-        source = token
-        destination = token
+        segments -= segments[token - token % seq_length] - 1
+        tokens_in_row = np.minimum(seq_length, total - np.arange(num_rows) * seq_length)
+        source = None  # the tokens stay in order
     else:
         if strategy == "bfd":
             piece_starts, piece_lengths = starts, np.minimum(lengths, seq_length)
@@ -255,23 +265,23 @@ def pack_ragged(input_ids: data.Ragged, loss_mask: np.ndarray, seq_length: int, 
             piece_lengths = np.minimum(lengths[example] - rank * seq_length, seq_length)
         members, sizes = data.bfd_bins(piece_lengths, seq_length)
         num_rows = len(sizes)
-        # Per placed piece (row after row): its row, its rank in the row, where it starts in the packed output and
-        # where in the flat output rows; then per token, one arange plus a repeated offset per piece.
+        # The packed tokens, row after row, are the placed pieces' tokens one after the other: one arange plus a
+        # repeated offset per piece finds where each comes from.
         member_lengths = piece_lengths[members]
-        member_row = np.repeat(np.arange(num_rows), sizes)
-        member_rank = np.arange(len(members)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         out_starts = np.cumsum(member_lengths) - member_lengths
-        row_starts = out_starts[np.cumsum(sizes) - sizes]  # first piece of each row
-        destination_starts = member_row * seq_length + out_starts - row_starts[member_row]
-        out_token = np.arange(int(member_lengths.sum()))
-        source = out_token + np.repeat(piece_starts[members] - out_starts, member_lengths)
-        destination = out_token + np.repeat(destination_starts - out_starts, member_lengths)
-        segments = np.repeat(member_rank + 1, member_lengths)
-    packed = {name: np.zeros(num_rows * seq_length, np.int32) for name in ("input_ids", "loss_mask", "segment_ids")}
-    packed["input_ids"][destination] = input_ids.values[source]
-    packed["loss_mask"][destination] = loss_mask[source]
-    packed["segment_ids"][destination] = segments
-    rows = {name: values.reshape(num_rows, seq_length) for name, values in packed.items()}
+        source = np.arange(int(member_lengths.sum())) + np.repeat(piece_starts[members] - out_starts,
+                                                                   member_lengths)
+        member_rank = np.arange(len(members)) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # within its row
+        segments = np.repeat((member_rank + 1).astype(np.int32), member_lengths)
+        tokens_in_row = np.add.reduceat(member_lengths, np.cumsum(sizes) - sizes) if num_rows else sizes
+    filled = np.arange(seq_length) < tokens_in_row[:, None]  # tokens first, padding last in every row
+    rows = {name: np.zeros((num_rows, seq_length), np.int32) for name in ("input_ids", "loss_mask", "segment_ids")}
+    rows["input_ids"][filled] = input_ids.values if source is None else input_ids.values[source]
+    if loss_mask is None:
+        rows["loss_mask"][filled] = 1
+    else:
+        rows["loss_mask"][filled] = loss_mask if source is None else loss_mask[source]
+    rows["segment_ids"][filled] = segments
     return [{name: rows[name][i] for name in rows} for i in range(num_rows)]
 
 
