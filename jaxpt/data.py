@@ -297,7 +297,7 @@ def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text
                 "preference signal (TRL trains on them too; filter them out).", same, len(dataset), method)
     checked = [*number_columns, *(["label"] if fmt.kind == "unpaired_preference" else [])]
     for name in checked:
-        if name in _column_names(dataset):
+        if name in column_names(dataset):
             column = _column(dataset, name)
             if all(value is None for value in column):
                 raise ValueError(f"The {method} dataset's {name!r} column is null in every row: fill it"
@@ -310,7 +310,7 @@ def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text
                                         if name == "label" else "it must be a finite number."))
 
 
-def _column_names(dataset) -> list[str]:
+def column_names(dataset) -> list[str]:
     names = getattr(dataset, "column_names", None)
     return list(names) if names is not None else sorted({k for row in dataset for k in row})
 
