@@ -59,19 +59,28 @@ def synthetic_texts(rows: int, vocab_words: int, seed: int) -> list[str]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, 49, rows)
-    words = np.char.add("w", rng.integers(0, vocab_words, int(lengths.sum())).astype(str)).tolist()
-    ends = np.cumsum(lengths).tolist()
-    starts = [0, *ends[:-1]]
-    return [" ".join(words[start:end]) for start, end in zip(starts, ends, strict=True)]
+    texts = []
+    for chunk in range(0, rows, 100_000):  # in chunks: a million rows' words as Python strings at once would be GBs
+        lengths = rng.integers(4, 49, min(100_000, rows - chunk))
+        words = np.char.add("w", rng.integers(0, vocab_words, int(lengths.sum())).astype(str)).tolist()
+        ends = np.cumsum(lengths).tolist()
+        texts += [" ".join(words[start:end]) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    return texts
 
 
-def timed(function, repeats: int):
-    seconds, result = [], None
+CPU_SECONDS: dict[str, float] = {}  # per label: this process's CPU seconds (all threads), median over repeats
+
+
+def timed(function, repeats: int, label: str):
+    """Median wall seconds of `function()` over `repeats` runs, and its last result; the median CPU seconds go
+    to `CPU_SECONDS[label]` (on a shared, loaded machine they move less than the wall seconds)."""
+    seconds, cpu_seconds, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = function()
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu_start)
+    CPU_SECONDS[label] = statistics.median(cpu_seconds)
     return statistics.median(seconds), result
 
 
@@ -95,11 +104,12 @@ def main():
 
     config = sft.SFTConfig(output_dir=output_dir, max_length=args.max_length, packing=True,
                            packing_strategy=args.packing_strategy, dataset_num_proc=args.dataset_num_proc)
-    seconds, packed = timed(lambda: sft.prepare_dataset(dataset, tokenizer, config), args.repeats)
+    seconds, packed = timed(lambda: sft.prepare_dataset(dataset, tokenizer, config), args.repeats, "jaxpt")
     tokens = int(sum(int((row["segment_ids"] > 0).sum()) for row in packed))
     results.update(jaxpt_s=seconds, jaxpt_packed_rows=len(packed),
                    jaxpt_fill=tokens / (len(packed) * args.max_length))
-    print(f"jaxpt prepare_dataset: {seconds:.2f} s -> {len(packed)} rows ({results['jaxpt_fill']:.4f} full)")
+    print(f"jaxpt prepare_dataset: {seconds:.2f} s ({CPU_SECONDS['jaxpt']:.2f} CPU s) -> {len(packed)} rows "
+          f"({results['jaxpt_fill']:.4f} full)")
     del packed
 
     # The packing alone, on the tokenized rows (EOS appended, as prepare_dataset tokenizes them).
@@ -112,9 +122,11 @@ def main():
             input_ids.starts, input_ids.lengths) < args.max_length], np.minimum(input_ids.lengths, args.max_length))
     loss_mask = np.ones(len(input_ids.values), np.int32)
     results["tokens"] = int(input_ids.lengths.sum())
-    results["jaxpt_bfd_bins_s"] = timed(lambda: data.bfd_bins(input_ids.lengths, args.max_length), args.repeats)[0]
+    results["jaxpt_bfd_bins_s"] = timed(lambda: data.bfd_bins(input_ids.lengths, args.max_length), args.repeats,
+                                        "jaxpt_bfd_bins")[0]
     results["jaxpt_pack_s"] = timed(lambda: sft.pack_ragged(input_ids, loss_mask, args.max_length,
-                                                            strategy=args.packing_strategy), args.repeats)[0]
+                                                            strategy=args.packing_strategy), args.repeats,
+                                    "jaxpt_pack")[0]
     print(f"jaxpt packing alone: {results['jaxpt_pack_s']:.2f} s (bfd_bins {results['jaxpt_bfd_bins_s']:.2f} s) "
           f"for {args.rows} examples, {results['tokens']} tokens")
 
@@ -129,25 +141,28 @@ def main():
         trainer.chat_template = None
         trainer.completion_only_loss = False  # SFTTrainer.__init__'s default for language-modeling data
         seconds, prepared = timed(lambda: trainer._prepare_dataset(dataset, tokenizer, trl_args, True, None,
-                                                                   "train"), args.repeats)
+                                                                   "train"), args.repeats, "trl")
         lengths = prepared.with_format("arrow")["seq_lengths"]
         trl_tokens = int(pa.compute.sum(pa.compute.list_flatten(lengths)).as_py())
         results.update(trl_s=seconds, trl_packed_rows=len(prepared),
                        trl_fill=trl_tokens / (len(prepared) * args.max_length))
-        print(f"TRL _prepare_dataset: {seconds:.2f} s -> {len(prepared)} rows ({results['trl_fill']:.4f} full)")
+        print(f"TRL _prepare_dataset: {seconds:.2f} s ({CPU_SECONDS['trl']:.2f} CPU s) -> {len(prepared)} rows "
+              f"({results['trl_fill']:.4f} full)")
         del prepared
 
         offsets = pa.array(np.concatenate([[0], np.cumsum(input_ids.lengths)]), pa.int32())
         ids = pa.ListArray.from_arrays(offsets, pa.array(input_ids.values.astype(np.int64)))
         token_columns = datasets.Dataset(pa.table({"input_ids": ids, "labels": ids}))
         results["trl_pack_s"] = timed(lambda: trl.pack_dataset(token_columns, args.max_length,
-                                                               args.packing_strategy), args.repeats)[0]
+                                                               args.packing_strategy), args.repeats, "trl_pack")[0]
         print(f"TRL pack_dataset alone: {results['trl_pack_s']:.2f} s")
         results["trl_over_jaxpt"] = results["trl_s"] / results["jaxpt_s"]
         results["pack_trl_over_jaxpt"] = results["trl_pack_s"] / results["jaxpt_pack_s"]
-        print(f"TRL / jaxpt: preparation {results['trl_over_jaxpt']:.2f}x, packing alone "
-              f"{results['pack_trl_over_jaxpt']:.2f}x (above 1: jaxpt faster)")
-    print(json.dumps(results))
+        results["cpu_trl_over_jaxpt"] = CPU_SECONDS["trl"] / CPU_SECONDS["jaxpt"]
+        print(f"TRL / jaxpt: preparation {results['trl_over_jaxpt']:.2f}x ({results['cpu_trl_over_jaxpt']:.2f}x in "
+              f"CPU seconds), packing alone {results['pack_trl_over_jaxpt']:.2f}x (above 1: jaxpt faster)")
+    results.update({f"{label}_cpu_s": value for label, value in CPU_SECONDS.items()})
+    print(json.dumps(results), flush=True)
 
 
 if __name__ == "__main__":
