@@ -199,3 +199,32 @@ def test_string_checks_follow_an_indices_mapping_and_name_the_row(tmp_path):
 def test_dataset_num_proc_is_checked(tmp_path):
     with pytest.raises(ValueError, match="dataset_num_proc=0 must be >= 1"):
         sft.SFTConfig(output_dir=str(tmp_path), dataset_num_proc=0)
+
+
+def test_dpo_reward_and_kto_tokenize_the_same_with_two_processes_and_from_plain_rows(tmp_path):
+    from jaxpt import dpo, kto, reward
+
+    pairs = [{"prompt": f"q{i}?", "chosen": " yes" * (1 + i % 3), "rejected": " no" * (1 + i % 4)}
+             for i in range(24)]
+    for module, config in ((dpo, dpo.DPOConfig(output_dir=str(tmp_path))),
+                           (reward, reward.RewardConfig(output_dir=str(tmp_path))),
+                           (kto, kto.KTOConfig(output_dir=str(tmp_path)))):
+        one = module.prepare_dataset(datasets.Dataset.from_list(pairs), TOKENIZER, config)
+        config.dataset_num_proc = 2
+        two = module.prepare_dataset(datasets.Dataset.from_list(pairs), TOKENIZER, config)
+        config.dataset_num_proc = None
+        plain = module.prepare_dataset(pairs, TOKENIZER, config) if module is not reward else one
+        for examples in (two, plain):
+            assert [{k: np.asarray(v).tolist() for k, v in e.items()} for e in examples] == \
+                [{k: np.asarray(v).tolist() for k, v in e.items()} for e in one], module.__name__
+    assert len(one) == 48 and [e["label"] for e in one] == [True] * 24 + [False] * 24  # KTO: chosen, then rejected
+
+
+def test_kto_unpairs_in_trl_blocks_of_1000_pairs(tmp_path):
+    from jaxpt import kto
+
+    pairs = [{"prompt": "p", "chosen": "c", "rejected": "r"}] * 1200
+    config = kto.KTOConfig(output_dir=str(tmp_path))
+    examples = kto.prepare_dataset(datasets.Dataset.from_list(pairs), TOKENIZER, config)
+    labels = [e["label"] for e in examples]
+    assert labels == [True] * 1000 + [False] * 1000 + [True] * 200 + [False] * 200
