@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,8 +253,14 @@ def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text
     columns = tuple(columns) if columns is not None else text_columns(fmt, text_field=text_field)
     template = str(getattr(tokenizer, "chat_template", None) or "")
     kind = "conversational (lists of role/content messages)" if fmt.conversational else "standard (strings)"
-    values = {name: _column(dataset, name) for name in columns}
-    for name, column in values.items():
+    values: dict[str, Any] = {}
+    for name in columns:
+        strings = None if fmt.conversational else _string_column(dataset, name)
+        if strings is not None:  # an Arrow string column: the same checks, without a Python object per row
+            _check_string_column(strings, name, method=method, text_field=text_field)
+            values[name] = strings
+            continue
+        column = values[name] = _column(dataset, name)
         if all(value is None for value in column):
             raise ValueError(f"The {method} dataset's {name!r} column is null in every row: fill it (or use a "
                              "dataset with that column).")
@@ -274,7 +281,13 @@ def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text
             raise ValueError(f"The {method} dataset's {name!r} column is an empty string in every row, so there is "
                              "no token to train on: check the column mapping.")
     if "chosen" in values:
-        same = sum(c == r for c, r in zip(values["chosen"], values["rejected"], strict=True))
+        chosen, rejected = values["chosen"], values["rejected"]
+        if isinstance(chosen, list) or isinstance(rejected, list):
+            same = sum(c == r for c, r in zip(_as_list(chosen), _as_list(rejected), strict=True))
+        else:
+            import pyarrow.compute as pc
+
+            same = int(pc.sum(pc.equal(chosen, rejected)).as_py() or 0)
         if same == len(dataset):
             raise ValueError(f"Every one of the {len(dataset)} pairs of the {method} dataset has identical chosen "
                              "and rejected completions: such a pair carries no preference signal.")
@@ -284,7 +297,7 @@ def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text
                 "preference signal (TRL trains on them too; filter them out).", same, len(dataset), method)
     checked = [*number_columns, *(["label"] if fmt.kind == "unpaired_preference" else [])]
     for name in checked:
-        if name in _column_names(dataset):
+        if name in column_names(dataset):
             column = _column(dataset, name)
             if all(value is None for value in column):
                 raise ValueError(f"The {method} dataset's {name!r} column is null in every row: fill it"
@@ -297,15 +310,52 @@ def check_rows(dataset, fmt: DatasetFormat, *, method: str, tokenizer=None, text
                                         if name == "label" else "it must be a finite number."))
 
 
-def _column_names(dataset) -> list[str]:
+def column_names(dataset) -> list[str]:
     names = getattr(dataset, "column_names", None)
     return list(names) if names is not None else sorted({k for row in dataset for k in row})
 
 
 def _column(dataset, name: str) -> list:
     if hasattr(dataset, "column_names"):
-        return list(dataset[name]) if name in dataset.column_names else [None] * len(dataset)
+        if name not in dataset.column_names:
+            return [None] * len(dataset)
+        if hasattr(dataset, "select_columns"):  # a datasets.Dataset: one formatted batch (row by row is slow)
+            return list(dataset.select_columns([name])[:][name])
+        return list(dataset[name])
     return [row.get(name) for row in dataset]
+
+
+def _as_list(column) -> list:
+    return column if isinstance(column, list) else column.to_pylist()
+
+
+def _string_column(dataset, name: str):
+    """The column as an Arrow (chunked) string array when `dataset` is a `datasets.Dataset` whose feature for it is
+    a plain string (not e.g. a `Json` column, stored as strings but decoded by the formatter), else None."""
+    features = getattr(dataset, "features", None)
+    if features is None or not hasattr(dataset, "with_format") or name not in features:
+        return None
+    feature = features[name]
+    if type(feature).__name__ != "Value" or getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return None
+    return dataset.with_format("arrow")[name]  # follows an indices mapping (select, shuffle)
+
+
+def _check_string_column(strings, name: str, *, method: str, text_field: str) -> None:
+    """`check_rows`' checks of a standard column, on its Arrow strings: no nulls, not every row empty."""
+    import pyarrow.compute as pc
+
+    nulls = strings.null_count
+    if nulls == len(strings):
+        raise ValueError(f"The {method} dataset's {name!r} column is null in every row: fill it (or use a "
+                         "dataset with that column).")
+    if nulls:
+        index = pc.index(pc.is_null(strings), True).as_py()
+        raise ValueError(f"{method} dataset, row {index}, column {name!r} is null: fill it or drop the row.")
+    if name in ("text", text_field, "completion", "chosen", "rejected") and len(strings) and pc.all(
+            pc.equal(pc.binary_length(strings), 0)).as_py():
+        raise ValueError(f"The {method} dataset's {name!r} column is an empty string in every row, so there is "
+                         "no token to train on: check the column mapping.")
 
 
 def _is_messages(value) -> bool:
@@ -358,6 +408,23 @@ def tokenize(tokenizer, text_or_messages, *, add_generation_prompt: bool = False
     return result
 
 
+def tokenize_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many strings, as `tokenizer(texts, add_special_tokens=True)["input_ids"]` gives them. A
+    `transformers` fast tokenizer without truncation or padding set on its backend is run through the backend's
+    `encode_batch_fast` (no offsets, no per-text Python conversion); the first texts are checked against the
+    ordinary call, which serves whenever they differ."""
+    texts = list(texts)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    encode = getattr(backend, "encode_batch_fast", None)
+    if encode is not None and backend.truncation is None and backend.padding is None and \
+            backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False)):
+        ids = [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
+        probe = texts[:4]
+        if [list(i) for i in tokenizer(probe, add_special_tokens=True)["input_ids"]] == ids[:len(probe)]:
+            return ids
+    return [list(i) for i in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
 def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
     length = 0
     for a, b in zip(ids, other, strict=False):
@@ -386,11 +453,13 @@ def tokenize_prompt_completion(tokenizer, prompt, completion, *, conversational:
 
 def check_nonempty(ids: Sequence[int], *, what: str, index: int) -> None:
     if len(ids) == 0:
-        raise ValueError(
-            f"Example {index}: the {what} tokenized to no tokens. Check that the tokenizer matches the model "
+        raise ValueError(empty_tokens_message(what=what, index=index))
+
+
+def empty_tokens_message(*, what: str, index: int) -> str:
+    return (f"Example {index}: the {what} tokenized to no tokens. Check that the tokenizer matches the model "
             "family (a WordLevel tokenizer saved for a qwen2 model is rebuilt as byte-level by transformers and "
-            "encodes to nothing)."
-        )
+            "encodes to nothing).")
 
 
 def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int | None = None) -> list[dict]:
@@ -412,6 +481,87 @@ def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int |
         prompts.append({"prompt": row["prompt"], "prompt_ids": ids,
                         "columns": {k: v for k, v in row.items() if k != "prompt"}})
     return prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Ragged:
+    """A column of variable-length sequences in an Arrow list column's layout: every row's values one after the
+    other in `values`, and each row's length in `lengths`."""
+
+    values: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Where each row starts in `values`."""
+        return np.cumsum(self.lengths) - self.lengths
+
+    def rows(self) -> list[np.ndarray]:
+        """One view of `values` per row."""
+        return np.split(self.values, np.cumsum(self.lengths)[:-1]) if len(self.lengths) else []
+
+
+def ragged_from_lists(rows: Sequence[Sequence[int]], dtype=np.int32) -> Ragged:
+    import itertools
+
+    lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
+    values = np.fromiter(itertools.chain.from_iterable(rows), dtype, count=int(lengths.sum()))
+    return Ragged(values, lengths)
+
+
+def ragged_from_arrow(column, dtype=np.int32) -> Ragged:
+    """An Arrow list column (chunked or not, sliced or not) as `Ragged`, without a Python object per row."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return Ragged(values, lengths)
+
+
+def _arrow_outputs(batch: dict[str, list], *, function, function_kwargs: dict[str, Any]):
+    """`function`'s outputs as an Arrow table (int32 lists for lists of token ids or masks): `datasets` writes
+    it as it is, where Python lists would be inferred value by value. (A table replaces the batch's columns,
+    which `map_columns` removes anyway.)"""
+    import pyarrow as pa
+
+    out = {}
+    for name, value in function(batch, **function_kwargs).items():
+        is_lists = len(value) and isinstance(value[0], (list, tuple))
+        out[name] = pa.array(value, type=pa.list_(pa.int32()) if is_lists else None)
+    return pa.table(out)
+
+
+def map_columns(dataset, function, *, columns: Sequence[str], fn_kwargs: dict[str, Any],
+                num_proc: int | None = None, desc: str | None = None) -> dict[str, Ragged | np.ndarray]:
+    """`function(batch, **fn_kwargs)` (a dict of column lists in, a dict of equally long lists out) over the
+    `columns` of `dataset`: with `datasets.Dataset.map(batched=True, num_proc=num_proc)` for a `datasets.Dataset`
+    (so the datasets cache serves a file-backed dataset the second time), else in one call on plain rows (a list of
+    dicts or a dict of lists). List outputs come back as `Ragged`, the others as numpy arrays: read from the Arrow
+    table, never row by row."""
+    if num_proc is not None and (not isinstance(num_proc, int) or num_proc < 1):
+        raise ValueError(f"dataset_num_proc={num_proc!r} must be a positive number of processes (or None: one).")
+    if hasattr(dataset, "map") and hasattr(dataset, "select_columns"):
+        import pyarrow as pa
+
+        mapped = dataset.select_columns(list(columns)).map(
+            _arrow_outputs, batched=True, num_proc=num_proc if num_proc and num_proc > 1 else None,
+            remove_columns=list(columns), fn_kwargs={"function": function, "function_kwargs": fn_kwargs}, desc=desc)
+        table = mapped.with_format("arrow")[:]  # follows an indices mapping, if any
+        out: dict[str, Ragged | np.ndarray] = {}
+        for name in table.column_names:
+            column = table.column(name)
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                out[name] = ragged_from_arrow(column)
+            else:
+                out[name] = column.to_numpy(zero_copy_only=False)
+        return out
+    if isinstance(dataset, dict):
+        batch = {name: list(dataset[name]) for name in columns}
+    else:
+        batch = {name: [row.get(name) for row in dataset] for name in columns}
+    result = function(batch, **fn_kwargs)
+    return {name: ragged_from_lists(value) if value and isinstance(value[0], (list, tuple, np.ndarray))
+            else np.asarray(value) for name, value in result.items()}
 
 
 def check_model_fits(model, examples: Sequence[dict], keys: Sequence[str], *, method: str, length_fields: str,
@@ -453,31 +603,82 @@ def check_model_fits(model, examples: Sequence[dict], keys: Sequence[str], *, me
 
 def pack_bfd(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
     """Best-fit-decreasing bins of example indices whose lengths sum to at most `seq_length` (longer examples
-    must be truncated first). Sequences are placed longest first, each into the fullest bin it fits; among
-    equally full bins, the one that has had that free space longest (TRL's order, so the bins are TRL's)."""
-    if any(length > seq_length for length in lengths):
+    must be truncated first). Sequences are placed longest first (ties in index order), each into the fullest bin
+    it fits; among equally full bins, the one that has had that free space longest (TRL's order, so the bins are
+    TRL's). Empty examples are left out. `bfd_bins` gives the same bins as arrays, in O(n log n)."""
+    members, sizes = bfd_bins(lengths, seq_length)
+    return [part.tolist() for part in np.split(members, np.cumsum(sizes)[:-1])] if len(sizes) else []
+
+
+def bfd_bins(lengths: Sequence[int] | np.ndarray, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_bfd`'s bins as `(members, sizes)`: the example indices of every bin, bin after bin (in the order the
+    bins were opened, each bin's members in the order they were placed), and the number of examples per bin.
+
+    O(n log n) (one sort) plus O(seq_length) per distinct length, with no Python step per sequence. Sequences of
+    one length L are placed together: the bin that fits L most tightly (free space v >= L, the smallest such v)
+    takes v // L of them in a row, since after each one its free space is again the smallest >= L, or below L.
+    So every bin with the same free space takes the same number, and a queue of bins per free space (in the order
+    they got it, TRL's tie-break) hands out whole runs of bins as numpy arrays."""
+    lengths = np.asarray(lengths, np.int64).reshape(-1)
+    if seq_length < 1:
+        raise ValueError(f"pack_bfd: seq_length={seq_length} must be >= 1.")
+    if lengths.size and int(lengths.max()) > seq_length:
         raise ValueError("pack_bfd: truncate examples to seq_length before packing.")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    space: list[int] = []
-    since: list[int] = []  # when each bin got its current free space
-    for time, index in enumerate(order):
-        length = lengths[index]
-        if length == 0:
-            continue
-        best = -1
-        for b, free in enumerate(space):  # O(n * bins): fine for the dataset sizes preprocessing sees per chunk
-            if length <= free and (best < 0 or (free, since[b]) < (space[best], since[best])):
-                best = b
-        if best < 0:
-            bins.append([index])
-            space.append(seq_length - length)
-            since.append(time)
-        else:
-            bins[best].append(index)
-            space[best] -= length
-            since[best] = time
-    return bins
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties in index order
+    order = order[lengths[order] > 0]
+    run_values, run_counts = np.unique(-lengths[order], return_counts=True)
+    queues: list[deque] = [deque() for _ in range(seq_length)]  # free space -> arrays of bin ids, oldest first
+    queued = np.zeros(seq_length, np.int64)  # bins waiting in each queue
+    free = np.empty(len(order), np.int64)  # free space of each opened bin (never more bins than sequences)
+    bin_of_placed = []  # per run: the bin of each sequence, in placing order
+    num_bins = 0
+    for negative_length, count in zip(run_values.tolist(), run_counts.tolist(), strict=True):
+        length, left = -negative_length, count
+        touched, taken = [], []  # bins in the order they were filled, and how many sequences each took
+        for space in (np.flatnonzero(queued[length:]) + length).tolist():
+            per_bin = space // length
+            queue = queues[space]
+            while queue and left:
+                bins = queue.popleft()
+                take = min(len(bins), -(-left // per_bin))
+                if take < len(bins):
+                    queue.appendleft(bins[take:])
+                queued[space] -= take
+                counts = np.full(take, per_bin, np.int64)
+                counts[-1] = left - per_bin * (take - 1)  if per_bin * take > left else per_bin
+                touched.append(bins[:take])
+                taken.append(counts)
+                left -= int(counts.sum())
+            if not left:
+                break
+        if left:  # no open bin fits the rest: open bins, each filled with as many as fit
+            per_bin = seq_length // length
+            new = -(-left // per_bin)
+            counts = np.full(new, per_bin, np.int64)
+            counts[-1] = left - per_bin * (new - 1)
+            free[num_bins:num_bins + new] = seq_length
+            touched.append(np.arange(num_bins, num_bins + new))
+            taken.append(counts)
+            num_bins += new
+        bins, counts = np.concatenate(touched), np.concatenate(taken)
+        bin_of_placed.append(np.repeat(bins, counts))
+        free[bins] -= counts * length
+        # Queue every touched bin under its new free space, in the order the bins were filled (TRL queues a bin
+        # when it gets its free space; a stable sort keeps that order within each free space).
+        spaces = free[bins]
+        by_space = np.argsort(spaces, kind="stable")
+        spaces, bins = spaces[by_space], bins[by_space]
+        starts = np.flatnonzero(np.diff(spaces, prepend=-1))
+        for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(bins)], strict=True):
+            space = int(spaces[start])
+            if space:  # a full bin takes nothing more
+                queues[space].append(bins[start:end])
+                queued[space] += end - start
+    if not bin_of_placed:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bin_of_placed = np.concatenate(bin_of_placed)
+    by_bin = np.argsort(bin_of_placed, kind="stable")  # each bin's members in placing order
+    return order[by_bin], np.bincount(bin_of_placed, minlength=num_bins)
 
 
 def length_buckets(max_length: int, *, min_length: int = 64) -> list[int]:

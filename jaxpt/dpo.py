@@ -75,6 +75,8 @@ class DPOConfig(TrainingConfig):
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (TRL's DPO default)."})
     max_length: int | None = field(default=1024, metadata={"help": "Truncate prompt + completion to this many "
                                                                     "tokens (None: no truncation)."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes that tokenize the dataset "
+                                                                         "(datasets.map num_proc; None: one)."})
     truncation_mode: str = field(default="keep_start", metadata={"help": f"One of {TRUNCATION_MODES} (TRL "
                                                                          "deprecates 'keep_end')."})
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the pairs every epoch (seeded)."})
@@ -145,11 +147,14 @@ def prepare_dataset(dataset, tokenizer, config: DPOConfig) -> list[dict]:
     data.check_chat_template(tokenizer, fmt, method="DPO")
     data.check_rows(dataset, fmt, method="DPO", tokenizer=tokenizer)
     max_length = config.max_length
+    columns = [c for c in (*data.text_columns(fmt), "tools") if c in data.column_names(dataset)]
+    tokenized = data.map_columns(dataset, tokenize_preference_batch, columns=columns,
+                                 num_proc=config.dataset_num_proc, desc="Tokenizing the DPO dataset",
+                                 fn_kwargs={"tokenizer": tokenizer, "implicit": fmt.kind == "implicit_preference",
+                                            "conversational": fmt.conversational})
     examples = []
-    for index, row in enumerate(dataset):
-        if fmt.kind == "implicit_preference":
-            row = data.extract_prompt(row)
-        prompt_ids, chosen_ids, rejected_ids = tokenize_preference(tokenizer, row, conversational=fmt.conversational)
+    for index, (prompt_ids, chosen_ids, rejected_ids) in enumerate(zip(
+            *(tokenized[name].rows() for name in ("prompt_ids", "chosen_ids", "rejected_ids")), strict=True)):
         for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
             data.check_nonempty(ids, what=f"{name} completion", index=index)
         if max_length is not None and config.truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
@@ -158,8 +163,8 @@ def prepare_dataset(dataset, tokenizer, config: DPOConfig) -> list[dict]:
                              "shorten/filter long prompts.")
         example = {}
         for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
-            sequence = np.asarray(prompt_ids + ids, np.int32)
-            mask = np.asarray([0] * len(prompt_ids) + [1] * len(ids), np.int32)
+            sequence = np.concatenate([prompt_ids, ids]).astype(np.int32)
+            mask = np.repeat(np.asarray([0, 1], np.int32), [len(prompt_ids), len(ids)])
             if max_length is not None and len(sequence) > max_length:
                 keep = slice(None, max_length) if config.truncation_mode == "keep_start" else slice(-max_length, None)
                 sequence, mask = sequence[keep], mask[keep]
@@ -167,6 +172,30 @@ def prepare_dataset(dataset, tokenizer, config: DPOConfig) -> list[dict]:
             example[f"{name}_completion_mask"] = mask
         examples.append(example)
     return examples
+
+
+def tokenize_preference_batch(batch: dict[str, list], *, tokenizer, implicit: bool,
+                              conversational: bool) -> dict[str, list]:
+    """`tokenize_preference` over a batch of rows (`datasets.Dataset.map(batched=True)`): `prompt_ids`,
+    `chosen_ids`, `rejected_ids`; standard text in three batched tokenizer calls."""
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    if implicit:
+        rows = [data.extract_prompt(row) for row in rows]
+    if conversational:
+        ids = [tokenize_preference(tokenizer, row, conversational=True) for row in rows]
+        return {name: [i[k] for i in ids] for k, name in enumerate(("prompt_ids", "chosen_ids", "rejected_ids"))}
+    eos_token = tokenizer.eos_token
+    ending = lambda text: text if not eos_token or text.endswith(eos_token) else text + eos_token
+    prompt_ids = data.tokenize_texts(tokenizer, [row["prompt"] for row in rows])
+    chosen_full = data.tokenize_texts(tokenizer, [row["prompt"] + ending(row["chosen"]) for row in rows])
+    rejected_full = data.tokenize_texts(tokenizer, [row["prompt"] + ending(row["rejected"]) for row in rows])
+    out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for prompt, chosen, rejected in zip(prompt_ids, chosen_full, rejected_full, strict=True):
+        length = min(data.common_prefix_length(prompt, chosen), data.common_prefix_length(prompt, rejected))
+        out["prompt_ids"].append(prompt[:length])
+        out["chosen_ids"].append(chosen[length:])
+        out["rejected_ids"].append(rejected[length:])
+    return out
 
 
 def tokenize_preference(tokenizer, row: dict, *, conversational: bool) -> tuple[list[int], list[int], list[int]]:

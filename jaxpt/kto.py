@@ -69,6 +69,8 @@ class KTOConfig(TrainingConfig):
     """TRL's `KTOConfig` fields that have a meaning here (same names and defaults)."""
 
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (TRL's KTO default)."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes that tokenize the dataset "
+                                                                         "(datasets.map num_proc; None: one)."})
     max_length: int | None = field(default=1024, metadata={"help": "Truncate prompt + completion (and the "
                                                                     "mismatched KL sequences) to this many tokens, "
                                                                     "keeping the start."})
@@ -124,20 +126,27 @@ def prepare_dataset(dataset, tokenizer, config: KTOConfig) -> list[dict]:
     fmt = data.require_format(dataset, ("unpaired_preference", "preference", "implicit_preference"), method="KTO")
     data.check_chat_template(tokenizer, fmt, method="KTO")
     data.check_rows(dataset, fmt, method="KTO", tokenizer=tokenizer)
-    rows = list(dataset)
-    if fmt.kind == "implicit_preference":
-        rows = [data.extract_prompt(row) for row in rows]
-    if fmt.kind != "unpaired_preference":
-        rows = unpair_preference(rows)
+    if fmt.kind == "unpaired_preference":
+        unpaired = dataset
+    elif hasattr(dataset, "map") and hasattr(dataset, "select_columns"):  # a datasets.Dataset: stays in Arrow
+        unpaired = dataset.map(_unpair_batch, batched=True, batch_size=UNPAIR_BLOCK,
+                               remove_columns=list(dataset.column_names), desc="Unpairing the KTO dataset",
+                               fn_kwargs={"implicit": fmt.kind == "implicit_preference"})
+    else:
+        rows = list(dataset)
+        if fmt.kind == "implicit_preference":
+            rows = [data.extract_prompt(row) for row in rows]
+        unpaired = unpair_preference(rows)
+    tokenized = data.map_columns(unpaired, tokenize_unpaired_batch, columns=("prompt", "completion", "label"),
+                                 num_proc=config.dataset_num_proc, desc="Tokenizing the KTO dataset",
+                                 fn_kwargs={"tokenizer": tokenizer, "conversational": fmt.conversational})
     examples = []
-    for index, row in enumerate(rows):
-        label = row["label"]
+    for index, (ids, prompt_length, label) in enumerate(zip(tokenized["input_ids"].rows(),
+                                                            tokenized["prompt_length"].tolist(),
+                                                            tokenized["label"].tolist(), strict=True)):
         if not isinstance(label, (bool, np.bool_)) and label not in (0, 1):
             raise ValueError(f"Example {index}: label={label!r}; KTO labels are booleans (True: desirable "
                              "completion, False: undesirable).")
-        ids, prompt_length = data.tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"],
-                                                             conversational=fmt.conversational,
-                                                             eos_token=tokenizer.eos_token)
         data.check_nonempty(ids, what="prompt + completion", index=index)
         if prompt_length == len(ids):
             raise ValueError(f"Example {index}: the completion tokenized to no tokens, so there is nothing to score.")
@@ -145,9 +154,37 @@ def prepare_dataset(dataset, tokenizer, config: KTOConfig) -> list[dict]:
             raise ValueError(f"Example {index}: the prompt is {prompt_length} tokens, not shorter than "
                              f"max_length={config.max_length}, so no completion token would be scored: raise "
                              "max_length or shorten/filter long prompts.")
-        examples.append({"prompt_ids": np.asarray(ids[:prompt_length], np.int32),
-                         "completion_ids": np.asarray(ids[prompt_length:], np.int32), "label": bool(label)})
+        examples.append({"prompt_ids": ids[:prompt_length].astype(np.int32),
+                         "completion_ids": ids[prompt_length:].astype(np.int32), "label": bool(label)})
     return examples
+
+
+def tokenize_unpaired_batch(batch: dict[str, list], *, tokenizer, conversational: bool) -> dict[str, list]:
+    """A batch of unpaired rows (`datasets.Dataset.map(batched=True)`) -> `input_ids` of prompt + completion,
+    `prompt_length` and the `label` passed through; standard completions get the EOS token if missing and are
+    tokenized in batched calls, conversations go through the chat template."""
+    prompts, completions = batch["prompt"], batch["completion"]
+    if conversational:
+        pairs = [data.tokenize_prompt_completion(tokenizer, prompt, completion, conversational=True)
+                 for prompt, completion in zip(prompts, completions, strict=True)]
+        return {"input_ids": [ids for ids, _ in pairs], "prompt_length": [length for _, length in pairs],
+                "label": list(batch["label"])}
+    eos_token = tokenizer.eos_token
+    completions = [c if not eos_token or c.endswith(eos_token) else c + eos_token for c in completions]
+    prompt_ids = data.tokenize_texts(tokenizer, prompts)
+    full_ids = data.tokenize_texts(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
+    return {"input_ids": full_ids, "label": list(batch["label"]),
+            "prompt_length": [data.common_prefix_length(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]}
+
+
+def _unpair_batch(batch: dict[str, list], *, implicit: bool) -> dict[str, list]:
+    """`unpair_preference` of one block of paired rows, as columns (a batched `datasets.map` of `UNPAIR_BLOCK`
+    rows, TRL's order)."""
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    if implicit:
+        rows = [data.extract_prompt(row) for row in rows]
+    unpaired = unpair_preference(rows)
+    return {name: [row[name] for row in unpaired] for name in unpaired[0]} if unpaired else {}
 
 
 def unpair_preference(rows: Sequence[dict]) -> list[dict]:

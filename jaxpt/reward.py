@@ -59,6 +59,8 @@ class RewardConfig(TrainingConfig):
     (jaxpt models have no dropout)."""
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (TRL's reward default)."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes that tokenize the dataset "
+                                                                         "(datasets.map num_proc; None: one)."})
     eos_token: str | None = field(default=None, metadata={"help": "Appended to standard (non-chat) chosen and "
                                                                   "rejected texts if missing (default: the "
                                                                   "tokenizer's)."})
@@ -95,16 +97,16 @@ def prepare_dataset(dataset, tokenizer, config: RewardConfig) -> list[dict]:
     has_margin = "margin" in dataset.column_names
     max_length = config.max_length
 
+    columns = [c for c in (*data.text_columns(fmt), "tools", "chat_template_kwargs", "margin")
+               if c in data.column_names(dataset)]
+    tokenized = data.map_columns(dataset, tokenize_pairs_batch, columns=columns, num_proc=config.dataset_num_proc,
+                                 desc="Tokenizing the reward dataset",
+                                 fn_kwargs={"tokenizer": tokenizer, "explicit_prompt": fmt.kind == "preference",
+                                            "conversational": fmt.conversational, "eos_token": eos_token})
+    margins = tokenized.get("margin")
     examples, too_long = [], 0
-    for index, row in enumerate(dataset):
-        chosen, rejected = row["chosen"], row["rejected"]
-        if not fmt.conversational and eos_token:
-            chosen = chosen if chosen.endswith(eos_token) else chosen + eos_token
-            rejected = rejected if rejected.endswith(eos_token) else rejected + eos_token
-        if fmt.kind == "preference":  # explicit prompt: score prompt + response (TRL tokenizes them together)
-            chosen, rejected = row["prompt"] + chosen, row["prompt"] + rejected
-        chosen_ids = _tokenize(tokenizer, chosen, row)
-        rejected_ids = _tokenize(tokenizer, rejected, row)
+    for index, (chosen_ids, rejected_ids) in enumerate(zip(tokenized["chosen_ids"].rows(),
+                                                           tokenized["rejected_ids"].rows(), strict=True)):
         data.check_nonempty(chosen_ids, what="chosen sequence", index=index)
         data.check_nonempty(rejected_ids, what="rejected sequence", index=index)
         if max_length is not None and max(len(chosen_ids), len(rejected_ids)) > max_length:
@@ -112,7 +114,7 @@ def prepare_dataset(dataset, tokenizer, config: RewardConfig) -> list[dict]:
             continue
         example = {"chosen_ids": np.asarray(chosen_ids, np.int32), "rejected_ids": np.asarray(rejected_ids, np.int32)}
         if has_margin:
-            example["margin"] = np.float32(row["margin"])
+            example["margin"] = np.float32(margins[index])
         examples.append(example)
 
     if too_long:
@@ -122,6 +124,26 @@ def prepare_dataset(dataset, tokenizer, config: RewardConfig) -> list[dict]:
         raise ValueError(f"Every one of the {len(dataset)} preference pairs is longer than max_length={max_length} "
                          "tokens, so none is left: raise max_length (or set it to None).")
     return examples
+
+
+def tokenize_pairs_batch(batch: dict[str, list], *, tokenizer, explicit_prompt: bool, conversational: bool,
+                         eos_token: str | None) -> dict[str, list]:
+    """A batch of rows (`datasets.Dataset.map(batched=True)`) -> `chosen_ids`, `rejected_ids` of the whole
+    sequences (prompt + response, EOS appended to standard text if missing; standard text in batched tokenizer
+    calls), and the `margin` column passed through when there is one."""
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    out: dict[str, list] = {}
+    for name in ("chosen", "rejected"):
+        texts = [row[name] for row in rows]
+        if not conversational and eos_token:
+            texts = [text if text.endswith(eos_token) else text + eos_token for text in texts]
+        if explicit_prompt:  # score prompt + response (TRL tokenizes them together)
+            texts = [row["prompt"] + text for row, text in zip(rows, texts, strict=True)]
+        out[f"{name}_ids"] = (data.tokenize_texts(tokenizer, texts) if not conversational else
+                              [_tokenize(tokenizer, text, row) for row, text in zip(rows, texts, strict=True)])
+    if "margin" in batch:
+        out["margin"] = list(batch["margin"])
+    return out
 
 
 def _tokenize(tokenizer, text_or_messages, row: dict) -> list[int]:

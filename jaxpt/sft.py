@@ -46,6 +46,8 @@ class SFTConfig(TrainingConfig):
 
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (TRL's SFT default)."})
     dataset_text_field: str = field(default="text", metadata={"help": "Text column of language-modeling data."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes that tokenize the dataset "
+                                                                         "(datasets.map num_proc; None: one)."})
     eos_token: str | None = field(default=None, metadata={"help": "Appended to standard (non-chat) texts and "
                                                                   "completions if missing (default: the tokenizer's)."})
     max_length: int | None = field(default=1024, metadata={"help": "Truncate tokenized sequences to this length "
@@ -81,6 +83,9 @@ class SFTConfig(TrainingConfig):
                              "deprecated 'keep_end' for SFT).")
         if (self.packing or self.padding_free) and not self.max_length:
             raise ValueError("packing needs max_length (the packed row length); set max_length.")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"dataset_num_proc={self.dataset_num_proc} must be >= 1 (or None: tokenize in this "
+                             "process).")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length={self.max_length} must be >= 2.")
 
@@ -94,7 +99,10 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
     """Tokenize a TRL-format SFT dataset into examples `{"input_ids", "loss_mask"[, "segment_ids"]}` (int32
     numpy arrays; `loss_mask` marks the tokens the model learns to predict), truncated and optionally packed
     (in dataset order, as TRL). `packing` None: the config's (`packing` or `padding_free`). Bad data fails here,
-    before anything compiles."""
+    before anything compiles.
+
+    A `datasets.Dataset` is tokenized with `Dataset.map(batched=True, num_proc=config.dataset_num_proc)` (cached
+    for file-backed datasets); truncation and packing then work on the flat token arrays of the Arrow columns."""
     fmt = data.require_format(dataset, ("language_modeling", "prompt_completion"), method="SFT",
                               text_field=config.dataset_text_field)
     data.check_chat_template(tokenizer, fmt, method="SFT")
@@ -107,7 +115,6 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
         completion_only = fmt.kind == "prompt_completion"
     if config.assistant_only_loss and not fmt.conversational:
         raise ValueError("assistant_only_loss=True needs conversational data (lists of role/content messages).")
-    eos_token = config.eos_token or tokenizer.eos_token
     max_length = config.max_length
     if packing is None:
         packing = config.packing or config.padding_free
@@ -115,94 +122,167 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
     # sequences are cut to max_length.
     truncate = max_length is not None and not (packing and config.packing_strategy != "bfd")
 
-    examples = []
-    for index, row in enumerate(dataset):
-        if fmt.kind == "prompt_completion":
-            ids, prompt_length = data.tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"],
-                                                                 conversational=fmt.conversational,
-                                                                 eos_token=eos_token)
-            if truncate and completion_only and prompt_length >= max_length:
-                raise ValueError(f"Example {index}: the prompt is {prompt_length} tokens, not shorter than "
-                                 f"max_length={max_length}, so no completion token would be trained on: raise "
-                                 "max_length or shorten/filter long prompts.")
-            mask = [0] * prompt_length + [1] * (len(ids) - prompt_length) if completion_only else [1] * len(ids)
-            if config.assistant_only_loss:
-                messages = list(row["prompt"]) + list(row["completion"])
-                assistant = data.tokenize(tokenizer, messages, assistant_mask=True)["assistant_masks"]
-                mask = [m & a for m, a in zip(mask, assistant, strict=False)]
-        elif fmt.conversational:
-            out = data.tokenize(tokenizer, row["messages"], assistant_mask=config.assistant_only_loss)
-            ids = out["input_ids"]
-            mask = out["assistant_masks"] if config.assistant_only_loss else [1] * len(ids)
-        else:
-            text = row[config.dataset_text_field]
-            if eos_token and not text.endswith(eos_token):
-                text = text + eos_token
-            ids = data.tokenize(tokenizer, text)["input_ids"]
-            mask = [1] * len(ids)
-        data.check_nonempty(ids, what="example", index=index)
-        if config.assistant_only_loss and not any(mask):
-            raise ValueError(f"Example {index} has no assistant tokens: with assistant_only_loss=True the chat "
-                             "template must mark assistant turns with {% generation %} ... {% endgeneration %}.")
-        if truncate and len(ids) > max_length:
-            ids, mask = ids[:max_length], mask[:max_length]
-            if not any(mask):  # TRL drops such examples silently; say so instead
-                raise ValueError(f"Example {index}: truncated to max_length={max_length}, it keeps no assistant "
-                                 "token to train on: raise max_length or shorten/filter long conversations.")
-        examples.append({"input_ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)})
-    if not any(e["loss_mask"][1:].any() for e in examples):  # the first token is never a target
-        raise ValueError(f"None of the {len(examples)} SFT examples has a token to train on (each is one token, or "
+    columns = data.text_columns(fmt, text_field=config.dataset_text_field)
+    tokenized = data.map_columns(
+        dataset, tokenize_batch, columns=columns, num_proc=config.dataset_num_proc, desc="Tokenizing the SFT dataset",
+        fn_kwargs={"tokenizer": tokenizer, "columns": columns, "conversational": fmt.conversational,
+                   "eos_token": config.eos_token or tokenizer.eos_token,
+                   "assistant_only_loss": config.assistant_only_loss})
+    input_ids = tokenized["input_ids"]
+    lengths = input_ids.lengths
+    long = truncate and bool((lengths > max_length).any())
+    position = None  # of each token within its example, computed only when a mask or a cut needs it
+    if completion_only or long:
+        position = np.arange(len(input_ids.values)) - np.repeat(input_ids.starts, lengths)
+    loss_mask = None  # None: every token (full loss), without a flat array of ones
+    if completion_only:
+        loss_mask = (position >= np.repeat(tokenized["prompt_length"], lengths)).astype(np.int32)
+    if config.assistant_only_loss:
+        assistant = tokenized["assistant_masks"].values.astype(np.int32)
+        loss_mask = assistant if loss_mask is None else loss_mask & assistant
+    _check_examples(input_ids, loss_mask, tokenized.get("prompt_length"), max_length=max_length, truncate=truncate,
+                    completion_only=completion_only, assistant_only=config.assistant_only_loss)
+    if long:
+        kept = position < max_length
+        input_ids = data.Ragged(input_ids.values[kept], np.minimum(lengths, max_length))
+        loss_mask = None if loss_mask is None else loss_mask[kept]
+    if loss_mask is None:
+        trainable = bool((input_ids.lengths > 1).any())
+    else:  # the first token of an example is never a target
+        trainable = bool(loss_mask[np.repeat(input_ids.starts, input_ids.lengths) < np.arange(len(loss_mask))].any())
+    if not trainable:
+        raise ValueError(f"None of the {len(lengths)} SFT examples has a token to train on (each is one token, or "
                          "its loss mask is empty): check the dataset's text columns and completion_only_loss / "
                          "assistant_only_loss.")
-
     if packing:
-        examples = pack_examples(examples, max_length, strategy=config.packing_strategy)
-    return examples
+        return pack_ragged(input_ids, loss_mask, max_length, strategy=config.packing_strategy)
+    if loss_mask is None:
+        loss_mask = np.ones(len(input_ids.values), np.int32)
+    masks = data.Ragged(loss_mask, input_ids.lengths).rows()
+    return [{"input_ids": ids, "loss_mask": mask} for ids, mask in zip(input_ids.rows(), masks, strict=True)]
+
+
+def tokenize_batch(batch: dict[str, list], *, tokenizer, columns: Sequence[str], conversational: bool,
+                   eos_token: str | None, assistant_only_loss: bool) -> dict[str, list]:
+    """One batch of SFT rows -> `input_ids` (and `prompt_length` for prompt-completion data, `assistant_masks` with
+    `assistant_only_loss`), as TRL tokenizes them: standard texts and completions get `eos_token` if missing and
+    are tokenized as a batch; conversations go through the chat template one by one."""
+    if len(columns) == 1 and not conversational:  # language modeling, standard: one batched tokenizer call
+        texts = [text if not eos_token or text.endswith(eos_token) else text + eos_token for text in batch[columns[0]]]
+        return {"input_ids": data.tokenize_texts(tokenizer, texts)}
+    if len(columns) == 1:  # language modeling, conversational
+        outs = [data.tokenize(tokenizer, messages, assistant_mask=assistant_only_loss)
+                for messages in batch[columns[0]]]
+        return {name: [out[name] for out in outs] for name in outs[0]}
+    prompts, completions = batch["prompt"], batch["completion"]
+    if conversational:
+        out: dict[str, list] = {"input_ids": [], "prompt_length": []}
+        for prompt, completion in zip(prompts, completions, strict=True):
+            ids, prompt_length = data.tokenize_prompt_completion(tokenizer, prompt, completion, conversational=True)
+            out["input_ids"].append(ids)
+            out["prompt_length"].append(prompt_length)
+            if assistant_only_loss:
+                messages = list(prompt) + list(completion)
+                out.setdefault("assistant_masks", []).append(
+                    data.tokenize(tokenizer, messages, assistant_mask=True)["assistant_masks"])
+        return out
+    completions = [c if not eos_token or c.endswith(eos_token) else c + eos_token for c in completions]
+    prompt_ids = data.tokenize_texts(tokenizer, prompts)
+    full_ids = data.tokenize_texts(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
+    return {"input_ids": full_ids,
+            "prompt_length": [data.common_prefix_length(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]}
+
+
+def _check_examples(input_ids: data.Ragged, loss_mask: np.ndarray | None, prompt_length, *, max_length: int | None,
+                    truncate: bool, completion_only: bool, assistant_only: bool) -> None:
+    """The per-example checks, on the flat arrays (`loss_mask` None: every token): the first bad example (in
+    dataset order, and per example in the order the checks read) fails with its index named."""
+    lengths = input_ids.lengths
+    problems = []  # (example index, check order, message)
+
+    def first(bad: np.ndarray, order: int, message) -> None:
+        if bad.any():
+            index = int(np.argmax(bad))
+            problems.append((index, order, message(index)))
+
+    if truncate and completion_only and prompt_length is not None:
+        first(prompt_length >= max_length, 0, lambda i: (
+            f"Example {i}: the prompt is {int(prompt_length[i])} tokens, not shorter than max_length={max_length}, "
+            "so no completion token would be trained on: raise max_length or shorten/filter long prompts."))
+    first(lengths == 0, 1, lambda i: data.empty_tokens_message(what="example", index=i))
+    if loss_mask is not None and (assistant_only or truncate):
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        mask_sums = np.concatenate([[0], np.cumsum(loss_mask, dtype=np.int64)])
+        if assistant_only:
+            first(mask_sums[ends] == mask_sums[starts], 2, lambda i: (
+                f"Example {i} has no assistant tokens: with assistant_only_loss=True the chat template must mark "
+                "assistant turns with {% generation %} ... {% endgeneration %}."))
+        if truncate:
+            kept_sums = mask_sums[starts + np.minimum(lengths, max_length)] - mask_sums[starts]
+            first((lengths > max_length) & (kept_sums == 0), 3, lambda i: (
+                f"Example {i}: truncated to max_length={max_length}, it keeps no assistant token to train on: "
+                "raise max_length or shorten/filter long conversations."))
+    if problems:
+        raise ValueError(min(problems)[2])
 
 
 def pack_examples(examples: Sequence[dict], seq_length: int, *, strategy: str = "bfd") -> list[dict]:
     """Rows of exactly `seq_length` tokens holding several examples, each with its own segment id (1, 2, ...;
     0 = padding): attention and positions restart per segment, so packing changes no example's loss."""
-    pieces = []
-    for example in examples:
-        if strategy == "bfd":
-            pieces.append({k: v[:seq_length] for k, v in example.items()})
-        elif strategy == "bfd_split":  # long examples become several pieces, packed like examples
-            for start in range(0, len(example["input_ids"]), seq_length):
-                pieces.append({k: v[start:start + seq_length] for k, v in example.items()})
-        else:  # wrapped: cut only at row ends (below), so a segment never breaks inside a row
-            pieces.append(example)
-    if strategy == "wrapped":  # fill rows in order, cutting pieces at row ends
-        rows, current, used = [], [], 0
-        for piece in pieces:
-            offset = 0
-            while offset < len(piece["input_ids"]):
-                take = min(seq_length - used, len(piece["input_ids"]) - offset)
-                current.append({k: v[offset:offset + take] for k, v in piece.items()})
-                used += take
-                offset += take
-                if used == seq_length:
-                    rows.append(current)
-                    current, used = [], 0
-        if current:
-            rows.append(current)
+    input_ids = data.ragged_from_lists([e["input_ids"] for e in examples])
+    loss_mask = data.ragged_from_lists([e["loss_mask"] for e in examples]).values
+    return pack_ragged(input_ids, loss_mask, seq_length, strategy=strategy)
+
+
+def pack_ragged(input_ids: data.Ragged, loss_mask: np.ndarray | None, seq_length: int, *,
+                strategy: str = "bfd") -> list[dict]:
+    """`pack_examples` on flat arrays (`loss_mask` runs alongside `input_ids.values`; None: every token), with
+    numpy gathers only: `bfd` truncates each example to `seq_length`, `bfd_split` cuts long ones into
+    `seq_length` pieces packed like examples (TRL's strategies, bins as TRL's `pack_dataset`), `wrapped` fills
+    rows in order and cuts only at row ends (a segment never spans two rows)."""
+    lengths = input_ids.lengths
+    starts = input_ids.starts
+    total = int(lengths.sum())
+    if strategy == "wrapped":
+        num_rows = -(-total // seq_length)
+        token = np.arange(total)
+        new_segment = token % seq_length == 0
+        new_segment[starts[lengths > 0]] = True
+        segments = np.cumsum(new_segment)
+        segments -= segments[token - token % seq_length] - 1
+        tokens_in_row = np.minimum(seq_length, total - np.arange(num_rows) * seq_length)
+        source = None  # the tokens stay in order
     else:
-        bins = data.pack_bfd([len(p["input_ids"]) for p in pieces], seq_length)
-        rows = [[pieces[i] for i in members] for members in bins]
-    packed = []
-    for row in rows:
-        input_ids = np.zeros(seq_length, np.int32)
-        loss_mask = np.zeros(seq_length, np.int32)
-        segment_ids = np.zeros(seq_length, np.int32)
-        start = 0
-        for segment, piece in enumerate(row, start=1):
-            end = start + len(piece["input_ids"])
-            input_ids[start:end] = piece["input_ids"]
-            loss_mask[start:end] = piece["loss_mask"]
-            segment_ids[start:end] = segment
-            start = end
-        packed.append({"input_ids": input_ids, "loss_mask": loss_mask, "segment_ids": segment_ids})
-    return packed
+        if strategy == "bfd":
+            piece_starts, piece_lengths = starts, np.minimum(lengths, seq_length)
+        else:  # bfd_split: pieces of seq_length, the last piece of an example shorter
+            pieces_per_example = -(-lengths // seq_length)
+            example = np.repeat(np.arange(len(lengths)), pieces_per_example)
+            rank = np.arange(len(example)) - np.repeat(np.cumsum(pieces_per_example) - pieces_per_example,
+                                                       pieces_per_example)
+            piece_starts = starts[example] + rank * seq_length
+            piece_lengths = np.minimum(lengths[example] - rank * seq_length, seq_length)
+        members, sizes = data.bfd_bins(piece_lengths, seq_length)
+        num_rows = len(sizes)
+        # The packed tokens, row after row, are the placed pieces' tokens one after the other: one arange plus a
+        # repeated offset per piece finds where each comes from.
+        member_lengths = piece_lengths[members]
+        out_starts = np.cumsum(member_lengths) - member_lengths
+        source = np.arange(int(member_lengths.sum())) + np.repeat(piece_starts[members] - out_starts,
+                                                                   member_lengths)
+        member_rank = np.arange(len(members)) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # within its row
+        segments = np.repeat((member_rank + 1).astype(np.int32), member_lengths)
+        tokens_in_row = np.add.reduceat(member_lengths, np.cumsum(sizes) - sizes) if num_rows else sizes
+    filled = np.arange(seq_length) < tokens_in_row[:, None]  # tokens first, padding last in every row
+    rows = {name: np.zeros((num_rows, seq_length), np.int32) for name in ("input_ids", "loss_mask", "segment_ids")}
+    rows["input_ids"][filled] = input_ids.values if source is None else input_ids.values[source]
+    if loss_mask is None:
+        rows["loss_mask"][filled] = 1
+    else:
+        rows["loss_mask"][filled] = loss_mask if source is None else loss_mask[source]
+    rows["segment_ids"][filled] = segments
+    return [{name: rows[name][i] for name in rows} for i in range(num_rows)]
 
 
 def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Sequence[int],
