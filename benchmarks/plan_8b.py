@@ -7,7 +7,9 @@ step on a mesh of `--mesh` simulated CPU devices (default fsdp=64; a child proce
 `pip install 'jaxpt[tpu-plan]'`). Per device: 1 x 2048 tokens, bf16 compute, gradient checkpointing. Prints, per
 method, argument + temp bytes (target <= 24 GiB), flops against the analytic band (6 x params x tokens for forward
 + backward, +2 for the checkpointed forward, +2 for DPO's in-step reference forward: SFT 6-9, DPO 8-11),
-collective bytes, and one JSON line with everything.
+collective bytes by kind (each collective counted at its whole, unsplit buffer: on CPU devices XLA widens bfloat16
+collectives to float32, so the all-gathers count 4 bytes per parameter where the step gathers bfloat16), and one JSON
+line with everything.
 
     python benchmarks/plan_8b.py                          # SFT and DPO, 64 CPU devices (minutes per method)
     python benchmarks/plan_8b.py --methods sft --topology v5p:4x4x4
@@ -68,7 +70,9 @@ def main():
                   f" flops {result['flops_per_param_token']:.2f} x matmul params x tokens "
                   f"({ratio:.2f} x all params; band {low:g}-{high:g}: "
                   f"{'ok' if result['flops_in_band'] else 'OUT'}); collectives "
-                  f"{result['collective_bytes'] / 2**30:.2f} GiB; compile {result['compile_seconds']:.0f} s\n",
+                  f"{result['collective_bytes'] / 2**30:.2f} GiB ("
+                  + ", ".join(f"{kind} {size / 2**30:.2f}" for kind, size in result["collective_bytes_by_kind"].items()
+                              if size) + f"); compile {result['compile_seconds']:.0f} s\n",
                   flush=True)
     print(json.dumps({"benchmark": "plan_8b", "mesh": args.mesh, "topology": args.topology,
                       "num_hidden_layers": args.num_hidden_layers, "results": results}))

@@ -287,14 +287,29 @@ def _trip_count_from_condition(computations: dict, condition) -> int | None:
     return int(bounds[0]) if bounds and bounds[0].strip().isdigit() else None
 
 
+def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """`[(dtype, dims), ...]` of an HLO shape string (the elements of a tuple shape, layouts ignored)."""
+    shape = re.sub(r"/\*.*?\*/", "", shape)
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _ARRAY_SHAPE.findall(shape)
+            if dtype in _DTYPE_BYTES or dtype.startswith("f8")]
+
+
+def _array_bytes(arrays) -> int:
+    return int(sum(_DTYPE_BYTES.get(dtype, 1) * math.prod(dims) for dtype, dims in arrays))
+
+
 def hlo_costs(hlo_text: str) -> dict[str, Any]:
     """Per-device matmul flops and collective traffic of a compiled (SPMD-partitioned) HLO module.
 
     Every computation is read once; a while loop's body counts `known_trip_count` times (once, and
     `unknown_trip_counts` incremented, when XLA could not tell), fusions and calls once per call, a conditional
-    as its costliest branch. Collective bytes are the operand bytes of all-reduce, all-gather, reduce-scatter,
-    all-to-all and collective-permute (their async `-start` forms too). Also returns the largest collective
-    (bytes, kind, shape), which shows e.g. a vocabulary-sized buffer moving."""
+    as its costliest branch. The collectives are all-reduce, all-gather, reduce-scatter, all-to-all and
+    collective-permute (their async `-start` forms too). `collective_list` has one entry per collective instruction:
+    `kind`, `operands` and `results` (`[(dtype, dims), ...]`), `runs` (how often it runs per step) and `bytes`
+    (`runs` x the larger of its operand and result bytes: the whole, unsplit buffer it gathers, scatters or
+    reduces; an all-reduce moves about twice that over a ring). `collective_bytes` sums them; the sums of operand
+    bytes alone (`collective_operand_bytes`, what earlier plans reported) undercount gathers by the device count.
+    Also returns the largest collective (bytes, kind, shape), which shows e.g. a vocabulary-sized buffer moving."""
     computations: dict[str, list] = {}
     entry = None
     current = None
@@ -315,18 +330,17 @@ def hlo_costs(hlo_text: str) -> dict[str, Any]:
         if parsed:
             computations[current].append(parsed)
 
-    largest = {"bytes": 0, "kind": None, "shape": None}
     unknown_trip_counts = 0
     memo: dict[str, dict] = {}
+    found: dict[tuple[str, str], dict] = {}  # (computation, instruction) -> the collective, without runs
 
     def zero():
-        return {"flops": 0, "bytes": dict.fromkeys(COLLECTIVE_KINDS, 0), "count": dict.fromkeys(COLLECTIVE_KINDS, 0)}
+        return {"flops": 0, "runs": {}}
 
     def add(into, other, times=1):
         into["flops"] += other["flops"] * times
-        for kind in COLLECTIVE_KINDS:
-            into["bytes"][kind] += other["bytes"][kind] * times
-            into["count"][kind] += other["count"][kind] * times
+        for key, runs in other["runs"].items():
+            into["runs"][key] = into["runs"].get(key, 0) + runs * times
 
     def cost(name):
         nonlocal unknown_trip_counts
@@ -335,14 +349,17 @@ def hlo_costs(hlo_text: str) -> dict[str, Any]:
         memo[name] = zero()  # guards against recursion
         total = zero()
         shapes = {inst[0]: inst[1] for inst in computations.get(name, [])}
-        for _, shape, opcode, operands, attributes, _ in computations.get(name, []):
+        for instruction, shape, opcode, operands, attributes, _ in computations.get(name, []):
             base = opcode.removesuffix("-start")
             if base in COLLECTIVE_KINDS:
-                moved = sum(shape_bytes(shapes.get(o, "")) for o in operands)
-                total["bytes"][base] += moved
-                total["count"][base] += 1
-                if moved > largest["bytes"]:
-                    largest.update(bytes=moved, kind=base, shape=" ".join(shapes.get(o, "?") for o in operands))
+                operand_arrays = [a for o in operands for a in _arrays(shapes.get(o, ""))]
+                result_arrays = _arrays(shape)
+                if opcode.endswith("-start") and len(result_arrays) > len(operand_arrays):  # (operands, results)
+                    result_arrays = result_arrays[len(operand_arrays):]
+                found[(name, instruction)] = {"kind": base, "operands": operand_arrays, "results": result_arrays,
+                                              "operand_bytes": _array_bytes(operand_arrays),
+                                              "result_bytes": _array_bytes(result_arrays)}
+                total["runs"][(name, instruction)] = total["runs"].get((name, instruction), 0) + 1
             elif opcode == "dot":
                 lhs = _dims(shapes.get(operands[0], "")) if operands else []
                 contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attributes)
@@ -377,10 +394,26 @@ def hlo_costs(hlo_text: str) -> dict[str, Any]:
         return total
 
     result = cost(entry) if entry else zero()
-    return {"flops": int(result["flops"]), "collective_bytes": int(sum(result["bytes"].values())),
-            "collective_bytes_by_kind": {k: int(v) for k, v in result["bytes"].items()},
-            "collectives": {k: int(v) for k, v in result["count"].items()},
-            "largest_collective": largest, "unknown_trip_counts": unknown_trip_counts}
+    collective_list = []
+    for key, runs in result["runs"].items():
+        collective = dict(found[key], runs=int(runs))
+        collective["bytes"] = int(runs) * max(collective["operand_bytes"], collective["result_bytes"])
+        collective_list.append(collective)
+    collective_list.sort(key=lambda c: -c["bytes"])
+    by_kind = {kind: sum(c["bytes"] for c in collective_list if c["kind"] == kind) for kind in COLLECTIVE_KINDS}
+    counts = {kind: sum(c["runs"] for c in collective_list if c["kind"] == kind) for kind in COLLECTIVE_KINDS}
+    largest = {"bytes": 0, "kind": None, "shape": None}
+    for c in collective_list:
+        size = max(c["operand_bytes"], c["result_bytes"])
+        if size > largest["bytes"]:
+            arrays = c["operands"] if c["operand_bytes"] >= c["result_bytes"] else c["results"]
+            largest = {"bytes": size, "kind": c["kind"],
+                       "shape": " ".join(f"{dtype}[{','.join(map(str, dims))}]" for dtype, dims in arrays)}
+    return {"flops": int(result["flops"]), "collective_bytes": int(sum(by_kind.values())),
+            "collective_bytes_by_kind": by_kind, "collectives": counts,
+            "collective_operand_bytes": int(sum(c["runs"] * c["operand_bytes"] for c in collective_list)),
+            "collective_list": collective_list, "largest_collective": largest,
+            "unknown_trip_counts": unknown_trip_counts}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -568,7 +601,8 @@ def _plan_here(request: dict) -> dict:
         "flops_per_param_token": costs["flops"] / max(matmul * tokens, 1),
         "xla_flops": float(xla_cost.get("flops", 0.0)),
         "collective_bytes": costs["collective_bytes"], "collective_bytes_by_kind": costs["collective_bytes_by_kind"],
-        "collectives": costs["collectives"], "largest_collective": costs["largest_collective"],
+        "collectives": costs["collectives"], "collective_operand_bytes": costs["collective_operand_bytes"],
+        "largest_collective": costs["largest_collective"],
         "unknown_trip_counts": costs["unknown_trip_counts"], "compile_seconds": round(compile_seconds, 2),
     }
     if request["hbm_gib"] is not None:

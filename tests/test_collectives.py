@@ -1,9 +1,11 @@
-"""The compiled SFT, DPO and GRPO steps are data-parallel in their log-prob loss: on an fsdp=8 mesh no collective
-moves a `[tokens, vocab]` buffer (only the parameter-shaped embedding / output-projection gathers and gradient
-reductions touch the vocabulary), and the collective traffic per device stays within a few parameter copies.
+"""The compiled SFT, DPO and GRPO steps are data-parallel in their log-prob loss and FSDP in their weights: on an
+fsdp=8 mesh no collective moves a `[tokens, vocab]` buffer (only the parameter-shaped embedding / output-projection
+gathers and gradient reductions touch the vocabulary), no gradient is all-reduced at its full size (each is
+reduce-scattered to its shards), a bfloat16 step gathers its weights in bfloat16, and the collective traffic per
+device stays within a few parameter copies.
 
-The collectives are read from the compiled HLO text, each weighted by the trip counts of the `while` loops
-(scans) around it, since one op in a loop body runs once per iteration."""
+The collectives are read from the compiled HLO text by `jaxpt.plan.hlo_costs` (the parser `jaxpt plan` reports
+with), each weighted by the trip counts of the `while` loops (scans) around it."""
 
 import math
 import re
@@ -14,97 +16,23 @@ import numpy as np
 import optax
 import pytest
 
+import jaxpt.models
 from jaxpt import dpo, grpo, sft
+from jaxpt.plan import hlo_costs
 from jaxpt.sharding import make_mesh, shard_batch
 from jaxpt.train_state import TrainState
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama_config
 
 # hidden 48 (shard 6) is no power of two, so a parameter-shaped [vocab, 48] buffer never looks like a
 # [tokens, vocab] one: the token counts here (rows x chunk) are powers of two.
 VOCAB, HIDDEN, FSDP = 32768, 48, 8
 ROWS, SEQ, CHUNK = 8, 64, 16  # logits_chunk_size 16: several chunks per row, so the chunk scan is exercised
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-         "s64": 8, "u64": 8, "f64": 8}
-ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*")
-
-
-def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in ARRAY.findall(text)]
-
-
-def _nbytes(arrays) -> int:
-    return sum(BYTES[dtype] * math.prod(dims) for dtype, dims in arrays)
-
-
-def _closing(text: str, depth: int) -> int:
-    """Index of the parenthesis that brings `depth` open ones back to zero."""
-    for index, char in enumerate(text):
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if depth == 0:
-            return index
-    raise ValueError(f"unbalanced parentheses in {text[:200]!r}")
-
-
-def _split_instruction(rest: str) -> tuple[str, str, str, str]:
-    """`SHAPE opcode(operands), attributes` -> (shape, opcode, operands, attributes)."""
-    if rest.startswith("("):  # a tuple shape, up to its matching parenthesis
-        end = _closing(rest, 0)
-        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
-    else:
-        shape, _, rest = rest.partition(" ")
-    opcode, _, rest = rest.partition("(")
-    end = _closing(rest, 1)
-    return shape, opcode.strip(), rest[:end], rest[end + 1:]
 
 
 def collectives(hlo: str) -> list[dict]:
-    """Every collective of a compiled module: opcode, operand and result arrays, and how many times it runs."""
-    shapes, computations, current = {}, {}, None
-    for line in hlo.splitlines():
-        header = re.match(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$", line)
-        if header and not INSTRUCTION.match(line):
-            current = header.group(1)
-            computations[current] = {"entry": line.startswith("ENTRY"), "instructions": []}
-            continue
-        match = INSTRUCTION.match(line)
-        if match and current is not None:
-            shape, opcode, operands, attributes = _split_instruction(line[match.end():])
-            shapes[match.group(1)] = re.sub(r"/\*.*?\*/", "", shape)
-            computations[current]["instructions"].append((opcode, operands, attributes, shape))
-
-    # how often each computation runs: the entry once; a while body trip-count times its caller
-    runs = {name: 1 for name, c in computations.items() if c["entry"]}
-    pending = list(runs)
-    while pending:
-        caller = pending.pop()
-        for opcode, _, attributes, _ in computations[caller]["instructions"]:
-            trips = 1
-            if opcode == "while":
-                known = re.search(r'"known_trip_count":\{"n":"(\d+)"', attributes)
-                assert known, f"a while loop without a known trip count: {attributes[:200]}"
-                trips = int(known.group(1))
-            for callee in re.findall(r"(?:body|condition|calls|to_apply|branch_computations=\{[^}]*)=?%([\w.\-]+)",
-                                     attributes):
-                if callee in computations and callee not in runs:
-                    runs[callee] = runs[caller] * trips
-                    pending.append(callee)
-
-    found = []
-    for name, computation in computations.items():
-        for opcode, operands, _, shape in computation["instructions"]:
-            base = opcode.removesuffix("-start")
-            if base not in COLLECTIVES:
-                continue
-            operand_arrays = [a for op in re.findall(r"%([\w.\-]+)", operands) for a in _arrays(shapes.get(op, ""))]
-            result_arrays = _arrays(re.sub(r"/\*.*?\*/", "", shape))
-            if opcode.endswith("-start") and base == "all-gather":  # result (operands, gathered)
-                result_arrays = result_arrays[len(operand_arrays):]
-            found.append({"opcode": base, "operands": operand_arrays, "results": result_arrays,
-                          "runs": runs.get(name, 1),
-                          "bytes": max(_nbytes(operand_arrays), _nbytes(result_arrays)) * runs.get(name, 1)})
-    return found
+    """Every collective of a compiled module (`hlo_costs`' `collective_list`): kind, operand and result arrays,
+    how many times it runs per step and the bytes it moves in all."""
+    return hlo_costs(hlo)["collective_list"]
 
 
 def vocabulary_sized(found: list[dict]) -> list[tuple[str, tuple[int, ...]]]:
@@ -118,8 +46,30 @@ def vocabulary_sized(found: list[dict]) -> list[tuple[str, tuple[int, ...]]]:
                 vocab_dim = VOCAB if VOCAB in dims else VOCAB // FSDP
                 others = math.prod(dims) // vocab_dim
                 if others not in parameter_like:
-                    bad.append((collective["opcode"], (dtype, dims)))
+                    bad.append((collective["kind"], (dtype, dims)))
     return bad
+
+
+def full_size_gradient_all_reduces(found: list[dict], params) -> list[tuple[str, tuple[int, ...]]]:
+    """All-reduced buffers shaped like a whole weight matrix (a decoder layer's, without its layer axis, or the
+    embedding / output projection): a gradient summed at full size on every device instead of reduce-scattered
+    to its FSDP shards. (1-D weights, the norms, are not split and may be all-reduced.)"""
+    shapes = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        stacked = "layers" in jax.tree_util.keystr(path)
+        shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+        if len(shape) >= 2:
+            shapes.update({shape, shape[::-1]})  # in either layout
+    return [(dtype, dims) for c in found if c["kind"] == "all-reduce" for dtype, dims in c["operands"]
+            if dims in shapes]
+
+
+def gather_dtypes(lowered_text: str) -> list[str]:
+    """Element types of the all-gathers written in the lowered (StableHLO) program, before XLA's passes: what the
+    step asks the network to move. (XLA:CPU then widens bfloat16 collectives to float32, so the compiled CPU HLO
+    cannot show it; TPU and GPU move bfloat16.)"""
+    return [m.group(1) for m in re.finditer(r'"stablehlo.all_gather"\(.*?\(tensor<[0-9x]*x(\w+)>\)',
+                                            lowered_text)]
 
 
 @pytest.fixture(scope="module")
@@ -127,30 +77,45 @@ def mesh():
     return make_mesh(data=1, fsdp=FSDP, tensor=1)
 
 
+def _tiny(dtype=jnp.float32):
+    config = tiny_llama_config(VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+    return jaxpt.models.from_config(config, dtype=dtype)
+
+
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
+    return _tiny()
 
 
-def _check(step, state, *args):
-    found = collectives(step.lower(state, *args).compile().as_text())
+def _check(step, state, *args, bf16=False):
+    lowered = step.lower(state, *args)
+    found = collectives(lowered.compile().as_text())
     parameter_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
     total = sum(c["bytes"] for c in found)
     assert found, "no collectives found: the parser is broken or the step is not sharded"
     assert any(VOCAB in dims for c in found for _, dims in c["results"])  # the projection gather is seen
     assert vocabulary_sized(found) == []
-    assert total <= 4 * parameter_bytes, (total / parameter_bytes, sorted(found, key=lambda c: -c["bytes"])[:5])
+    # every weight's gradient is reduce-scattered (the output projection's and each layer's, in the layer scan)
+    assert full_size_gradient_all_reduces(found, state.params) == []
+    scattered = {tuple(sorted(dims)) for c in found if c["kind"] == "reduce-scatter" for _, dims in c["operands"]}
+    assert {(HIDDEN, VOCAB), (HIDDEN, 96), (HIDDEN, HIDDEN), (24, HIDDEN)} <= scattered, scattered  # in any layout
+    assert total <= 4 * parameter_bytes, (total / parameter_bytes, found[:5])
+    dtypes = gather_dtypes(lowered.as_text())
+    assert len(dtypes) >= 8, dtypes  # the output projection and every matrix of the layer, gathered in the step
+    assert set(dtypes) == {"bf16" if bf16 else "f32"}, dtypes
     return total / parameter_bytes
 
 
-def test_sft_step_is_data_parallel(mesh, model, tmp_path):
+def test_sft_step_is_data_parallel(mesh, tmp_path):
+    """bfloat16 compute with gradient checkpointing: weights gathered in bfloat16 inside the checkpointed layer."""
+    model = jaxpt.models.set_gradient_checkpointing(_tiny(jnp.bfloat16), True)
     cfg = sft.SFTConfig(output_dir=str(tmp_path), max_length=SEQ, per_device_train_batch_size=1,
-                        logits_chunk_size=CHUNK, save_final_model=False)
+                        logits_chunk_size=CHUNK, save_final_model=False, bf16=True, gradient_checkpointing=True)
     state = TrainState.create(model, optax.sgd(1.0), mesh=mesh)
     ones = np.ones((1, ROWS, SEQ), np.int32)
     batch = shard_batch({"input_ids": ones, "loss_mask": ones, "attention_mask": ones}, mesh, batch_axis=1)
-    _check(sft.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh)), state, batch)
+    _check(sft.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh)), state, batch, bf16=True)
 
 
 def test_dpo_step_is_data_parallel(mesh, model, tmp_path):
@@ -178,13 +143,16 @@ def test_grpo_step_is_data_parallel(mesh, model, tmp_path):
 
 def test_parser_sees_loops_and_flags_logits_buffers():
     """The HLO reader weights loop bodies by their trip count and flags a [tokens, vocab] buffer, not a
-    parameter-shaped one."""
+    parameter-shaped one, and a full-size all-reduced gradient, not a reduce-scattered one."""
     hlo = """HloModule m
 
 %body (p: (s32[], f32[512,32768])) -> (s32[], f32[512,32768]) {
   %p = (s32[], f32[512,32768]{1,0}) parameter(0)
   %x = f32[512,32768]{1,0} get-tuple-element(%p), index=1
   %all-reduce.1 = f32[512,32768]{1,0} all-reduce(%x), channel_id=1, to_apply=%add
+  %g = f32[96,48]{1,0} get-tuple-element(%p), index=2
+  %all-reduce.3 = f32[96,48]{1,0} all-reduce(%g), channel_id=3, to_apply=%add
+  %reduce-scatter.4 = f32[96,6]{1,0} reduce-scatter(%g), channel_id=4, dimensions={1}, to_apply=%add
   ROOT %t = (s32[], f32[512,32768]{1,0}) tuple(%i, %all-reduce.1)
 }
 
@@ -195,7 +163,12 @@ ENTRY %main (a: f32[32768,6]) -> f32[32768,48] {
   ROOT %r = f32[32768,48]{1,0} copy(%all-gather.2)
 }
 """
-    found = sorted(collectives(hlo), key=lambda c: c["opcode"])
-    assert [(c["opcode"], c["runs"], c["bytes"]) for c in found] == [
-        ("all-gather", 1, 32768 * 48 * 4), ("all-reduce", 3, 3 * 512 * 32768 * 4)]
+    found = sorted(collectives(hlo), key=lambda c: (c["kind"], -c["bytes"]))
+    assert [(c["kind"], c["runs"], c["bytes"]) for c in found] == [
+        ("all-gather", 1, 32768 * 48 * 4), ("all-reduce", 3, 3 * 512 * 32768 * 4), ("all-reduce", 3, 3 * 96 * 48 * 4),
+        ("reduce-scatter", 3, 3 * 96 * 48 * 4)]
     assert vocabulary_sized(found) == [("all-reduce", ("f32", (512, 32768)))] * 2  # operand and result
+    params = {"layers": {"up_proj": jnp.zeros((2, 96, 48))}, "lm_head": jnp.zeros((32768, 48))}
+    assert full_size_gradient_all_reduces(found, params) == [("f32", (96, 48))]
+    lowered = '%3 = "stablehlo.all_gather"(%2) <{all_gather_dim = 1 : i64}> : (tensor<96x6xbf16>) -> tensor<96x48xbf16>'
+    assert gather_dtypes(lowered) == ["bf16"]

@@ -79,10 +79,11 @@ def test_hlo_costs_count_loop_bodies_as_often_as_they_run():
     # Forward, input-gradient and weight-gradient matmuls of every layer, on this device's quarter of the rows.
     assert costs["flops"] == 3 * layers * 2 * (rows // 4) * width * width
     assert costs["unknown_trip_counts"] == 0
-    # Each layer's weight is gathered (forward and backward: 2 x 10 all-gathers of a quarter of it) and its
-    # gradient all-reduced, every iteration.
+    # Each layer's weight is gathered (forward and backward: 2 x 10 all-gathers of the whole weight from its
+    # quarters) and its gradient all-reduced, every iteration; a collective counts the whole buffer it handles.
     assert costs["collectives"]["all-gather"] == 2 * layers
-    assert costs["collective_bytes_by_kind"]["all-gather"] == 2 * layers * width * width * 4 // 4
+    assert costs["collective_bytes_by_kind"]["all-gather"] == 2 * layers * width * width * 4
+    assert costs["collective_operand_bytes"] == 2 * layers * width * width * 4 // 4 + layers * width * width * 4
     assert costs["collective_bytes_by_kind"]["all-reduce"] == layers * width * width * 4
     assert costs["collective_bytes"] == sum(costs["collective_bytes_by_kind"].values())
     assert costs["largest_collective"]["bytes"] == width * width * 4

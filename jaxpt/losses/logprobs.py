@@ -106,30 +106,61 @@ def _row_chunks(chunk_size, hidden_states, *per_token):
     return (chunked(hidden_states), *(chunked(x) for x in per_token), unchunked)
 
 
-def _on_own_rows(local, row_args, shared_args):
+def _on_own_rows(local, row_args, shared_args, compute_dtype):
     """`local(*row_args, *shared_args)` with each device on its own rows, under the active mesh.
 
-    `row_args` are `[rows, ...]` arrays split over the mesh's batch axes, `shared_args` (the output projection)
-    are gathered whole onto every device, once; every output of `local` has the rows as its leading axis (a
-    per-device partial sum is returned as `[1]` and summed by the caller). A shared argument is marked
-    device-varying before use, so its cotangent, a per-device partial sum, is reduced over the batch axes once,
-    by the transpose of that mark. Without a mesh, or when its batch axes do not divide the rows, `local` runs
-    on the global arrays (XLA places it).
+    `row_args` are `[rows, ...]` arrays split over the mesh's batch axes; `shared_args` (the output projection
+    `[vocab, hidden]`, in its parameter dtype) reach `local` whole, cast to `compute_dtype`. Every output of
+    `local` has the rows as its leading axis (a per-device partial sum is returned as `[1]` and summed by the
+    caller). A shared argument enters split over the batch axes along a dimension they divide (the hidden one
+    first, as the FSDP rules store it) and is all-gathered in `compute_dtype` inside (`_gather_shared`), once per
+    call; its gradient, a per-device partial sum, is reduce-scattered back to that split, in float32. One that no
+    dimension of divides is gathered whole by XLA and its gradient all-reduced. Without a mesh, or when its batch
+    axes do not divide the rows, `local` runs on the global arrays (XLA places it).
     """
     mesh = jax.sharding.get_abstract_mesh()
     rows = row_args[0].shape[0]
     axes = () if mesh.empty else tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
     ways = math.prod(mesh.shape[axis] for axis in axes)
     if ways == 1 or rows % ways:
-        return local(*row_args, *shared_args)
+        return local(*row_args, *(x.astype(compute_dtype) for x in shared_args))
+
+    split_dims = [next((dim for dim in reversed(range(x.ndim)) if x.shape[dim] % ways == 0), None)
+                  for x in shared_args]
 
     def per_device(*args):
         own_rows, shared = args[:len(row_args)], args[len(row_args):]
-        return local(*own_rows, *(jax.lax.pcast(x, axes, to="varying") for x in shared))
+        whole = [jax.lax.pcast(x.astype(compute_dtype), axes, to="varying") if dim is None
+                 else _gather_shared(x, axes, dim, jnp.dtype(compute_dtype))
+                 for x, dim in zip(shared, split_dims, strict=True)]
+        return local(*own_rows, *whole)
 
-    in_specs = (PartitionSpec(axes),) * len(row_args) + (PartitionSpec(),) * len(shared_args)
+    def split(x, dim):
+        return PartitionSpec() if dim is None else PartitionSpec(*(axes if d == dim else None for d in range(x.ndim)))
+
+    in_specs = (PartitionSpec(axes),) * len(row_args) + tuple(map(split, shared_args, split_dims))
     return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(axes))(*row_args,
                                                                                                  *shared_args)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gather_shared(shard, axes, dim, compute_dtype):
+    """Inside `shard_map`: `shard` (this device's slice along `dim`) gathered over `axes` in `compute_dtype`, cast
+    first so a bfloat16 step moves bfloat16. The gradient's per-device partial sums are reduce-scattered back to
+    the slices in float32 (the transpose of a gather), never all-reduced at full size."""
+    return jax.lax.all_gather(shard.astype(compute_dtype), axes, axis=dim, tiled=True)
+
+
+def _gather_shared_fwd(shard, axes, dim, compute_dtype):
+    return _gather_shared(shard, axes, dim, compute_dtype), jnp.zeros((), shard.dtype)
+
+
+def _gather_shared_bwd(axes, dim, compute_dtype, like, d_whole):
+    d_shard = jax.lax.psum_scatter(d_whole.astype(jnp.float32), axes, scatter_dimension=dim, tiled=True)
+    return (d_shard.astype(like.dtype),)
+
+
+_gather_shared.defvjp(_gather_shared_fwd, _gather_shared_bwd)
 
 
 def _chunk_logits(hidden_chunk, weight, logit_softcap, temperature):
@@ -221,7 +252,7 @@ def chunked_token_logps(
         logps, entropy = _chunked_logps(hidden, weight, targets, logit_softcap, float(temperature))
         return unchunked(logps), unchunked(entropy)
 
-    logps, entropy = _on_own_rows(local, (hidden_states, target_ids), (weight.astype(hidden_states.dtype),))
+    logps, entropy = _on_own_rows(local, (hidden_states, target_ids), (weight,), hidden_states.dtype)
     if not return_entropy:
         return logps
     return logps, jax.lax.stop_gradient(entropy)
@@ -301,7 +332,7 @@ def chunked_token_logps_and_stats(
                                                 tuple(stats))
         return unchunked(logps), tuple(unchunked(x) for x in per_token)
 
-    logps, per_token = _on_own_rows(local, (hidden_states, target_ids), (weight.astype(hidden_states.dtype),))
+    logps, per_token = _on_own_rows(local, (hidden_states, target_ids), (weight,), hidden_states.dtype)
     return logps, {name: jax.lax.stop_gradient(x) for name, x in zip(stats, per_token, strict=True)}
 
 
@@ -408,7 +439,7 @@ def weighted_nll_from_hidden(
         return loss[None], tuple(unchunked(x) for x in per_token)  # this device's share of the loss
 
     losses, (logps, entropy, is_argmax) = _on_own_rows(
-        local, (hidden_states, target_ids, jax.lax.stop_gradient(token_weights)), (weight.astype(hidden_states.dtype),)
+        local, (hidden_states, target_ids, jax.lax.stop_gradient(token_weights)), (weight,), hidden_states.dtype
     )
     per_token = {"logps": jax.lax.stop_gradient(logps)}
     if with_metrics:

@@ -21,6 +21,7 @@ matrices (`[tokens, features]`), since a matmul on 3-D activations was 2x slower
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Any
@@ -101,12 +102,18 @@ class Linear(nnx.Module):
             init_std * jax.random.normal(rngs.params(), (out_features, in_features), param_dtype)
         )
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        # Set by `scan_layers` on a mesh, for the traced layer only: the dimension of `weight` split over "fsdp",
+        # which `fsdp_matmul` gathers (forward) and reduce-scatters the gradient along (backward).
+        self.fsdp_dim = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         leading = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features).astype(self.dtype)
         # A 2-D matmul: XLA on CPU runs [tokens, in] x [out, in]^T much faster than the 3-D einsum.
-        y = matmul_transposed_weight(x.reshape(-1, self.in_features).astype(self.dtype),
-                                     self.weight[...].astype(self.dtype))
+        if self.fsdp_dim is not None:
+            y = fsdp_matmul(rows, self.weight[...], self.fsdp_dim, jnp.dtype(self.dtype))
+        else:
+            y = matmul_transposed_weight(rows, self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y.reshape(*leading, self.out_features)
@@ -225,18 +232,23 @@ def scan_layers(
     distinct = tuple(dict.fromkeys(options))
     option_index = jnp.asarray([distinct.index(option) for option in options], jnp.int32)
 
-    def branch(option):
-        def run(x, layer_params, layer_inputs):
-            return call(nnx.merge(graphdef, layer_params), x, layer_inputs, option)
-
-        return run
-
     def body(x, scanned):
         layer_params, index, layer_inputs = scanned
-        layer_params = gather_layer_params(layer_params, partition_rules, compute_dtype)
+        layer_params, fsdp_dims = gather_layer_params(layer_params, partition_rules, compute_dtype)
         if len(distinct) == 1:
-            return branch(distinct[0])(x, layer_params, layer_inputs)
-        return jax.lax.switch(index, [branch(option) for option in distinct], x, layer_params, layer_inputs)
+            return branch(distinct[0], fsdp_dims)(x, layer_params, layer_inputs)
+        return jax.lax.switch(index, [branch(option, fsdp_dims) for option in distinct], x, layer_params,
+                              layer_inputs)
+
+    def branch(option, fsdp_dims):
+        def run(x, layer_params, layer_inputs):
+            layer = nnx.merge(graphdef, layer_params)
+            for path, module in nnx.iter_graph(layer):
+                if isinstance(module, Linear):
+                    module.fsdp_dim = fsdp_dims.get((*path, "weight"))
+            return call(layer, x, layer_inputs, option)
+
+        return run
 
     if remat:
         # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward pass anyway.
@@ -244,25 +256,97 @@ def scan_layers(
     return jax.lax.scan(body, x, (params, option_index, per_layer))
 
 
-def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> Any:
-    """One layer's parameters as its matmuls read them: matrices cast to `compute_dtype` first (so a bfloat16 step
-    moves bfloat16 weights, not float32 ones), then, on a mesh, gathered over "fsdp" while staying split over
-    "tensor" as the family's `partition_rules` say. Without a mesh only the cast happens (the matmuls cast anyway).
+def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> tuple[Any, dict]:
+    """One layer's parameters as its matmuls read them, and `{path: dim}` of the `Linear` weights left split.
+
+    On a mesh, a `Linear` weight split over "fsdp" stays split here: its matmul (`fsdp_matmul`) gathers it in the
+    compute dtype and reduce-scatters its gradient; `{path: dim}` names the split dimension (`path` as
+    `nnx.iter_graph` spells a module's, plus "weight"). Every other matrix is cast to `compute_dtype` first (so a
+    bfloat16 step moves bfloat16, not float32) and gathered over "fsdp", staying split over "tensor" as the
+    family's `partition_rules` say. Without a mesh only the cast happens (the matmuls cast anyway).
     """
     from jaxpt.sharding import partition_spec, path_name
 
     mesh = jax.sharding.get_abstract_mesh()
+    fsdp_dims = {}
 
     def prepare(path, value):
+        spec = () if mesh.empty or not partition_rules else partition_spec(path_name(path), value.shape,
+                                                                             partition_rules, mesh)
+        keys = tuple(key.key for key in path if isinstance(key, jax.tree_util.DictKey))
+        if "fsdp" in spec and keys[-1:] == ("weight",) and value.ndim == 2 and compute_dtype is not None:
+            fsdp_dims[keys] = tuple(spec).index("fsdp")
+            return value
         if compute_dtype is not None and value.ndim >= 2 and jnp.issubdtype(value.dtype, jnp.floating):
             value = value.astype(compute_dtype)
-        if mesh.empty or not partition_rules:
+        if not spec:
             return value
-        spec = partition_spec(path_name(path), value.shape, partition_rules, mesh)
         return jax.lax.with_sharding_constraint(value, PartitionSpec(*(None if axis == "fsdp" else axis
                                                                        for axis in spec)))
 
-    return jax.tree_util.tree_map_with_path(prepare, params)
+    return jax.tree_util.tree_map_with_path(prepare, params), fsdp_dims
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FSDP matmuls: gather the weight in the compute dtype, reduce-scatter its gradient
+# --------------------------------------------------------------------------------------------------------------
+
+
+def gather_fsdp(weight: jax.Array, dim: int, dtype: Any) -> jax.Array:
+    """`weight`, split over the mesh's "fsdp" axis along `dim`, whole on every device in `dtype`: the cast comes
+    before the all-gather (written in `shard_map`, so XLA cannot move it after), so a bfloat16 step moves bfloat16.
+    Other mesh axes ("tensor") keep their sharding. Not differentiable by itself: `fsdp_matmul` is."""
+    spec = [None] * weight.ndim
+    spec[dim] = "fsdp"
+    return jax.shard_map(lambda shard: jax.lax.all_gather(shard.astype(dtype), "fsdp", axis=dim, tiled=True),
+                         mesh=jax.sharding.get_abstract_mesh(), in_specs=PartitionSpec(*spec),
+                         out_specs=PartitionSpec(), axis_names={"fsdp"}, check_vma=False)(weight)
+
+
+def _weight_gradient(d_y: jax.Array, x: jax.Array, dim: int, dtype: Any) -> jax.Array:
+    """`d_y.T @ x` (`[out, in]`, float32) split over "fsdp" along `dim`: each device multiplies its own rows
+    and the partial sums are reduce-scattered to their owners (and summed over "data"), so no device ever
+    holds the whole gradient. Falls back to XLA's placement when the mesh's batch axes do not divide the rows."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
+    ways = math.prod(mesh.shape[axis] for axis in axes)
+    product = partial(jax.lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())),
+                      preferred_element_type=jnp.float32)
+    if x.shape[0] % ways:
+        return product(d_y, x).astype(dtype)
+
+    def local(d_y, x):
+        partial_sum = jax.lax.psum_scatter(product(d_y, x), "fsdp", scatter_dimension=dim, tiled=True)
+        others = tuple(axis for axis in axes if axis != "fsdp")
+        return (jax.lax.psum(partial_sum, others) if others else partial_sum).astype(dtype)
+
+    spec = [None, None]
+    spec[dim] = "fsdp"
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axes), PartitionSpec(axes)),
+                         out_specs=PartitionSpec(*spec), axis_names=set(axes))(d_y, x)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def fsdp_matmul(x: jax.Array, weight: jax.Array, dim: int, dtype: Any) -> jax.Array:
+    """`x [rows, in] @ weight [out, in].T` for a `weight` split over "fsdp" along `dim` (rows split over the batch
+    axes): the weight is gathered in `dtype` (`gather_fsdp`) for the product and dropped after it; the backward
+    pass gathers it again for `d_x` and reduce-scatters `d_weight` to the weight's own split (`_weight_gradient`),
+    float32 partial sums, as soon as it is formed. Inside a checkpointed layer nothing gathered outlives the layer.
+    """
+    return matmul_transposed_weight(x, gather_fsdp(weight, dim, dtype))
+
+
+def _fsdp_matmul_fwd(x, weight, dim, dtype):
+    return fsdp_matmul(x, weight, dim, dtype), (x, weight)
+
+
+def _fsdp_matmul_bwd(dim, dtype, residuals, d_y):
+    x, weight = residuals
+    d_x = jax.lax.dot_general(d_y, gather_fsdp(weight, dim, dtype), (((1,), (0,)), ((), ())))
+    return d_x.astype(x.dtype), _weight_gradient(d_y, x, dim, weight.dtype)
+
+
+fsdp_matmul.defvjp(_fsdp_matmul_fwd, _fsdp_matmul_bwd)
 
 
 def last_token_index(attention_mask: jax.Array | None, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
