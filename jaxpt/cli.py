@@ -13,6 +13,10 @@ override. `--dataset_name` is a local .json/.jsonl/.parquet/.csv file, a directo
 `output_dir` receives `metrics.jsonl`, `checkpoints/` and `final/` (the model in Hugging Face format).
 Negative numbers are values, not flags: `--learning_rate -1e-3` and `--learning_rate=-1e-3` both parse (and then
 fail validation with a clear message, as a negative learning rate should).
+
+Several hosts: start the same command on every one with `--coordinator_address HOST:PORT --num_processes N
+--process_id I` (or the env vars JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or
+`--coordinator_address auto` on TPU pods / SLURM / Open MPI); `output_dir` on a filesystem all of them share.
 """
 
 from __future__ import annotations
@@ -140,7 +144,10 @@ def load_model_and_data(script_args, model_args, config, *, num_labels=None):
 
 def _offline_command(method_module, config_class, argv: list[str], *, num_labels: int | None = None) -> int:
     """`jaxpt sft|dpo|reward|kto`: parse, check the inputs, load, train on a fixed dataset, report."""
+    from jaxpt import distributed
+
     script_args, model_args, config = parse(config_class, argv)
+    distributed.initialize_from_config(config)  # several processes: join the run before any JAX computation
     check_inputs(script_args, model_args, config)
     model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config,
                                                                 num_labels=num_labels)
@@ -189,9 +196,10 @@ class RewardArguments:
 def _online_command(method_module, config_class, argv: list[str]) -> int:
     """`jaxpt grpo|rloo`: like the offline commands, plus the reward functions (resolved before any loading)."""
     import jaxpt.models
-    from jaxpt import rewards
+    from jaxpt import distributed, rewards
 
     script_args, model_args, config, reward_args = parse(config_class, argv, RewardArguments)
+    distributed.initialize_from_config(config)  # several processes: join the run before any JAX computation
     reward_model = reward_args.reward_model_name_or_path
     check_inputs(script_args, model_args, config, ("--reward_model_name_or_path", reward_model))
     reward_funcs = [rewards.resolve_reward_function(name) for name in reward_args.reward_funcs or []]
