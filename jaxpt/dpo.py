@@ -423,7 +423,7 @@ def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config
         real = len(chunk)
         chunk += [chunk[0]] * (size - real)  # the padding's results are dropped
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        chosen, rejected = jax.device_get(compute(params, shard_batch(batch, mesh, batch_axis=1)))
+        chosen, rejected = jax.device_get(compute(params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
         for i in range(real):
             out.append({**examples[start + i], "ref_chosen_logps": np.float32(chosen[i]),
                         "ref_rejected_logps": np.float32(rejected[i])})
@@ -495,7 +495,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
                             buckets=buckets, pad_token_id=pad_id)
             num_tokens += int(batch["attention_mask"].sum())
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params)
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True), ref_params)
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -523,6 +523,6 @@ def evaluate(eval_step, state, ref_params, examples, config, mesh, buckets, pad_
         padding = {k: np.zeros_like(v[:1]) if np.ndim(v) else np.float32(0.0) for k, v in chunk[0].items()}
         chunk += [padding] * (batch_size - len(chunk))
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        totals = add_metrics(totals, jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1),
-                                                              ref_params)))
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+        totals = add_metrics(totals, jax.device_get(eval_step(state, placed, ref_params)))
     return {f"eval_{key}": float(value) for key, value in mean_metrics(totals).items()}

@@ -410,7 +410,7 @@ def precompute_ref_logps(examples: Sequence[dict], ref_graphdef: nnx.GraphDef, r
         group = list(examples[start:start + group_size])
         batch = collate(group + [None] * (group_size - len(group)), accumulation_steps=accumulation_steps,
                         buckets=buckets, pad_token_id=pad_token_id, max_length=config.max_length, with_kl=with_kl)
-        values = jax.device_get(reference(ref_params, shard_batch(batch, mesh, batch_axis=1)))
+        values = jax.device_get(reference(ref_params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
         values = {k: np.asarray(v).reshape(-1) for k, v in values.items()}
         for i, example in enumerate(group):
             out.append({**example, **{k: float(v[i]) for k, v in values.items()}})
@@ -494,7 +494,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
                             **batch_args)
             num_tokens += int(batch["attention_mask"].sum())
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params)
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True), ref_params)
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -520,7 +520,8 @@ def evaluate(eval_step, state, ref_params, examples, config, mesh, batch_args) -
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         batch = collate(chunk + [None] * (batch_size - len(chunk)), accumulation_steps=1, **batch_args)
-        metrics = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params))
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+        metrics = jax.device_get(eval_step(state, placed, ref_params))
         examples_in_batch = float(metrics.pop("num_examples"))
         loss_sum += float(metrics.pop("loss")) * examples_in_batch
         count += examples_in_batch

@@ -297,7 +297,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
                             buckets=buckets, pad_token_id=pad_id)
             num_tokens += int(batch["attention_mask"].sum())
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1))
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -338,7 +338,7 @@ def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) ->
         real = len(chunk)
         chunk += [chunk[0]] * (batch_size - real)  # fixed shape; the copies' rewards are dropped below
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        out = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1)))
+        out = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
         chosen.append(out["chosen_rewards"][:real])
         rejected.append(out["rejected_rewards"][:real])
     margin = np.asarray([e["margin"] for e in examples], np.float32) if "margin" in examples[0] else None

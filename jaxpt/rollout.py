@@ -27,7 +27,7 @@ from jaxpt import data
 from jaxpt.losses.logprobs import chunked_token_logps
 from jaxpt.rewards import check_reward_functions, reward_function_name, score_completions
 from jaxpt.sampling import generate
-from jaxpt.sharding import shard_batch
+from jaxpt.sharding import host_array, shard_batch
 
 
 @dataclasses.dataclass
@@ -99,8 +99,9 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
                    max_new_tokens=config.max_completion_length, temperature=config.temperature,
                    top_k=config.top_k or None, top_p=config.top_p if config.top_p < 1.0 else None,
                    min_p=config.min_p, eos_token_ids=eos_token_ids(tokenizer), pad_token_id=pad_id, mesh=mesh)
-    completion_ids, old_logps, attention_mask, lengths, finished = jax.device_get(
-        (out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished))
+    # the whole rollout on every process (gathered when the batch spans several)
+    completion_ids, old_logps, attention_mask, lengths, finished = (host_array(a) for a in (
+        out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished))
     id_lists = [row[: int(n)].tolist() for row, n in zip(completion_ids, lengths, strict=True)]
     texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
     conversational = not isinstance(prompts[0]["prompt"], str)
@@ -159,8 +160,8 @@ def make_ref_logps_fn(ref_params, graphdef, *, temperature: float, chunk_size: i
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")
         out = []
         for start in range(0, len(arrays["prompt_ids"]), micro_batch):
-            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh)
-            out.append(np.asarray(jax.device_get(compute(ref_params, batch))))
+            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh, global_batch=True)
+            out.append(host_array(compute(ref_params, batch)))
         return np.concatenate(out)
 
     return ref_logps

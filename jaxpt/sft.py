@@ -356,7 +356,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
                             buckets=buckets, pad_token_id=pad_id)
             num_tokens += int(batch["attention_mask"].sum())
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1))
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -381,5 +381,6 @@ def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) ->
         chunk = list(examples[start:start + batch_size])
         chunk += [{k: np.zeros_like(v[:1]) for k, v in chunk[0].items()}] * (batch_size - len(chunk))  # no loss
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        totals = add_metrics(totals, jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1))))
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+        totals = add_metrics(totals, jax.device_get(eval_step(state, placed)))
     return {f"eval_{key}": float(value) for key, value in mean_metrics(totals).items()}
