@@ -57,6 +57,7 @@ from jaxpt.sharding import (
     batch_divisor,
     batch_sharding,
     mesh_from_config,
+    put_global,
     replicated,
     shard_batch,
     tree_shardings,
@@ -387,7 +388,7 @@ def reference_params(state: TrainState, ref_model: nnx.Module | None = None,
         raise ValueError("ref_model has a different architecture than the policy: a reference computed inside the "
                          "step must match the policy's parameters; use precompute_ref_log_probs=True for another "
                          "architecture.")
-    return params if mesh is None else jax.device_put(params, state.shardings(mesh).params)
+    return params if mesh is None else put_global(params, state.shardings(mesh).params)
 
 
 def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config: DPOConfig, *,
@@ -414,7 +415,7 @@ def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config
         compute = jax.jit(compute)
     else:
         params_sharding = tree_shardings(params, mesh, rules)
-        params = jax.device_put(params, params_sharding)
+        params = put_global(params, params_sharding)
         compute = jax.jit(compute, in_shardings=(params_sharding, batch_sharding(mesh, batch_axis=1)),
                           out_shardings=replicated(mesh))
     out = []

@@ -55,7 +55,15 @@ from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss
 from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_stats, next_token_targets
 from jaxpt.losses.metrics import mean_metrics, total_metrics
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch, tree_shardings
+from jaxpt.sharding import (
+    batch_divisor,
+    batch_sharding,
+    mesh_from_config,
+    put_global,
+    replicated,
+    shard_batch,
+    tree_shardings,
+)
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
@@ -374,7 +382,7 @@ def reference_params(model: nnx.Module, mesh: jax.sharding.Mesh | None = None, *
     if copy:
         params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
     elif mesh is not None:
-        params = jax.device_put(params, shardings)
+        params = put_global(params, shardings)
     return graphdef, params, shardings
 
 

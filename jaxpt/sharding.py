@@ -212,6 +212,26 @@ def agreed_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int64))))
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put` for values every process holds whole (numpy, or arrays on its own devices, PRNG keys too)
+    onto shardings that may span processes: each process places its own shards. `shardings`: one sharding for
+    every leaf, or a matching tree. On one process it is `jax.device_put`."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(value, sharding):
+        if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(value), sharding),
+                                            impl=jax.random.key_impl(value))
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            return jax.device_put(value, sharding)  # already global: only a change of layout
+        return jax.device_put(np.asarray(value), sharding)
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda value: put(value, shardings), tree)
+    return jax.tree.map(put, tree, shardings)
+
+
 def host_array(array: jax.Array) -> np.ndarray:
     """The whole value of a (possibly multi-process) array as numpy, on every process."""
     if getattr(array, "is_fully_addressable", True):
