@@ -219,12 +219,28 @@ try:
     shard_batch({"input_ids": np.ones((2, 8 + index), np.int32), "loss_mask": np.ones((2, 8), np.int32)}, mesh)
 except ValueError as error:
     print("error", error)
+
+from jaxpt.rollout import score_own_groups
+def length_reward(completions, **kwargs):  # fails on process 1's group only
+    assert "bad" not in completions, "a reward function failed"
+    return [float(len(c)) for c in completions]
+texts = ["a", "bb", "ccc", "dddd"] * 2
+print("rewards", score_own_groups([length_reward], prompts=texts, completions=texts, completion_ids=[[1]] * 8,
+                                  columns={}, group_size=4).ravel().tolist())
+texts[5] = "bad"
+try:
+    score_own_groups([length_reward], prompts=texts, completions=texts, completion_ids=[[1]] * 8, columns={},
+                     group_size=4)
+except (AssertionError, RuntimeError) as error:
+    print("scoring", type(error).__name__, error)
 """
 
 
 def test_processes_with_different_batch_shapes_get_a_clear_error(tmp_path):
     """Rows padded to different lengths on the two processes: a ValueError on both naming the field and each
-    process's shape (without the check, gloo fails with 'Received data size doesn't match expected size')."""
+    process's shape (without the check, gloo fails with 'Received data size doesn't match expected size').
+    Rollout scoring shared among processes: each scores its own group, all get every reward, and a reward
+    function failing on one process fails every process (none waits for the others forever)."""
     run = Run(None, num_processes=2, devices=2, log_dir=tmp_path, python_code=MISMATCH_SCRIPT)
     run.check()
     for log in run.logs:
@@ -232,6 +248,9 @@ def test_processes_with_different_batch_shapes_get_a_clear_error(tmp_path):
         assert "agreed 9" in text
         assert ("error shard_batch: the 2 processes disagree on the batch's shapes (field 'input_ids': process 0: "
                 "(2, 8) int32, process 1: (2, 9) int32)") in text, text
+        assert "rewards [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]" in text  # each scored one group; both have all
+    assert "scoring AssertionError a reward function failed" in run.logs[1].read_text()
+    assert "scoring RuntimeError Scoring the rollout failed on process(es) [1]" in run.logs[0].read_text()
 
 
 @pytest.mark.parametrize(("fields", "message"), [
