@@ -142,12 +142,22 @@ def load_model_and_data(script_args, model_args, config, *, num_labels=None):
     return model, tokenizer, train_set, eval_set
 
 
-def _offline_command(method_module, config_class, argv: list[str], *, num_labels: int | None = None) -> int:
-    """`jaxpt sft|dpo|reward|kto`: parse, check the inputs, load, train on a fixed dataset, report."""
+def join_run(config) -> None:
+    """Several processes: join the run before any JAX computation; the others than process 0 log only warnings
+    (process 0 reports progress for all)."""
     from jaxpt import distributed
 
+    if distributed.initialize_from_config(config):
+        import jax
+
+        if jax.process_index() != 0:
+            logging.getLogger("jaxpt").setLevel(logging.WARNING)
+
+
+def _offline_command(method_module, config_class, argv: list[str], *, num_labels: int | None = None) -> int:
+    """`jaxpt sft|dpo|reward|kto`: parse, check the inputs, load, train on a fixed dataset, report."""
     script_args, model_args, config = parse(config_class, argv)
-    distributed.initialize_from_config(config)  # several processes: join the run before any JAX computation
+    join_run(config)
     check_inputs(script_args, model_args, config)
     model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config,
                                                                 num_labels=num_labels)
@@ -196,10 +206,10 @@ class RewardArguments:
 def _online_command(method_module, config_class, argv: list[str]) -> int:
     """`jaxpt grpo|rloo`: like the offline commands, plus the reward functions (resolved before any loading)."""
     import jaxpt.models
-    from jaxpt import distributed, rewards
+    from jaxpt import rewards
 
     script_args, model_args, config, reward_args = parse(config_class, argv, RewardArguments)
-    distributed.initialize_from_config(config)  # several processes: join the run before any JAX computation
+    join_run(config)
     reward_model = reward_args.reward_model_name_or_path
     check_inputs(script_args, model_args, config, ("--reward_model_name_or_path", reward_model))
     reward_funcs = [rewards.resolve_reward_function(name) for name in reward_args.reward_funcs or []]
