@@ -138,3 +138,30 @@ def initialize_from_config(config) -> bool:
     """`initialize` with a `TrainingConfig`'s `coordinator_address` / `num_processes` / `process_id` (or the
     environment when they are unset). Every `train()` and command calls it first."""
     return initialize(config.coordinator_address, config.num_processes, config.process_id)
+
+
+def check_same_data(examples, *, what: str) -> None:
+    """On several processes: `ValueError` unless every process prepared the same `examples` (a digest of each
+    one's arrays and values, compared in one small collective). Every process builds the same global batches
+    from them, so hosts that read different files or tokenize differently must not train silently on a mix."""
+    import zlib
+
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = 0
+    for example in examples:
+        for key in sorted(example):
+            value = example[key]
+            raw = np.ascontiguousarray(value).tobytes() if isinstance(value, np.ndarray) else repr(value).encode()
+            digest = zlib.crc32(key.encode() + raw, digest)
+    mine = np.asarray([len(examples), digest], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    if not (every == every[0]).all():
+        each = ", ".join(f"process {i}: {int(n)} examples, digest {int(d):08x}" for i, (n, d) in enumerate(every))
+        raise ValueError(f"The processes prepared different {what} ({each}): every process must read the same "
+                         "dataset (same files, split and revision) with the same tokenizer and config.")

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, loop
+from jaxpt import data, distributed, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.reward import reward_loss
@@ -263,6 +263,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+    distributed.check_same_data(examples, what="reward-model examples")  # every process builds the same global batches
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="Reward")
     total_steps = data.total_steps(config, steps_in_epoch)
     longest = max(len(e[key]) for e in examples + (eval_examples or []) for key in ("chosen_ids", "rejected_ids"))

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, loop
+from jaxpt import data, distributed, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.logprobs import next_token_targets
@@ -327,6 +327,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
         # Unless eval_packing says otherwise, the eval set is prepared as the training set (padding_free packs).
         eval_packing = config.eval_packing if config.eval_packing is not None else config.packing or config.padding_free
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config, packing=eval_packing)
+    distributed.check_same_data(examples, what="SFT examples")  # every process builds the same global batches
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
     total_steps = data.total_steps(config, steps_in_epoch)
     buckets = data.length_buckets(config.max_length or max(len(e["input_ids"]) for e in examples))

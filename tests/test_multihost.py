@@ -233,6 +233,12 @@ try:
                      group_size=4)
 except (AssertionError, RuntimeError) as error:
     print("scoring", type(error).__name__, error)
+
+distributed.check_same_data([{"input_ids": np.arange(3)}, {"input_ids": np.arange(5)}], what="SFT examples")
+try:
+    distributed.check_same_data([{"input_ids": np.arange(3 + index)}], what="SFT examples")
+except ValueError as error:
+    print("data", error)
 """
 
 
@@ -240,7 +246,8 @@ def test_processes_with_different_batch_shapes_get_a_clear_error(tmp_path):
     """Rows padded to different lengths on the two processes: a ValueError on both naming the field and each
     process's shape (without the check, gloo fails with 'Received data size doesn't match expected size').
     Rollout scoring shared among processes: each scores its own group, all get every reward, and a reward
-    function failing on one process fails every process (none waits for the others forever)."""
+    function failing on one process fails every process (none waits for the others forever). Processes that
+    prepared different data are told so before training."""
     run = Run(None, num_processes=2, devices=2, log_dir=tmp_path, python_code=MISMATCH_SCRIPT)
     run.check()
     for log in run.logs:
@@ -249,6 +256,7 @@ def test_processes_with_different_batch_shapes_get_a_clear_error(tmp_path):
         assert ("error shard_batch: the 2 processes disagree on the batch's shapes (field 'input_ids': process 0: "
                 "(2, 8) int32, process 1: (2, 9) int32)") in text, text
         assert "rewards [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]" in text  # each scored one group; both have all
+        assert "data The processes prepared different SFT examples (process 0: 1 examples, digest" in text
     assert "scoring AssertionError a reward function failed" in run.logs[1].read_text()
     assert "scoring RuntimeError Scoring the rollout failed on process(es) [1]" in run.logs[0].read_text()
 
