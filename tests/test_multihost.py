@@ -195,7 +195,10 @@ def test_grpo_on_two_processes_matches_one_and_resumes_after_a_kill(inputs, tmp_
     killed = Run(common(inputs, "grpo", tmp_path / "two", *grpo), num_processes=2, devices=2, log_dir=tmp_path / "l2",
                  extra_env={KILL_AT_CALL: "3"})
     single.check()
-    assert killed.wait() == [-signal.SIGKILL] * 2, killed.output()
+    codes = killed.wait()
+    # each process kills itself at its third reward call; one may instead be stopped by the run's coordination
+    # service noticing the other's death first (process 0 hosts it): either way no process finishes
+    assert -signal.SIGKILL in codes and 0 not in codes, (codes, killed.output())
     assert [r["step"] for r in read_metrics(tmp_path / "two")] == [1, 2]
     resumed = Run(common(inputs, "grpo", tmp_path / "two", *grpo, "--resume_from_checkpoint", "latest"),
                   num_processes=2, devices=2, log_dir=tmp_path / "l3")
