@@ -13,6 +13,10 @@ override. `--dataset_name` is a local .json/.jsonl/.parquet/.csv file, a directo
 `output_dir` receives `metrics.jsonl`, `checkpoints/` and `final/` (the model in Hugging Face format).
 Negative numbers are values, not flags: `--learning_rate -1e-3` and `--learning_rate=-1e-3` both parse (and then
 fail validation with a clear message, as a negative learning rate should).
+
+Several hosts: start the same command on every one with `--coordinator_address HOST:PORT --num_processes N
+--process_id I` (or the env vars JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or
+`--coordinator_address auto` on TPU pods / SLURM / Open MPI); `output_dir` on a filesystem all of them share.
 """
 
 from __future__ import annotations
@@ -151,9 +155,22 @@ def load_model(name_or_path: str, model_args, config, *, num_labels=None):
                                         seed=config.seed)
 
 
+def join_run(config) -> None:
+    """Several processes: join the run before any JAX computation; the others than process 0 log only warnings
+    (process 0 reports progress for all)."""
+    from jaxpt import distributed
+
+    if distributed.initialize_from_config(config):
+        import jax
+
+        if jax.process_index() != 0:
+            logging.getLogger("jaxpt").setLevel(logging.WARNING)
+
+
 def _offline_command(method_module, config_class, argv: list[str], *, num_labels: int | None = None) -> int:
     """`jaxpt sft|dpo|reward|kto`: parse, check the inputs, load, train on a fixed dataset, report."""
     script_args, model_args, config = parse(config_class, argv)
+    join_run(config)
     check_inputs(script_args, model_args, config)
     model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config,
                                                                 num_labels=num_labels)
@@ -204,6 +221,7 @@ def _online_command(method_module, config_class, argv: list[str]) -> int:
     from jaxpt import rewards
 
     script_args, model_args, config, reward_args = parse(config_class, argv, RewardArguments)
+    join_run(config)
     reward_model = reward_args.reward_model_name_or_path
     check_inputs(script_args, model_args, config, ("--reward_model_name_or_path", reward_model))
     reward_funcs = [rewards.resolve_reward_function(name) for name in reward_args.reward_funcs or []]

@@ -25,6 +25,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxpt.distributed import check_process_fields
+
 LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
 # report_to name -> the module it needs (installed by `pip install -e ".[tracking]"`)
 TRACKERS = {"tensorboard": "tensorboardX", "wandb": "wandb"}
@@ -96,6 +98,16 @@ class TrainingConfig:
     mesh_fsdp: int = field(default=-1, metadata={"help": "Mesh 'fsdp' axis size (-1: remaining devices)."})
     mesh_tensor: int = field(default=1, metadata={"help": "Mesh 'tensor' axis size (tensor parallelism)."})
 
+    # Several processes (hosts): jaxpt.distributed; unset = the environment's JAX_* variables, else one process
+    coordinator_address: str | None = field(default=None, metadata={
+        "help": "HOST:PORT of process 0's coordinator (the same on every process), or 'auto' to let "
+                "jax.distributed.initialize() detect the cluster (TPU pods, SLURM, Open MPI). Default: "
+                "$JAX_COORDINATOR_ADDRESS, else a single-process run."})
+    num_processes: int | None = field(default=None, metadata={"help": "Processes in the run (one per host; "
+                                                                      "default $JAX_NUM_PROCESSES)."})
+    process_id: int | None = field(default=None, metadata={"help": "This process's index, 0 .. num_processes-1 "
+                                                                   "(default $JAX_PROCESS_ID)."})
+
     def __post_init__(self):
         self.validate()
 
@@ -135,6 +147,7 @@ class TrainingConfig:
             raise ValueError(f"eval_strategy={self.eval_strategy!r}; use 'no', 'steps' or 'epoch'.")
         if self.save_steps < 0:
             raise ValueError(f"save_steps={self.save_steps} must be >= 0 (0 disables checkpoints).")
+        check_process_fields(self.coordinator_address, self.num_processes, self.process_id)
         if self.overwrite_output_dir and str(self.resume_from_checkpoint).lower() in ("latest", "true"):
             raise ValueError(f"overwrite_output_dir=True deletes the checkpoints that resume_from_checkpoint="
                              f"{self.resume_from_checkpoint!r} would resume from: drop one of the two.")

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, loop
+from jaxpt import data, distributed, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.dpo import (
@@ -57,6 +57,7 @@ from jaxpt.sharding import (
     batch_divisor,
     batch_sharding,
     mesh_from_config,
+    put_global,
     replicated,
     shard_batch,
     tree_shardings,
@@ -416,7 +417,7 @@ def reference_params(state: TrainState, ref_model: nnx.Module | None = None,
         raise ValueError("ref_model has a different architecture than the policy: a reference computed inside the "
                          "step must match the policy's parameters; use precompute_ref_log_probs=True for another "
                          "architecture.")
-    return params if mesh is None else jax.device_put(params, state.shardings(mesh).params)
+    return params if mesh is None else put_global(params, state.shardings(mesh).params)
 
 
 def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config: DPOConfig, *,
@@ -443,7 +444,7 @@ def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config
         compute = jax.jit(compute)
     else:
         params_sharding = tree_shardings(params, mesh, rules)
-        params = jax.device_put(params, params_sharding)
+        params = put_global(params, params_sharding)
         compute = jax.jit(compute, in_shardings=(params_sharding, batch_sharding(mesh, batch_axis=1)),
                           out_shardings=replicated(mesh))
     out = []
@@ -452,7 +453,7 @@ def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config
         real = len(chunk)
         chunk += [chunk[0]] * (size - real)  # the padding's results are dropped
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        chosen, rejected = jax.device_get(compute(params, shard_batch(batch, mesh, batch_axis=1)))
+        chosen, rejected = jax.device_get(compute(params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
         for i in range(real):
             out.append({**examples[start + i], "ref_chosen_logps": np.float32(chosen[i]),
                         "ref_rejected_logps": np.float32(rejected[i])})
@@ -483,6 +484,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+    distributed.check_same_data(examples, what="DPO examples")  # every process builds the same global batches
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="DPO")
     total_steps = data.total_steps(config, steps_in_epoch)
     buckets = data.length_buckets(config.max_length or max(
@@ -524,7 +526,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
                             buckets=buckets, pad_token_id=pad_id)
             num_tokens += int(batch["attention_mask"].sum())
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params)
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True), ref_params)
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -552,6 +554,6 @@ def evaluate(eval_step, state, ref_params, examples, config, mesh, buckets, pad_
         padding = {k: np.zeros_like(v[:1]) if np.ndim(v) else np.float32(0.0) for k, v in chunk[0].items()}
         chunk += [padding] * (batch_size - len(chunk))
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        totals = add_metrics(totals, jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1),
-                                                              ref_params)))
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+        totals = add_metrics(totals, jax.device_get(eval_step(state, placed, ref_params)))
     return {f"eval_{key}": float(value) for key, value in mean_metrics(totals).items()}

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, loop
+from jaxpt import data, distributed, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.grpo import (
@@ -303,6 +303,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="GRPO",
                                             max_prompt_length=config.max_prompt_length)
+    distributed.check_same_data(prompts, what="GRPO prompts")  # every process builds the same global batches
     rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method="GRPO")
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
@@ -356,7 +357,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
                     if step >= total_steps:
                         break
                     batch = {k: v[first:first + accumulation] for k, v in micro_batches.items()}
-                    state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1))
+                    state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
                     if iteration == 0:
                         num_tokens += rollout_tokens * accumulation // steps_per_generation
                     step += 1

@@ -48,14 +48,22 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, loop
+from jaxpt import data, distributed, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss
 from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_stats, next_token_targets
 from jaxpt.losses.metrics import mean_metrics, total_metrics
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.sharding import batch_divisor, batch_sharding, mesh_from_config, replicated, shard_batch, tree_shardings
+from jaxpt.sharding import (
+    batch_divisor,
+    batch_sharding,
+    mesh_from_config,
+    put_global,
+    replicated,
+    shard_batch,
+    tree_shardings,
+)
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
@@ -411,7 +419,7 @@ def reference_params(model: nnx.Module, mesh: jax.sharding.Mesh | None = None, *
     if copy:
         params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
     elif mesh is not None:
-        params = jax.device_put(params, shardings)
+        params = put_global(params, shardings)
     return graphdef, params, shardings
 
 
@@ -447,7 +455,7 @@ def precompute_ref_logps(examples: Sequence[dict], ref_graphdef: nnx.GraphDef, r
         group = list(examples[start:start + group_size])
         batch = collate(group + [None] * (group_size - len(group)), accumulation_steps=accumulation_steps,
                         buckets=buckets, pad_token_id=pad_token_id, max_length=config.max_length, with_kl=with_kl)
-        values = jax.device_get(reference(ref_params, shard_batch(batch, mesh, batch_axis=1)))
+        values = jax.device_get(reference(ref_params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
         values = {k: np.asarray(v).reshape(-1) for k, v in values.items()}
         for i, example in enumerate(group):
             out.append({**example, **{k: float(v[i]) for k, v in values.items()}})
@@ -480,6 +488,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
     _check_weights(examples, config)
+    distributed.check_same_data(examples, what="KTO examples")  # every process builds the same global batches
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="KTO")
     total_steps = data.total_steps(config, steps_in_epoch)
     everything = examples + (eval_examples or [])  # a KL sequence joins one example's prompt to another's completion
@@ -531,7 +540,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
                             **batch_args)
             num_tokens += int(batch["attention_mask"].sum())
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params)
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True), ref_params)
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -557,7 +566,8 @@ def evaluate(eval_step, state, ref_params, examples, config, mesh, batch_args) -
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         batch = collate(chunk + [None] * (batch_size - len(chunk)), accumulation_steps=1, **batch_args)
-        metrics = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1), ref_params))
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+        metrics = jax.device_get(eval_step(state, placed, ref_params))
         examples_in_batch = float(metrics.pop("num_examples"))
         loss_sum += float(metrics.pop("loss")) * examples_in_batch
         count += examples_in_batch

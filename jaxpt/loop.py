@@ -26,6 +26,7 @@ from jaxpt.checkpoint import (
     run_fingerprint,
 )
 from jaxpt.config import check_output_dir
+from jaxpt.distributed import initialize_from_config
 
 logger = logging.getLogger("jaxpt")
 
@@ -47,7 +48,9 @@ DAMAGED_DIR = "damaged_checkpoints"
 def prepare_output_dir(config) -> None:
     """Before any work: refuse a fresh run into an `output_dir` that holds another run's checkpoints (it would mix
     with them), or, with `overwrite_output_dir`, clear what jaxpt wrote there. Also checks that `output_dir` can be
-    written (`config.check_output_dir`). The CLI calls it before loading the model; every `train()` calls it."""
+    written (`config.check_output_dir`). The CLI calls it before loading the model; every `train()` calls it.
+    First of all, it joins the multi-process run the config (or the environment) names (`jaxpt.distributed`)."""
+    initialize_from_config(config)  # before anything touches JAX
     check_output_dir(config.output_dir)
     output_dir = Path(config.output_dir)
     if config.overwrite_output_dir:

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, loop
+from jaxpt import data, distributed, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.reward import reward_loss
@@ -285,6 +285,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+    distributed.check_same_data(examples, what="reward-model examples")  # every process builds the same global batches
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="Reward")
     total_steps = data.total_steps(config, steps_in_epoch)
     longest = max(len(e[key]) for e in examples + (eval_examples or []) for key in ("chosen_ids", "rejected_ids"))
@@ -319,7 +320,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
                             buckets=buckets, pad_token_id=pad_id)
             num_tokens += int(batch["attention_mask"].sum())
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1))
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -360,7 +361,7 @@ def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) ->
         real = len(chunk)
         chunk += [chunk[0]] * (batch_size - real)  # fixed shape; the copies' rewards are dropped below
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        out = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1)))
+        out = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
         chosen.append(out["chosen_rewards"][:real])
         rejected.append(out["rejected_rewards"][:real])
     margin = np.asarray([e["margin"] for e in examples], np.float32) if "margin" in examples[0] else None

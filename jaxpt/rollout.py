@@ -38,7 +38,7 @@ from jaxpt import data
 from jaxpt.losses.logprobs import chunked_token_logps
 from jaxpt.rewards import check_reward_functions, reward_function_name, score_completions
 from jaxpt.sampling import generate
-from jaxpt.sharding import shard_batch
+from jaxpt.sharding import host_array, shard_batch
 
 
 @dataclasses.dataclass
@@ -110,16 +110,17 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
                    max_new_tokens=config.max_completion_length, temperature=config.temperature,
                    top_k=config.top_k or None, top_p=config.top_p if config.top_p < 1.0 else None,
                    min_p=config.min_p, eos_token_ids=eos_token_ids(tokenizer), pad_token_id=pad_id, mesh=mesh)
-    completion_ids, sampler_logps, attention_mask, lengths, finished = jax.device_get(
-        (out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished))
+    # the whole rollout on every process (gathered when the batch spans several)
+    completion_ids, sampler_logps, attention_mask, lengths, finished = (host_array(a) for a in (
+        out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished))
     id_lists = [row[: int(n)].tolist() for row, n in zip(completion_ids, lengths, strict=True)]
     texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
     conversational = not isinstance(prompts[0]["prompt"], str)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
     columns = {name: [p["columns"][name] for p in repeated] for name in repeated[0]["columns"]}
     prompt_texts = [p["prompt"] for p in repeated]
-    rewards = score_completions(reward_funcs, prompts=prompt_texts, completions=completions,
-                                completion_ids=id_lists, columns=columns)
+    rewards = score_own_groups(reward_funcs, prompts=prompt_texts, completions=completions, completion_ids=id_lists,
+                               columns=columns, group_size=group)
     attention_mask = np.asarray(attention_mask, np.int32)
     arrays = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": np.asarray(completion_ids),
               "attention_mask": attention_mask, "sampler_logps": np.asarray(sampler_logps),
@@ -127,6 +128,41 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
                                            mask_truncated_completions=config.mask_truncated_completions)}
     return Rollout(arrays, rewards, tuple(reward_function_name(f) for f in reward_funcs), prompt_texts, completions,
                    np.asarray(lengths), np.asarray(finished))
+
+
+def score_own_groups(reward_funcs: Sequence[Callable], *, prompts: Sequence, completions: Sequence,
+                     completion_ids: Sequence, columns: dict[str, Sequence], group_size: int) -> np.ndarray:
+    """`score_completions` of a whole rollout, the scoring shared among processes: each scores a contiguous block of
+    whole groups (a group never straddles processes) and the rewards are gathered, so every process holds all of
+    them and computes the same advantages and metrics. One process: `score_completions` of everything."""
+    count = jax.process_count()
+    if count == 1:
+        return score_completions(reward_funcs, prompts=prompts, completions=completions,
+                                 completion_ids=completion_ids, columns=columns)
+    from jax.experimental import multihost_utils
+
+    num_groups = len(completions) // group_size
+    per_process = -(-num_groups // count)
+    first, last = (min(i * per_process, num_groups) * group_size for i in (jax.process_index(),
+                                                                           jax.process_index() + 1))
+    own, failure = np.zeros((0, len(reward_funcs)), np.float32), None
+    if last > first:
+        try:
+            own = score_completions(reward_funcs, prompts=prompts[first:last], completions=completions[first:last],
+                                    completion_ids=completion_ids[first:last],
+                                    columns={k: v[first:last] for k, v in columns.items()})
+        except Exception as error:  # told to every process below, so none waits for the others' rewards
+            failure = error
+    failed = np.asarray(multihost_utils.process_allgather(np.asarray([failure is not None], np.int32))).reshape(-1)
+    if failure is not None:
+        raise failure
+    if failed.any():
+        raise RuntimeError(f"Scoring the rollout failed on process(es) {np.flatnonzero(failed).tolist()}: see "
+                           "their error.")
+    padded = np.full((per_process * group_size, len(reward_funcs)), np.nan, np.float32)
+    padded[:len(own)] = own
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [processes, rows, functions]
+    return gathered.reshape(-1, len(reward_funcs))[:len(completions)]
 
 
 def loss_mask(attention_mask: np.ndarray, finished: np.ndarray, *, mask_truncated_completions: bool) -> np.ndarray:
@@ -172,8 +208,8 @@ def make_logps_fn(graphdef, *, temperature: float, chunk_size: int, micro_batch:
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")
         out = []
         for start in range(0, len(arrays["prompt_ids"]), micro_batch):
-            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh)
-            out.append(np.asarray(jax.device_get(compute(params, batch))))
+            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh, global_batch=True)
+            out.append(host_array(compute(params, batch)))
         return np.concatenate(out)
 
     return logps

@@ -47,7 +47,7 @@ from flax import nnx
 
 from jaxpt.models.kv_cache import KVCache
 from jaxpt.models.layers import BATCH_AXES, constrain
-from jaxpt.sharding import batch_divisor, batch_sharding, replicated
+from jaxpt.sharding import batch_divisor, batch_sharding, put_global, replicated
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,9 @@ def generate(
     if key is None:
         raise ValueError("key=None: pass a PRNG key, e.g. key=jax.random.key(0) (it is unused when greedy=True).")
     if mesh is not None:
-        prompt_ids = jax.device_put(prompt_ids, batch_sharding(mesh))
-        prompt_mask = jax.device_put(prompt_mask, batch_sharding(mesh))
-        key = jax.device_put(key, replicated(mesh))
+        prompt_ids = put_global(prompt_ids, batch_sharding(mesh))  # put_global: the mesh may span processes
+        prompt_mask = put_global(prompt_mask, batch_sharding(mesh))
+        key = put_global(key, replicated(mesh))
     signature = (prompt_ids.shape, options, mesh)
     if signature not in _COMPILED:
         _COMPILED.add(signature)

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, loop
+from jaxpt import data, distributed, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.logprobs import next_token_targets
@@ -407,6 +407,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
         # Unless eval_packing says otherwise, the eval set is prepared as the training set (padding_free packs).
         eval_packing = config.eval_packing if config.eval_packing is not None else config.packing or config.padding_free
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config, packing=eval_packing)
+    distributed.check_same_data(examples, what="SFT examples")  # every process builds the same global batches
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
     total_steps = data.total_steps(config, steps_in_epoch)
     buckets = data.length_buckets(config.max_length or max(len(e["input_ids"]) for e in examples))
@@ -436,7 +437,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
                             buckets=buckets, pad_token_id=pad_id)
             num_tokens += int(batch["attention_mask"].sum())
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1))
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -461,5 +462,6 @@ def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) ->
         chunk = list(examples[start:start + batch_size])
         chunk += [{k: np.zeros_like(v[:1]) for k, v in chunk[0].items()}] * (batch_size - len(chunk))  # no loss
         batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        totals = add_metrics(totals, jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1))))
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+        totals = add_metrics(totals, jax.device_get(eval_step(state, placed)))
     return {f"eval_{key}": float(value) for key, value in mean_metrics(totals).items()}

@@ -13,8 +13,10 @@ path, which are the parameter's HF name, whatever optimizer wraps it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -112,40 +114,137 @@ def batch_divisor(mesh: Mesh | None) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, *, batch_axis: int = 0) -> dict[str, jax.Array]:
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, *, batch_axis: int = 0,
+                global_batch: bool = False) -> dict[str, jax.Array]:
     """Place a host batch on the mesh, dimension `batch_axis` split over `("data", "fsdp")`.
 
-    Each process passes its own rows (`jax.process_count() == 1`: all of them); the global batch is
-    `process_count * local rows` and is built with `jax.make_array_from_process_local_data`.
+    By default each process passes its own rows (`jax.process_count() == 1`: all of them) and the global batch
+    is those of every process (`jax.make_array_from_process_local_data`). With `global_batch=True` every process
+    passes the same whole global batch (what the `train()` loops do) and puts only its own rows on its devices.
+    On several processes, all must pass the same fields with the same shapes and dtypes (`check_same_shapes`):
+    a mismatch is a `ValueError` naming the field and each process's shape, not a failed collective.
     """
     if mesh is None:
         return {key: jax.numpy.asarray(value) for key, value in batch.items()}
+    batch = {key: np.asarray(value) for key, value in batch.items()}
+    if jax.process_count() > 1:
+        check_same_shapes(batch, what="shard_batch")
     sharding = batch_sharding(mesh, batch_axis=batch_axis)
     divisor = batch_divisor(mesh)
     out = {}
     for key, value in batch.items():
-        value = np.asarray(value)
-        global_rows = value.shape[batch_axis] * jax.process_count()
+        global_rows = value.shape[batch_axis] * (1 if global_batch else _process_share(mesh))
         if global_rows % divisor:
             raise ValueError(
                 f"Batch field {key!r} has {global_rows} rows, which the mesh's data*fsdp={divisor} does not "
                 "divide: make the (per-step) batch size a multiple of data*fsdp."
             )
-        global_shape = (*value.shape[:batch_axis], global_rows, *value.shape[batch_axis + 1:])
-        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+        if global_batch:
+            out[key] = jax.device_put(value, sharding)  # each process copies only its own shards' rows
+        else:
+            global_shape = (*value.shape[:batch_axis], global_rows, *value.shape[batch_axis + 1:])
+            out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+def _process_share(mesh: Mesh) -> int:
+    """How many times this process's rows go into the global batch: batch shards in all / this process's."""
+    coordinates = np.argwhere(np.vectorize(lambda d: d.process_index == jax.process_index())(mesh.devices))
+    axes = [MESH_AXES.index(name) for name in BATCH_AXES]
+    local_shards = {tuple(c[axes]) for c in coordinates}
+    return batch_divisor(mesh) // max(len(local_shards), 1)
+
+
+DESCRIPTION_BYTES = 4096  # room for every process's field list in the mismatch report
+
+
+def check_same_shapes(batch: Mapping[str, Any], *, what: str = "batch") -> None:
+    """On several processes: `ValueError` unless every process holds the same field names, shapes and dtypes.
+
+    One small collective (a digest per process) in the normal case; only on a mismatch a second one gathers each
+    process's description for the message. Every process must call it at the same point (all do, or the
+    collective waits)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    description = json.dumps({key: [list(np.shape(v)), str(np.asarray(v).dtype)] for key, v in sorted(batch.items())},
+                             separators=(",", ":"))
+    digest = np.asarray([zlib.crc32(description.encode()), len(description)], np.int64)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    if (digests == digests[0]).all():
+        return
+    encoded = np.zeros(DESCRIPTION_BYTES, np.uint8)
+    raw = np.frombuffer(description.encode()[:DESCRIPTION_BYTES], np.uint8)
+    encoded[:len(raw)] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(encoded))
+    per_process = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in gathered]
+    try:
+        fields = [json.loads(text) for text in per_process]
+    except json.JSONDecodeError:
+        fields = None
+    if fields is not None:
+        names = sorted(set().union(*fields))
+        lines = []
+        for name in names:
+            seen = [tuple(f[name][0]) if name in f else None for f in fields]
+            dtypes = [f[name][1] if name in f else None for f in fields]
+            if len(set(seen)) > 1 or len(set(dtypes)) > 1:
+                each = ", ".join(f"process {i}: " + ("missing" if s is None else f"{s} {d}")
+                                 for i, (s, d) in enumerate(zip(seen, dtypes, strict=True)))
+                lines.append(f"field {name!r}: {each}")
+        detail = "; ".join(lines)
+    else:
+        detail = "; ".join(f"process {i}: {text}" for i, text in enumerate(per_process))
+    raise ValueError(f"{what}: the {jax.process_count()} processes disagree on the batch's shapes ({detail}). Every "
+                     "process must build its rows with the same fields, row count and padded length: pad to one "
+                     "length agreed by all processes (e.g. jaxpt.sharding.agreed_max(local_longest)) or a fixed "
+                     "max_length.")
+
+
+def agreed_max(value: int) -> int:
+    """The largest of every process's `value` (one small collective on several processes; `value` itself on
+    one): e.g. the padded length all processes use for a batch, from each one's longest row."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int64))))
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put` for values every process holds whole (numpy, or arrays on its own devices, PRNG keys too)
+    onto shardings that may span processes: each process places its own shards. `shardings`: one sharding for
+    every leaf, or a matching tree. On one process it is `jax.device_put`."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(value, sharding):
+        if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(value), sharding),
+                                            impl=jax.random.key_impl(value))
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            return jax.device_put(value, sharding)  # already global: only a change of layout
+        return jax.device_put(np.asarray(value), sharding)
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda value: put(value, shardings), tree)
+    return jax.tree.map(put, tree, shardings)
+
+
+def host_array(array: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array as numpy, on every process."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def mesh_from_config(config) -> Mesh:
     """The mesh a `TrainingConfig` asks for (`mesh_data`, `mesh_fsdp`, `mesh_tensor`; one may be -1 for the
-    remaining devices). Fixed sizes that need fewer devices than exist use the first ones.
-
-    This is what the batteries-included `train()` loops use, and they feed every process the whole global
-    batch: they run on one host (any number of devices). On several hosts, write the loop with the method's
-    `make_train_step` and give each process its own rows through `shard_batch`."""
-    if jax.process_count() > 1:
-        raise ValueError(f"The train() loops run on one host, but jax.process_count()={jax.process_count()}: on "
-                         "several hosts, call make_train_step yourself and shard_batch each process's own rows.")
+    remaining devices). Fixed sizes that need fewer devices than exist use the first ones (one process only: on
+    several, the mesh spans every process's devices, `jax.devices()`)."""
     sizes = {"data": config.mesh_data, "fsdp": config.mesh_fsdp, "tensor": config.mesh_tensor}
     devices = jax.devices()
     if -1 not in sizes.values():
@@ -153,5 +252,9 @@ def mesh_from_config(config) -> Mesh:
         if needed > len(devices):
             raise ValueError(f"Mesh {sizes} needs {needed} devices; only {len(devices)} exist: lower mesh_data / "
                              "mesh_fsdp / mesh_tensor.")
+        if needed < len(devices) and jax.process_count() > 1:
+            raise ValueError(f"Mesh {sizes} uses {needed} of the {len(devices)} devices of the "
+                             f"{jax.process_count()} processes: on several processes the mesh must span them all "
+                             "(set one of mesh_data / mesh_fsdp / mesh_tensor to -1).")
         devices = devices[:needed]
     return make_mesh(**sizes, devices=devices)
