@@ -33,7 +33,12 @@ from jaxpt.sharding import PartitionRules, batch_sharding, path_name, replicated
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Parameters, optimizer state and step counter; the graphdef and optimizer are static."""
+    """Parameters, optimizer state and step counter; the graphdef and optimizer are static.
+
+    `params` are the trained parameters: all of them, or with LoRA adapters (`jaxpt.lora.apply_lora`) only the
+    adapters (and `modules_to_save`). The base parameters then sit in `frozen`: no gradient, no optimizer state,
+    never changed. A step differentiates `state.params` and builds the model from `state.full_params(params)`.
+    """
 
     step: jax.Array
     params: nnx.State
@@ -41,6 +46,7 @@ class TrainState(flax.struct.PyTreeNode):
     graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     partition_rules: PartitionRules = flax.struct.field(pytree_node=False, default=())
+    frozen: nnx.State | None = None  # the base parameters under LoRA; None when every parameter trains
 
     @classmethod
     def create(
@@ -52,6 +58,9 @@ class TrainState(flax.struct.PyTreeNode):
     ) -> TrainState:
         """Split `model` into graphdef + params and initialise the optimizer.
 
+        A model with LoRA adapters trains only them (`jaxpt.lora.trainable_filter`): the rest of its parameters
+        go to `frozen`, and the optimizer state covers the adapters alone.
+
         With a `mesh`, parameters and optimizer state are laid out by the model's partition rules
         (parameters already placed by `from_pretrained(mesh=...)` stay where they are).
 
@@ -59,30 +68,44 @@ class TrainState(flax.struct.PyTreeNode):
         `jax.ShapeDtypeStruct` (with its `NamedSharding` when a `mesh` is given), nothing allocated. That is what
         `step.lower(state, batch).compile()` needs to plan a run before any weights exist (`jaxpt.plan`).
         """
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        from jaxpt.lora import trainable_filter
+
+        graphdef, params, frozen, rest = nnx.split(model, trainable_filter(model), nnx.Param, ...)
         if jax.tree_util.tree_leaves(rest):
             is_variable = lambda x: isinstance(x, nnx.Variable)
             kinds = {type(v).__name__ for v in jax.tree_util.tree_leaves(rest, is_leaf=is_variable)}
             raise ValueError(f"TrainState holds only nnx.Param state, but the model has other state: {sorted(kinds)}.")
+        frozen = frozen if jax.tree_util.tree_leaves(frozen) else None
         rules = tuple(getattr(model, "partition_rules", ()))
 
-        def init(params):
+        def init(params, frozen):
             return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                       graphdef=graphdef, tx=optimizer, partition_rules=rules)
+                       graphdef=graphdef, tx=optimizer, partition_rules=rules, frozen=frozen)
 
-        is_abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(params))
+        leaves = jax.tree_util.tree_leaves((params, frozen))
+        is_abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
         if mesh is None:
-            return jax.eval_shape(init, params) if is_abstract else init(params)
-        abstract = jax.eval_shape(init, params)
+            return jax.eval_shape(init, params, frozen) if is_abstract else init(params, frozen)
+        abstract = jax.eval_shape(init, params, frozen)
         shardings = tree_shardings(abstract, mesh, rules)
         if is_abstract:
             return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                                 abstract, shardings)
-        return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+        # the frozen base is placed once, outside the jit (no copy of it is made)
+        frozen = None if frozen is None else jax.device_put(frozen, shardings.frozen)
+        state = jax.jit(lambda params: init(params, None), in_shardings=(shardings.params,),
+                        out_shardings=shardings.replace(frozen=None))(params)
+        return state.replace(frozen=frozen)
+
+    def full_params(self, params: nnx.State | None = None) -> nnx.State:
+        """Every parameter of the model: `params` (default: the state's trained ones; inside a loss, the ones
+        being differentiated) with the frozen base, what `nnx.merge(state.graphdef, ...)` needs."""
+        params = self.params if params is None else params
+        return params if self.frozen is None else nnx.merge_state(self.frozen, params)
 
     def model(self) -> nnx.Module:
         """The model with the current parameters (inside a jitted step: traced ones)."""
-        return nnx.merge(self.graphdef, self.params)
+        return nnx.merge(self.graphdef, self.full_params())
 
     def apply_gradients(self, grads: nnx.State, **replacements: Any) -> TrainState:
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)

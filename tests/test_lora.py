@@ -1,0 +1,173 @@
+"""LoRA adapters (`jaxpt.lora`): logits equal peft's `PeftModel` for every family, both ways (peft's adapter into
+jaxpt, jaxpt's adapter into peft), merging, and what training with adapters must keep (see also the method tests
+below: SFT, DPO, GRPO with `use_peft`)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import jaxpt.models
+from jaxpt import lora
+from jaxpt.models.layers import LoRAParam
+from tests.models import parity
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, initializer_range=0.2)
+GEMMA = dict(TINY, head_dim=16, sliding_window=4, query_pre_attn_scalar=24, final_logit_softcapping=3.0)
+
+FAMILIES = {
+    "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY)),
+    "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**TINY)),  # q/k/v biases
+    "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**TINY, head_dim=16)),
+    "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(**GEMMA, attn_logit_softcapping=5.0)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def base(request, tmp_path_factory):
+    """`(family, base directory)`: a random HF checkpoint of the family."""
+    hf_class, hf_config = FAMILIES[request.param]
+    directory = tmp_path_factory.mktemp(f"base_{request.param}")
+    parity.make_hf_checkpoint(hf_class, hf_config, directory)
+    return request.param, directory
+
+
+def hf_model(directory):
+    return transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+
+
+def padded_batch(vocab_size):
+    return parity.right_padded_batch(vocab_size, (20, 13, 5), 20, seed=7)
+
+
+def random_peft_adapter(directory, adapter_dir, *, seed, **lora_options):
+    """A peft adapter with random, non-zero A and B (`init_lora_weights=False`), saved to `adapter_dir`; returns the
+    `PeftModel`."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(init_lora_weights=False, **lora_options)
+    model = peft.get_peft_model(hf_model(directory), config).eval()
+    model.save_pretrained(adapter_dir)
+    return model
+
+
+def test_peft_adapter_loads_with_equal_logits(base, tmp_path):
+    """A random peft adapter on every linear layer (r=4, rank-stabilised scale) loads through
+    `from_pretrained(adapter=...)` with PeftModel's logits; merged, the logits stay the same."""
+    family, directory = base
+    peft_model = random_peft_adapter(directory, tmp_path, seed=1, r=4, lora_alpha=8, target_modules="all-linear",
+                                     use_rslora=True)
+    ids, mask = padded_batch(peft_model.config.vocab_size)
+    expected = parity.hf_logits(peft_model, ids, mask)
+    base_logits = parity.hf_logits(hf_model(directory), ids, mask)
+    assert np.abs(expected - base_logits)[mask.astype(bool)].max() > 0.1  # the adapter changes the logits
+
+    model = jaxpt.models.from_pretrained(directory, adapter=tmp_path)
+    assert model.lora_settings.r == 4 and model.lora_settings.use_rslora
+    assert model.model.layers.mlp.down_proj.lora_a.shape == (2, 4, 64)  # stacked [layers, r, in]
+    actual = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    parity.assert_close_on(actual, expected, mask)
+
+    merged = jaxpt.models.merge_adapter(model)
+    assert not lora.has_adapters(merged) and merged.model.layers.self_attn.q_proj.lora_a is None
+    assert not any(isinstance(v, LoRAParam) for v in jax.tree.leaves(nnx.state(merged), is_leaf=lambda x: isinstance(
+        x, nnx.Variable)))
+    parity.assert_close_on(merged(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), expected, mask)
+
+
+def test_jaxpt_adapter_loads_in_peft_with_equal_logits(base, tmp_path):
+    """An adapter made by `apply_lora` (default targets q_proj v_proj, then B set to random values) saved by
+    `save_adapter` loads in `peft.PeftModel.from_pretrained` with jaxpt's logits, and back into jaxpt."""
+    family, directory = base
+    model = jaxpt.models.from_pretrained(directory)
+    ids, mask = padded_batch(model.config.vocab_size)
+    before = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0), seed=3)
+    # B = 0: the adapter adds nothing yet (to float rounding: the extra ops change XLA's fusions)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))), before,
+                               atol=1e-5)
+    attention = model.model.layers.self_attn
+    assert attention.k_proj.lora_a is None and attention.q_proj.lora_a.shape == (2, 8, 32)
+    for module in (attention.q_proj, attention.v_proj):
+        module.lora_b[...] = jax.random.normal(jax.random.key(5), module.lora_b.shape) * 0.5
+    actual = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert np.abs(actual - before)[mask.astype(bool)].max() > 0.1
+
+    lora.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    peft_model = peft.PeftModel.from_pretrained(hf_model(directory), tmp_path).eval()
+    parity.assert_close_on(actual, parity.hf_logits(peft_model, ids, mask), mask)
+
+    reloaded = jaxpt.models.from_pretrained(directory, adapter=tmp_path)
+    np.testing.assert_allclose(np.asarray(reloaded(jnp.asarray(ids), attention_mask=jnp.asarray(mask))), actual,
+                               atol=1e-6)
+
+
+def test_partial_layer_adapter_and_modules_to_save(tmp_path):
+    """A peft adapter on layer 1's k_proj only (an explicit module name) with a trained lm_head
+    (modules_to_save) loads with equal logits; jaxpt saves it back and peft loads that too."""
+    hf_class, hf_config = FAMILIES["llama"]
+    directory = tmp_path / "base"
+    parity.make_hf_checkpoint(hf_class, hf_config, directory)
+    peft_model = random_peft_adapter(directory, tmp_path / "peft", seed=2, r=2, lora_alpha=4,
+                                     target_modules=["model.layers.1.self_attn.k_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.3)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids, mask = padded_batch(hf_config.vocab_size)
+    expected = parity.hf_logits(peft_model, ids, mask)
+    model = jaxpt.models.from_pretrained(directory, adapter=tmp_path / "peft")
+    k_a = np.asarray(model.model.layers.self_attn.k_proj.lora_a[...])
+    assert not k_a[0].any() and k_a[1].any()  # layer 0 has an adapter that adds exactly 0
+    parity.assert_close_on(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), expected, mask)
+    assert lora.adapter_parameter_count(model) == 2 * (2 * 32 + 16 * 2) + 96 * 32  # A, B per layer + lm_head
+
+    lora.save_adapter(model, tmp_path / "jaxpt")
+    again = peft.PeftModel.from_pretrained(hf_model(directory), tmp_path / "jaxpt").eval()
+    parity.assert_close_on(parity.hf_logits(again, ids, mask), expected, mask)
+
+
+def test_bad_adapters_fail_clearly(tmp_path):
+    hf_class, hf_config = FAMILIES["llama"]
+    directory = tmp_path / "base"
+    parity.make_hf_checkpoint(hf_class, hf_config, directory)
+    model = jaxpt.models.from_pretrained(directory)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.load_adapter(model, tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="lora_target_modules=.*matches no linear layer"):
+        lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_target_modules=["qkv"], lora_dropout=0.0))
+    with pytest.raises(ValueError, match="lora_dropout=0.05: jaxpt does not apply dropout"):
+        lora.apply_lora(model, lora.LoraConfig(use_peft=True))
+    with pytest.raises(ValueError, match="lora_r=0 must be >= 1"):
+        lora.LoraConfig(lora_r=0)
+    random_peft_adapter(directory, tmp_path / "dora", seed=0, r=2, target_modules=["q_proj"], use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        lora.load_adapter(model, tmp_path / "dora")
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_dropout=0.0))
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_dropout=0.0))
+    with pytest.raises(ValueError, match="save them with jaxpt.lora.save_adapter"):
+        jaxpt.models.save_pretrained(model, tmp_path / "full")
+
+
+def test_adapters_follow_the_weights_sharding():
+    """On a mesh, A splits the weight's `in` dimension as the weight does, B its `out` dimension; the rank stays
+    whole."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxpt.models import llama
+    from jaxpt.sharding import make_mesh, partition_spec
+
+    mesh = make_mesh(data=1, fsdp=2, tensor=4)
+    rules = llama.PARTITION_RULES
+    assert partition_spec("model.layers.self_attn.q_proj.lora_a", (2, 8, 32), rules, mesh) == P(None, None, "fsdp")
+    assert partition_spec("model.layers.self_attn.q_proj.lora_b", (2, 32, 8), rules, mesh) == P(None, "tensor", None)
+    assert partition_spec("model.layers.mlp.down_proj.lora_a", (2, 8, 64), rules, mesh) == P(None, None, "tensor")
+    assert partition_spec("model.layers.mlp.down_proj.lora_b", (2, 32, 8), rules, mesh) == P(None, "fsdp", None)
