@@ -17,12 +17,15 @@ fail validation with a clear message, as a negative learning rate should).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from jaxpt.lora import LoraConfig
 
 # argparse takes "-1e-3" for an option (its own pattern knows only "-1" and "-1.5"): every number is a value here
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
@@ -39,9 +42,9 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (eval_strategy)."})
 
 
-@dataclass
-class ModelConfig:
-    """Which model to start from (TRL's `ModelConfig`)."""
+@dataclass(kw_only=True)
+class ModelConfig(LoraConfig):
+    """Which model to start from, and LoRA (TRL's `ModelConfig`: `--use_peft --lora_r ...`, `jaxpt.lora`)."""
 
     model_name_or_path: str = field(metadata={"help": "Hugging Face checkpoint directory or Hub id."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
@@ -90,6 +93,8 @@ def check_inputs(script_args, model_args, config, *paths: tuple[str, str | None]
     from jaxpt.data import looks_like_local_path
 
     config.validate()
+    model_args.validate()
+    model_args.check_trainable()  # LoRA options jaxpt cannot train with fail before anything loads
     loop.prepare_output_dir(config)  # writable, and no earlier run's checkpoints unless resuming/overwriting
     named = [("--model_name_or_path", model_args.model_name_or_path),
              ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),
@@ -135,6 +140,12 @@ def load_model_and_data(script_args, model_args, config, *, num_labels=None):
     bf16 = config.bf16 if config.bf16 is not None else jax.default_backend() != "cpu"
     model = jaxpt.models.from_pretrained(model_args.model_name_or_path, num_labels=num_labels,
                                          dtype=jnp.bfloat16 if bf16 else jnp.float32, seed=config.seed)
+    if model_args.use_peft:
+        from jaxpt.lora import apply_lora
+
+        apply_lora(model, model_args, seed=config.seed)
+        model.lora_settings = dataclasses.replace(model.lora_settings,
+                                                  base_model_name_or_path=model_args.model_name_or_path)
     return model, tokenizer, train_set, eval_set
 
 

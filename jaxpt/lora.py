@@ -459,7 +459,10 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *, base_model_
         names = hf_tensor_names(name, num_layers)
         for index, tensor in enumerate(names):
             tensors[f"{PEFT_PREFIX}{tensor}"] = np.ascontiguousarray(value[index] if names != [name] else value)
-    target_modules = settings.target_modules
+    # The adapted modules by name: every stacked layer's adapter is saved (zeros where one was loaded for only some
+    # layers), so the short names describe exactly what the file holds.
+    target_modules = sorted({name.rsplit(".", 1)[-1] for name, module in _linear_modules(model)
+                             if module.lora_a is not None})
     adapter_config = {
         "peft_type": "LORA",
         "task_type": settings.task_type,
@@ -468,9 +471,7 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *, base_model_
         "lora_alpha": settings.lora_alpha,
         "lora_dropout": settings.lora_dropout,
         "use_rslora": settings.use_rslora,
-        # peft reads one string as a regex over full module names, a list as names
-        "target_modules": list(target_modules) if len(target_modules) > 1 or re.fullmatch(r"[\w-]+", target_modules[0])
-        else target_modules[0],
+        "target_modules": target_modules,
         "modules_to_save": list(settings.modules_to_save) or None,
         "bias": "none",
         "fan_in_fan_out": False,
