@@ -15,7 +15,7 @@ import transformers
 from flax import nnx
 
 import jaxpt.models
-from jaxpt import cli, lora, sft
+from jaxpt import cli, dpo, lora, sft
 from jaxpt.models.layers import LoRAParam
 from tests.helpers import arithmetic_texts, char_tokenizer, tiny_llama
 from tests.models import parity
@@ -258,3 +258,42 @@ def test_sft_command_with_use_peft(tiny_dir, tmp_path):
     assert config["base_model_name_or_path"] == str(tiny_dir)
     model = jaxpt.models.from_pretrained(tiny_dir, adapter=out / "final")
     peft_logits_equal_jaxpt(tiny_dir, out / "final", model, np.asarray([TOKENIZER("2+5=7")["input_ids"]]))
+
+
+def test_dpo_with_lora_uses_the_base_with_adapters_off_as_reference(tiny_dir, tmp_path, monkeypatch):
+    """DPO under LoRA: the reference the step receives is the adapters switched off (the adapters' size, every B
+    zero), joined with the one frozen base inside the step; its log-probs equal the plain base model's after
+    training, while the policy's moved away; the margin grows."""
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 2)}
+            for a, b in zip(range(10), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], strict=True)] * 2
+    model = jaxpt.models.from_pretrained(tiny_dir)
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=4, lora_dropout=0.0, lora_target_modules=[
+        "all-linear"]))
+    references = []
+    original_reference_params = dpo.reference_params
+    monkeypatch.setattr(dpo, "reference_params", lambda *a, **k: references.append(
+        original_reference_params(*a, **k)) or references[-1])
+    config = dpo.DPOConfig(output_dir=str(tmp_path), max_length=16, per_device_train_batch_size=1, logging_steps=1,
+                           learning_rate=2e-2, max_steps=15, save_steps=0, disable_tqdm=True, seed=0, beta=0.5,
+                           save_final_model=False)
+    result = dpo.train(model, TOKENIZER, datasets.Dataset.from_list(rows), config)
+
+    records = [r for r in result.metrics if "loss" in r]
+    assert records[0]["loss"] == pytest.approx(np.log(2), abs=0.02)  # B = 0: the policy starts as the reference
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"] + 0.5
+    (reference,) = references
+    state = result.state
+    assert size(reference) == size(state.params) == lora.adapter_parameter_count(model)  # no copy of the base
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    assert all(isinstance(v, LoRAParam) for v in jax.tree.leaves(reference, is_leaf=is_variable))
+    assert not any(np.asarray(b).any() for b in jax.tree.leaves(nnx.filter_state(reference, lambda p, _: p[-1] ==
+                                                                                  "lora_b")))
+    examples = dpo.prepare_dataset(datasets.Dataset.from_list(rows[:4]), TOKENIZER, config)
+    batch = {k: jnp.asarray(v[0]) for k, v in dpo.collate(examples, accumulation_steps=1, buckets=[16]).items()}
+    base = jaxpt.models.from_pretrained(tiny_dir)
+    base_graphdef, base_params = nnx.split(base, nnx.Param)
+    expected = dpo.reference_logps(base_params, base_graphdef, batch, config)
+    in_step = dpo.reference_logps(state.full_params(reference), state.graphdef, batch, config)
+    policy = dpo.reference_logps(state.full_params(), state.graphdef, batch, config)
+    np.testing.assert_allclose(np.asarray(in_step), np.asarray(expected), atol=1e-5)
+    assert np.abs(np.asarray(policy[0]) - np.asarray(expected[0])).max() > 0.1
