@@ -177,25 +177,57 @@ def make_optimizer(config, num_training_steps: int) -> tuple[optax.GradientTrans
 
 def jit_step(step, *, mesh: jax.sharding.Mesh | None, state_sharding: Any, train: bool = True,
              extra_in_shardings: tuple = ()):
-    """The `jax.jit` every method's `make_train_step` / `make_eval_step` returns, for
+    """The jitted step every method's `make_train_step` / `make_eval_step` returns, for
     `step(state, batch, *extra)` with `batch` arrays shaped `[accumulation, micro_batch, ...]`.
 
     `train`: returns `(state, metrics)` with the state donated; otherwise only metrics. On a mesh the state
     keeps `state_sharding`, the micro-batch dimension splits over `("data", "fsdp")`, metrics come back
     replicated, `extra_in_shardings` place the extra arguments (e.g. reference parameters), and the step is
     traced inside the mesh's abstract context so the models' activation sharding hints apply.
+
+    A LoRA state's frozen base (`state.frozen`) goes in beside the state and is not donated: it comes back as the
+    very arrays that went in (no copy), and whatever else holds them (a reference, the sampler) stays valid.
+    The returned step has `.lower(state, batch, *extra)` like a `jax.jit` function.
     """
     donate = (0,) if train else ()
+
+    def split_step(trained, frozen, batch, *extra):
+        out = step(trained.replace(frozen=frozen), batch, *extra)
+        if not train:
+            return out
+        state, metrics = out
+        return state.replace(frozen=None), metrics
+
     if mesh is None:
-        return jax.jit(step, donate_argnums=donate)
+        return FrozenApartStep(jax.jit(split_step, donate_argnums=donate), train=train)
     if state_sharding is None:
         raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
 
-    def step_in_mesh(state, batch, *extra):
+    def step_in_mesh(trained, frozen, batch, *extra):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, batch, *extra)
+            return split_step(trained, frozen, batch, *extra)
 
     metrics = replicated(mesh)
-    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1),
-                                               *extra_in_shardings),
-                   out_shardings=(state_sharding, metrics) if train else metrics, donate_argnums=donate)
+    trained_sharding = state_sharding.replace(frozen=None)
+    jitted = jax.jit(step_in_mesh, in_shardings=(trained_sharding, state_sharding.frozen,
+                                                 batch_sharding(mesh, batch_axis=1), *extra_in_shardings),
+                     out_shardings=(trained_sharding, metrics) if train else metrics, donate_argnums=donate)
+    return FrozenApartStep(jitted, train=train)
+
+
+class FrozenApartStep:
+    """`step(state, batch, *extra)` calling a jitted `step(state without frozen, frozen, batch, *extra)`."""
+
+    def __init__(self, jitted, *, train: bool):
+        self.jitted = jitted
+        self.train = train
+
+    def __call__(self, state: TrainState, batch: Any, *extra: Any):
+        out = self.jitted(state.replace(frozen=None), state.frozen, batch, *extra)
+        if not self.train:
+            return out
+        new_state, metrics = out
+        return new_state.replace(frozen=state.frozen), metrics
+
+    def lower(self, state: TrainState, batch: Any, *extra: Any):
+        return self.jitted.lower(state.replace(frozen=None), state.frozen, batch, *extra)

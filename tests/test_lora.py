@@ -15,7 +15,7 @@ import transformers
 from flax import nnx
 
 import jaxpt.models
-from jaxpt import cli, dpo, lora, sft
+from jaxpt import cli, dpo, grpo, lora, sft
 from jaxpt.models.layers import LoRAParam
 from tests.helpers import arithmetic_texts, char_tokenizer, tiny_llama
 from tests.models import parity
@@ -297,3 +297,67 @@ def test_dpo_with_lora_uses_the_base_with_adapters_off_as_reference(tiny_dir, tm
     policy = dpo.reference_logps(state.full_params(), state.graphdef, batch, config)
     np.testing.assert_allclose(np.asarray(in_step), np.asarray(expected), atol=1e-5)
     assert np.abs(np.asarray(policy[0]) - np.asarray(expected[0])).max() > 0.1
+
+
+def digits_reward(completions, **kwargs):
+    """The fraction of characters that are digits (about 10% for a random policy)."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def test_grpo_with_lora_samples_with_the_adapters_and_raises_the_reward(tiny_dir, tmp_path):
+    """GRPO under LoRA: the mean reward rises, and the sampler runs the adapted model (its log-probs are the adapted
+    model's, not the base's) with no merge. On this random tiny base, adapters alone move the reward slowly (the
+    final norm bounds what the hidden states can do to the frozen output head), so lm_head trains too
+    (lora_modules_to_save, as a user would for a new head)."""
+    from jaxpt.rollout import completion_logps, sample_and_score
+
+    model = jaxpt.models.from_pretrained(tiny_dir)
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=8, lora_alpha=32, lora_dropout=0.0,
+                                           lora_target_modules=["all-linear"], lora_modules_to_save=["lm_head"]))
+    prompts = datasets.Dataset.from_list([{"prompt": p} for p in ["ab", "cde", "f", "ghij"] * 4])
+    config = grpo.GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,
+                             max_completion_length=8, learning_rate=3e-2, max_steps=14, logging_steps=1,
+                             mesh_fsdp=1, disable_tqdm=True, save_steps=0, save_final_model=False, seed=0)
+    with pytest.raises(ValueError, match="lora_modules_to_save=\\['lm_head'\\] train in full"):
+        grpo.train(model, TOKENIZER, prompts, config.replace(beta=0.1), reward_funcs=[digits_reward])
+    result = grpo.train(model, TOKENIZER, prompts, config, reward_funcs=[digits_reward])
+    rewards = [r["reward"] for r in result.metrics]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
+
+    state = result.state
+    prepared = [{"prompt": "ab", "prompt_ids": TOKENIZER("ab")["input_ids"], "columns": {}}]
+    sampled = sample_and_score(state, prepared, [digits_reward], TOKENIZER, config, key=jax.random.key(1), mesh=None,
+                               prompt_buckets=[16])
+    batch = {k: jnp.asarray(v) for k, v in sampled.arrays.items()}
+    valid = np.asarray(sampled.arrays["attention_mask"], bool)
+    adapted, _ = completion_logps(state.full_params(), state.graphdef, batch, temperature=1.0)
+    np.testing.assert_allclose(np.asarray(adapted)[valid], sampled.arrays["old_logps"][valid], atol=2e-5)
+    base = jaxpt.models.from_pretrained(tiny_dir)
+    base_logps, _ = completion_logps(nnx.state(base, nnx.Param), nnx.graphdef(base), batch, temperature=1.0)
+    assert np.abs(np.asarray(base_logps) - sampled.arrays["old_logps"])[valid].max() > 0.1
+
+
+def test_online_reference_is_the_base_with_adapters_off(tiny_dir):
+    """GRPO/RLOO's KL reference under LoRA (`rollout.reference_params`): the adapters switched off joined with the
+    state's frozen base (the same arrays, no copy); its log-probs are the base model's, the policy's are not."""
+    import optax
+
+    from jaxpt.rollout import completion_logps, reference_params
+    from jaxpt.train_state import TrainState
+
+    model = jaxpt.models.from_pretrained(tiny_dir)
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=4, lora_dropout=0.0))
+    state = TrainState.create(model, optax.sgd(0.1))
+    state = state.replace(params=jax.tree.map(lambda x: x + 0.3, state.params))  # B != 0: the policy moved
+    reference = reference_params(state)
+    frozen = {id(x) for x in jax.tree.leaves(state.frozen)}
+    assert frozen <= {id(x) for x in jax.tree.leaves(reference)}  # the base arrays themselves
+    ids = jnp.asarray([TOKENIZER("ab12")["input_ids"]])
+    batch = {"prompt_ids": ids[:, :2], "prompt_mask": jnp.ones_like(ids[:, :2]), "completion_ids": ids[:, 2:],
+             "attention_mask": jnp.ones_like(ids[:, 2:])}
+    base = jaxpt.models.from_pretrained(tiny_dir)
+    expected, _ = completion_logps(nnx.state(base, nnx.Param), nnx.graphdef(base), batch, temperature=1.0)
+    actual, _ = completion_logps(reference, state.graphdef, batch, temperature=1.0)
+    policy, _ = completion_logps(state.full_params(), state.graphdef, batch, temperature=1.0)
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=1e-5)
+    assert np.abs(np.asarray(policy) - np.asarray(expected)).max() > 0.05
