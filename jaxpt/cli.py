@@ -94,7 +94,8 @@ def check_inputs(script_args, model_args, config, *paths: tuple[str, str | None]
 
     config.validate()
     model_args.validate()
-    model_args.check_trainable()  # LoRA options jaxpt cannot train with fail before anything loads
+    if model_args.use_peft:
+        model_args.check_trainable()  # LoRA options jaxpt cannot train with fail before anything loads
     loop.prepare_output_dir(config)  # writable, and no earlier run's checkpoints unless resuming/overwriting
     named = [("--model_name_or_path", model_args.model_name_or_path),
              ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),

@@ -89,7 +89,7 @@ class LoraConfig:
 
     def check_trainable(self) -> None:
         """What training with these adapters needs and jaxpt does not do yet fails here, before any work."""
-        if self.use_peft and self.lora_dropout != 0.0:
+        if self.lora_dropout != 0.0:
             raise ValueError(f"lora_dropout={self.lora_dropout}: jaxpt does not apply dropout to LoRA adapters yet; "
                              "pass lora_dropout=0.0 (--lora_dropout 0.0).")
 
@@ -208,12 +208,17 @@ def trainable_filter(model: nnx.Module):
         raise ValueError(f"This model's adapter has lora_dropout={settings.lora_dropout}, which jaxpt does not apply "
                          "in training yet: load it with load_adapter(..., lora_dropout=0.0) (or apply_lora with "
                          "lora_dropout=0.0).")
+    return _adapter_filter(settings)
+
+
+def _adapter_filter(settings: AdapterSettings):
     return nnx.Any(LoRAParam, _module_to_save_filter(settings.modules_to_save))
 
 
 def adapter_parameter_count(model: nnx.Module) -> int:
     """Number of trained parameters under LoRA: the adapters and the modules to save."""
-    params = nnx.state(model, trainable_filter(model))
+    settings = getattr(model, "lora_settings", None)
+    params = nnx.state(model, nnx.Param if settings is None else _adapter_filter(settings))
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
 
 
