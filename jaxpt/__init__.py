@@ -7,10 +7,10 @@ per method (`jaxpt.sft`, `jaxpt.dpo`, `jaxpt.reward`, `jaxpt.kto`, `jaxpt.grpo`,
 New methods land in `jaxpt.experimental` without a stability promise.
 """
 
-from jaxpt import distributed, dpo, grpo, kto, losses, models, reward, rewards, rloo, sampling, sft, sharding
+from jaxpt import distributed, dpo, grpo, kto, lora, losses, models, reward, rewards, rloo, sampling, sft, sharding
 from jaxpt.train_state import TrainState, make_optimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainState", "distributed", "dpo", "grpo", "kto", "losses", "make_optimizer", "models", "reward",
-           "rewards", "rloo", "sampling", "sft", "sharding"]
+__all__ = ["TrainState", "distributed", "dpo", "grpo", "kto", "lora", "losses", "make_optimizer", "models",
+           "reward", "rewards", "rloo", "sampling", "sft", "sharding"]

@@ -2,7 +2,8 @@
 run's fingerprint; Hugging Face format for the exported model. Never pickle.
 
 Layout under `output_dir`:
-    checkpoints/<step>/state        orbax PyTree checkpoint of the TrainState leaves
+    checkpoints/<step>/state        orbax PyTree checkpoint of the TrainState leaves (under LoRA the adapters and
+                                    their optimizer state only: the frozen base is the model the run starts from)
     checkpoints/<step>/progress     JSON: {"step": ..., "num_tokens": ..., "fingerprint": {...}}
     final/                          config.json + model.safetensors (+ tokenizer files)
 
@@ -96,6 +97,8 @@ class Checkpointer:
         record = {"step": step, **progress}
         if self.fingerprint is not None:
             record["fingerprint"] = {**self.fingerprint, "parameters": parameter_shapes(state)}
+        if getattr(state, "frozen", None) is not None:  # LoRA: the frozen base is the model the run starts from
+            state = state.replace(frozen=None)
         saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                 progress=ocp.args.JsonSave(record)))
         self.manager.wait_until_finished()
@@ -149,6 +152,10 @@ class Checkpointer:
         else:
             current = {**(self.fingerprint or {}), "parameters": parameter_shapes(state_like)}
             check_fingerprint(saved, current, path)
+        frozen = getattr(state_like, "frozen", None)
+        if frozen is not None:  # LoRA: only the adapters and their optimizer state were saved (`save`)
+            state_like = state_like.replace(frozen=None)
+            shardings = None if shardings is None else shardings.replace(frozen=None)
         if shardings is None:
             shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), state_like)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like,
@@ -158,7 +165,8 @@ class Checkpointer:
         except Exception as error:  # TensorStore raises a bare Exception for a truncated or missing array file
             raise DamagedCheckpointError(path, f"its arrays cannot be read ({type(error).__name__}: "
                                                f"{_first_line(error)})") from error
-        return restored["state"], progress
+        restored_state = restored["state"]
+        return (restored_state if frozen is None else restored_state.replace(frozen=frozen)), progress
 
     def close(self) -> None:
         self.manager.close()

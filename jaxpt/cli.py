@@ -21,12 +21,15 @@ Several hosts: start the same command on every one with `--coordinator_address H
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from jaxpt.lora import LoraConfig
 
 # argparse takes "-1e-3" for an option (its own pattern knows only "-1" and "-1.5"): every number is a value here
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
@@ -43,9 +46,9 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (eval_strategy)."})
 
 
-@dataclass
-class ModelConfig:
-    """Which model to start from (TRL's `ModelConfig`)."""
+@dataclass(kw_only=True)
+class ModelConfig(LoraConfig):
+    """Which model to start from, and LoRA (TRL's `ModelConfig`: `--use_peft --lora_r ...`, `jaxpt.lora`)."""
 
     model_name_or_path: str = field(metadata={"help": "Hugging Face checkpoint directory or Hub id."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
@@ -97,6 +100,9 @@ def check_inputs(script_args, model_args, config, *paths: tuple[str, str | None]
     from jaxpt.data import looks_like_local_path
 
     config.validate()
+    model_args.validate()
+    if model_args.use_peft:
+        model_args.check_trainable()  # LoRA options jaxpt cannot train with fail before anything loads
     loop.prepare_output_dir(config)  # writable, and no earlier run's checkpoints unless resuming/overwriting
     named = [("--model_name_or_path", model_args.model_name_or_path),
              ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),
@@ -136,6 +142,12 @@ def load_model_and_data(script_args, model_args, config, *, num_labels=None):
         eval_set = data.load_dataset(script_args.dataset_name, split=script_args.dataset_test_split,
                                      config_name=script_args.dataset_config)
     model = load_model(model_args.model_name_or_path, model_args, config, num_labels=num_labels)
+    if model_args.use_peft:
+        from jaxpt.lora import apply_lora
+
+        apply_lora(model, model_args, seed=config.seed)
+        model.lora_settings = dataclasses.replace(model.lora_settings,
+                                                  base_model_name_or_path=model_args.model_name_or_path)
     return model, tokenizer, train_set, eval_set
 
 

@@ -105,7 +105,7 @@ def heldout_accuracy(state, tokenizer, problems) -> float:
     length = max(len(p) for p in prompts)
     ids = data.pad_rows(prompts, length, tokenizer.pad_token_id, left=True)
     mask = data.pad_rows([[1] * len(p) for p in prompts], length, 0, left=True)
-    out = sampling.generate(state.graphdef, state.params, ids, mask, key=jax.random.key(0), max_new_tokens=4,
+    out = sampling.generate(state.graphdef, state.full_params(), ids, mask, key=jax.random.key(0), max_new_tokens=4,
                             greedy=True, eos_token_ids=[tokenizer.eos_token_id],
                             pad_token_id=tokenizer.pad_token_id)
     rows = [row[:n].tolist() for row, n in zip(np.asarray(out.completion_ids), np.asarray(out.lengths), strict=True)]

@@ -19,7 +19,9 @@ on the same device; the step runs the model once on the `[2 * micro_batch, seq]`
 The reference model, two ways (the step's third argument):
 - `ref_params` (default, as TRL): the frozen reference parameters, with the policy's architecture (a pytree like
   `state.params`; `train` uses a copy of the initial parameters unless a `ref_model` is given). Their log-probs are
-  computed inside the step, micro-batch by micro-batch, without gradient.
+  computed inside the step, micro-batch by micro-batch, without gradient. Under LoRA, `state.params` are the
+  adapters and the default reference is the base model: the adapters switched off, joined with `state.frozen`
+  inside the step (no second copy of the base).
 - `ref_params=None` with `precompute_ref_log_probs=True`: the batch carries `ref_chosen_logps` and
   `ref_rejected_logps` `[accumulation, micro_batch]`, computed once before training by `precompute_ref_logps`;
   no reference parameters are held during training (and the reference may have another architecture).
@@ -42,6 +44,7 @@ from flax import nnx
 from jaxpt import data, distributed, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
+from jaxpt.lora import check_reference_without_adapters, without_adapters
 from jaxpt.losses.dpo import (
     DPO_LOSS_TYPES,
     check_dpo_options,
@@ -353,10 +356,12 @@ def make_train_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None,
 
     def step(state: TrainState, batch: dict, ref_params: nnx.State | None):
         totals = _counts(batch)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
+        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
+        reference = None if ref_params is None else state.full_params(ref_params)
 
         def micro_step(grads, micro_batch):
-            micro_batch = _with_reference(micro_batch, ref_params, state.graphdef, config)
+            micro_batch = _with_reference(micro_batch, reference, state.graphdef, config)
             (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
@@ -379,10 +384,11 @@ def make_eval_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None, 
 
     def eval_step(state: TrainState, batch: dict, ref_params: nnx.State | None):
         totals = _counts(batch)
+        reference = None if ref_params is None else state.full_params(ref_params)
 
         def micro_step(_, micro_batch):
-            micro_batch = _with_reference(micro_batch, ref_params, state.graphdef, config)
-            return None, loss_fn(state.params, state.graphdef, micro_batch, config, totals)
+            micro_batch = _with_reference(micro_batch, reference, state.graphdef, config)
+            return None, loss_fn(state.full_params(), state.graphdef, micro_batch, config, totals)
 
         _, (losses, metric_pairs) = jax.lax.scan(micro_step, None, batch)
         metrics = total_metrics(metric_pairs)
@@ -408,9 +414,12 @@ def _ref_sharding(config: DPOConfig, state_sharding):
 def reference_params(state: TrainState, ref_model: nnx.Module | None = None,
                      mesh: jax.sharding.Mesh | None = None) -> nnx.State:
     """The frozen reference parameters for the step, laid out like `state.params`: a copy of them (the initial
-    policy, TRL's default) or `ref_model`'s, which must have the policy's architecture."""
+    policy, TRL's default) or `ref_model`'s, which must have the policy's architecture. Under LoRA
+    (`state.frozen`), the default is the base model: the adapters switched off (`jaxpt.lora.without_adapters`),
+    which the step joins with the frozen base, so no second copy of the base exists."""
     if ref_model is None:
-        return jax.tree.map(jnp.copy, state.params)  # a copy: the step donates (and so deletes) state.params
+        params = without_adapters(state.params) if state.frozen is not None else state.params
+        return jax.tree.map(jnp.copy, params)  # a copy: the step donates (and so deletes) state.params
     params = nnx.state(ref_model, nnx.Param)
     if jax.tree.structure(params) != jax.tree.structure(state.params) or any(
             a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True)):
@@ -477,6 +486,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     loop.prepare_output_dir(config)
     if ref_model is model:
         raise ValueError("ref_model is the policy itself: leave ref_model=None for a frozen copy of the initial model.")
+    if ref_model is None and not config.precompute_ref_log_probs:
+        check_reference_without_adapters(model, method="DPO")
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps

@@ -347,7 +347,7 @@ def _step_metrics(metric_pairs: dict, kl: jax.Array) -> dict[str, jax.Array]:
 def _prepare_step(state: TrainState, batch: dict, ref_params, ref_graphdef, config: KTOConfig):
     """The no-gradient half of a step: reference log-probs, the step's KL estimate and its number of examples."""
     ref_graphdef = state.graphdef if ref_graphdef is None else ref_graphdef
-    reference = _reference_pass(state.params, state.graphdef, batch, config, ref_params, ref_graphdef)
+    reference = _reference_pass(state.full_params(), state.graphdef, batch, config, ref_params, ref_graphdef)
     is_example = _is_example(batch)  # [accumulation, micro_batch]
     if config.loss_type == "kto":
         kl = kto_kl_estimate(reference["kl_logps"], reference["ref_kl_logps"], example_mask=is_example)
@@ -366,7 +366,8 @@ def make_train_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None,
 
     def step(state: TrainState, batch: dict, ref_params: nnx.State | None = None):
         ref_logps, kl, num_examples = _prepare_step(state, batch, ref_params, ref_graphdef, config)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
+        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
 
         def micro_step(grads, inputs):
             micro_batch, micro_ref_logps = inputs
@@ -394,7 +395,7 @@ def make_eval_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None, 
 
         def micro_step(_, inputs):
             micro_batch, micro_ref_logps = inputs
-            return None, loss_fn(state.params, state.graphdef, micro_batch, micro_ref_logps, kl, num_examples,
+            return None, loss_fn(state.full_params(), state.graphdef, micro_batch, micro_ref_logps, kl, num_examples,
                                  config)
 
         _, (losses, metric_pairs) = jax.lax.scan(micro_step, None, (batch, ref_logps))

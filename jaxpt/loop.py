@@ -234,13 +234,19 @@ class ShapeNotes:
 
 
 def export(state, tokenizer, config) -> str | None:
-    """Write the trained model (and tokenizer) to `output_dir/final` in Hugging Face format."""
+    """Write the trained model (and tokenizer) to `output_dir/final` in Hugging Face format; a model with LoRA
+    adapters as its adapter in peft's format (`adapter_config.json` + `adapter_model.safetensors`)."""
     if not config.save_final_model:
         return None
+    from jaxpt.lora import has_adapters, save_adapter
     from jaxpt.models import save_pretrained
 
     directory = Path(config.output_dir) / "final"
-    save_pretrained(state.model(), directory)
+    model = state.model()
+    if has_adapters(model):
+        save_adapter(model, directory)
+    else:
+        save_pretrained(model, directory)
     if tokenizer is not None and jax.process_index() == 0:
         tokenizer.save_pretrained(directory)
     return str(directory)

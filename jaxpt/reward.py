@@ -229,7 +229,8 @@ def make_train_step(config: RewardConfig, *, mesh: jax.sharding.Mesh | None = No
 
     def step(state: TrainState, batch: dict):
         accumulation, micro = batch["input_ids"].shape[:2]
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
+        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
 
         def micro_step(grads, micro_batch):
             (loss, metrics), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config,

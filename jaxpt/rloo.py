@@ -39,6 +39,7 @@ from flax import nnx
 from jaxpt import data, distributed, loop
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
+from jaxpt.lora import check_reference_without_adapters
 from jaxpt.losses.metrics import mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.rloo import penalized_rewards, rloo_advantages, rloo_loss
 from jaxpt.losses.sampled_rewards import nanstd, reward_metrics
@@ -54,6 +55,7 @@ from jaxpt.rollout import (
     evaluate_rollouts,
     make_logps_fn,
     make_ref_logps_fn,
+    reference_params,
     rollout_shape,
     sample_and_score,
 )
@@ -144,7 +146,7 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
         logger.warning("Some completions got no reward from any reward function; their advantage is 0.")
     arrays = dict(sampled.arrays)
     if policy_logps_fn is not None:
-        arrays["old_logps"] = policy_logps_fn(state.params, arrays)
+        arrays["old_logps"] = policy_logps_fn(state.full_params(), arrays)
     metrics = {}
     sequence_kl = None
     if ref_logps_fn is not None:
@@ -203,7 +205,8 @@ def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None
         mask = batch["completion_mask"].astype(jnp.float32)
         totals = {"tokens": jnp.maximum(jnp.sum(mask), 1.0),
                   "sequences": float(batch["completion_mask"].shape[0] * batch["completion_mask"].shape[1])}
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
+        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
 
         def micro_step(grads, micro_batch):
             (loss, aux), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
@@ -266,7 +269,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                              micro_batch=micro_batch, mesh=mesh)
     ref_logps_fn = None
     if config.beta != 0.0:
-        reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else jax.tree.map(jnp.copy, state.params)
+        if ref_model is None:
+            check_reference_without_adapters(model, method="RLOO with beta > 0")
+        reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else reference_params(state)
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
                                          chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
                                          logps_fn=logps_fn)

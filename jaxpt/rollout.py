@@ -106,7 +106,7 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
     length = data.bucket_length(max(len(p["prompt_ids"]) for p in prompts), prompt_buckets)
     prompt_ids = data.pad_rows([p["prompt_ids"] for p in repeated], length, pad_id, left=True)
     prompt_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in repeated], length, 0, left=True)
-    out = generate(state.graphdef, state.params, prompt_ids, prompt_mask, key=key,
+    out = generate(state.graphdef, state.full_params(), prompt_ids, prompt_mask, key=key,  # LoRA: adapters on
                    max_new_tokens=config.max_completion_length, temperature=config.temperature,
                    top_k=config.top_k or None, top_p=config.top_p if config.top_p < 1.0 else None,
                    min_p=config.min_p, eos_token_ids=eos_token_ids(tokenizer), pad_token_id=pad_id, mesh=mesh)
@@ -189,6 +189,16 @@ def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk
     return chunked_token_logps(predicting, model.lm_head_weight(), batch["completion_ids"], chunk_size=chunk_size,
                                logit_softcap=model.final_logit_softcap, temperature=temperature,
                                return_entropy=True)
+
+
+def reference_params(state):
+    """The default reference of an online method's KL term: a copy of the initial parameters, or under LoRA the
+    base model, i.e. the adapters switched off joined with the frozen base (no second copy of the base)."""
+    from jaxpt.lora import without_adapters
+
+    if state.frozen is None:
+        return jax.tree.map(jnp.copy, state.params)  # a copy: the step donates (and so deletes) state.params
+    return state.full_params(jax.tree.map(jnp.copy, without_adapters(state.params)))
 
 
 def make_logps_fn(graphdef, *, temperature: float, chunk_size: int, micro_batch: int,

@@ -344,7 +344,8 @@ def make_train_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None,
 
     def step(state: TrainState, batch: dict):
         num_tokens = jnp.maximum(jnp.sum(_targets_mask_all(batch)), 1.0)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
+        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
 
         def micro_step(grads, micro_batch):
             (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config,
@@ -378,7 +379,7 @@ def make_eval_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None, 
         num_tokens = jnp.maximum(loss_tokens, 1.0)
 
         def micro_step(_, micro_batch):
-            return None, loss_fn(state.params, state.graphdef, micro_batch, config, num_tokens)
+            return None, loss_fn(state.full_params(), state.graphdef, micro_batch, config, num_tokens)
 
         _, (losses, metric_pairs) = jax.lax.scan(micro_step, None, batch)
         metrics = total_metrics(metric_pairs)

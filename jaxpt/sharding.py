@@ -72,19 +72,38 @@ def partition_spec(name: str, shape: Sequence[int], rules: PartitionRules, mesh:
     Rules describe one layer; a stacked decoder-layer parameter (`model.layers.mlp.up_proj.weight`
     `[num_layers, out, in]`: named under `layers`, one dimension more than its rule) keeps its layer axis unsharded.
     """
+    axes = rule_axes(name, len(shape), rules)
+    if axes is None:
+        return PartitionSpec()
+    spec = []
+    for size, axis in zip(shape, axes, strict=True):
+        if axis is not None and axis in mesh.shape and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0:
+            spec.append(axis)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def rule_axes(name: str, ndim: int, rules: PartitionRules) -> tuple[str | None, ...] | None:
+    """The mesh axis (or None) per dimension the first matching rule gives a parameter of `ndim` dimensions.
+
+    A LoRA matrix (`q_proj.lora_a` `[r, in]`, `q_proj.lora_b` `[out, r]`, `jaxpt.lora`) follows the rule of its
+    layer's `weight` `[out, in]`: `lora_a` splits `in` as the weight does, `lora_b` its `out`; the rank stays whole.
+    """
+    for suffix, keep in ((".lora_a", 1), (".lora_b", 0)):
+        if name.endswith(suffix):
+            weight_axes = rule_axes(name[: -len(suffix)] + ".weight", ndim, rules)
+            if weight_axes is None:
+                return None
+            *layer_axis, out_axis, in_axis = weight_axes
+            return (*layer_axis, None, in_axis) if keep else (*layer_axis, out_axis, None)
     stacked = "layers" in name.split(".")
     for pattern, axes in rules:
-        if stacked and len(axes) + 1 == len(shape):
+        if stacked and len(axes) + 1 == ndim:
             axes = (None, *axes)
-        if re.search(pattern, name) and len(axes) == len(shape):
-            spec = []
-            for size, axis in zip(shape, axes, strict=True):
-                if axis is not None and axis in mesh.shape and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0:
-                    spec.append(axis)
-                else:
-                    spec.append(None)
-            return PartitionSpec(*spec)
-    return PartitionSpec()
+        if re.search(pattern, name) and len(axes) == ndim:
+            return tuple(axes)
+    return None
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: PartitionRules) -> Any:

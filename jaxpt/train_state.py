@@ -33,7 +33,12 @@ from jaxpt.sharding import PartitionRules, batch_sharding, path_name, replicated
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Parameters, optimizer state and step counter; the graphdef and optimizer are static."""
+    """Parameters, optimizer state and step counter; the graphdef and optimizer are static.
+
+    `params` are the trained parameters: all of them, or with LoRA adapters (`jaxpt.lora.apply_lora`) only the
+    adapters (and `modules_to_save`). The base parameters then sit in `frozen`: no gradient, no optimizer state,
+    never changed. A step differentiates `state.params` and builds the model from `state.full_params(params)`.
+    """
 
     step: jax.Array
     params: nnx.State
@@ -41,6 +46,7 @@ class TrainState(flax.struct.PyTreeNode):
     graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     partition_rules: PartitionRules = flax.struct.field(pytree_node=False, default=())
+    frozen: nnx.State | None = None  # the base parameters under LoRA; None when every parameter trains
 
     @classmethod
     def create(
@@ -52,6 +58,9 @@ class TrainState(flax.struct.PyTreeNode):
     ) -> TrainState:
         """Split `model` into graphdef + params and initialise the optimizer.
 
+        A model with LoRA adapters trains only them (`jaxpt.lora.trainable_filter`): the rest of its parameters
+        go to `frozen`, and the optimizer state covers the adapters alone.
+
         With a `mesh`, parameters and optimizer state are laid out by the model's partition rules
         (parameters already placed by `from_pretrained(mesh=...)` stay where they are).
 
@@ -59,30 +68,44 @@ class TrainState(flax.struct.PyTreeNode):
         `jax.ShapeDtypeStruct` (with its `NamedSharding` when a `mesh` is given), nothing allocated. That is what
         `step.lower(state, batch).compile()` needs to plan a run before any weights exist (`jaxpt.plan`).
         """
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        from jaxpt.lora import trainable_filter
+
+        graphdef, params, frozen, rest = nnx.split(model, trainable_filter(model), nnx.Param, ...)
         if jax.tree_util.tree_leaves(rest):
             is_variable = lambda x: isinstance(x, nnx.Variable)
             kinds = {type(v).__name__ for v in jax.tree_util.tree_leaves(rest, is_leaf=is_variable)}
             raise ValueError(f"TrainState holds only nnx.Param state, but the model has other state: {sorted(kinds)}.")
+        frozen = frozen if jax.tree_util.tree_leaves(frozen) else None
         rules = tuple(getattr(model, "partition_rules", ()))
 
-        def init(params):
+        def init(params, frozen):
             return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                       graphdef=graphdef, tx=optimizer, partition_rules=rules)
+                       graphdef=graphdef, tx=optimizer, partition_rules=rules, frozen=frozen)
 
-        is_abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(params))
+        leaves = jax.tree_util.tree_leaves((params, frozen))
+        is_abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
         if mesh is None:
-            return jax.eval_shape(init, params) if is_abstract else init(params)
-        abstract = jax.eval_shape(init, params)
+            return jax.eval_shape(init, params, frozen) if is_abstract else init(params, frozen)
+        abstract = jax.eval_shape(init, params, frozen)
         shardings = tree_shardings(abstract, mesh, rules)
         if is_abstract:
             return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                                 abstract, shardings)
-        return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+        # the frozen base is placed once, outside the jit (no copy of it is made)
+        frozen = None if frozen is None else jax.device_put(frozen, shardings.frozen)
+        state = jax.jit(lambda params: init(params, None), in_shardings=(shardings.params,),
+                        out_shardings=shardings.replace(frozen=None))(params)
+        return state.replace(frozen=frozen)
+
+    def full_params(self, params: nnx.State | None = None) -> nnx.State:
+        """Every parameter of the model: `params` (default: the state's trained ones; inside a loss, the ones
+        being differentiated) with the frozen base, what `nnx.merge(state.graphdef, ...)` needs."""
+        params = self.params if params is None else params
+        return params if self.frozen is None else nnx.merge_state(self.frozen, params)
 
     def model(self) -> nnx.Module:
         """The model with the current parameters (inside a jitted step: traced ones)."""
-        return nnx.merge(self.graphdef, self.params)
+        return nnx.merge(self.graphdef, self.full_params())
 
     def apply_gradients(self, grads: nnx.State, **replacements: Any) -> TrainState:
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -154,25 +177,57 @@ def make_optimizer(config, num_training_steps: int) -> tuple[optax.GradientTrans
 
 def jit_step(step, *, mesh: jax.sharding.Mesh | None, state_sharding: Any, train: bool = True,
              extra_in_shardings: tuple = ()):
-    """The `jax.jit` every method's `make_train_step` / `make_eval_step` returns, for
+    """The jitted step every method's `make_train_step` / `make_eval_step` returns, for
     `step(state, batch, *extra)` with `batch` arrays shaped `[accumulation, micro_batch, ...]`.
 
     `train`: returns `(state, metrics)` with the state donated; otherwise only metrics. On a mesh the state
     keeps `state_sharding`, the micro-batch dimension splits over `("data", "fsdp")`, metrics come back
     replicated, `extra_in_shardings` place the extra arguments (e.g. reference parameters), and the step is
     traced inside the mesh's abstract context so the models' activation sharding hints apply.
+
+    A LoRA state's frozen base (`state.frozen`) goes in beside the state and is not donated: it comes back as the
+    very arrays that went in (no copy), and whatever else holds them (a reference, the sampler) stays valid.
+    The returned step has `.lower(state, batch, *extra)` like a `jax.jit` function.
     """
     donate = (0,) if train else ()
+
+    def split_step(trained, frozen, batch, *extra):
+        out = step(trained.replace(frozen=frozen), batch, *extra)
+        if not train:
+            return out
+        state, metrics = out
+        return state.replace(frozen=None), metrics
+
     if mesh is None:
-        return jax.jit(step, donate_argnums=donate)
+        return FrozenApartStep(jax.jit(split_step, donate_argnums=donate), train=train)
     if state_sharding is None:
         raise ValueError("make_train_step(mesh=...) needs state_sharding=state.shardings(mesh).")
 
-    def step_in_mesh(state, batch, *extra):
+    def step_in_mesh(trained, frozen, batch, *extra):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, batch, *extra)
+            return split_step(trained, frozen, batch, *extra)
 
     metrics = replicated(mesh)
-    return jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding(mesh, batch_axis=1),
-                                               *extra_in_shardings),
-                   out_shardings=(state_sharding, metrics) if train else metrics, donate_argnums=donate)
+    trained_sharding = state_sharding.replace(frozen=None)
+    jitted = jax.jit(step_in_mesh, in_shardings=(trained_sharding, state_sharding.frozen,
+                                                 batch_sharding(mesh, batch_axis=1), *extra_in_shardings),
+                     out_shardings=(trained_sharding, metrics) if train else metrics, donate_argnums=donate)
+    return FrozenApartStep(jitted, train=train)
+
+
+class FrozenApartStep:
+    """`step(state, batch, *extra)` calling a jitted `step(state without frozen, frozen, batch, *extra)`."""
+
+    def __init__(self, jitted, *, train: bool):
+        self.jitted = jitted
+        self.train = train
+
+    def __call__(self, state: TrainState, batch: Any, *extra: Any):
+        out = self.jitted(state.replace(frozen=None), state.frozen, batch, *extra)
+        if not self.train:
+            return out
+        new_state, metrics = out
+        return new_state.replace(frozen=state.frozen), metrics
+
+    def lower(self, state: TrainState, batch: Any, *extra: Any):
+        return self.jitted.lower(state.replace(frozen=None), state.frozen, batch, *extra)

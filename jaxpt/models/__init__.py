@@ -42,7 +42,7 @@ FAMILIES = {
 }
 
 __all__ = ["from_pretrained", "save_pretrained", "from_config", "load_hf_config", "FAMILIES", "param_names",
-           "hf_tensor_names", "set_gradient_checkpointing", "export_dtype", "gather_to_host"]
+           "hf_tensor_names", "set_gradient_checkpointing", "export_dtype", "gather_to_host", "merge_adapter"]
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
@@ -152,8 +152,12 @@ def from_pretrained(
     num_labels: int | None = None,
     seed: int = 0,
     attn_implementation: str | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> nnx.Module:
     """Load a Hugging Face checkpoint directory (or Hub id) into a jaxpt model.
+
+    `adapter`: a LoRA adapter directory in peft's format (`adapter_config.json` + `adapter_model.safetensors`,
+    written by peft or `jaxpt.lora.save_adapter`), attached to the loaded model (`jaxpt.lora.load_adapter`).
 
     `dtype` is the compute dtype, `param_dtype` the stored one (`"auto"`: the checkpoint's own, as transformers'
     `dtype="auto"`). The checkpoint's dtype is recorded on `model.config` (its HF config's `dtype`):
@@ -214,7 +218,20 @@ def from_pretrained(
             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}."
         )
     params = jax.tree_util.tree_map_with_path(load, abstract_params)
-    return nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params, rest)
+    if adapter is not None:
+        from jaxpt.lora import load_adapter
+
+        load_adapter(model, adapter)
+        model.lora_settings = dataclasses.replace(model.lora_settings, base_model_name_or_path=str(name_or_path))
+    return model
+
+
+def merge_adapter(model: nnx.Module) -> nnx.Module:
+    """Fold a model's LoRA adapters into its weights, in place (`jaxpt.lora.merge_adapter`); returns the model."""
+    from jaxpt.lora import merge_adapter as merge
+
+    return merge(model)
 
 
 def _first_floating_dtype(reader: SafetensorsReader) -> np.dtype | None:
@@ -242,6 +259,9 @@ def save_pretrained(
     there are several. Every process must call it (the gathers are collectives); only process 0 writes.
     """
     path = Path(path)
+    if getattr(model, "lora_settings", None) is not None:
+        raise ValueError("The model has LoRA adapters: save them with jaxpt.lora.save_adapter(model, path), or fold "
+                         "them in first with jaxpt.models.merge_adapter(model) to save a full checkpoint.")
     hf_config = model.config.to_hf()
     max_shard_bytes = parse_size(max_shard_size, field_name="max_shard_size")
     params = nnx.state(model, nnx.Param)

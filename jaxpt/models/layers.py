@@ -81,8 +81,14 @@ def matmul_transposed_weight(x: jax.Array, weight: jax.Array) -> jax.Array:
     return jax.lax.dot_general(x, weight, (((1,), (1,)), ((), ())))
 
 
+class LoRAParam(nnx.Param):
+    """A LoRA adapter matrix (`Linear.lora_a` / `lora_b`): with adapters on, the only parameters trained
+    (`jaxpt.lora`)."""
+
+
 class Linear(nnx.Module):
-    """`y = x @ weight.T + bias` with `weight` stored `[out_features, in_features]` as in PyTorch/HF."""
+    """`y = x @ weight.T + bias` with `weight` stored `[out_features, in_features]` as in PyTorch/HF, plus
+    `lora_scale * (x @ lora_a.T) @ lora_b.T` when a LoRA adapter is attached (`jaxpt.lora.apply_lora`)."""
 
     def __init__(
         self,
@@ -105,6 +111,10 @@ class Linear(nnx.Module):
         # Set by `scan_layers` on a mesh, for the traced layer only: the dimension of `weight` split over "fsdp",
         # which `fsdp_matmul` gathers (forward) and reduce-scatters the gradient along (backward).
         self.fsdp_dim = None
+        # A LoRA adapter (`jaxpt.lora.apply_lora` sets these): `lora_a` [r, in], `lora_b` [out, r], static scale.
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         leading = x.shape[:-1]
@@ -116,6 +126,9 @@ class Linear(nnx.Module):
             y = matmul_transposed_weight(rows, self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:  # peft's order: base output (with bias), then + scale * B (A x)
+            low_rank = matmul_transposed_weight(rows, self.lora_a[...].astype(self.dtype))  # [tokens, r]
+            y = y + matmul_transposed_weight(low_rank, self.lora_b[...].astype(self.dtype)) * self.lora_scale
         return y.reshape(*leading, self.out_features)
 
 
