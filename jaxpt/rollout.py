@@ -104,12 +104,15 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
     repeated = [p for p in prompts for _ in range(group)]
     pad_id = data.pad_token_id(tokenizer)
     length = data.bucket_length(max(len(p["prompt_ids"]) for p in prompts), prompt_buckets)
-    prompt_ids = data.pad_rows([p["prompt_ids"] for p in repeated], length, pad_id, left=True)
-    prompt_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in repeated], length, 0, left=True)
-    out = generate(state.graphdef, state.full_params(), prompt_ids, prompt_mask, key=key,  # LoRA: adapters on
+    unique_ids = data.pad_rows([p["prompt_ids"] for p in prompts], length, pad_id, left=True)
+    unique_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in prompts], length, 0, left=True)
+    # Each prompt is prefilled once for its group (num_return_sequences); the update takes the repeated rows.
+    out = generate(state.graphdef, state.full_params(), unique_ids, unique_mask, key=key,  # LoRA: adapters on
                    max_new_tokens=config.max_completion_length, temperature=config.temperature,
                    top_k=config.top_k or None, top_p=config.top_p if config.top_p < 1.0 else None,
-                   min_p=config.min_p, eos_token_ids=eos_token_ids(tokenizer), pad_token_id=pad_id, mesh=mesh)
+                   min_p=config.min_p, eos_token_ids=eos_token_ids(tokenizer), pad_token_id=pad_id,
+                   num_return_sequences=group, mesh=mesh)
+    prompt_ids, prompt_mask = np.repeat(unique_ids, group, axis=0), np.repeat(unique_mask, group, axis=0)
     # the whole rollout on every process (gathered when the batch spans several)
     completion_ids, sampler_logps, attention_mask, lengths, finished = (host_array(a) for a in (
         out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished))

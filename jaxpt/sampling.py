@@ -18,6 +18,10 @@ one array) but emit `pad_token_id`.
   With `mesh`, the batch is split over `("data", "fsdp")` like a training batch.
 - Prompts are left-padded (`prompt_mask` 0 before the prompt), so every row's next token lands in the same
   cache slot; positions are `cumsum(prompt_mask) - 1` as in `transformers` `generate`.
+- `num_return_sequences=n` (transformers' name) samples n completions per prompt, grouped by prompt (rows
+  `[p0, p0, ..., p1, ...]`): each prompt is prefilled once and its cache rows repeated, instead of prefilling n
+  copies (GRPO/RLOO's groups). The result is the one of passing every prompt repeated n times (same key, same
+  samples): the random stream is drawn per output row either way.
 - One compilation per (batch size, prompt length, `max_new_tokens`) and per sampling option values (they are
   static). Callers should pad prompts to a few length buckets (e.g. multiples of 64) rather than to each batch's
   own length, or every new length compiles again.
@@ -94,6 +98,7 @@ def generate(
     greedy: bool = False,
     eos_token_ids: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
+    num_return_sequences: int = 1,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Completions:
     """Sample up to `max_new_tokens` tokens after each left-padded prompt, with a KV cache, in one jitted call.
@@ -109,37 +114,50 @@ def generate(
       top_k: keep the `top_k` most likely tokens (None or 0: off). top_p: nucleus mass in (0, 1] (None or 1: off).
       min_p: in [0, 1]; drop tokens less likely than `min_p` times the most likely one (None or 0: off).
       greedy: take the most likely token (transformers' `do_sample=False`); the filters are then ignored.
+      num_return_sequences: completions per prompt (>= 1); the output has `batch * num_return_sequences` rows,
+        each prompt's together. The prompt is prefilled once and its KV cache shared by its completions.
       mesh: split the batch over `("data", "fsdp")` of this mesh (params stay where they are). Multi-host
         callers pass global arrays, e.g. from `jaxpt.sharding.shard_batch`.
 
     Returns:
-      `Completions` (completion ids, log-probs, mask, lengths, finished flags, number of decode steps).
+      `Completions` (completion ids, log-probs, mask, lengths, finished flags, number of decode steps), with
+      `batch * num_return_sequences` rows.
     """
-    prompt_ids, prompt_mask = _validate_prompts(prompt_ids, prompt_mask, mesh)
+    if (isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int | np.integer)
+            or num_return_sequences < 1):
+        raise ValueError(f"num_return_sequences={num_return_sequences!r} must be an integer >= 1.")
+    repeats = int(num_return_sequences)
+    prompt_ids, prompt_mask = _validate_prompts(prompt_ids, prompt_mask, mesh, repeats)
     options = _options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, greedy=greedy, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
     if key is None:
         raise ValueError("key=None: pass a PRNG key, e.g. key=jax.random.key(0) (it is unused when greedy=True).")
+    # The prompts are split over the mesh's batch axes when they divide (the completions always do); otherwise
+    # they are prefilled as repeated rows, like separate prompts.
+    share_prefill = repeats > 1 and (mesh is None or prompt_ids.shape[0] % batch_divisor(mesh) == 0)
     if mesh is not None:
-        prompt_ids = put_global(prompt_ids, batch_sharding(mesh))  # put_global: the mesh may span processes
-        prompt_mask = put_global(prompt_mask, batch_sharding(mesh))
+        prompt_sharding = batch_sharding(mesh) if share_prefill or repeats == 1 else replicated(mesh)
+        prompt_ids = put_global(prompt_ids, prompt_sharding)  # put_global: the mesh may span processes
+        prompt_mask = put_global(prompt_mask, prompt_sharding)
         key = put_global(key, replicated(mesh))
-    signature = (prompt_ids.shape, options, mesh)
+    signature = (prompt_ids.shape, repeats, options, mesh)
     if signature not in _COMPILED:
         _COMPILED.add(signature)
-        logger.info("Compiling generate for batch %d x prompt length %d, max_new_tokens %d.",
-                    *prompt_ids.shape, options.max_new_tokens)
-    return _generate(graphdef, params, prompt_ids, prompt_mask, key, options=options, mesh=mesh)
+        logger.info("Compiling generate for %d prompts x %d completions, prompt length %d, max_new_tokens %d.",
+                    prompt_ids.shape[0], repeats, prompt_ids.shape[1], options.max_new_tokens)
+    return _generate(graphdef, params, prompt_ids, prompt_mask, key, options=options, repeats=repeats,
+                     share_prefill=share_prefill, mesh=mesh)
 
 
 _COMPILED: set = set()  # shapes/options seen, only to log each new compilation once
 
 
-@partial(jax.jit, static_argnames=("graphdef", "options", "mesh"))
-def _generate(graphdef, params, prompt_ids, prompt_mask, key, *, options: _Options, mesh) -> Completions:
+@partial(jax.jit, static_argnames=("graphdef", "options", "repeats", "share_prefill", "mesh"))
+def _generate(graphdef, params, prompt_ids, prompt_mask, key, *, options: _Options, repeats: int,
+              share_prefill: bool, mesh) -> Completions:
     context = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
     with context:
-        return _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options)
+        return _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options, repeats, share_prefill)
 
 
 class _LoopState(flax.struct.PyTreeNode):
@@ -152,13 +170,22 @@ class _LoopState(flax.struct.PyTreeNode):
     done: jax.Array  # [batch] bool: the row has produced an EOS token
 
 
-def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Options) -> Completions:
-    batch, prompt_len = prompt_ids.shape
+def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Options, repeats: int,
+                   share_prefill: bool) -> Completions:
+    if not share_prefill and repeats > 1:
+        prompt_ids = constrain(jnp.repeat(prompt_ids, repeats, axis=0), BATCH_AXES, None)
+        prompt_mask = constrain(jnp.repeat(prompt_mask, repeats, axis=0), BATCH_AXES, None)
+        repeats = 1
+    prompts, prompt_len = prompt_ids.shape
+    batch = prompts * repeats
     steps = options.max_new_tokens
     model = nnx.merge(graphdef, params)
     # The last sampled token is never fed back, so the cache needs prompt_len + steps - 1 slots.
-    cache = model.init_cache(batch, prompt_len + steps - 1)
-    logits, cache = model.prefill(prompt_ids, cache, attention_mask=prompt_mask)  # [batch, vocab]
+    cache = model.init_cache(prompts, prompt_len + steps - 1)
+    logits, cache = model.prefill(prompt_ids, cache, attention_mask=prompt_mask)  # [prompts, vocab]
+    if repeats > 1:  # each prompt's completions start from its one prefill: same logits, same cache rows
+        logits = constrain(jnp.repeat(logits, repeats, axis=0), BATCH_AXES, None)
+        cache = cache.repeat_rows(repeats)
     eos = jnp.asarray(options.eos_token_ids, jnp.int32)
 
     def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
@@ -344,7 +371,7 @@ def _options(*, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_to
     )
 
 
-def _validate_prompts(prompt_ids: Any, prompt_mask: Any, mesh) -> tuple[jax.Array, jax.Array]:
+def _validate_prompts(prompt_ids: Any, prompt_mask: Any, mesh, repeats: int = 1) -> tuple[jax.Array, jax.Array]:
     if getattr(prompt_ids, "ndim", None) != 2:
         raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {getattr(prompt_ids, 'shape', None)}.")
     if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
@@ -354,9 +381,10 @@ def _validate_prompts(prompt_ids: Any, prompt_mask: Any, mesh) -> tuple[jax.Arra
     if tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
         raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)}, prompt_ids {tuple(prompt_ids.shape)}: "
                          "they must match.")
-    if mesh is not None and prompt_ids.shape[0] % batch_divisor(mesh):
-        raise ValueError(f"The batch has {prompt_ids.shape[0]} rows, which the mesh's data*fsdp="
-                         f"{batch_divisor(mesh)} does not divide: make the batch size a multiple of it.")
+    if mesh is not None and prompt_ids.shape[0] * repeats % batch_divisor(mesh):
+        raise ValueError(f"The batch has {prompt_ids.shape[0] * repeats} rows ({prompt_ids.shape[0]} prompts x "
+                         f"num_return_sequences={repeats}), which the mesh's data*fsdp={batch_divisor(mesh)} does "
+                         "not divide: make it a multiple of it.")
     # Left padding is what lets every row write the same cache slot; check it when the mask is on hand.
     if not isinstance(prompt_mask, jax.core.Tracer) and getattr(prompt_mask, "is_fully_addressable", True):
         last = np.asarray(prompt_mask)[:, -1]

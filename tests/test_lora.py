@@ -331,10 +331,10 @@ def test_grpo_with_lora_samples_with_the_adapters_and_raises_the_reward(tiny_dir
     batch = {k: jnp.asarray(v) for k, v in sampled.arrays.items()}
     valid = np.asarray(sampled.arrays["attention_mask"], bool)
     adapted, _ = completion_logps(state.full_params(), state.graphdef, batch, temperature=1.0)
-    np.testing.assert_allclose(np.asarray(adapted)[valid], sampled.arrays["old_logps"][valid], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(adapted)[valid], sampled.arrays["sampler_logps"][valid], atol=2e-5)
     base = jaxpt.models.from_pretrained(tiny_dir)
     base_logps, _ = completion_logps(nnx.state(base, nnx.Param), nnx.graphdef(base), batch, temperature=1.0)
-    assert np.abs(np.asarray(base_logps) - sampled.arrays["old_logps"])[valid].max() > 0.1
+    assert np.abs(np.asarray(base_logps) - sampled.arrays["sampler_logps"])[valid].max() > 0.1
 
 
 def test_online_reference_is_the_base_with_adapters_off(tiny_dir):

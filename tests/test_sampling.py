@@ -184,3 +184,62 @@ def test_mesh_gives_the_same_completions(model, prompts, greedy):
     assert out.completion_ids.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(np.asarray(out.completion_ids), greedy.completion_ids)
     np.testing.assert_allclose(np.asarray(out.completion_logps), greedy.completion_logps, atol=1e-5)
+
+
+def test_shared_prefill_gives_the_repeated_prompts_completions(split, prompts):
+    """`num_return_sequences=3` prefills each prompt once and repeats its cache rows: the completions (sampled,
+    same key) and their log-probs are those of passing every prompt three times, grouped by prompt."""
+    prompt, mask = prompts
+    repeated = (np.repeat(prompt, 3, axis=0), np.repeat(mask, 3, axis=0))
+    for options in (dict(greedy=True), dict(key=jax.random.key(5), temperature=0.8, top_p=0.95)):
+        shared = generate(split, prompts, num_return_sequences=3, **options)
+        expected = generate(split, repeated, **options)
+        assert shared.completion_ids.shape == (3 * len(prompt), MAX_NEW_TOKENS)
+        np.testing.assert_array_equal(shared.completion_ids, expected.completion_ids)
+        np.testing.assert_array_equal(shared.lengths, expected.lengths)
+        np.testing.assert_allclose(shared.completion_logps, expected.completion_logps, atol=1e-5)
+    # Sampled rows of one prompt differ (each row draws its own numbers): the cache is shared, not the samples.
+    sampled = generate(split, prompts, num_return_sequences=3, key=jax.random.key(5))
+    assert len({tuple(row) for row in sampled.completion_ids[:3]}) > 1
+
+
+def test_shared_prefill_cache_equals_per_row_prefill(model, prompts):
+    """The repeated cache of a shared prefill holds, row for row, what prefilling the repeated prompts writes."""
+    prompt, mask = (jnp.asarray(x) for x in prompts)
+    length = prompt.shape[1] + 4
+    logits, cache = model.prefill(prompt, model.init_cache(len(prompt), length), attention_mask=mask)
+    cache = cache.repeat_rows(2)
+    expected_logits, expected = model.prefill(jnp.repeat(prompt, 2, axis=0), model.init_cache(2 * len(prompt), length),
+                                              attention_mask=jnp.repeat(mask, 2, axis=0))
+    np.testing.assert_allclose(np.repeat(np.asarray(logits), 2, axis=0), expected_logits, atol=1e-5)
+    np.testing.assert_allclose(cache.layers.key, expected.layers.key, atol=1e-5)
+    np.testing.assert_allclose(cache.layers.value, expected.layers.value, atol=1e-5)
+    np.testing.assert_array_equal(cache.mask, expected.mask)
+    assert int(cache.length) == int(expected.length)
+
+
+def test_shared_prefill_on_a_mesh(model, prompts, split):
+    """On a data x fsdp mesh, num_return_sequences gives the unsharded completions, whether the prompts divide the
+    batch axes (shared prefill, split over them) or not (prefilled as repeated rows)."""
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    state = TrainState.create(model, optax.sgd(0.1), mesh=mesh)
+    prompt, mask = prompts
+    for rows, repeats in ((4, 2), (2, 2)):  # 4 prompts divide data*fsdp=4; 2 prompts do not
+        subset = (prompt[:rows], mask[:rows])
+        expected = generate(split, subset, num_return_sequences=repeats, greedy=True)
+        out = jaxpt.sampling.generate(state.graphdef, state.params, *subset, key=jax.random.key(0),
+                                      max_new_tokens=MAX_NEW_TOKENS, greedy=True, num_return_sequences=repeats,
+                                      mesh=mesh)
+        assert out.completion_ids.sharding.spec[0] == ("data", "fsdp")
+        np.testing.assert_array_equal(np.asarray(out.completion_ids), expected.completion_ids)
+        np.testing.assert_allclose(np.asarray(out.completion_logps), expected.completion_logps, atol=1e-5)
+
+
+def test_bad_num_return_sequences_raise(split, prompts):
+    for value in (0, 1.5, True):
+        with pytest.raises(ValueError, match="num_return_sequences"):
+            jaxpt.sampling.generate(*split, *prompts, key=jax.random.key(0), max_new_tokens=4,
+                                    num_return_sequences=value)
+    with pytest.raises(ValueError, match="num_return_sequences=1"):  # 3 prompts x 1 do not divide data*fsdp=4
+        jaxpt.sampling.generate(*split, prompts[0][:3], prompts[1][:3], key=jax.random.key(0), max_new_tokens=4,
+                                mesh=make_mesh(data=2, fsdp=2, tensor=2))

@@ -59,6 +59,18 @@ class KVCache(flax.struct.PyTreeNode):
     def max_length(self) -> int:
         return self.mask.shape[1]
 
+    def repeat_rows(self, repeats: int) -> KVCache:
+        """Each row repeated `repeats` times in a row (`[b0, b0, ..., b1, b1, ...]`, like `jnp.repeat`): a prompt
+        prefilled once serves `repeats` completions, whose decode steps then write their own slots."""
+        if repeats == 1:
+            return self
+        layers = LayerCache(
+            key=constrain(jnp.repeat(self.layers.key, repeats, axis=1), None, BATCH_AXES, "tensor", None, None),
+            value=constrain(jnp.repeat(self.layers.value, repeats, axis=1), None, BATCH_AXES, "tensor", None, None),
+        )
+        mask = constrain(jnp.repeat(self.mask, repeats, axis=0), BATCH_AXES, None)
+        return self.replace(layers=layers, mask=mask)
+
 
 class CacheStep(NamedTuple):
     """Where one call's tokens go in the cache and what they attend to (built by `begin_prefill` /
