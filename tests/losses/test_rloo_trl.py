@@ -113,7 +113,7 @@ def jaxpt_rollout(inputs, monkeypatch, tmp_path, *, beta, reward_weights, reward
                       completions=["text"] * BATCH, lengths=LENGTHS, finished=finished)
     monkeypatch.setattr(jaxpt.rloo, "sample_and_score", lambda *args, **kwargs: sampled)
     ref_logps_fn = (lambda arrays: inputs["ref_logps"]) if beta else None
-    policy = types.SimpleNamespace(params=None)  # TRL's old_per_token_logps: the training forward pass's
+    policy = types.SimpleNamespace(full_params=lambda: None)  # TRL's old_per_token_logps: the training forward pass's
     arrays, metrics, _ = jaxpt.rloo.rollout(policy, [{"prompt": "p"}] * PROMPTS, [], None, config, key=None,
                                             mesh=None, prompt_buckets=[2], ref_logps_fn=ref_logps_fn,
                                             policy_logps_fn=lambda params, arrays: inputs["old_logps"])
