@@ -187,7 +187,7 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
     Returns `(arrays, metrics, records)`: the rollout's numpy arrays `[n, ...]` for the update, its
     reward/completion metrics (TRL's names) and per-completion records for `log_completions`.
     `policy_logps_fn(params, arrays)` (`rollout.make_logps_fn`): given, the arrays get `old_logps` from the
-    training forward pass with `state.params` (for a rollout that feeds several optimizer steps); without it the
+    training forward pass with `state.full_params()` (for a rollout that feeds several optimizer steps); without it the
     update is on-policy. `ref_logps_fn(arrays)`: the reference's log-probs (`ref_logps`, for beta != 0)."""
     sampled = sample_and_score(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
                                prompt_buckets=prompt_buckets)

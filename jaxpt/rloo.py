@@ -135,7 +135,7 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
     """Sample `num_generations` completions per prompt, score them, and compute leave-one-out advantages with
     the KL penalty in the reward. Returns `(arrays, metrics, records)` like GRPO's rollout.
     `policy_logps_fn(params, arrays)` (`rollout.make_logps_fn`): the arrays get `old_logps` from the training
-    forward pass with `state.params`; needed with `ref_logps_fn` (the KL penalty) and for a rollout that feeds
+    forward pass with `state.full_params()`; needed with `ref_logps_fn` (the KL penalty) and for a rollout that feeds
     several optimizer steps."""
     if ref_logps_fn is not None and policy_logps_fn is None:
         raise ValueError("RLOO's KL penalty (ref_logps_fn) needs policy_logps_fn: the policy's log-probs must come "
