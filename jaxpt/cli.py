@@ -7,6 +7,9 @@
     jaxpt smoke  [--output_dir DIR]            build a tiny random Llama, save it, load it, print logits
     jaxpt demo   [--output_dir DIR]            the embedded end-to-end run (SFT then GRPO on arithmetic)
 
+Experimental methods (jaxpt.experimental: no stability promise), same arguments as the stable commands:
+    jaxpt orpo   ... [ORPOConfig fields]       ORPO: SFT + odds-ratio preference loss, no reference model
+
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
 override. `--dataset_name` is a local .json/.jsonl/.parquet/.csv file, a directory, or a Hub dataset id.
@@ -262,6 +265,12 @@ def rloo_command(argv: list[str]) -> int:
     return _online_command(rloo, rloo.RLOOConfig, argv)
 
 
+def orpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import orpo
+
+    return _offline_command(orpo, orpo.ORPOConfig, argv)  # no reference model
+
+
 def demo(argv: list[str]) -> int:
     import argparse
 
@@ -312,7 +321,9 @@ def plan_command(argv: list[str]) -> int:
 
 
 COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "kto": kto_command,
-            "grpo": grpo_command, "rloo": rloo_command, "plan": plan_command, "smoke": smoke, "demo": demo}
+            "grpo": grpo_command, "rloo": rloo_command, "plan": plan_command, "smoke": smoke, "demo": demo,
+            # experimental methods (jaxpt.experimental)
+            "orpo": orpo_command}
 
 
 def main(argv: list[str] | None = None) -> int:

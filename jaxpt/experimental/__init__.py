@@ -1,2 +1,17 @@
-"""New methods land here, one file each (loss and step together), with no stability promise; stable code never
-imports this package. Empty for now."""
+"""Experimental methods: new post-training methods land here first, one self-contained module each.
+
+Contract:
+- No stability promise: names, defaults, metrics and behaviour may change (or a method may move to the stable
+  core, or be removed) in any release. Pin the jaxpt version if you depend on one.
+- Each module holds the whole method: its config dataclass (TRL's names and defaults where TRL has the method),
+  its pure loss (docstring with the formula and the paper), data preparation, `make_train_step` (jitted, explicit
+  shardings, state donated) and `train()`, plus a `jaxpt <method>` command.
+- Each is tested against TRL's own loss code where TRL has the method (otherwise against the paper's formula
+  computed independently in float64), and trains a tiny model that improves its own objective.
+- Dependency rules: an experimental module may use the stable helpers (`jaxpt.data`, `jaxpt.loop`,
+  `jaxpt.sharding`, `jaxpt.train_state`, `jaxpt.losses.logprobs`, ...), never another experimental module nor a
+  stable method module (`jaxpt.dpo`, ...); stable code never imports `jaxpt.experimental`.
+- Importing this package imports no method: `from jaxpt.experimental import orpo`.
+
+Methods: `orpo` (ORPO, arXiv:2403.07691).
+"""
