@@ -13,5 +13,8 @@ Contract:
   stable method module (`jaxpt.dpo`, ...); stable code never imports `jaxpt.experimental`.
 - Importing this package imports no method: `from jaxpt.experimental import orpo`.
 
-Methods: `orpo` (ORPO, arXiv:2403.07691).
+Methods:
+- `orpo`: ORPO (arXiv:2403.07691), TRL's `trl.experimental.orpo`.
+- `cpo`: CPO (arXiv:2401.08417) with SimPO (arXiv:2405.14734) and AlphaPO (arXiv:2501.03884), TRL's
+  `trl.experimental.cpo`.
 """
