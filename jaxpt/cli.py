@@ -10,6 +10,7 @@
 Experimental methods (jaxpt.experimental: no stability promise), same arguments as the stable commands:
     jaxpt orpo   ... [ORPOConfig fields]       ORPO: SFT + odds-ratio preference loss, no reference model
     jaxpt cpo    ... [CPOConfig fields]        CPO / SimPO / AlphaPO (--loss_type sigmoid|hinge|ipo|simpo|alphapo)
+    jaxpt tpo    ... [TPOConfig fields]        TPO: chosen, rejected and a gold reference completion per prompt
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -278,6 +279,12 @@ def cpo_command(argv: list[str]) -> int:
     return _offline_command(cpo, cpo.CPOConfig, argv)  # no reference model
 
 
+def tpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import tpo
+
+    return _offline_command(tpo, tpo.TPOConfig, argv)  # no reference model: `reference` is a gold completion
+
+
 def demo(argv: list[str]) -> int:
     import argparse
 
@@ -330,7 +337,7 @@ def plan_command(argv: list[str]) -> int:
 COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "kto": kto_command,
             "grpo": grpo_command, "rloo": rloo_command, "plan": plan_command, "smoke": smoke, "demo": demo,
             # experimental methods (jaxpt.experimental)
-            "orpo": orpo_command, "cpo": cpo_command}
+            "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command}
 
 
 def main(argv: list[str] | None = None) -> int:

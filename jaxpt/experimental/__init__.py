@@ -17,4 +17,5 @@ Methods:
 - `orpo`: ORPO (arXiv:2403.07691), TRL's `trl.experimental.orpo`.
 - `cpo`: CPO (arXiv:2401.08417) with SimPO (arXiv:2405.14734) and AlphaPO (arXiv:2501.03884), TRL's
   `trl.experimental.cpo`.
+- `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
 """
