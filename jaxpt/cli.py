@@ -11,6 +11,7 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt orpo   ... [ORPOConfig fields]       ORPO: SFT + odds-ratio preference loss, no reference model
     jaxpt cpo    ... [CPOConfig fields]        CPO / SimPO / AlphaPO (--loss_type sigmoid|hinge|ipo|simpo|alphapo)
     jaxpt tpo    ... [TPOConfig fields]        TPO: chosen, rejected and a gold reference completion per prompt
+    jaxpt bema   ... [BEMAConfig fields]       DPO whose reference follows the policy's BEMA (bias-corrected EMA)
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -285,6 +286,12 @@ def tpo_command(argv: list[str]) -> int:
     return _offline_command(tpo, tpo.TPOConfig, argv)  # no reference model: `reference` is a gold completion
 
 
+def bema_command(argv: list[str]) -> int:
+    from jaxpt.experimental import bema
+
+    return _offline_command(bema, bema.BEMAConfig, argv)  # reference: the loaded model, then its BEMA weights
+
+
 def demo(argv: list[str]) -> int:
     import argparse
 
@@ -337,7 +344,7 @@ def plan_command(argv: list[str]) -> int:
 COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "kto": kto_command,
             "grpo": grpo_command, "rloo": rloo_command, "plan": plan_command, "smoke": smoke, "demo": demo,
             # experimental methods (jaxpt.experimental)
-            "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command}
+            "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,10 @@ Contract:
 - Each is tested against TRL's own loss code where TRL has the method (otherwise against the paper's formula
   computed independently in float64), and trains a tiny model that improves its own objective.
 - Dependency rules: an experimental module may use the stable helpers (`jaxpt.data`, `jaxpt.loop`,
-  `jaxpt.sharding`, `jaxpt.train_state`, `jaxpt.losses.logprobs`, ...), never another experimental module nor a
-  stable method module (`jaxpt.dpo`, ...); stable code never imports `jaxpt.experimental`.
+  `jaxpt.sharding`, `jaxpt.train_state`, `jaxpt.losses.logprobs`, ...), never another experimental module; it
+  imports a stable method module only when it extends that method (`bema` is DPO with another reference and uses
+  `jaxpt.dpo`'s data and step). Stable code never imports `jaxpt.experimental` (`jaxpt.cli` reaches the commands
+  lazily, as it does every method).
 - Importing this package imports no method: `from jaxpt.experimental import orpo`.
 
 Methods:
@@ -18,4 +20,5 @@ Methods:
 - `cpo`: CPO (arXiv:2401.08417) with SimPO (arXiv:2405.14734) and AlphaPO (arXiv:2501.03884), TRL's
   `trl.experimental.cpo`.
 - `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
+- `bema`: DPO with a BEMA reference (arXiv:2508.00180), TRL's `trl.experimental.bema_for_ref_model`.
 """
