@@ -12,6 +12,7 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt cpo    ... [CPOConfig fields]        CPO / SimPO / AlphaPO (--loss_type sigmoid|hinge|ipo|simpo|alphapo)
     jaxpt tpo    ... [TPOConfig fields]        TPO: chosen, rejected and a gold reference completion per prompt
     jaxpt bema   ... [BEMAConfig fields]       DPO whose reference follows the policy's BEMA (bias-corrected EMA)
+    jaxpt bco    ... [BCOConfig fields]        BCO: unpaired thumbs-up/down feedback as a binary classifier
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -292,6 +293,12 @@ def bema_command(argv: list[str]) -> int:
     return _offline_command(bema, bema.BEMAConfig, argv)  # reference: the loaded model, then its BEMA weights
 
 
+def bco_command(argv: list[str]) -> int:
+    from jaxpt.experimental import bco
+
+    return _offline_command(bco, bco.BCOConfig, argv)  # reference: a frozen copy of the loaded model
+
+
 def demo(argv: list[str]) -> int:
     import argparse
 
@@ -344,7 +351,8 @@ def plan_command(argv: list[str]) -> int:
 COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "kto": kto_command,
             "grpo": grpo_command, "rloo": rloo_command, "plan": plan_command, "smoke": smoke, "demo": demo,
             # experimental methods (jaxpt.experimental)
-            "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command}
+            "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
+            "bco": bco_command}
 
 
 def main(argv: list[str] | None = None) -> int:
