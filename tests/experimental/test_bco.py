@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxpt.experimental import bco
-from jaxpt.sharding import shard_batch
+from jaxpt.sharding import make_mesh, put_global, shard_batch
 from jaxpt.train_state import TrainState
 from tests.experimental.helpers import TOKENIZER, VOCAB, preference_rows
 from tests.helpers import tiny_llama
@@ -67,30 +67,35 @@ def test_data_errors(tmp_path):
         bco.prepare_dataset(datasets.Dataset.from_list(one_sided), TOKENIZER, config(tmp_path))
 
 
-def _one_step(cfg, examples, accumulation):
-    state = TrainState.create(tiny_llama(VOCAB, seed=0), optax.sgd(1.0))
+def _one_step(cfg, examples, accumulation, mesh=None):
+    state = TrainState.create(tiny_llama(VOCAB, seed=0), optax.sgd(1.0), mesh=mesh)
     ref_params = nnx.state(tiny_llama(VOCAB, seed=1), nnx.Param)
+    if mesh is not None:
+        ref_params = put_global(ref_params, state.shardings(mesh).params)
     running = bco.update_running(bco.init_running(), 0.3)  # one earlier step
     batch = bco.collate(examples, accumulation_steps=accumulation, buckets=[16, 32])
-    state, running, metrics = bco.make_train_step(cfg)(state, shard_batch(batch, None, batch_axis=1), ref_params,
-                                                        running)
+    step = bco.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh))
+    state, running, metrics = step(state, shard_batch(batch, mesh, batch_axis=1), ref_params, running)
     return jax.device_get((metrics, running)), {k: np.asarray(v) for k, v in nnx.to_flat_state(state.params)}
 
 
-def test_step_shift_and_accumulation(tmp_path):
+def test_step_shift_accumulation_and_mesh(tmp_path):
     """The step's δ is the running mean with this step's mean reward included; batch 8 x accumulation 1 == batch 2 x
-    accumulation 4 (metrics, δ and updated parameters)."""
+    accumulation 4 == an 8-device mesh (metrics, δ and updated parameters)."""
     cfg = config(tmp_path, beta=0.5)
     examples = bco.prepare_dataset(datasets.Dataset.from_list(feedback_rows(8)), TOKENIZER, cfg)
     ((metrics, running), params) = _one_step(cfg, examples, accumulation=1)
     batch_mean = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / 2  # 4 desirable, 4 undesirable
     assert float(running["count"]) == 2.0
     assert float(metrics["delta"]) == pytest.approx((0.3 + batch_mean) / 2, rel=1e-5)
-    ((metrics4, running4), params4) = _one_step(cfg, examples, accumulation=4)
-    for key, value in metrics.items():
-        assert metrics4[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    for name, value in params.items():
-        np.testing.assert_allclose(params4[name], value, rtol=1e-5, atol=1e-5, err_msg=str(name))
+    for (other_metrics, other_running), other_params in (
+            _one_step(cfg, examples, accumulation=4),
+            _one_step(cfg, examples, accumulation=1, mesh=make_mesh(data=2, fsdp=2, tensor=2))):
+        assert float(other_running["mean"]) == pytest.approx(float(running["mean"]), rel=1e-5)
+        for key, value in metrics.items():
+            assert other_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        for name, value in params.items():
+            np.testing.assert_allclose(other_params[name], value, rtol=1e-5, atol=1e-5, err_msg=str(name))
 
 
 def test_train_separates_desirable_from_undesirable(tmp_path):
