@@ -3,6 +3,7 @@ sampler), the sampler's per-row limits, tool-result tokens out of the loss, and 
 policy learns by GRPO to call its tool."""
 
 import random
+import re
 
 import datasets
 import jax
@@ -116,10 +117,10 @@ def test_grpo_and_rloo_check_tool_arguments(tmp_path):
     with pytest.raises(ValueError, match="max_tool_calling_iterations=-1"):
         grpo.GRPOConfig(**common, max_tool_calling_iterations=-1)
     with pytest.raises(ValueError, match="are set but there are no tools"):
-        grpo.train(tiny_llama(len(TOKENIZER)), TOKENIZER, prompts, grpo.GRPOConfig(**common,
+        grpo.train(None, TOKENIZER, prompts, grpo.GRPOConfig(**common,
                    max_tool_calling_iterations=2), reward_funcs=[lambda completions, **kw: [0.0] * len(completions)])
     with pytest.raises(ValueError, match=r"tools\[0\]='calculator' is not callable"):
-        rloo.train(tiny_llama(len(TOKENIZER)), TOKENIZER, prompts, rloo.RLOOConfig(**common),
+        rloo.train(None, TOKENIZER, prompts, rloo.RLOOConfig(**common),
                    reward_funcs=[lambda completions, **kw: [0.0] * len(completions)], tools=["calculator"])
 
 
@@ -248,25 +249,21 @@ QUIET = dict(mesh_fsdp=1, disable_tqdm=True, save_steps=0, seed=0, save_final_mo
 
 
 def demonstrations(seed=0, tool_share=0.3):
-    """'7*8=' -> a call, its result and the answer copied from it, or (70%) a wrong guess."""
+    """'7*8=' -> a call and its result (the completion's answer), or (70%) a wrong guess."""
     rng = random.Random(seed)
     rows = []
     for a, b in PROBLEMS * 4:
         if rng.random() < tool_share:
-            completion = f"<tool_call>{a}*{b}</tool_call><tool_response>{a * b}</tool_response>{a * b}"
+            completion = f"<tool_call>{a}*{b}</tool_call><tool_response>{a * b}</tool_response>"
         else:
             completion = str(rng.choice([n for n in range(4, 82) if n != a * b]))
         rows.append({"prompt": f"{a}*{b}=", "completion": completion})
     return rows
 
 
-def final_answer(completion: str) -> str:
-    return completion.split("</tool_response>")[-1].replace("</s>", "").strip()
-
-
 def answer_reward(completions, solution, **kwargs):
-    """1 when the text after the last tool result (or the whole completion) is the product."""
-    return [float(final_answer(c) == s) for c, s in zip(completions, solution, strict=True)]
+    """1 when the completion's last number (a tool result counts: the policy may answer with it) is the product."""
+    return [float(re.findall(r"\d+", c)[-1:] == [s]) for c, s in zip(completions, solution, strict=True)]
 
 
 PROMPTS = datasets.Dataset.from_list([{"prompt": f"{a}*{b}=", "solution": str(a * b)} for a, b in PROBLEMS])
@@ -274,7 +271,7 @@ PROMPTS = datasets.Dataset.from_list([{"prompt": f"{a}*{b}=", "solution": str(a 
 
 def grpo_config(tmp_path, **overrides):
     settings = dict(output_dir=str(tmp_path), num_generations=8, per_device_train_batch_size=64,
-                    max_completion_length=MAX_COMPLETION, learning_rate=1e-3, max_steps=10, logging_steps=1,
+                    max_completion_length=MAX_COMPLETION, learning_rate=2e-3, max_steps=10, logging_steps=1,
                     max_tool_calling_iterations=2, **QUIET)
     settings.update(overrides)
     return grpo.GRPOConfig(**settings)
@@ -403,12 +400,15 @@ def test_rloo_rollout_with_an_environment(sft_policy, tmp_path):
 
 def test_grpo_learns_to_call_the_calculator(sft_policy, tmp_path):
     """Reward rises and tool calls succeed: GRPO moves the policy from calling its tool on about a third of the
-    problems (and guessing the rest) to calling it on nearly all, with few failed calls."""
+    problems (and guessing the rest) to calling it on nearly all, and the successful calls rise with them."""
     result = grpo.train(sft_policy.model(), TOKENIZER, PROMPTS, grpo_config(tmp_path), reward_funcs=[answer_reward],
                         tools=[calculator], tool_format=CALCULATOR_FORMAT)
-    rewards = [m["reward"] for m in result.metrics]
-    calls = [m["tools/call_frequency"] for m in result.metrics]
-    failures = [m["tools/failure_frequency"] for m in result.metrics]
-    assert np.mean(calls[:2]) < 0.6 and np.mean(calls[-3:]) > np.mean(calls[:2]) + 0.3
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:2]) + 0.15
-    assert np.mean(failures[-3:]) < 0.2
+    rewards = np.asarray([m["reward"] for m in result.metrics])
+    calls = np.asarray([m["tools/call_frequency"] for m in result.metrics])
+    failures = np.asarray([m["tools/failure_frequency"] for m in result.metrics])
+    successful_calls = calls * (1 - failures)  # successful calls per completion
+    assert len(rewards) == 10 and calls[0] < 0.5
+    assert calls[-3:].mean() > calls[:2].mean() + 0.25
+    assert successful_calls[-3:].mean() > successful_calls[:2].mean() + 0.25
+    assert rewards[-3:].mean() > rewards[:2].mean() + 0.15
+    assert failures[-3:].mean() < 0.25
