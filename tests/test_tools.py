@@ -396,6 +396,13 @@ def test_rloo_rollout_with_an_environment(sft_policy, tmp_path):
     rloo.rollout(sft_policy, prompts, [reward_with_environments], TOKENIZER, config, key=jax.random.key(2),
                  mesh=None, prompt_buckets=[16], tools=toolbox)
     assert [id(e) for e in seen[1]] == [id(e) for e in environments]
+    # rloo.train with only the environment's reward (no reward_funcs): one step, TRL's metrics logged
+    result = rloo.train(sft_policy.model(), TOKENIZER, PROMPTS.select(range(8)), config.replace(max_steps=1,
+                        logging_steps=1), reward_funcs=[], environment_factory=CalculatorEnv,
+                        tool_format=CALCULATOR_FORMAT)
+    logged = result.metrics[0]
+    assert logged["tools/call_frequency"] > 0 and "rewards/CalculatorEnv/mean" in logged
+    assert np.isfinite(logged["loss"])
 
 
 def test_grpo_learns_to_call_the_calculator(sft_policy, tmp_path):
