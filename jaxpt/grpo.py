@@ -75,6 +75,8 @@ from jaxpt.rollout import (
     reference_params,
     rollout_shape,
     sample_and_score,
+    tool_reward_weights,
+    toolbox_from,
 )
 from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
@@ -134,6 +136,9 @@ class GRPOConfig(TrainingConfig):
         "help": "TRL's vllm_importance_sampling_clip_max (formerly _cap): upper bound of the correction ratio."})
     sampler_importance_sampling_clip_min: float | None = field(default=None, metadata={
         "help": "TRL's vllm_importance_sampling_clip_min: lower bound of the correction ratio (None: none)."})
+    max_tool_calling_iterations: int | None = field(default=None, metadata={
+        "help": "With tools (train(tools=..., environment_factory=...)): rounds of tool calls per completion at most "
+                "(None: until a turn makes no call or max_completion_length is reached). See jaxpt/tools.py."})
 
     def validate(self) -> None:
         super().validate()
@@ -173,6 +178,9 @@ class GRPOConfig(TrainingConfig):
             raise ValueError(f"temperature={self.temperature} must be > 0.")
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ValueError("Set generation_batch_size or steps_per_generation, not both.")
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
+            raise ValueError(f"max_tool_calling_iterations={self.max_tool_calling_iterations} must be >= 0 (or None: "
+                             "no limit).")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -182,29 +190,32 @@ class GRPOConfig(TrainingConfig):
 
 def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
             config: GRPOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None,
-            policy_logps_fn=None):
+            policy_logps_fn=None, tools=None):
     """Sample `num_generations` completions per prompt, score them, and compute group-relative advantages.
     Returns `(arrays, metrics, records)`: the rollout's numpy arrays `[n, ...]` for the update, its
     reward/completion metrics (TRL's names) and per-completion records for `log_completions`.
     `policy_logps_fn(params, arrays)` (`rollout.make_logps_fn`): given, the arrays get `old_logps` from the
     training forward pass with `state.full_params()` (for a rollout that feeds several optimizer steps); without it the
-    update is on-policy. `ref_logps_fn(arrays)`: the reference's log-probs (`ref_logps`, for beta != 0)."""
+    update is on-policy. `ref_logps_fn(arrays)`: the reference's log-probs (`ref_logps`, for beta != 0).
+    `tools` (`jaxpt.tools.Toolbox`): multi-turn rollouts with tool calls (arrays add `tool_mask`)."""
     sampled = sample_and_score(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
-                               prompt_buckets=prompt_buckets)
+                               prompt_buckets=prompt_buckets, tools=tools)
     if np.isnan(sampled.rewards).all(axis=1).any():
         logger.warning("Some completions got no reward from any reward function; their advantage is 0.")
+    reward_weights = tool_reward_weights(config.reward_weights, sampled.rewards.shape[1])
     advantages = np.asarray(grpo_advantages(sampled.rewards, num_generations=config.num_generations,
-                                            scale_rewards=config.scale_rewards, reward_weights=config.reward_weights))
+                                            scale_rewards=config.scale_rewards, reward_weights=reward_weights))
     arrays = dict(sampled.arrays, advantages=advantages.astype(np.float32))
     if policy_logps_fn is not None:
         arrays["old_logps"] = policy_logps_fn(state.full_params(), arrays)
     if ref_logps_fn is not None:
         arrays["ref_logps"] = ref_logps_fn(arrays)
     metrics = reward_metrics(sampled.rewards, num_generations=config.num_generations,
-                             scale_rewards=config.scale_rewards, reward_weights=config.reward_weights,
+                             scale_rewards=config.scale_rewards, reward_weights=reward_weights,
                              reward_names=sampled.reward_names)
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics.update(completion_metrics(sampled.lengths, sampled.finished))
+    metrics.update(sampled.tool_metrics)
     return arrays, metrics, sampled.records(advantages)
 
 
@@ -284,15 +295,20 @@ def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None
 
 
 def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_funcs: Sequence[Callable | str],
-          ref_model: nnx.Module | None = None, eval_dataset=None) -> loop.TrainResult:
+          ref_model: nnx.Module | None = None, eval_dataset=None, tools: Sequence[Callable] | None = None,
+          environment_factory: Callable | None = None, tool_format=None) -> loop.TrainResult:
     """GRPO on the prompts of `dataset` (TRL prompt-only format; other columns go to the reward functions):
     progress bar, `metrics.jsonl` with TRL's names, evaluation (sampled rewards on `eval_dataset`), orbax
     checkpoints at rollout boundaries, exact resume, HF export. `reward_funcs`: callables with TRL's signature,
-    names from `jaxpt.rewards.REWARD_FUNCTIONS`, or `jaxpt.rewards.model_reward(...)`."""
+    names from `jaxpt.rewards.REWARD_FUNCTIONS`, or `jaxpt.rewards.model_reward(...)`. `tools` (Python callables),
+    `environment_factory` and `tool_format` (`jaxpt.tools.ToolFormat`): tool-using multi-turn rollouts, TRL's
+    `tools` / `environment_factory` (see `jaxpt/tools.py`)."""
     config.validate()  # again: fields may have been changed since the config was built
     loop.prepare_output_dir(config)
     reward_funcs = [resolve_reward_function(f) for f in reward_funcs]
-    if not reward_funcs:
+    toolbox = toolbox_from(config, tools=tools, environment_factory=environment_factory, tool_format=tool_format,
+                           method="GRPO")
+    if not reward_funcs and (toolbox is None or toolbox.environment_reward is None):
         raise ValueError("reward_funcs is empty: GRPO needs at least one reward function.")
     if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
         raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {len(reward_funcs)} reward "
@@ -311,7 +327,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
-    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="GRPO")
+    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="GRPO",
+                         tools=toolbox)
     if ref_model is not None and config.beta != 0.0:
         check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
 
@@ -351,7 +368,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
             arrays, rollout_metrics, records = rollout(
                 state, [prompts[i] for i in indices], reward_funcs, tokenizer, config,
                 key=jax.random.fold_in(base_key, rollout_index), mesh=mesh, prompt_buckets=prompt_buckets,
-                ref_logps_fn=ref_logps_fn, policy_logps_fn=logps_fn if steps_per_rollout > 1 else None)
+                ref_logps_fn=ref_logps_fn, policy_logps_fn=logps_fn if steps_per_rollout > 1 else None,
+                tools=toolbox)
             if config.log_completions:
                 append_jsonl(Path(config.output_dir) / "completions.jsonl",
                               [{"step": step, **r} for r in records])
@@ -371,7 +389,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
             if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
                 log.write({"step": step, **evaluate_rollouts(rollout, state, eval_prompts, reward_funcs, tokenizer,
                                                              config, mesh=mesh, prompt_buckets=prompt_buckets,
-                                                             prompts_per_rollout=prompts_per_rollout)})
+                                                             prompts_per_rollout=prompts_per_rollout,
+                                                             tools=toolbox)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
                 checkpoints.save(step, state, {"num_tokens": num_tokens})

@@ -58,6 +58,8 @@ from jaxpt.rollout import (
     reference_params,
     rollout_shape,
     sample_and_score,
+    tool_reward_weights,
+    toolbox_from,
 )
 from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
@@ -101,6 +103,10 @@ class RLOOConfig(TrainingConfig):
     log_completions: bool = field(default=False, metadata={"help": "Append every rollout's prompts, completions "
                                                                    "and rewards to output_dir/completions.jsonl."})
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs."})
+    max_tool_calling_iterations: int | None = field(default=None, metadata={
+        "help": "With tools (train(tools=..., environment_factory=...)): rounds of tool calls per completion at most "
+                "(None: until a turn makes no call or max_completion_length is reached; GRPO's name in TRL). See "
+                "jaxpt/tools.py."})
 
     def validate(self) -> None:
         super().validate()
@@ -122,6 +128,9 @@ class RLOOConfig(TrainingConfig):
             raise ValueError("Set generation_batch_size or steps_per_generation, not both.")
         if self.reward_clip_range is not None and len(self.reward_clip_range) != 2:
             raise ValueError(f"reward_clip_range={self.reward_clip_range} must be [low, high].")
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
+            raise ValueError(f"max_tool_calling_iterations={self.max_tool_calling_iterations} must be >= 0 (or None: "
+                             "no limit).")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -131,17 +140,18 @@ class RLOOConfig(TrainingConfig):
 
 def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
             config: RLOOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None,
-            policy_logps_fn=None):
+            policy_logps_fn=None, tools=None):
     """Sample `num_generations` completions per prompt, score them, and compute leave-one-out advantages with
     the KL penalty in the reward. Returns `(arrays, metrics, records)` like GRPO's rollout.
     `policy_logps_fn(params, arrays)` (`rollout.make_logps_fn`): the arrays get `old_logps` from the training
     forward pass with `state.full_params()`; needed with `ref_logps_fn` (the KL penalty) and for a rollout that feeds
-    several optimizer steps."""
+    several optimizer steps. `tools` (`jaxpt.tools.Toolbox`): multi-turn rollouts with tool calls."""
     if ref_logps_fn is not None and policy_logps_fn is None:
         raise ValueError("RLOO's KL penalty (ref_logps_fn) needs policy_logps_fn: the policy's log-probs must come "
                          "from the training forward pass (rollout.make_logps_fn), not from the sampler.")
     sampled = sample_and_score(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
-                               prompt_buckets=prompt_buckets)
+                               prompt_buckets=prompt_buckets, tools=tools)
+    reward_weights = tool_reward_weights(config.reward_weights, sampled.rewards.shape[1])
     if np.isnan(sampled.rewards).all(axis=1).any():  # None (or NaN) from every function
         logger.warning("Some completions got no reward from any reward function; their advantage is 0.")
     arrays = dict(sampled.arrays)
@@ -156,18 +166,19 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
         metrics["kl"] = float(per_token_kl.sum() / max(arrays["completion_mask"].sum(), 1))
     advantages = np.asarray(rloo_advantages(
         sampled.rewards, num_generations=config.num_generations, sequence_kl=sequence_kl, beta=config.beta,
-        reward_weights=config.reward_weights, reward_clip_range=config.reward_clip_range,
+        reward_weights=reward_weights, reward_clip_range=config.reward_clip_range,
         normalize_advantages=config.normalize_advantages))
     arrays["advantages"] = advantages.astype(np.float32)
     group_metrics = reward_metrics(sampled.rewards, num_generations=config.num_generations,
-                                   reward_weights=config.reward_weights, reward_names=sampled.reward_names)
+                                   reward_weights=reward_weights, reward_names=sampled.reward_names)
     # As TRL: a group counts as tied when the rewards its baseline compares (clipped, KL-penalised) are.
     penalized = penalized_rewards(sampled.rewards, sequence_kl=sequence_kl, beta=config.beta,
-                                  reward_weights=config.reward_weights, reward_clip_range=config.reward_clip_range)
+                                  reward_weights=reward_weights, reward_clip_range=config.reward_clip_range)
     group_std = nanstd(penalized.reshape(-1, config.num_generations), axis=1)
     group_metrics["frac_reward_zero_std"] = jnp.mean(jnp.isclose(group_std, 0.0).astype(jnp.float32))
     metrics.update({k: float(v) for k, v in group_metrics.items()})
     metrics.update(completion_metrics(sampled.lengths, sampled.finished))
+    metrics.update(sampled.tool_metrics)
     return arrays, metrics, sampled.records(advantages)
 
 
@@ -229,15 +240,19 @@ def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None
 
 
 def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_funcs: Sequence[Callable | str],
-          ref_model: nnx.Module | None = None, eval_dataset=None) -> loop.TrainResult:
+          ref_model: nnx.Module | None = None, eval_dataset=None, tools: Sequence[Callable] | None = None,
+          environment_factory: Callable | None = None, tool_format=None) -> loop.TrainResult:
     """RLOO on the prompts of `dataset` (TRL prompt-only format; other columns go to the reward functions):
     progress bar, `metrics.jsonl` with TRL's names, evaluation (sampled rewards on `eval_dataset`), orbax
     checkpoints at rollout boundaries, exact resume, HF export. `reward_funcs`: callables with TRL's signature,
-    names from `jaxpt.rewards.REWARD_FUNCTIONS`, or `jaxpt.rewards.model_reward(...)`."""
+    names from `jaxpt.rewards.REWARD_FUNCTIONS`, or `jaxpt.rewards.model_reward(...)`. `tools`,
+    `environment_factory` and `tool_format`: tool-using multi-turn rollouts, as GRPO's (see `jaxpt/tools.py`)."""
     config.validate()  # again: fields may have been changed since the config was built
     loop.prepare_output_dir(config)
     reward_funcs = [resolve_reward_function(f) for f in reward_funcs]
-    if not reward_funcs:
+    toolbox = toolbox_from(config, tools=tools, environment_factory=environment_factory, tool_format=tool_format,
+                           method="RLOO")
+    if not reward_funcs and (toolbox is None or toolbox.environment_reward is None):
         raise ValueError("reward_funcs is empty: RLOO needs at least one reward function.")
     if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
         raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {len(reward_funcs)} reward "
@@ -256,7 +271,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
-    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="RLOO")
+    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="RLOO",
+                         tools=toolbox)
     if ref_model is not None and config.beta != 0.0:
         check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
 
@@ -297,7 +313,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                 state, [prompts[i] for i in indices], reward_funcs, tokenizer, config,
                 key=jax.random.fold_in(base_key, rollout_index), mesh=mesh, prompt_buckets=prompt_buckets,
                 ref_logps_fn=ref_logps_fn,
-                policy_logps_fn=logps_fn if steps_per_rollout > 1 or ref_logps_fn is not None else None)
+                policy_logps_fn=logps_fn if steps_per_rollout > 1 or ref_logps_fn is not None else None,
+                tools=toolbox)
             if steps_per_rollout == 1:
                 arrays.pop("old_logps", None)  # on-policy: old = stop_gradient(current), ratio exactly 1 (TRL)
             if config.log_completions:
@@ -321,7 +338,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                                                              config, mesh=mesh, prompt_buckets=prompt_buckets,
                                                              prompts_per_rollout=prompts_per_rollout,
                                                              ref_logps_fn=ref_logps_fn,
-                                                             policy_logps_fn=logps_fn)})
+                                                             policy_logps_fn=logps_fn, tools=toolbox)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
                 checkpoints.save(step, state, {"num_tokens": num_tokens})

@@ -48,8 +48,9 @@ class Rollout:
     reward_names: tuple[str, ...]
     prompts: list  # the prompt of each completion (repeated num_generations times)
     completions: list  # strings, or [{"role": "assistant", "content": ...}] for conversational prompts
-    lengths: np.ndarray
+    lengths: np.ndarray  # the model's tokens per completion (tool results not counted, as TRL)
     finished: np.ndarray
+    tool_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # with tools: TRL's tools/* metrics
 
     def records(self, advantages: np.ndarray) -> list[dict]:
         """One JSON-able record per completion (for `log_completions`)."""
@@ -82,12 +83,14 @@ def rollout_shape(config, devices: int) -> tuple[int, int, int]:
 
 
 def check_rollout_inputs(reward_funcs: Sequence[Callable], models: Sequence, prompts: Sequence[dict],
-                         eval_prompts: Sequence[dict] | None, tokenizer, config, *, method: str) -> None:
-    """Before anything compiles: every reward function finds the columns it needs in the train (and eval) prompts,
-    and each model (`None` entries skipped) fits the prompts plus `max_completion_length` tokens."""
+                         eval_prompts: Sequence[dict] | None, tokenizer, config, *, method: str, tools=None) -> None:
+    """Before anything compiles: every reward function finds the columns it needs in the train (and eval) prompts
+    (and `environments` with a `tools.environment_factory`), and each model (`None` entries skipped) fits the
+    prompts plus `max_completion_length` tokens."""
+    extra = ["environments"] if tools is not None and tools.environment_factory is not None else []
     for checked_prompts in (prompts, eval_prompts or []):
         if checked_prompts:
-            check_reward_functions(reward_funcs, columns=checked_prompts[0]["columns"])
+            check_reward_functions(reward_funcs, columns=[*checked_prompts[0]["columns"], *extra])
     for model in models:
         if model is not None:
             data.check_model_fits(model, list(prompts) + list(eval_prompts or []), ("prompt_ids",), method=method,
@@ -97,9 +100,13 @@ def check_rollout_inputs(reward_funcs: Sequence[Callable], models: Sequence, pro
 
 
 def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer, config, *,
-                     key: jax.Array, mesh, prompt_buckets: Sequence[int]) -> Rollout:
+                     key: jax.Array, mesh, prompt_buckets: Sequence[int], tools=None) -> Rollout:
     """Sample `config.num_generations` completions for each prompt (`data.prepare_prompts` records) with
-    `state`'s parameters and the config's sampling options, then score them."""
+    `state`'s parameters and the config's sampling options, then score them. `tools` (a `jaxpt.tools.Toolbox`):
+    multi-turn sampling with tool calls (`sample_and_score_with_tools`)."""
+    if tools is not None:
+        return sample_and_score_with_tools(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
+                                           prompt_buckets=prompt_buckets, toolbox=tools)
     group = config.num_generations
     repeated = [p for p in prompts for _ in range(group)]
     pad_id = data.pad_token_id(tokenizer)
@@ -131,6 +138,55 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
                                            mask_truncated_completions=config.mask_truncated_completions)}
     return Rollout(arrays, rewards, tuple(reward_function_name(f) for f in reward_funcs), prompt_texts, completions,
                    np.asarray(lengths), np.asarray(finished))
+
+
+def sample_and_score_with_tools(state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer, config,
+                                *, key: jax.Array, mesh, prompt_buckets: Sequence[int], toolbox) -> Rollout:
+    """`sample_and_score` in turns (`jaxpt.tools.run_tool_turns`): the sampler stops at tool calls, the tools run,
+    their results are appended and sampling goes on. The arrays add `tool_mask` (0 on tool-result tokens), which
+    `completion_mask` includes; `attention_mask` covers the tool results (the model reads them)."""
+    from jaxpt import tools as tools_module
+
+    group = config.num_generations
+    repeated = [p for p in prompts for _ in range(group)]
+    pad_id = data.pad_token_id(tokenizer)
+    length = data.bucket_length(max(len(p["prompt_ids"]) for p in prompts), prompt_buckets)
+    unique_ids = data.pad_rows([p["prompt_ids"] for p in prompts], length, pad_id, left=True)
+    unique_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in prompts], length, 0, left=True)
+    environments = toolbox.environments([{"prompt": p["prompt"], **p["columns"]} for p in repeated])
+    params = state.full_params()  # LoRA: adapters on
+
+    def generate_fn(prompt_ids, prompt_mask, **options):
+        out = generate(state.graphdef, params, prompt_ids, prompt_mask, mesh=mesh, pad_token_id=pad_id,
+                       temperature=config.temperature, top_k=config.top_k or None,
+                       top_p=config.top_p if config.top_p < 1.0 else None, min_p=config.min_p, **options)
+        return {"completion_ids": host_array(out.completion_ids), "completion_logps": host_array(out.completion_logps),
+                "lengths": host_array(out.lengths)}
+
+    turns = tools_module.run_tool_turns(generate_fn, unique_ids, unique_mask, key=key, toolbox=toolbox,
+                                        tokenizer=tokenizer, max_new_tokens=config.max_completion_length,
+                                        eos_token_ids=eos_token_ids(tokenizer), pad_token_id=pad_id,
+                                        num_return_sequences=group, environments=environments)
+    conversational = not isinstance(prompts[0]["prompt"], str)
+    completions = [tools_module.completion_text(s, conversational=conversational) for s in turns.segments]
+    id_lists = [row[: int(n)].tolist() for row, n in zip(turns.completion_ids, turns.lengths, strict=True)]
+    columns = {name: [p["columns"][name] for p in repeated] for name in repeated[0]["columns"]}
+    if environments is not None:
+        columns["environments"] = environments
+    if toolbox.environment_reward is not None:
+        reward_funcs = [*reward_funcs, toolbox.environment_reward]
+    prompt_texts = [p["prompt"] for p in repeated]
+    rewards = score_own_groups(reward_funcs, prompts=prompt_texts, completions=completions, completion_ids=id_lists,
+                               columns=columns, group_size=group)
+    mask = loss_mask(turns.attention_mask, turns.finished, mask_truncated_completions=config.mask_truncated_completions)
+    arrays = {"prompt_ids": np.repeat(unique_ids, group, axis=0), "prompt_mask": np.repeat(unique_mask, group, axis=0),
+              "completion_ids": turns.completion_ids, "attention_mask": turns.attention_mask,
+              "sampler_logps": turns.sampler_logps, "tool_mask": turns.tool_mask,
+              "completion_mask": mask * turns.tool_mask}
+    model_tokens = (turns.attention_mask * turns.tool_mask).sum(1)
+    return Rollout(arrays, rewards, tuple(reward_function_name(f) for f in reward_funcs), prompt_texts, completions,
+                   model_tokens, turns.finished,
+                   tools_module.tool_metrics(turns.tool_call_count, turns.tool_failure_count, len(repeated)))
 
 
 def score_own_groups(reward_funcs: Sequence[Callable], *, prompts: Sequence, completions: Sequence,
@@ -253,11 +309,12 @@ def check_reference_dtypes(policy_params, ref_params) -> None:
 def evaluate_rollouts(rollout: Callable, state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
                       config, *, mesh, prompt_buckets: Sequence[int], prompts_per_rollout: int,
                       ref_logps_fn: Callable | None = None,
-                      policy_logps_fn: Callable | None = None) -> dict[str, float]:
+                      policy_logps_fn: Callable | None = None, tools=None) -> dict[str, float]:
     """Sampled rewards on the eval prompts (TRL's reward metrics with an `eval_` prefix), averaged over rollouts of
     `prompts_per_rollout` prompts made by the method's `rollout` (the last one filled up with its last prompt, so
     every rollout has the one compiled shape). `ref_logps_fn` and `policy_logps_fn` go to `rollout`, for a method
-    whose rollout needs the reference and the policy's forward log-probs (RLOO's KL penalty in the reward)."""
+    whose rollout needs the reference and the policy's forward log-probs (RLOO's KL penalty in the reward).
+    `tools` (a `jaxpt.tools.Toolbox`) goes to `rollout` when given."""
     totals: dict[str, list[float]] = {}
     key = jax.random.key(config.seed + 1)
     for index, start in enumerate(range(0, len(prompts), prompts_per_rollout)):
@@ -265,7 +322,7 @@ def evaluate_rollouts(rollout: Callable, state, prompts: Sequence[dict], reward_
         chunk += [chunk[-1]] * (prompts_per_rollout - len(chunk))
         _, metrics, _ = rollout(state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(key, index),
                                 mesh=mesh, prompt_buckets=prompt_buckets, ref_logps_fn=ref_logps_fn,
-                                policy_logps_fn=policy_logps_fn)
+                                policy_logps_fn=policy_logps_fn, **({"tools": tools} if tools is not None else {}))
         for name, value in metrics.items():
             totals.setdefault(name, []).append(value)
     return {f"eval_{name}": float(np.mean(values)) for name, values in totals.items()}
@@ -282,6 +339,28 @@ def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict[str, f
                         "completions/min_terminated_length": terminated.min(),
                         "completions/max_terminated_length": terminated.max()})
     return {k: float(v) for k, v in metrics.items()}
+
+
+def tool_reward_weights(reward_weights: Sequence[float] | None, num_functions: int) -> list[float] | None:
+    """The configured reward weights, with weight 1 for the rewards a tool environment adds (`get_reward`, TRL)."""
+    if reward_weights is None:
+        return None
+    return [*reward_weights, *[1.0] * (num_functions - len(reward_weights))]
+
+
+def toolbox_from(config, *, tools, environment_factory, tool_format, method: str):
+    """The run's `jaxpt.tools.Toolbox`, or None without tools; `max_tool_calling_iterations` without tools fails
+    (it would be ignored)."""
+    from jaxpt.tools import Toolbox
+
+    if not tools and environment_factory is None:
+        if config.max_tool_calling_iterations is not None or tool_format is not None:
+            raise ValueError(f"{method}: max_tool_calling_iterations={config.max_tool_calling_iterations} / "
+                             f"tool_format={tool_format!r} are set but there are no tools: pass tools=[...] or "
+                             "environment_factory=..., or leave them unset.")
+        return None
+    return Toolbox(tools, environment_factory=environment_factory, tool_format=tool_format,
+                   max_tool_calling_iterations=config.max_tool_calling_iterations)
 
 
 def eos_token_ids(tokenizer) -> list[int]:

@@ -99,6 +99,7 @@ def generate(
     eos_token_ids: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     num_return_sequences: int = 1,
+    max_new_tokens_per_row: jax.Array | np.ndarray | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Completions:
     """Sample up to `max_new_tokens` tokens after each left-padded prompt, with a KV cache, in one jitted call.
@@ -116,6 +117,9 @@ def generate(
       greedy: take the most likely token (transformers' `do_sample=False`); the filters are then ignored.
       num_return_sequences: completions per prompt (>= 1); the output has `batch * num_return_sequences` rows,
         each prompt's together. The prompt is prefilled once and its KV cache shared by its completions.
+      max_new_tokens_per_row: `[batch * num_return_sequences]` ints in [0, max_new_tokens], each output row's own
+        limit (0: the row emits nothing), without a new compilation per limit: a multi-turn rollout continues
+        after a tool result with each row's remaining budget (`jaxpt.tools`). None: `max_new_tokens` for all.
       mesh: split the batch over `("data", "fsdp")` of this mesh (params stay where they are). Multi-host
         callers pass global arrays, e.g. from `jaxpt.sharding.shard_batch`.
 
@@ -132,6 +136,9 @@ def generate(
                        min_p=min_p, greedy=greedy, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
     if key is None:
         raise ValueError("key=None: pass a PRNG key, e.g. key=jax.random.key(0) (it is unused when greedy=True).")
+    if max_new_tokens_per_row is not None:
+        max_new_tokens_per_row = _validate_row_limits(max_new_tokens_per_row, prompt_ids.shape[0] * repeats,
+                                                      options.max_new_tokens)
     # The prompts are split over the mesh's batch axes when they divide (the completions always do); otherwise
     # they are prefilled as repeated rows, like separate prompts.
     share_prefill = repeats > 1 and (mesh is None or prompt_ids.shape[0] % batch_divisor(mesh) == 0)
@@ -140,24 +147,27 @@ def generate(
         prompt_ids = put_global(prompt_ids, prompt_sharding)  # put_global: the mesh may span processes
         prompt_mask = put_global(prompt_mask, prompt_sharding)
         key = put_global(key, replicated(mesh))
+        if max_new_tokens_per_row is not None:
+            max_new_tokens_per_row = put_global(max_new_tokens_per_row, batch_sharding(mesh))
     signature = (prompt_ids.shape, repeats, options, mesh)
     if signature not in _COMPILED:
         _COMPILED.add(signature)
         logger.info("Compiling generate for %d prompts x %d completions, prompt length %d, max_new_tokens %d.",
                     prompt_ids.shape[0], repeats, prompt_ids.shape[1], options.max_new_tokens)
-    return _generate(graphdef, params, prompt_ids, prompt_mask, key, options=options, repeats=repeats,
-                     share_prefill=share_prefill, mesh=mesh)
+    return _generate(graphdef, params, prompt_ids, prompt_mask, key, max_new_tokens_per_row, options=options,
+                     repeats=repeats, share_prefill=share_prefill, mesh=mesh)
 
 
 _COMPILED: set = set()  # shapes/options seen, only to log each new compilation once
 
 
 @partial(jax.jit, static_argnames=("graphdef", "options", "repeats", "share_prefill", "mesh"))
-def _generate(graphdef, params, prompt_ids, prompt_mask, key, *, options: _Options, repeats: int,
+def _generate(graphdef, params, prompt_ids, prompt_mask, key, row_limits, *, options: _Options, repeats: int,
               share_prefill: bool, mesh) -> Completions:
     context = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
     with context:
-        return _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options, repeats, share_prefill)
+        return _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options, repeats, share_prefill,
+                              row_limits)
 
 
 class _LoopState(flax.struct.PyTreeNode):
@@ -171,7 +181,7 @@ class _LoopState(flax.struct.PyTreeNode):
 
 
 def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Options, repeats: int,
-                   share_prefill: bool) -> Completions:
+                   share_prefill: bool, row_limits: jax.Array | None = None) -> Completions:
     if not share_prefill and repeats > 1:
         prompt_ids = constrain(jnp.repeat(prompt_ids, repeats, axis=0), BATCH_AXES, None)
         prompt_mask = constrain(jnp.repeat(prompt_mask, repeats, axis=0), BATCH_AXES, None)
@@ -195,13 +205,17 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
         token = jnp.where(alive, token, options.pad_token_id)
         logp = jnp.where(alive, logp, 0.0)
         is_eos = jnp.any(token[:, None] == eos[None, :], axis=-1) if eos.size else jnp.zeros_like(alive)
+        lengths = state.lengths + alive.astype(jnp.int32)
+        done = state.done | (alive & is_eos)
+        if row_limits is not None:  # a row at its own limit stops (it is not `finished`: see below)
+            done = done | (lengths >= row_limits)
         return state.replace(
             step=state.step + 1,
             token=token,
             completion_ids=jax.lax.dynamic_update_slice(state.completion_ids, token[:, None], (0, state.step)),
             completion_logps=jax.lax.dynamic_update_slice(state.completion_logps, logp[:, None], (0, state.step)),
-            lengths=state.lengths + alive.astype(jnp.int32),
-            done=state.done | (alive & is_eos),
+            lengths=lengths,
+            done=done,
         )
 
     def keep_going(state: _LoopState) -> jax.Array:
@@ -218,16 +232,21 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
         completion_ids=constrain(jnp.full((batch, steps), options.pad_token_id, jnp.int32), BATCH_AXES, None),
         completion_logps=constrain(jnp.zeros((batch, steps), jnp.float32), BATCH_AXES, None),
         lengths=jnp.zeros((batch,), jnp.int32),
-        done=jnp.zeros((batch,), bool),
+        done=jnp.zeros((batch,), bool) if row_limits is None else row_limits <= 0,
     )
     state = jax.lax.while_loop(keep_going, decode, emit(state, logits))
     completion_mask = (jnp.arange(steps, dtype=jnp.int32)[None, :] < state.lengths[:, None]).astype(jnp.int32)
+    finished = state.done
+    if row_limits is not None:  # finished means ended with an EOS token, not stopped at the row's limit
+        last = jnp.take_along_axis(state.completion_ids, jnp.maximum(state.lengths - 1, 0)[:, None], axis=-1)[:, 0]
+        ended_with_eos = jnp.any(last[:, None] == eos[None, :], axis=-1) if eos.size else jnp.zeros_like(finished)
+        finished = (state.lengths > 0) & ended_with_eos
     return Completions(
         completion_ids=state.completion_ids,
         completion_logps=state.completion_logps,
         completion_mask=constrain(completion_mask, BATCH_AXES, None),
         lengths=state.lengths,
-        finished=state.done,
+        finished=finished,
         num_steps=state.step,
     )
 
@@ -369,6 +388,18 @@ def _options(*, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_to
         eos_token_ids=eos,
         pad_token_id=int(pad_token_id),
     )
+
+
+def _validate_row_limits(limits: Any, rows: int, max_new_tokens: int) -> jax.Array:
+    if tuple(getattr(limits, "shape", ())) != (rows,):
+        raise ValueError(f"max_new_tokens_per_row has shape {tuple(getattr(limits, 'shape', ()))}: it must be "
+                         f"[{rows}] (one limit per output row, batch x num_return_sequences).")
+    if not isinstance(limits, jax.core.Tracer) and getattr(limits, "is_fully_addressable", True):
+        values = np.asarray(limits)
+        if values.min(initial=0) < 0 or values.max(initial=0) > max_new_tokens:
+            raise ValueError(f"max_new_tokens_per_row holds {values.min()}..{values.max()}: every limit must be in "
+                             f"[0, max_new_tokens={max_new_tokens}].")
+    return jnp.asarray(limits, jnp.int32)
 
 
 def _validate_prompts(prompt_ids: Any, prompt_mask: Any, mesh, repeats: int = 1) -> tuple[jax.Array, jax.Array]:
