@@ -120,7 +120,7 @@ def prepare_dataset(dataset, tokenizer, config: DistillationConfig) -> list[dict
     `max_prompt_length` tokens); `completion_prompt_ids` + `completion_ids` are the dataset's prompt and completion
     as tokenized together (the completion cut to `max_completion_length`), for the off-policy steps (`lmbda < 1`)."""
     fmt = data.require_format(dataset, ("prompt_only", "prompt_completion", "language_modeling"),
-                              method="Distillation", text_field="messages")
+                              method="Distillation")
     if fmt.kind == "language_modeling" and not fmt.conversational:
         raise ValueError("Distillation needs prompts: a standard language-modeling dataset (one text column) has "
                          "none. Use prompt-only (prompt), prompt-completion (prompt, completion) or conversational "
