@@ -283,3 +283,43 @@ def test_distillation_command_has_help(capsys):
     help_text = capsys.readouterr().out
     for flag in ("--teacher_model_name_or_path", "--beta", "--lmbda", "--temperature", "--max_completion_length"):
         assert flag in help_text
+
+
+def test_first_step_matches_trl_compute_loss(tmp_path, teacher):
+    """TRL's `DistillationTrainer._compute_loss` (its backbone forward, head projection and chunked divergence) on the
+    transformers copies of the same student and teacher, on the same completions: loss, entropy and the gradient's
+    global norm equal jaxpt's first step. The trainer is bare (no `__init__`) with the attributes the method reads;
+    prompts have one length, as TRL's position ids ignore left padding."""
+    from trl.models.utils import _ForwardRedirection
+    from trl.trainer.distillation_trainer import DistillationTrainer
+
+    student = tiny_llama(VOCAB, seed=0)
+    hf_models = []
+    for name, model in (("student", student), ("teacher", teacher)):
+        jaxpt.models.save_pretrained(model, tmp_path / name)
+        hf_models.append(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32))
+    hf_student, hf_teacher = hf_models
+    trainer = object.__new__(DistillationTrainer)
+    trainer.teacher_model, trainer.beta, trainer.temperature = hf_teacher, 0.3, 0.9
+    trainer.model_kwarg_keys, trainer._is_vlm = (), False
+    trainer._forward_redirection = _ForwardRedirection()
+    trainer.accelerator = type("Accelerator", (), {"unwrap_model": staticmethod(lambda model: model),
+                                                   "is_main_process": True})()
+
+    prompts = ["ab", "cd", "ef", "gh"]
+    completions = ["ijk</s>", "l</s>", "mnopq", "rs</s>"]
+    arrays = distillation.collate_completions([TOKENIZER(p)["input_ids"] for p in prompts],
+                                              [TOKENIZER(c)["input_ids"] for c in completions], prompt_length=2,
+                                              completion_length=5, pad_token_id=0)
+    inputs = {"prompt_ids": torch.tensor(arrays["prompt_ids"]), "prompt_mask": torch.tensor(arrays["prompt_mask"]),
+              "completion_ids": torch.tensor(arrays["completion_ids"]),
+              "completion_mask": torch.tensor(arrays["completion_mask"])}
+    loss, entropy_sum, count = trainer._compute_loss(hf_student, inputs, int(arrays["completion_mask"].sum()))
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in hf_student.parameters() if p.grad is not None)).item()
+
+    cfg = config(tmp_path / "run", beta=0.3, temperature=0.9, max_grad_norm=0.0)
+    _, metrics = run_step(cfg, teacher, {k: v[None] for k, v in arrays.items()})
+    np.testing.assert_allclose(metrics["loss"], loss.item(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["entropy"], (entropy_sum / count).item(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-3)
