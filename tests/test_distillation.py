@@ -196,7 +196,8 @@ def test_student_gets_closer_to_the_teacher(tmp_path, teacher):
     fixed batch falls, and the metrics carry TRL's names."""
     dataset = datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS])
     student = tiny_llama(VOCAB, seed=0)
-    cfg = config(tmp_path, max_steps=20, learning_rate=1e-2, logging_steps=10, beta=0.5, lmbda=0.5)
+    cfg = config(tmp_path, max_steps=20, learning_rate=1e-2, logging_steps=10, beta=0.5, lmbda=0.5,
+                 eval_strategy="steps", eval_steps=10)
     on_policy = [distillation.is_on_policy_step(step, cfg) for step in range(20)]
     assert 5 <= on_policy.count(True) <= 15
     graphdef, teacher_params = nnx.split(teacher, nnx.Param)
@@ -208,11 +209,15 @@ def test_student_gets_closer_to_the_teacher(tmp_path, teacher):
         return float(pairs["loss"][0] / pairs["loss"][1])
 
     before = divergence(student)
-    result = distillation.train(student, TOKENIZER, dataset, cfg, teacher_model=teacher)
+    eval_dataset = datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS[:3]])
+    result = distillation.train(student, TOKENIZER, dataset, cfg, teacher_model=teacher, eval_dataset=eval_dataset)
     after = divergence(result.state.model())
     assert after < 0.6 * before, (before, after)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [10, 20]
+    evaluations = [r for r in records if "eval_loss" in r]
+    records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in records] == [10, 20] and [r["step"] for r in evaluations] == [10, 20]
+    assert all(r["eval_loss"] > 0 and r["eval_entropy"] > 0 for r in evaluations)
     assert {"loss", "grad_norm", "learning_rate", "entropy", "num_tokens", "completions/mean_length",
             "completions/clipped_ratio"} <= set(records[0])
     assert records[-1]["loss"] < records[0]["loss"]
