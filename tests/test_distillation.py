@@ -125,6 +125,22 @@ def test_formula_in_float64():
         generalized_jsd(jnp.asarray(student), jnp.asarray(teacher), beta=1.5)
 
 
+def test_chunked_loss_never_holds_the_batch_logits():
+    """Loss and gradient of 4 x 256 tokens over a vocabulary of 8192, in chunks of 128 tokens: XLA's temporaries
+    stay under half of one model's `[tokens, vocab]` float32 logits (32 MiB; both models' would be 64 MiB)."""
+    batch, seq, vocab = 4, 256, 8192
+
+    def loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask):
+        return distillation_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                                             beta=0.5, chunk_size=128)[0]
+
+    shapes = ((batch, seq, 16), (vocab, 16), (batch, seq, 24), (vocab, 24), (batch, seq))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        *(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes)).compile()
+    full_logits = batch * seq * vocab * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < full_logits / 2
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------------------------
