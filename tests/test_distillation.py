@@ -239,6 +239,33 @@ def test_student_gets_closer_to_the_teacher(tmp_path, teacher):
     assert records[-1]["loss"] < records[0]["loss"]
 
 
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher, monkeypatch):
+    """A crash after the checkpoint of step 2, resumed: the same prompts, the same on-policy choices and samples
+    (both drawn from the seed and the step), so the same losses as the run that was not interrupted."""
+    dataset = datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS])
+    cfg = config(tmp_path / "full", lmbda=0.5, max_steps=4, learning_rate=1e-2)
+    full = distillation.train(tiny_llama(VOCAB, seed=0), TOKENIZER, dataset, cfg, teacher_model=teacher).metrics
+    resumed_cfg = cfg.replace(output_dir=str(tmp_path / "resumed"), save_steps=2)
+    real_choice = distillation.is_on_policy_step
+
+    def crashing_choice(step, config):
+        if step == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_choice(step, config)
+
+    monkeypatch.setattr(distillation, "is_on_policy_step", crashing_choice)
+    with pytest.raises(KeyboardInterrupt):
+        distillation.train(tiny_llama(VOCAB, seed=0), TOKENIZER, dataset, resumed_cfg, teacher_model=teacher)
+    monkeypatch.setattr(distillation, "is_on_policy_step", real_choice)
+    distillation.train(tiny_llama(VOCAB, seed=5), TOKENIZER, dataset,
+                       resumed_cfg.replace(resume_from_checkpoint="latest"), teacher_model=teacher)
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, full, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["completions/mean_length"] == b["completions/mean_length"]
+
+
 def test_off_policy_examples_hold_the_dataset_completions(tmp_path):
     rows = [{"prompt": p, "completion": c} for p, c in PAIRS]
     cfg = config(tmp_path, lmbda=0.0, max_completion_length=3)
