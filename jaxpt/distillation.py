@@ -348,8 +348,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: DistillationConfig, *, 
     steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="Distillation")
     total_steps = data.total_steps(config, steps_in_epoch)
     all_examples = examples + (eval_examples or [])
-    longest_prompt = max(len(e.get("completion_prompt_ids", e["prompt_ids"])) for e in all_examples)
-    prompt_buckets = data.length_buckets(max(max(len(e["prompt_ids"]) for e in all_examples), 16), min_length=16)
+    # the sampled prompts and the dataset's (tokenized with their completions) share the prompt buckets
+    longest_prompt = max(max(len(e["prompt_ids"]), len(e.get("completion_prompt_ids", ()))) for e in all_examples)
+    prompt_buckets = data.length_buckets(max(longest_prompt, 16), min_length=16)
     completion_buckets = data.length_buckets(config.max_completion_length, min_length=16)
     keys = ("prompt_ids", "completion_prompt_ids", "completion_ids") if config.lmbda < 1.0 else ("prompt_ids",)
     for checked in (model, teacher_model):
