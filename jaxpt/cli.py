@@ -3,6 +3,7 @@
     jaxpt sft    --model_name_or_path DIR --dataset_name PATH_OR_ID --output_dir OUT [SFTConfig fields ...]
     jaxpt dpo    ... [DPOConfig fields]        jaxpt reward ... [RewardConfig fields]
     jaxpt kto    ... [KTOConfig fields]        jaxpt grpo / rloo ... --reward_funcs accuracy,format
+    jaxpt distillation ... --teacher_model_name_or_path DIR [DistillationConfig fields: beta, lmbda, ...]
     jaxpt plan   --model_name_or_path CONFIG --method sft --mesh fsdp=64 ...   per-device cost, no weights (plan -h)
     jaxpt smoke  [--output_dir DIR]            build a tiny random Llama, save it, load it, print logits
     jaxpt demo   [--output_dir DIR]            the embedded end-to-end run (SFT then GRPO on arithmetic)
@@ -299,6 +300,24 @@ def bco_command(argv: list[str]) -> int:
     return _offline_command(bco, bco.BCOConfig, argv)  # reference: a frozen copy of the loaded model
 
 
+def distillation_command(argv: list[str]) -> int:
+    """`jaxpt distillation`: the student from --model_name_or_path learns from --teacher_model_name_or_path (loaded
+    with the same dtype flags, on the same mesh; it needs the student's tokenizer)."""
+    from jaxpt import distillation
+
+    script_args, model_args, config = parse(distillation.DistillationConfig, argv)
+    join_run(config)
+    if not config.teacher_model_name_or_path:
+        raise ValueError("jaxpt distillation needs a teacher: --teacher_model_name_or_path DIR_OR_HUB_ID.")
+    check_inputs(script_args, model_args, config, ("--teacher_model_name_or_path", config.teacher_model_name_or_path))
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
+    teacher = load_model(config.teacher_model_name_or_path, model_args, config)
+    result = distillation.train(model, tokenizer, train_set, config, teacher_model=teacher, eval_dataset=eval_set)
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
+          f"{result.model_dir}")
+    return 0
+
+
 def demo(argv: list[str]) -> int:
     import argparse
 
@@ -349,7 +368,8 @@ def plan_command(argv: list[str]) -> int:
 
 
 COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "kto": kto_command,
-            "grpo": grpo_command, "rloo": rloo_command, "plan": plan_command, "smoke": smoke, "demo": demo,
+            "grpo": grpo_command, "rloo": rloo_command, "distillation": distillation_command, "plan": plan_command,
+            "smoke": smoke, "demo": demo,
             # experimental methods (jaxpt.experimental)
             "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
             "bco": bco_command}
