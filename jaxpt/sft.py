@@ -32,7 +32,7 @@ from jaxpt.losses.logprobs import next_token_targets
 from jaxpt.losses.metrics import add_metrics, mean_metrics, total_metrics
 from jaxpt.losses.sft import SFT_LOSS_TYPES, sft_loss_from_hidden
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
+from jaxpt.sharding import agreed_max, batch_divisor, mesh_from_config, shard_batch
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
@@ -286,11 +286,13 @@ def pack_ragged(input_ids: data.Ragged, loss_mask: np.ndarray | None, seq_length
 
 
 def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Sequence[int],
-            pad_token_id: int = 0) -> dict[str, np.ndarray]:
+            pad_token_id: int = 0, longest: int | None = None) -> dict[str, np.ndarray]:
     """A step's examples -> arrays `[accumulation_steps, micro_batch, length]`, right-padded to the smallest
-    length bucket that fits the longest example (packed examples already have their fixed length)."""
+    length bucket that fits the longest example (packed examples already have their fixed length). `longest`:
+    the longest example of the whole global batch, when `examples` hold only some of its rows (several processes
+    agree on it, `jaxpt.distributed.agree`)."""
     packed = "segment_ids" in examples[0]
-    longest = max(len(e["input_ids"]) for e in examples)
+    longest = max(longest or 0, *(len(e["input_ids"]) for e in examples))
     length = longest if packed else data.bucket_length(longest, buckets)
     batch = {
         "input_ids": data.pad_rows([e["input_ids"] for e in examples], length, pad_token_id),
@@ -402,19 +404,46 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
-    examples = prepare_dataset(dataset, tokenizer, config)
+    pad_id = data.pad_token_id(tokenizer)
+    share = None
+    if jax.process_count() > 1 and not (config.packing or config.padding_free):
+        # Each process tokenizes only the rows it feeds (unpacked examples are the dataset's rows, one to one).
+        # Packed rows mix examples from the whole dataset (best-fit over every length, as TRL), so packing
+        # prepares everything on every process, which keeps the bins, and the run, those of one process.
+        data.require_format(dataset, ("language_modeling", "prompt_completion"), method="SFT",
+                            text_field=config.dataset_text_field)
+        distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
+                                    what="SFT datasets")
+        steps_in_epoch = data.steps_per_epoch(len(dataset), examples_per_step, method="SFT")
+        total_steps = data.total_steps(config, steps_in_epoch)
+        share = distributed.DataShare(len(dataset), examples_per_step, micro_batch=micro_batch, mesh=mesh,
+                                      seed=config.seed, shuffle=config.shuffle_dataset, start_step=0,
+                                      total_steps=total_steps)
+
+    def prepare_share():
+        own = prepare_dataset(share.select(dataset), tokenizer, config)
+        data.check_model_fits(model, own, ("input_ids",), method="SFT", length_fields="max_length",
+                              extra_ids=(pad_id,))
+        return own
+
+    examples = distributed.on_every_process(prepare_share, what="SFT dataset") if share else \
+        prepare_dataset(dataset, tokenizer, config)
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
         # Unless eval_packing says otherwise, the eval set is prepared as the training set (padding_free packs).
         eval_packing = config.eval_packing if config.eval_packing is not None else config.packing or config.padding_free
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config, packing=eval_packing)
-    distributed.check_same_data(examples, what="SFT examples")  # every process builds the same global batches
-    steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
-    total_steps = data.total_steps(config, steps_in_epoch)
-    buckets = data.length_buckets(config.max_length or max(len(e["input_ids"]) for e in examples))
-    pad_id = data.pad_token_id(tokenizer)
-    data.check_model_fits(model, examples + (eval_examples or []), ("input_ids",), method="SFT",
-                          length_fields="max_length", extra_ids=(pad_id,))
+    if share is None:
+        distributed.check_same_data(examples, what="SFT examples")  # every process builds the same global batches
+        steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
+        total_steps = data.total_steps(config, steps_in_epoch)
+        share = distributed.DataShare(len(examples), examples_per_step, micro_batch=micro_batch, mesh=mesh,
+                                      seed=config.seed, shuffle=config.shuffle_dataset, start_step=0,
+                                      total_steps=total_steps, whole=True)
+    longest = max((len(e["input_ids"]) for e in examples), default=1)
+    buckets = data.length_buckets(config.max_length or (longest if share.whole else agreed_max(longest)))
+    data.check_model_fits(model, (examples if share.whole else []) + (eval_examples or []), ("input_ids",),
+                          method="SFT", length_fields="max_length", extra_ids=(pad_id,))
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
@@ -429,16 +458,19 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
                         description="sft", start_step=start_step, config=config.to_dict())
     note_shape = loop.ShapeNotes()
-    order = data.step_indices(len(examples), examples_per_step, seed=config.seed, shuffle=config.shuffle_dataset,
+    order = data.step_indices(share.num_examples, examples_per_step, seed=config.seed, shuffle=config.shuffle_dataset,
                               start_step=start_step)
     try:
         for step in range(start_step, total_steps):
             _, indices = next(order)
-            batch = collate([examples[i] for i in indices], accumulation_steps=config.gradient_accumulation_steps,
-                            buckets=buckets, pad_token_id=pad_id)
-            num_tokens += int(batch["attention_mask"].sum())
+            rows, counted = share.step_examples(indices, examples)  # several processes: only this one's rows
+            longest, tokens = share.agree(max(len(e["input_ids"]) for e in rows), sum(map(_num_tokens, counted)))
+            batch = collate(rows, accumulation_steps=config.gradient_accumulation_steps, buckets=buckets,
+                            pad_token_id=pad_id, longest=longest)
+            num_tokens += tokens
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True,
+                                                           check_shapes=False))  # agreed on the length above
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -452,6 +484,13 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
         log.close()
         checkpoints.close()
     return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
+
+
+def _num_tokens(example: dict) -> int:
+    """The tokens an example puts in a batch (its attention mask's ones)."""
+    if "segment_ids" in example:
+        return int(np.count_nonzero(example["segment_ids"]))
+    return len(example["input_ids"])
 
 
 def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) -> dict:
