@@ -184,7 +184,7 @@ class DataShare:
     that land in its rows over the run's steps (`needed`): about 1/N of what the steps use in one epoch (more over
     several epochs, whose orders differ). Rows a process does not feed are filled with one of its own examples
     (never placed: `shard_batch(global_batch=True)` copies only a process's own rows), padded to the length every
-    process agreed on (`agree`).
+    process agreed on (`agree_steps`: one collective for all the steps, before the first).
 
     On one process (`whole=True`) nothing changes: every example is prepared and every row is its own.
 
@@ -204,6 +204,7 @@ class DataShare:
 
         self.num_examples, self.examples_per_step = num_examples, examples_per_step
         self.seed, self.shuffle = seed, shuffle
+        self.first_step, self.totals = start_step, None  # agree_steps
         self.whole = jax.process_count() == 1 or mesh is None if whole is None else whole
         rows = np.arange(examples_per_step) % micro_batch
         if self.whole:
@@ -225,10 +226,32 @@ class DataShare:
         logger.info("Process %d prepares %d of the %d examples: the rows it feeds over steps %d-%d",
                     jax.process_index(), len(self.needed), num_examples, start_step + 1, total_steps)
 
-    def agree(self, longest: int, count: int) -> tuple[int, int]:
-        """A step's padded length and token count from this process's rows (`agree`; on a whole share, where
-        every process holds every row, the values themselves)."""
-        return (int(longest), int(count)) if self.whole else agree(longest, count)
+    def agree_steps(self, examples: list, measure, *, start_step: int, total_steps: int) -> None:
+        """Agree on every step's `(longest, count)` (e.g. the padded length and the token count of its global
+        batch) in one collective before the first step, so the loop never waits on the other processes:
+        `measure(rows, counted)` (`step_examples`' pair) gives this process's values, the run's are their max and
+        their sum. On a whole share nothing is computed ahead (`step_totals` measures each step's rows)."""
+        import numpy as np
+
+        from jaxpt import data
+
+        self.first_step, self.totals = start_step, None
+        if self.whole:
+            return
+        order = data.step_indices(self.num_examples, self.examples_per_step, seed=self.seed, shuffle=self.shuffle,
+                                  start_step=start_step)
+        local = np.asarray([measure(*self.step_examples(next(order)[1], examples))
+                            for _ in range(start_step, total_steps)], np.int64).reshape(-1, 2)
+        every = gather_rows(local.reshape(-1)).reshape(-1, len(local), 2)  # [processes, steps, 2]
+        self.totals = np.stack([every[..., 0].max(axis=0), every[..., 1].sum(axis=0)], axis=-1)
+
+    def step_totals(self, step: int, rows: list, counted: list, measure) -> tuple[int, int]:
+        """Step `step`'s agreed `(longest, count)` (`agree_steps`), or on a whole share `measure(rows, counted)`."""
+        if self.totals is None:
+            longest, count = measure(rows, counted)
+            return int(longest), int(count)
+        longest, count = self.totals[step - self.first_step]
+        return int(longest), int(count)
 
     def select(self, dataset):
         """The dataset rows this process prepares (all of them on one process), in dataset order."""
@@ -278,20 +301,6 @@ def gather_rows(values):
     padded[:len(values)] = values
     every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return np.concatenate([row[:size] for row, size in zip(every, sizes, strict=True)])
-
-
-def agree(longest: int, count: int) -> tuple[int, int]:
-    """`(max of every process's longest, sum of every process's count)` in one small collective: e.g. the length
-    a step's batch is padded to and its number of tokens. On one process the values themselves."""
-    import jax
-    import numpy as np
-
-    if jax.process_count() == 1:
-        return int(longest), int(count)
-    from jax.experimental import multihost_utils
-
-    every = np.asarray(multihost_utils.process_allgather(np.asarray([longest, count], np.int64))).reshape(-1, 2)
-    return int(every[:, 0].max()), int(every[:, 1].sum())
 
 
 def on_every_process(prepare, *args, what: str, **kwargs):

@@ -568,11 +568,13 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     note_shape = loop.ShapeNotes()
     order = data.step_indices(share.num_examples, examples_per_step, seed=config.seed,
                               shuffle=config.shuffle_dataset, start_step=start_step)
+    measure = lambda rows, counted: (max(map(_longest, rows)), sum(map(_num_tokens, counted)))
+    share.agree_steps(examples, measure, start_step=start_step, total_steps=total_steps)  # padded lengths, tokens
     try:
         for step in range(start_step, total_steps):
             _, indices = next(order)
             rows, counted = share.step_examples(indices, examples)  # several processes: only this one's rows
-            longest, tokens = share.agree(max(map(_longest, rows)), sum(map(_num_tokens, counted)))
+            longest, tokens = share.step_totals(step, rows, counted, measure)
             batch = collate(rows, accumulation_steps=config.gradient_accumulation_steps, buckets=buckets,
                             pad_token_id=pad_id, longest=longest)
             num_tokens += tokens

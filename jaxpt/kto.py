@@ -569,6 +569,11 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     note_shape = loop.ShapeNotes()
     order = data.step_indices(share.num_examples, examples_per_step, seed=config.seed, shuffle=shuffle,
                               start_step=start_step)
+    def measure(rows, counted):  # of this process's own rows (the others are None or cut)
+        longest = max(_sequence_lengths(rows, share.own_positions, max_length=config.max_length, with_kl=with_kl))
+        return longest, sum(_sequence_lengths(counted, range(len(counted)), max_length=config.max_length))
+
+    share.agree_steps(examples, measure, start_step=start_step, total_steps=total_steps)  # padded lengths, tokens
     try:
         for step in range(start_step, total_steps):
             _, indices = next(order)
@@ -576,9 +581,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
             rows, counted = share.step_examples(indices, examples, stand_in=None)
             longest = None
             if not share.whole:
-                lengths = _sequence_lengths(rows, share.own_positions, max_length=config.max_length, with_kl=with_kl)
-                longest, tokens = share.agree(max(lengths), sum(_sequence_lengths(counted, range(len(counted)),
-                                                                                  max_length=config.max_length)))
+                longest, tokens = share.step_totals(step, rows, counted, measure)
             batch = collate(rows, accumulation_steps=config.gradient_accumulation_steps, longest=longest,
                             **batch_args)
             num_tokens += int(batch["attention_mask"].sum()) if share.whole else tokens

@@ -363,12 +363,14 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     note_shape = loop.ShapeNotes()
     order = data.step_indices(share.num_examples, examples_per_step, seed=config.seed, shuffle=True,
                               start_step=start_step)
+    measure = lambda rows, counted: (max(map(_longest, rows)),
+                                     sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in counted))
+    share.agree_steps(examples, measure, start_step=start_step, total_steps=total_steps)  # padded lengths, tokens
     try:
         for step in range(start_step, total_steps):
             _, indices = next(order)
             rows, counted = share.step_examples(indices, examples)  # several processes: only this one's rows
-            longest, tokens = share.agree(max(map(_longest, rows)),
-                                          sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in counted))
+            longest, tokens = share.step_totals(step, rows, counted, measure)
             batch = collate(rows, accumulation_steps=config.gradient_accumulation_steps, buckets=buckets,
                             pad_token_id=pad_id, longest=longest)
             num_tokens += tokens

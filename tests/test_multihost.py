@@ -209,14 +209,15 @@ def test_dpo_on_two_processes_matches_one(inputs, tmp_path):
     assert_one_run_written(tmp_path / "two")
 
 
-def test_kto_and_reward_on_two_processes_match_one(inputs, tmp_path):
-    """KTO (each process also prepares the example before each of its rows: its KL partner) and the reward model
-    (which drops pairs over max_length: each process first measures a block of the dataset, then tokenizes the
-    kept pairs of its rows) on 2 processes equal 1 process."""
+def test_kto_reward_and_packed_sft_on_two_processes_match_one(inputs, tmp_path):
+    """KTO (each process also prepares the example before each of its rows: its KL partner), the reward model
+    (which drops pairs over max_length) and packed SFT (whose bins need every length): on 2 processes, each first
+    measures a block of the dataset, then tokenizes the examples of its rows; the runs equal 1 process."""
     shared = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "0.003"]
-    options = {"kto": [*shared, "--max_length", "16"], "reward": [*shared, "--max_length", "6"]}
+    options = {"kto": [*shared, "--max_length", "16"], "reward": [*shared, "--max_length", "6"],
+               "sft": [*shared, "--max_length", "16", "--packing", "true"]}
     runs = {}
-    for method in ("kto", "reward"):
+    for method in ("kto", "reward", "sft"):
         runs[method] = (Run(common(inputs, method, tmp_path / method / "one", *options[method]), num_processes=1,
                             devices=4, log_dir=tmp_path / method / "l1"),
                         Run(common(inputs, method, tmp_path / method / "two", *options[method]), num_processes=2,
@@ -225,6 +226,9 @@ def test_kto_and_reward_on_two_processes_match_one(inputs, tmp_path):
             run.check()
         assert_same_metrics(read_metrics(tmp_path / method / "two"), read_metrics(tmp_path / method / "one"))
         assert_one_run_written(tmp_path / method / "two")
+    # packed: 8 of the packed rows (2 steps x 4 rows per process); each process measured its 32-example block
+    assert "Process 0 prepares 8 of the " in runs["sft"][1].logs[0].read_text()
+    assert all("| 32/32 [" in log.read_text() for log in runs["sft"][1].logs)
     # KTO in dataset order: process 0 feeds rows 0-3 of each step and reads row 7 too (row 0's partner)
     assert_own_share(runs["kto"][1], prepared=10, of=64)
     # 22 of the 64 pairs fit in 6 tokens; 4 rows a step on each process
@@ -360,3 +364,28 @@ def test_data_share_feeds_the_global_batches_from_the_rows_it_needs():
         share.needed.tolist()
     rows, counted = share.step_examples(steps[1], examples)
     assert [row["index"] for row in rows] == steps[1].tolist() == [row["index"] for row in counted]
+    share.agree_steps(examples, lambda rows, counted: (max(r["index"] for r in rows), len(counted)), start_step=1,
+                      total_steps=2)  # the steps' values up front (one collective on several processes)
+    assert share.step_totals(1, rows, counted, None) == (int(steps[1].max()), 16)
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "bfd_split", "wrapped"])
+def test_packed_share_gives_the_rows_one_process_packs(strategy):
+    """`sft._packed_share` (forced to share on one process): its rows are exactly the ones `prepare_dataset`
+    packs from the whole dataset at the positions it feeds, though it tokenized the others only to measure them."""
+    import datasets
+
+    from jaxpt import sft
+    from jaxpt.sharding import make_mesh
+
+    tokenizer = char_tokenizer()
+    rows = arithmetic_texts(40) + [{"prompt": "1+2+3+4+5=", "completion": "15 and more digits"}]
+    dataset = datasets.Dataset.from_list(rows)
+    config = SFTConfig(output_dir="unused", max_length=12, packing=True, packing_strategy=strategy, max_steps=2)
+    share_args = dict(micro_batch=8, mesh=make_mesh(), seed=0, shuffle=True, start_step=0, whole=False)
+    ours, share = sft._packed_share(dataset, tokenizer, config, 8, share_args)
+    expected = sft.prepare_dataset(dataset, tokenizer, config)
+    assert share.num_examples == len(expected) and len(ours) == len(share.needed) == 16
+    for row, index in zip(ours, share.needed, strict=True):
+        for key in ("input_ids", "loss_mask", "segment_ids"):
+            np.testing.assert_array_equal(row[key], expected[index][key])
