@@ -236,7 +236,7 @@ class DataShare:
         from jaxpt import data
 
         self.first_step, self.totals = start_step, None
-        if self.whole:
+        if self.whole or start_step >= total_steps:
             return
         order = data.step_indices(self.num_examples, self.examples_per_step, seed=self.seed, shuffle=self.shuffle,
                                   start_step=start_step)
