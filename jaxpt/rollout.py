@@ -242,7 +242,8 @@ def make_logps_fn(graphdef, *, temperature: float, chunk_size: int, micro_batch:
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")
         out = []
         for start in range(0, len(arrays["prompt_ids"]), micro_batch):
-            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh, global_batch=True)
+            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh, global_batch=True,
+                                check_shapes=False)  # the whole rollout is on every process: same shapes
             out.append(host_array(compute(params, batch)))
         return np.concatenate(out)
 

@@ -213,9 +213,11 @@ def test_kto_reward_and_packed_sft_on_two_processes_match_one(inputs, tmp_path):
     """KTO (each process also prepares the example before each of its rows: its KL partner), the reward model
     (which drops pairs over max_length) and packed SFT (whose bins need every length): on 2 processes, each first
     measures a block of the dataset, then tokenizes the examples of its rows; the runs equal 1 process."""
-    shared = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "0.003"]
-    options = {"kto": [*shared, "--max_length", "16"], "reward": [*shared, "--max_length", "6"],
-               "sft": [*shared, "--max_length", "16", "--packing", "true"]}
+    shared = ["--max_steps", "2", "--per_device_train_batch_size", "2"]
+    # KTO: desirable examples only pushed up, fast, so the KL estimate of step 2 (from the mismatched pairs) is > 0
+    options = {"kto": [*shared, "--max_length", "16", "--learning_rate", "0.03", "--undesirable_weight", "0"],
+               "reward": [*shared, "--max_length", "6", "--learning_rate", "0.003"],
+               "sft": [*shared, "--max_length", "16", "--packing", "true", "--learning_rate", "0.003"]}
     runs = {}
     for method in ("kto", "reward", "sft"):
         runs[method] = (Run(common(inputs, method, tmp_path / method / "one", *options[method]), num_processes=1,
@@ -229,6 +231,7 @@ def test_kto_reward_and_packed_sft_on_two_processes_match_one(inputs, tmp_path):
     # packed: 8 of the packed rows (2 steps x 4 rows per process); each process measured its 32-example block
     assert "Process 0 prepares 8 of the " in runs["sft"][1].logs[0].read_text()
     assert all("| 32/32 [" in log.read_text() for log in runs["sft"][1].logs)
+    assert read_metrics(tmp_path / "kto" / "one")[1]["kl"] > 0.1  # the pairs' numbers are compared, not only zeros
     # KTO in dataset order: process 0 feeds rows 0-3 of each step and reads row 7 too (row 0's partner)
     assert_own_share(runs["kto"][1], prepared=10, of=64)
     # 22 of the 64 pairs fit in 6 tokens; 4 rows a step on each process
