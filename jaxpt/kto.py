@@ -532,10 +532,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     longest = longest_prompt + longest_completion
     buckets = data.length_buckets(min(config.max_length or longest, longest))
     for checked in (model, ref_model):  # a KL sequence may join the longest prompt to the longest completion
-        if checked is not None:
-            data.check_model_fits(checked, everything, ("prompt_ids", "completion_ids"), method="KTO",
-                                  length_fields="max_length", extra_ids=(pad_id,),
-                                  longest=min(config.max_length or longest, longest))
+        if checked is not None:  # (several processes: each checks its share, and a failure stops them all)
+            distributed.on_every_process(data.check_model_fits, checked, everything, ("prompt_ids", "completion_ids"),
+                                         method="KTO", length_fields="max_length", extra_ids=(pad_id,),
+                                         longest=min(config.max_length or longest, longest), what="KTO dataset")
     batch_args = dict(buckets=buckets, pad_token_id=pad_id, max_length=config.max_length, with_kl=with_kl)
 
     # The policy's buffers are donated by the train step, so a reference that is `model` itself is a copy, unless
