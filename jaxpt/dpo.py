@@ -233,7 +233,7 @@ def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Seque
     length]` (row 0 chosen, row 1 rejected), right-padded to the smallest length bucket that fits the longest
     sequence; plus `ref_chosen_logps`, `ref_rejected_logps` `[accumulation_steps, micro_batch]` when the examples
     carry them (`precompute_ref_logps`). `longest`: the longest sequence of the whole global batch, when
-    `examples` hold only some of its rows (several processes agree on it, `jaxpt.distributed.agree`)."""
+    `examples` hold only some of its rows (several processes agree on it, `DataShare.agree_steps`)."""
     longest = max(longest or 0, *(_longest(e) for e in examples))
     length = data.bucket_length(longest, buckets)
 

@@ -222,7 +222,7 @@ def collate(examples: Sequence[dict | None], *, accumulation_steps: int, buckets
     take no part in the pairing). Precomputed `ref_logps` / `ref_kl_logps` of the examples are passed along; they
     must have been computed with the same pairing (`precompute_ref_logps` does this). `longest`: the longest
     sequence (of either kind) of the whole global batch, when `examples` hold only some of its rows (several
-    processes agree on it, `jaxpt.distributed.agree`): the batch is padded to its bucket, and the sequences of rows
+    processes agree on it, `DataShare.agree_steps`): the batch is padded to its bucket, and the sequences of rows
     another process feeds (never placed here) are cut to it."""
     real = [e for e in examples if e is not None]
     empty = np.zeros(0, np.int32)
@@ -508,9 +508,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
                                       with_previous=with_kl)
         examples = distributed.on_every_process(lambda: prepare_dataset(share.select(dataset), tokenizer, config),
                                                 what="KTO dataset")
-        labels = [bool(label) for label in (dataset["label"] if hasattr(dataset, "column_names") or
-                                            isinstance(dataset, dict) else [row["label"] for row in dataset])]
-        _check_weights([{"label": label} for label in labels], config)
+        labels = dataset["label"] if hasattr(dataset, "column_names") else [row["label"] for row in dataset]
+        _check_weights([{"label": bool(label)} for label in labels], config)  # of the whole dataset, untokenized
     else:
         examples = prepare_dataset(dataset, tokenizer, config)
         _check_weights(examples, config)
@@ -569,6 +568,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     note_shape = loop.ShapeNotes()
     order = data.step_indices(share.num_examples, examples_per_step, seed=config.seed, shuffle=shuffle,
                               start_step=start_step)
+
     def measure(rows, counted):  # of this process's own rows (the others are None or cut)
         longest = max(_sequence_lengths(rows, share.own_positions, max_length=config.max_length, with_kl=with_kl))
         return longest, sum(_sequence_lengths(counted, range(len(counted)), max_length=config.max_length))

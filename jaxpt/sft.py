@@ -293,7 +293,7 @@ def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Seque
     """A step's examples -> arrays `[accumulation_steps, micro_batch, length]`, right-padded to the smallest
     length bucket that fits the longest example (packed examples already have their fixed length). `longest`:
     the longest example of the whole global batch, when `examples` hold only some of its rows (several processes
-    agree on it, `jaxpt.distributed.agree`)."""
+    agree on it, `DataShare.agree_steps`)."""
     packed = "segment_ids" in examples[0]
     longest = max(longest or 0, *(len(e["input_ids"]) for e in examples))
     length = longest if packed else data.bucket_length(longest, buckets)

@@ -145,7 +145,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, *, batch_axi
     On several processes, all must pass the same fields with the same shapes and dtypes (`check_same_shapes`, one
     small collective): a mismatch is a `ValueError` naming the field and each process's shape, not a failed
     collective. `check_shapes=False` skips that collective, for callers whose processes already agreed on the
-    shapes (the `train()` loops agree on each batch's padded length, `jaxpt.distributed.agree`, before building it).
+    shapes (the `train()` loops agree on every batch's padded length before the first step,
+    `jaxpt.distributed.DataShare.agree_steps`).
     """
     if mesh is None:
         return {key: jax.numpy.asarray(value) for key, value in batch.items()}

@@ -163,7 +163,7 @@ def assert_own_share(run, *, prepared, of):
 def test_sft_on_two_processes_matches_one_and_resumes(inputs, tmp_path):
     """2 processes x 2 devices, each tokenizing only its rows: 2 steps, then a resumed run to step 4, equal to an
     uninterrupted 4-step run of one process with 4 devices. The step-2 checkpoint of 2 processes also resumes on
-    1 process (4 devices), and the 1-process one on 2 processes, with the same metrics."""
+    1 process (4 devices) with the same metrics."""
     sft = ["--max_length", "16", "--per_device_train_batch_size", "2", "--learning_rate", "0.003"]
     single = Run(common(inputs, "sft", tmp_path / "one", "--max_steps", "4", *sft), num_processes=1, devices=4,
                  log_dir=tmp_path / "logs1")
@@ -174,8 +174,6 @@ def test_sft_on_two_processes_matches_one_and_resumes(inputs, tmp_path):
     assert_own_share(first, prepared=8, of=64)  # 2 steps x 8 rows, 4 of them on each process's devices
     assert_same_metrics(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")[:2])
     shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
-    shutil.copytree(tmp_path / "one", tmp_path / "one_then_two")
-    shutil.rmtree(tmp_path / "one_then_two" / "checkpoints" / "4")
     resumed = Run(common(inputs, "sft", tmp_path / "two", "--max_steps", "4", "--resume_from_checkpoint", "latest",
                          *sft), num_processes=2, devices=2, log_dir=tmp_path / "logs3")
     resumed.check()
@@ -185,12 +183,11 @@ def test_sft_on_two_processes_matches_one_and_resumes(inputs, tmp_path):
     assert_one_run_written(tmp_path / "two")
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4"]
     assert_export_matches(tmp_path / "two" / "final")
-    for name, processes, devices in (("two_then_one", 1, 4), ("one_then_two", 2, 2)):
-        other = Run(common(inputs, "sft", tmp_path / name, "--max_steps", "4", "--resume_from_checkpoint", "latest",
-                           *sft), num_processes=processes, devices=devices, log_dir=tmp_path / f"logs_{name}")
-        other.check()
-        assert "Resumed from" in other.logs[0].read_text()
-        assert_same_metrics(read_metrics(tmp_path / name), read_metrics(tmp_path / "one"))
+    other = Run(common(inputs, "sft", tmp_path / "two_then_one", "--max_steps", "4", "--resume_from_checkpoint",
+                       "latest", *sft), num_processes=1, devices=4, log_dir=tmp_path / "logs4")
+    other.check()
+    assert "Resumed from" in other.logs[0].read_text()
+    assert_same_metrics(read_metrics(tmp_path / "two_then_one"), read_metrics(tmp_path / "one"))
 
 
 def test_dpo_on_two_processes_matches_one(inputs, tmp_path):
