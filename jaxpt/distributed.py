@@ -165,3 +165,167 @@ def check_same_data(examples, *, what: str) -> None:
         each = ", ".join(f"process {i}: {int(n)} examples, digest {int(d):08x}" for i, (n, d) in enumerate(every))
         raise ValueError(f"The processes prepared different {what} ({each}): every process must read the same "
                          "dataset (same files, split and revision) with the same tokenizer and config.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Each process's share of the data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+FIRST_OWN = object()  # DataShare.step_examples' default stand-in
+
+
+class DataShare:
+    """The part of a run's data one process feeds, for the offline methods' `train()` loops.
+
+    Every process draws the same global step order (`data.step_indices`: a seeded permutation per epoch, so the
+    global batches are those of one process, whatever the process count), and feeds only its own rows of each
+    global batch: the rows of the batch dimension its devices hold. So it needs, and tokenizes, only the examples
+    that land in its rows over the run's steps (`needed`): about 1/N of what the steps use in one epoch (more over
+    several epochs, whose orders differ). Rows a process does not feed are filled with one of its own examples
+    (never placed: `shard_batch(global_batch=True)` copies only a process's own rows), padded to the length every
+    process agreed on (`agree_steps`: one collective for all the steps, before the first).
+
+    On one process (`whole=True`) nothing changes: every example is prepared and every row is its own.
+
+    `examples_per_step` dataset rows per step, laid out `[accumulation, micro_batch]` (row `j` of a step's index
+    list is micro-batch row `j % micro_batch`). `with_previous`: a process also prepares, for each of its rows, the
+    example before it in the step's list (cyclically), which KTO pairs with it.
+    """
+
+    def __init__(self, num_examples: int, examples_per_step: int, *, micro_batch: int, mesh, seed: int,
+                 shuffle: bool, start_step: int, total_steps: int, whole: bool | None = None,
+                 with_previous: bool = False):
+        import jax
+        import numpy as np
+
+        from jaxpt import data
+        from jaxpt.sharding import process_rows
+
+        self.num_examples, self.examples_per_step = num_examples, examples_per_step
+        self.seed, self.shuffle = seed, shuffle
+        self.first_step, self.totals = start_step, None  # agree_steps
+        self.whole = jax.process_count() == 1 or mesh is None if whole is None else whole
+        rows = np.arange(examples_per_step) % micro_batch
+        if self.whole:
+            self.positions = self.own_positions = self.counted = np.arange(examples_per_step)
+            self.needed = None
+            return
+        own, first_owner = process_rows(mesh, micro_batch)
+        self.positions = np.flatnonzero(own[rows])  # positions of a step's index list this process feeds
+        self.counted = np.flatnonzero(first_owner[rows])  # ... and counts in sums (rows replicated on processes)
+        self.own_positions = self.positions
+        if with_previous:  # each row also reads the example before it in the step (KTO's mismatched KL pairs)
+            self.positions = np.union1d(self.positions, (self.positions - 1) % examples_per_step)
+        if num_examples < examples_per_step:  # data.steps_per_epoch reports it, on every process alike
+            self.needed = np.zeros(0, np.int64)
+            return
+        order = data.step_indices(num_examples, examples_per_step, seed=seed, shuffle=shuffle, start_step=start_step)
+        used = [next(order)[1][self.positions] for _ in range(start_step, total_steps)]
+        self.needed = np.unique(np.concatenate(used)) if used else np.zeros(0, np.int64)
+        logger.info("Process %d prepares %d of the %d examples: the rows it feeds over steps %d-%d",
+                    jax.process_index(), len(self.needed), num_examples, start_step + 1, total_steps)
+
+    def agree_steps(self, examples: list, measure, *, start_step: int, total_steps: int) -> None:
+        """Agree on every step's `(longest, count)` (e.g. the padded length and the token count of its global
+        batch) in one collective before the first step, so the loop never waits on the other processes:
+        `measure(rows, counted)` (`step_examples`' pair) gives this process's values, the run's are their max and
+        their sum. On a whole share nothing is computed ahead (`step_totals` measures each step's rows)."""
+        import numpy as np
+
+        from jaxpt import data
+
+        self.first_step, self.totals = start_step, None
+        if self.whole or start_step >= total_steps:
+            return
+        order = data.step_indices(self.num_examples, self.examples_per_step, seed=self.seed, shuffle=self.shuffle,
+                                  start_step=start_step)
+        local = np.asarray([measure(*self.step_examples(next(order)[1], examples))
+                            for _ in range(start_step, total_steps)], np.int64).reshape(-1, 2)
+        every = gather_rows(local.reshape(-1)).reshape(-1, len(local), 2)  # [processes, steps, 2]
+        self.totals = np.stack([every[..., 0].max(axis=0), every[..., 1].sum(axis=0)], axis=-1)
+
+    def step_totals(self, step: int, rows: list, counted: list, measure) -> tuple[int, int]:
+        """Step `step`'s agreed `(longest, count)` (`agree_steps`), or on a whole share `measure(rows, counted)`."""
+        if self.totals is None:
+            longest, count = measure(rows, counted)
+            return int(longest), int(count)
+        longest, count = self.totals[step - self.first_step]
+        return int(longest), int(count)
+
+    def select(self, dataset):
+        """The dataset rows this process prepares (all of them on one process), in dataset order."""
+        return dataset if self.whole else select_rows(dataset, self.needed)
+
+    def step_examples(self, indices, examples: list, *, stand_in=FIRST_OWN) -> tuple[list, list]:
+        """`(rows, counted)` of one step from its global example `indices` and this process's prepared `examples`
+        (aligned with `needed`): `rows` (one per index) holds the step's examples at this process's positions and
+        `stand_in` elsewhere (by default its first own example, so a stand-in is never the longest row);
+        `counted` lists the examples this process counts in the step's totals (each row counted by one process)."""
+        import numpy as np
+
+        if self.whole:
+            rows = [examples[i] for i in indices]
+            return rows, rows
+        local = np.searchsorted(self.needed, np.asarray(indices)[self.positions])
+        own = [examples[i] for i in local]
+        rows = [own[0] if stand_in is FIRST_OWN else stand_in] * len(indices)
+        for position, example in zip(self.positions, own, strict=True):
+            rows[position] = example
+        counted = [rows[p] for p in self.counted]
+        return rows, counted
+
+
+def select_rows(dataset, indices):
+    """Rows `indices` of a `datasets.Dataset`, a list of rows or a dict of columns (same kind out)."""
+    if hasattr(dataset, "select") and hasattr(dataset, "column_names"):
+        return dataset.select([int(i) for i in indices])
+    if isinstance(dataset, dict):
+        return {name: [column[int(i)] for i in indices] for name, column in dataset.items()}
+    return [dataset[int(i)] for i in indices]
+
+
+def gather_rows(values):
+    """Every process's `values` (a 1-D numpy array, lengths may differ), concatenated in process order, on every
+    process (two small collectives); on one process `values` itself."""
+    import jax
+    import numpy as np
+
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(values)], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), values.dtype)
+    padded[:len(values)] = values
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return np.concatenate([row[:size] for row, size in zip(every, sizes, strict=True)])
+
+
+def on_every_process(prepare, *args, what: str, **kwargs):
+    """`prepare(*args, **kwargs)` on a process's share of the data, with its failure told to every process: the
+    process that failed raises its own error (its example numbers count within its share), the others a
+    `RuntimeError` naming it, so none waits forever in the next collective."""
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return prepare(*args, **kwargs)
+    from jax.experimental import multihost_utils
+
+    result, failure = None, None
+    try:
+        result = prepare(*args, **kwargs)
+    except Exception as error:
+        failure = error
+    failed = np.asarray(multihost_utils.process_allgather(np.asarray([failure is not None], np.int32))).reshape(-1)
+    if failure is not None:
+        if isinstance(failure, ValueError):
+            raise ValueError(f"{failure} (process {jax.process_index()} prepares its own share of the {what}: "
+                             "example numbers count within that share)") from failure
+        raise failure
+    if failed.any():
+        raise RuntimeError(f"Preparing the {what} failed on process(es) {np.flatnonzero(failed).tolist()}: see their "
+                           "error.")
+    return result

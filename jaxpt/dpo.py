@@ -57,6 +57,7 @@ from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_s
 from jaxpt.losses.metrics import add_metrics, mean_metrics, total_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.sharding import (
+    agreed_max,
     batch_divisor,
     batch_sharding,
     mesh_from_config,
@@ -227,12 +228,13 @@ def tokenize_preference(tokenizer, row: dict, *, conversational: bool) -> tuple[
 
 
 def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Sequence[int],
-            pad_token_id: int = 0) -> dict[str, np.ndarray]:
+            pad_token_id: int = 0, longest: int | None = None) -> dict[str, np.ndarray]:
     """A step's pairs -> `input_ids`, `attention_mask`, `completion_mask` `[accumulation_steps, micro_batch, 2,
     length]` (row 0 chosen, row 1 rejected), right-padded to the smallest length bucket that fits the longest
     sequence; plus `ref_chosen_logps`, `ref_rejected_logps` `[accumulation_steps, micro_batch]` when the examples
-    carry them (`precompute_ref_logps`)."""
-    longest = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples)
+    carry them (`precompute_ref_logps`). `longest`: the longest sequence of the whole global batch, when
+    `examples` hold only some of its rows (several processes agree on it, `DataShare.agree_steps`)."""
+    longest = max(longest or 0, *(_longest(e) for e in examples))
     length = data.bucket_length(longest, buckets)
 
     def pairs(rows_of, pad_value):  # [n, 2, length]
@@ -250,6 +252,15 @@ def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Seque
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             batch[key] = np.asarray([e[key] for e in examples], np.float32).reshape(accumulation_steps, micro)
     return batch
+
+
+def _longest(example: dict) -> int:
+    return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
+
+
+def _num_tokens(example: dict) -> int:
+    """The tokens a pair puts in a batch (its attention mask's ones)."""
+    return len(example["chosen_input_ids"]) + len(example["rejected_input_ids"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -491,20 +502,47 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
-    examples = prepare_dataset(dataset, tokenizer, config)
+    pad_id = data.pad_token_id(tokenizer)
+
+    def check_fits(checked_examples):
+        for checked in (model, ref_model):
+            if checked is not None:
+                data.check_model_fits(checked, checked_examples, ("chosen_input_ids", "rejected_input_ids"),
+                                      method="DPO", length_fields="max_length", extra_ids=(pad_id,))
+
+    share = None
+    if jax.process_count() > 1 and not config.precompute_ref_log_probs:
+        # Each process tokenizes only the pairs it feeds (the examples are the dataset's rows, one to one). The
+        # precomputed reference runs over every example on the whole mesh, so it prepares everything everywhere.
+        data.require_format(dataset, ("preference", "implicit_preference"), method="DPO")
+        distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
+                                    what="DPO datasets")
+        steps_in_epoch = data.steps_per_epoch(len(dataset), examples_per_step, method="DPO")
+        total_steps = data.total_steps(config, steps_in_epoch)
+        share = distributed.DataShare(len(dataset), examples_per_step, micro_batch=micro_batch, mesh=mesh,
+                                      seed=config.seed, shuffle=config.shuffle_dataset, start_step=0,
+                                      total_steps=total_steps)
+
+    def prepare_share():
+        own = prepare_dataset(share.select(dataset), tokenizer, config)
+        check_fits(own)
+        return own
+
+    examples = distributed.on_every_process(prepare_share, what="DPO dataset") if share else \
+        prepare_dataset(dataset, tokenizer, config)
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
-    distributed.check_same_data(examples, what="DPO examples")  # every process builds the same global batches
-    steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="DPO")
-    total_steps = data.total_steps(config, steps_in_epoch)
-    buckets = data.length_buckets(config.max_length or max(
-        max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples))
-    pad_id = data.pad_token_id(tokenizer)
-    for checked in (model, ref_model):
-        if checked is not None:
-            data.check_model_fits(checked, examples + (eval_examples or []), ("chosen_input_ids", "rejected_input_ids"),
-                                  method="DPO", length_fields="max_length", extra_ids=(pad_id,))
+    if share is None:
+        distributed.check_same_data(examples, what="DPO examples")  # every process builds the same global batches
+        steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="DPO")
+        total_steps = data.total_steps(config, steps_in_epoch)
+        share = distributed.DataShare(len(examples), examples_per_step, micro_batch=micro_batch, mesh=mesh,
+                                      seed=config.seed, shuffle=config.shuffle_dataset, start_step=0,
+                                      total_steps=total_steps, whole=True)
+    longest = max(map(_longest, examples))
+    buckets = data.length_buckets(config.max_length or (longest if share.whole else agreed_max(longest)))
+    check_fits((examples if share.whole else []) + (eval_examples or []))
 
     if config.precompute_ref_log_probs:  # before the first step donates the model's parameters
         reference = ref_model if ref_model is not None else model
@@ -528,16 +566,21 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
                         description="dpo", start_step=start_step, config=config.to_dict())
     note_shape = loop.ShapeNotes()
-    order = data.step_indices(len(examples), examples_per_step, seed=config.seed, shuffle=config.shuffle_dataset,
-                              start_step=start_step)
+    order = data.step_indices(share.num_examples, examples_per_step, seed=config.seed,
+                              shuffle=config.shuffle_dataset, start_step=start_step)
+    measure = lambda rows, counted: (max(map(_longest, rows)), sum(map(_num_tokens, counted)))
+    share.agree_steps(examples, measure, start_step=start_step, total_steps=total_steps)  # padded lengths, tokens
     try:
         for step in range(start_step, total_steps):
             _, indices = next(order)
-            batch = collate([examples[i] for i in indices], accumulation_steps=config.gradient_accumulation_steps,
-                            buckets=buckets, pad_token_id=pad_id)
-            num_tokens += int(batch["attention_mask"].sum())
+            rows, counted = share.step_examples(indices, examples)  # several processes: only this one's rows
+            longest, tokens = share.step_totals(step, rows, counted, measure)
+            batch = collate(rows, accumulation_steps=config.gradient_accumulation_steps, buckets=buckets,
+                            pad_token_id=pad_id, longest=longest)
+            num_tokens += tokens
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True), ref_params)
+            placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=False)  # length agreed
+            state, metrics = train_step(state, placed, ref_params)
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)

@@ -56,6 +56,7 @@ from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_s
 from jaxpt.losses.metrics import mean_metrics, total_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.sharding import (
+    agreed_max,
     batch_divisor,
     batch_sharding,
     mesh_from_config,
@@ -209,7 +210,8 @@ def unpair_preference(rows: Sequence[dict]) -> list[dict]:
 
 
 def collate(examples: Sequence[dict | None], *, accumulation_steps: int, buckets: Sequence[int],
-            pad_token_id: int = 0, max_length: int | None = None, with_kl: bool = True) -> dict[str, np.ndarray]:
+            pad_token_id: int = 0, max_length: int | None = None, with_kl: bool = True,
+            longest: int | None = None) -> dict[str, np.ndarray]:
     """A step's examples -> arrays `[accumulation_steps, micro_batch, length]` (`label`, `ref_logps`,
     `ref_kl_logps`: `[accumulation_steps, micro_batch]`), right-padded to the smallest length bucket that fits.
 
@@ -218,7 +220,10 @@ def collate(examples: Sequence[dict | None], *, accumulation_steps: int, buckets
     pairs: each prompt with the completion of the previous example (the first with the last one's), over all the
     examples of the step. `None` entries are padding rows: no completion tokens, so they count for nothing (and
     take no part in the pairing). Precomputed `ref_logps` / `ref_kl_logps` of the examples are passed along; they
-    must have been computed with the same pairing (`precompute_ref_logps` does this)."""
+    must have been computed with the same pairing (`precompute_ref_logps` does this). `longest`: the longest
+    sequence (of either kind) of the whole global batch, when `examples` hold only some of its rows (several
+    processes agree on it, `DataShare.agree_steps`): the batch is padded to its bucket, and the sequences of rows
+    another process feeds (never placed here) are cut to it."""
     real = [e for e in examples if e is not None]
     empty = np.zeros(0, np.int32)
 
@@ -240,10 +245,12 @@ def collate(examples: Sequence[dict | None], *, accumulation_steps: int, buckets
     groups = {"": sequences(partner=False)}
     if with_kl:
         groups["kl_"] = sequences(partner=True)
-    longest = max(max((len(ids) for ids in group[0]), default=1) for group in groups.values())
+    if longest is None:
+        longest = max(max((len(ids) for ids in group[0]), default=1) for group in groups.values())
     length = data.bucket_length(max(longest, 1), buckets)
     batch = {}
     for prefix, (ids, completion) in groups.items():
+        ids, completion = [i[:length] for i in ids], [c[:length] for c in completion]
         batch[f"{prefix}input_ids"] = data.pad_rows(ids, length, pad_token_id)
         batch[f"{prefix}attention_mask"] = data.pad_rows([np.ones(len(i), np.int32) for i in ids], length, 0)
         batch[f"{prefix}completion_mask"] = data.pad_rows(completion, length, 0)
@@ -484,23 +491,50 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
         raise ValueError("loss_type='kto' estimates the KL term from mismatched pairs of a step's examples, so a "
                          "step needs at least 2 (per_device_train_batch_size x data-parallel devices x "
                          "gradient_accumulation_steps is 1): raise per_device_train_batch_size.")
-    examples = prepare_dataset(dataset, tokenizer, config)
+    pad_id = data.pad_token_id(tokenizer)
+    shuffle = config.train_sampling_strategy == "random"
+    share = None
+    fmt = data.require_format(dataset, ("unpaired_preference", "preference", "implicit_preference"), method="KTO")
+    if jax.process_count() > 1 and fmt.kind == "unpaired_preference" and not config.precompute_ref_log_probs:
+        # Each process tokenizes only the examples its rows take, and the one before each (its KL partner).
+        # Paired data is unpaired in blocks (TRL's order) and the precomputed reference runs over every example
+        # on the whole mesh: both prepare everything on every process.
+        distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
+                                    what="KTO datasets")
+        steps_in_epoch = data.steps_per_epoch(len(dataset), examples_per_step, method="KTO")
+        total_steps = data.total_steps(config, steps_in_epoch)
+        share = distributed.DataShare(len(dataset), examples_per_step, micro_batch=micro_batch, mesh=mesh,
+                                      seed=config.seed, shuffle=shuffle, start_step=0, total_steps=total_steps,
+                                      with_previous=with_kl)
+        examples = distributed.on_every_process(lambda: prepare_dataset(share.select(dataset), tokenizer, config),
+                                                what="KTO dataset")
+        labels = dataset["label"] if hasattr(dataset, "column_names") else [row["label"] for row in dataset]
+        _check_weights([{"label": bool(label)} for label in labels], config)  # of the whole dataset, untokenized
+    else:
+        examples = prepare_dataset(dataset, tokenizer, config)
+        _check_weights(examples, config)
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
-    _check_weights(examples, config)
-    distributed.check_same_data(examples, what="KTO examples")  # every process builds the same global batches
-    steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="KTO")
-    total_steps = data.total_steps(config, steps_in_epoch)
+    if share is None:
+        distributed.check_same_data(examples, what="KTO examples")  # every process builds the same global batches
+        steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="KTO")
+        total_steps = data.total_steps(config, steps_in_epoch)
+        share = distributed.DataShare(len(examples), examples_per_step, micro_batch=micro_batch, mesh=mesh,
+                                      seed=config.seed, shuffle=shuffle, start_step=0, total_steps=total_steps,
+                                      whole=True)
     everything = examples + (eval_examples or [])  # a KL sequence joins one example's prompt to another's completion
-    longest = max(len(e["prompt_ids"]) for e in everything) + max(len(e["completion_ids"]) for e in everything)
+    longest_prompt = max(len(e["prompt_ids"]) for e in everything)
+    longest_completion = max(len(e["completion_ids"]) for e in everything)
+    if not share.whole:
+        longest_prompt, longest_completion = agreed_max(longest_prompt), agreed_max(longest_completion)
+    longest = longest_prompt + longest_completion
     buckets = data.length_buckets(min(config.max_length or longest, longest))
-    pad_id = data.pad_token_id(tokenizer)
     for checked in (model, ref_model):  # a KL sequence may join the longest prompt to the longest completion
-        if checked is not None:
-            data.check_model_fits(checked, everything, ("prompt_ids", "completion_ids"), method="KTO",
-                                  length_fields="max_length", extra_ids=(pad_id,),
-                                  longest=min(config.max_length or longest, longest))
+        if checked is not None:  # (several processes: each checks its share, and a failure stops them all)
+            distributed.on_every_process(data.check_model_fits, checked, everything, ("prompt_ids", "completion_ids"),
+                                         method="KTO", length_fields="max_length", extra_ids=(pad_id,),
+                                         longest=min(config.max_length or longest, longest), what="KTO dataset")
     batch_args = dict(buckets=buckets, pad_token_id=pad_id, max_length=config.max_length, with_kl=with_kl)
 
     # The policy's buffers are donated by the train step, so a reference that is `model` itself is a copy, unless
@@ -532,16 +566,28 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
                             report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
                             description="kto", start_step=start_step, config=config.to_dict())
     note_shape = loop.ShapeNotes()
-    order = data.step_indices(len(examples), examples_per_step, seed=config.seed,
-                              shuffle=config.train_sampling_strategy == "random", start_step=start_step)
+    order = data.step_indices(share.num_examples, examples_per_step, seed=config.seed, shuffle=shuffle,
+                              start_step=start_step)
+
+    def measure(rows, counted):  # of this process's own rows (the others are None or cut)
+        longest = max(_sequence_lengths(rows, share.own_positions, max_length=config.max_length, with_kl=with_kl))
+        return longest, sum(_sequence_lengths(counted, range(len(counted)), max_length=config.max_length))
+
+    share.agree_steps(examples, measure, start_step=start_step, total_steps=total_steps)  # padded lengths, tokens
     try:
         for step in range(start_step, total_steps):
             _, indices = next(order)
-            batch = collate([examples[i] for i in indices], accumulation_steps=config.gradient_accumulation_steps,
+            # several processes: only this one's rows and their KL partners (the other rows: None, padding)
+            rows, counted = share.step_examples(indices, examples, stand_in=None)
+            longest = None
+            if not share.whole:
+                longest, tokens = share.step_totals(step, rows, counted, measure)
+            batch = collate(rows, accumulation_steps=config.gradient_accumulation_steps, longest=longest,
                             **batch_args)
-            num_tokens += int(batch["attention_mask"].sum())
+            num_tokens += int(batch["attention_mask"].sum()) if share.whole else tokens
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True), ref_params)
+            placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=False)  # length agreed
+            state, metrics = train_step(state, placed, ref_params)
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -578,6 +624,17 @@ def evaluate(eval_step, state, ref_params, examples, config, mesh, batch_args) -
     result = {"eval_loss": loss_sum / max(count, 1.0)}
     result.update({f"eval_{key}": sum(v) / len(v) for key, v in values.items()})
     return result
+
+
+def _sequence_lengths(rows: Sequence[dict], positions, *, max_length: int | None, with_kl: bool = False):
+    """The lengths `collate` gives the sequences of `rows[positions]`: prompt + completion, cut to `max_length`,
+    and with `with_kl` also those of their mismatched KL sequences (each prompt with the completion of the row
+    before it, cyclically)."""
+    cut = (lambda n: n) if max_length is None else (lambda n: min(n, max_length))
+    lengths = [cut(len(rows[j]["prompt_ids"]) + len(rows[j]["completion_ids"])) for j in positions]
+    if with_kl:
+        lengths += [cut(len(rows[j]["prompt_ids"]) + len(rows[j - 1]["completion_ids"])) for j in positions]
+    return lengths
 
 
 def _check_weights(examples: Sequence[dict], config: KTOConfig) -> None:

@@ -46,7 +46,7 @@ from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.reward import reward_loss
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
+from jaxpt.sharding import agreed_max, batch_divisor, mesh_from_config, shard_batch
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
@@ -84,10 +84,10 @@ class RewardConfig(TrainingConfig):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def prepare_dataset(dataset, tokenizer, config: RewardConfig) -> list[dict]:
+def prepare_dataset(dataset, tokenizer, config: RewardConfig, *, drop_too_long: bool = True) -> list[dict]:
     """Tokenize a TRL-format preference dataset into pairs `{"chosen_ids", "rejected_ids"[, "margin"]}` (int32
-    numpy arrays and a float32 margin), dropping pairs longer than `max_length`. Bad data fails here, before
-    anything compiles."""
+    numpy arrays and a float32 margin), dropping pairs longer than `max_length` (unless `drop_too_long=False`:
+    one pair per row). Bad data fails here, before anything compiles."""
     fmt = data.require_format(dataset, ("preference", "implicit_preference"), method="Reward")
     data.check_chat_template(tokenizer, fmt, method="Reward")
     data.check_rows(dataset, fmt, method="Reward", tokenizer=tokenizer, number_columns=("margin",))
@@ -109,7 +109,7 @@ def prepare_dataset(dataset, tokenizer, config: RewardConfig) -> list[dict]:
                                                            tokenized["rejected_ids"].rows(), strict=True)):
         data.check_nonempty(chosen_ids, what="chosen sequence", index=index)
         data.check_nonempty(rejected_ids, what="rejected sequence", index=index)
-        if max_length is not None and max(len(chosen_ids), len(rejected_ids)) > max_length:
+        if drop_too_long and max_length is not None and max(len(chosen_ids), len(rejected_ids)) > max_length:
             too_long += 1
             continue
         example = {"chosen_ids": np.asarray(chosen_ids, np.int32), "rejected_ids": np.asarray(rejected_ids, np.int32)}
@@ -159,12 +159,13 @@ def _tokenize(tokenizer, text_or_messages, row: dict) -> list[int]:
 
 
 def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Sequence[int],
-            pad_token_id: int = 0) -> dict[str, np.ndarray]:
+            pad_token_id: int = 0, longest: int | None = None) -> dict[str, np.ndarray]:
     """A step's pairs -> `input_ids`, `attention_mask` `[accumulation_steps, micro_batch, 2, length]` (index 0
     of the pair axis: chosen, 1: rejected), right-padded to the smallest length bucket that fits the longest
     sequence, and `margin` `[accumulation_steps, micro_batch]` if the pairs have one. Keeping each pair in one
-    row of the batch axis keeps it on one device when the batch is sharded."""
-    longest = max(max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+    row of the batch axis keeps it on one device when the batch is sharded. `longest`: the longest sequence of
+    the whole global batch, when `examples` hold only some of its rows (several processes agree on it)."""
+    longest = max(longest or 0, *map(_longest, examples))
     length = data.bucket_length(longest, buckets)
     sequences = [ids for e in examples for ids in (e["chosen_ids"], e["rejected_ids"])]  # chosen, rejected, ...
     micro = len(examples) // accumulation_steps
@@ -266,6 +267,45 @@ def make_eval_step(config: RewardConfig, *, mesh: jax.sharding.Mesh | None = Non
     return jit_step(eval_step, mesh=mesh, state_sharding=state_sharding, train=False)
 
 
+def _longest(example: dict) -> int:
+    return max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+
+
+def _prepare_share(model, dataset, tokenizer, config: RewardConfig, *, examples_per_step: int, micro_batch: int,
+                   mesh, pad_id: int) -> tuple[list[dict], distributed.DataShare]:
+    """On several processes: `(examples, share)`, this process's pairs only. Which pairs exist (those within
+    `max_length`) is known only after tokenizing, so each process first tokenizes a contiguous block of the
+    dataset (every row is checked by one process) and the blocks' lengths are gathered; then each tokenizes the
+    kept pairs its rows take (`DataShare`). The run's batches are those of one process."""
+    data.require_format(dataset, ("preference", "implicit_preference"), method="Reward")
+    distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
+                                what="reward-model datasets")
+    block = np.array_split(np.arange(len(dataset)), jax.process_count())[jax.process_index()]
+    measured = distributed.on_every_process(
+        lambda: [_longest(e) for e in prepare_dataset(distributed.select_rows(dataset, block), tokenizer, config,
+                                                      drop_too_long=False)] if len(block) else [],
+        what="reward dataset")
+    lengths = distributed.gather_rows(np.asarray(measured, np.int64))  # every row's, in dataset order
+    kept = np.arange(len(lengths)) if config.max_length is None else np.flatnonzero(lengths <= config.max_length)
+    if len(kept) < len(lengths):
+        logger.warning("Dropped %d of %d preference pairs longer than max_length=%d tokens (as TRL does).",
+                       len(lengths) - len(kept), len(lengths), config.max_length)
+    if not len(kept):
+        raise ValueError(f"Every one of the {len(lengths)} preference pairs is longer than max_length="
+                         f"{config.max_length} tokens, so none is left: raise max_length (or set it to None).")
+    steps_in_epoch = data.steps_per_epoch(len(kept), examples_per_step, method="Reward")
+    share = distributed.DataShare(len(kept), examples_per_step, micro_batch=micro_batch, mesh=mesh, seed=config.seed,
+                                  shuffle=True, start_step=0, total_steps=data.total_steps(config, steps_in_epoch))
+
+    def prepare():
+        own = prepare_dataset(distributed.select_rows(dataset, kept[share.needed]), tokenizer, config)
+        data.check_model_fits(model, own, ("chosen_ids", "rejected_ids"), method="Reward", length_fields="max_length",
+                              extra_ids=(pad_id,))
+        return own
+
+    return distributed.on_every_process(prepare, what="reward dataset"), share
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loop
 # --------------------------------------------------------------------------------------------------------------
@@ -282,18 +322,27 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
-    examples = prepare_dataset(dataset, tokenizer, config)
+    pad_id = data.pad_token_id(tokenizer)
+    if jax.process_count() > 1:
+        examples, share = _prepare_share(model, dataset, tokenizer, config, examples_per_step=examples_per_step,
+                                         micro_batch=micro_batch, mesh=mesh, pad_id=pad_id)
+        steps_in_epoch = data.steps_per_epoch(share.num_examples, examples_per_step, method="Reward")
+    else:
+        examples = prepare_dataset(dataset, tokenizer, config)
+        steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="Reward")
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
-    distributed.check_same_data(examples, what="reward-model examples")  # every process builds the same global batches
-    steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="Reward")
     total_steps = data.total_steps(config, steps_in_epoch)
-    longest = max(len(e[key]) for e in examples + (eval_examples or []) for key in ("chosen_ids", "rejected_ids"))
-    buckets = data.length_buckets(config.max_length or longest)
-    pad_id = data.pad_token_id(tokenizer)
-    data.check_model_fits(model, examples + (eval_examples or []), ("chosen_ids", "rejected_ids"), method="Reward",
-                          length_fields="max_length", extra_ids=(pad_id,))
+    if jax.process_count() == 1:
+        share = distributed.DataShare(len(examples), examples_per_step, micro_batch=micro_batch, mesh=mesh,
+                                      seed=config.seed, shuffle=True, start_step=0, total_steps=total_steps,
+                                      whole=True)
+    longest = max(map(_longest, examples + (eval_examples or [])))
+    buckets = data.length_buckets(config.max_length or (longest if share.whole else agreed_max(longest)))
+    data.check_model_fits(model, (examples if share.whole else []) + (eval_examples or []),
+                          ("chosen_ids", "rejected_ids"), method="Reward", length_fields="max_length",
+                          extra_ids=(pad_id,))
     if pad_id == tokenizer.eos_token_id:
         logger.warning("The pad token is the EOS token: jaxpt scores sequences at their trailing EOS, transformers "
                        "(and TRL) at the token before it, so the exported model scores differently there. Give the "
@@ -312,16 +361,22 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
                         description="reward", start_step=start_step, config=config.to_dict())
     note_shape = loop.ShapeNotes()
-    order = data.step_indices(len(examples), examples_per_step, seed=config.seed, shuffle=True,
+    order = data.step_indices(share.num_examples, examples_per_step, seed=config.seed, shuffle=True,
                               start_step=start_step)
+    measure = lambda rows, counted: (max(map(_longest, rows)),
+                                     sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in counted))
+    share.agree_steps(examples, measure, start_step=start_step, total_steps=total_steps)  # padded lengths, tokens
     try:
         for step in range(start_step, total_steps):
             _, indices = next(order)
-            batch = collate([examples[i] for i in indices], accumulation_steps=config.gradient_accumulation_steps,
-                            buckets=buckets, pad_token_id=pad_id)
-            num_tokens += int(batch["attention_mask"].sum())
+            rows, counted = share.step_examples(indices, examples)  # several processes: only this one's rows
+            longest, tokens = share.step_totals(step, rows, counted, measure)
+            batch = collate(rows, accumulation_steps=config.gradient_accumulation_steps, buckets=buckets,
+                            pad_token_id=pad_id, longest=longest)
+            num_tokens += tokens
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
+            placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=False)  # length agreed
+            state, metrics = train_step(state, placed)
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)

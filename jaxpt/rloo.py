@@ -327,7 +327,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                     if step >= total_steps:
                         break
                     batch = {k: v[first:first + accumulation] for k, v in micro_batches.items()}
-                    state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
+                    placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True,
+                                         check_shapes=False)  # the whole rollout is on every process: same shapes
+                    state, metrics = train_step(state, placed)
                     if iteration == 0:
                         num_tokens += rollout_tokens * accumulation // steps_per_generation
                     step += 1

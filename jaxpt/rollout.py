@@ -9,7 +9,9 @@ for the reference model's), and evaluation by sampled rewards (`evaluate_rollout
 max_completion_length]` (1 on generated tokens, EOS included), `completion_mask` (the tokens the loss trains on:
 `attention_mask`, without the completions cut at `max_completion_length` when `mask_truncated_completions`),
 `sampler_logps` (the sampler's `log softmax(logits / temperature)` of each token), `lengths`, `finished` (ended
-with EOS), the rewards `[n, num_functions]` (NaN = None) and the decoded completions.
+with EOS), the rewards `[n, num_functions]` (NaN = None) and the decoded completions (on several processes each
+decodes and scores only its own groups, `own_group_rows`, the other rows are None; process 0 decodes all of them
+when it logs completions).
 
 Old log-probs. The sampler's log-probs equal the training forward pass's in exact arithmetic, but not in bfloat16
 (decode loop vs teacher-forced pass: up to a few tenths of a nat per token), so the ratio and RLOO's KL penalty
@@ -124,9 +126,17 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
     completion_ids, sampler_logps, attention_mask, lengths, finished = (host_array(a) for a in (
         out.completion_ids, out.completion_logps, out.completion_mask, out.lengths, out.finished))
     id_lists = [row[: int(n)].tolist() for row, n in zip(completion_ids, lengths, strict=True)]
-    texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
+    # Each process decodes (and scores) only its own groups; process 0 decodes all when it logs completions.
+    first, last = own_group_rows(len(id_lists), group)
+    decoded = range(len(id_lists)) if getattr(config, "log_completions", False) and jax.process_index() == 0 \
+        else range(first, last)
+    texts: list = [None] * len(id_lists)  # None: another process's completion, not decoded here
+    for row, text in zip(decoded, tokenizer.batch_decode([id_lists[i] for i in decoded], skip_special_tokens=True),
+                         strict=True):
+        texts[row] = text
     conversational = not isinstance(prompts[0]["prompt"], str)
-    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    completions = [t if t is None else [{"role": "assistant", "content": t}] for t in texts] if conversational \
+        else texts
     columns = {name: [p["columns"][name] for p in repeated] for name in repeated[0]["columns"]}
     prompt_texts = [p["prompt"] for p in repeated]
     rewards = score_own_groups(reward_funcs, prompts=prompt_texts, completions=completions, completion_ids=id_lists,
@@ -189,6 +199,18 @@ def sample_and_score_with_tools(state, prompts: Sequence[dict], reward_funcs: Se
                    tools_module.tool_metrics(turns.tool_call_count, turns.tool_failure_count, len(repeated)))
 
 
+def own_group_rows(num_rows: int, group_size: int) -> tuple[int, int]:
+    """`(first, last)`: the rows of a rollout (`num_rows`, groups of `group_size` contiguous rows) whose decoding
+    and scoring fall to this process, a contiguous block of whole groups (all rows on one process)."""
+    count = jax.process_count()
+    if count == 1:
+        return 0, num_rows
+    num_groups = num_rows // group_size
+    per_process = -(-num_groups // count)
+    return tuple(min(i * per_process, num_groups) * group_size for i in (jax.process_index(),
+                                                                        jax.process_index() + 1))
+
+
 def score_own_groups(reward_funcs: Sequence[Callable], *, prompts: Sequence, completions: Sequence,
                      completion_ids: Sequence, columns: dict[str, Sequence], group_size: int) -> np.ndarray:
     """`score_completions` of a whole rollout, the scoring shared among processes: each scores a contiguous block of
@@ -202,8 +224,7 @@ def score_own_groups(reward_funcs: Sequence[Callable], *, prompts: Sequence, com
 
     num_groups = len(completions) // group_size
     per_process = -(-num_groups // count)
-    first, last = (min(i * per_process, num_groups) * group_size for i in (jax.process_index(),
-                                                                           jax.process_index() + 1))
+    first, last = own_group_rows(len(completions), group_size)
     own, failure = np.zeros((0, len(reward_funcs)), np.float32), None
     if last > first:
         try:
@@ -277,7 +298,8 @@ def make_logps_fn(graphdef, *, temperature: float, chunk_size: int, micro_batch:
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")
         out = []
         for start in range(0, len(arrays["prompt_ids"]), micro_batch):
-            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh, global_batch=True)
+            batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh, global_batch=True,
+                                check_shapes=False)  # the whole rollout is on every process: same shapes
             out.append(host_array(compute(params, batch)))
         return np.concatenate(out)
 

@@ -32,7 +32,7 @@ from jaxpt.losses.logprobs import next_token_targets
 from jaxpt.losses.metrics import add_metrics, mean_metrics, total_metrics
 from jaxpt.losses.sft import SFT_LOSS_TYPES, sft_loss_from_hidden
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
+from jaxpt.sharding import agreed_max, batch_divisor, mesh_from_config, shard_batch
 from jaxpt.train_state import TrainState, jit_step, make_optimizer
 
 logger = logging.getLogger("jaxpt")
@@ -95,11 +95,12 @@ class SFTConfig(TrainingConfig):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | None = None) -> list[dict]:
+def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | None = None, tokens_only: bool = False):
     """Tokenize a TRL-format SFT dataset into examples `{"input_ids", "loss_mask"[, "segment_ids"]}` (int32
     numpy arrays; `loss_mask` marks the tokens the model learns to predict), truncated and optionally packed
     (in dataset order, as TRL). `packing` None: the config's (`packing` or `padding_free`). Bad data fails here,
-    before anything compiles.
+    before anything compiles. `tokens_only`: return `(input_ids, loss_mask)` before packing (a `data.Ragged` of
+    the truncated examples, and the flat mask, None for every token).
 
     A `datasets.Dataset` is tokenized with `Dataset.map(batched=True, num_proc=config.dataset_num_proc)` (cached
     for file-backed datasets); truncation and packing then work on the flat token arrays of the Arrow columns."""
@@ -154,6 +155,8 @@ def prepare_dataset(dataset, tokenizer, config: SFTConfig, *, packing: bool | No
         raise ValueError(f"None of the {len(lengths)} SFT examples has a token to train on (each is one token, or "
                          "its loss mask is empty): check the dataset's text columns and completion_only_loss / "
                          "assistant_only_loss.")
+    if tokens_only:
+        return input_ids, loss_mask
     if packing:
         return pack_ragged(input_ids, loss_mask, max_length, strategy=config.packing_strategy)
     if loss_mask is None:
@@ -286,11 +289,13 @@ def pack_ragged(input_ids: data.Ragged, loss_mask: np.ndarray | None, seq_length
 
 
 def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Sequence[int],
-            pad_token_id: int = 0) -> dict[str, np.ndarray]:
+            pad_token_id: int = 0, longest: int | None = None) -> dict[str, np.ndarray]:
     """A step's examples -> arrays `[accumulation_steps, micro_batch, length]`, right-padded to the smallest
-    length bucket that fits the longest example (packed examples already have their fixed length)."""
+    length bucket that fits the longest example (packed examples already have their fixed length). `longest`:
+    the longest example of the whole global batch, when `examples` hold only some of its rows (several processes
+    agree on it, `DataShare.agree_steps`)."""
     packed = "segment_ids" in examples[0]
-    longest = max(len(e["input_ids"]) for e in examples)
+    longest = max(longest or 0, *(len(e["input_ids"]) for e in examples))
     length = longest if packed else data.bucket_length(longest, buckets)
     batch = {
         "input_ids": data.pad_rows([e["input_ids"] for e in examples], length, pad_token_id),
@@ -402,19 +407,46 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
-    examples = prepare_dataset(dataset, tokenizer, config)
+    pad_id = data.pad_token_id(tokenizer)
+    share = None
+    if jax.process_count() > 1:
+        # Each process tokenizes only the examples of the rows it feeds (`DataShare`; packed: `_packed_share`).
+        data.require_format(dataset, ("language_modeling", "prompt_completion"), method="SFT",
+                            text_field=config.dataset_text_field)
+        distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
+                                    what="SFT datasets")
+        share_args = dict(micro_batch=micro_batch, mesh=mesh, seed=config.seed, shuffle=config.shuffle_dataset,
+                          start_step=0)
+        if config.packing or config.padding_free:
+            examples, share = _packed_share(dataset, tokenizer, config, examples_per_step, share_args)
+            steps_in_epoch = data.steps_per_epoch(share.num_examples, examples_per_step, method="SFT")
+            total_steps = data.total_steps(config, steps_in_epoch)
+        else:  # unpacked examples are the dataset's rows, one to one
+            steps_in_epoch = data.steps_per_epoch(len(dataset), examples_per_step, method="SFT")
+            total_steps = data.total_steps(config, steps_in_epoch)
+            share = distributed.DataShare(len(dataset), examples_per_step, total_steps=total_steps, **share_args)
+            examples = distributed.on_every_process(lambda: prepare_dataset(share.select(dataset), tokenizer, config),
+                                                    what="SFT dataset")
+        distributed.on_every_process(data.check_model_fits, model, examples, ("input_ids",), method="SFT",
+                                     length_fields="max_length", extra_ids=(pad_id,), what="SFT dataset")
+    else:
+        examples = prepare_dataset(dataset, tokenizer, config)
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
         # Unless eval_packing says otherwise, the eval set is prepared as the training set (padding_free packs).
         eval_packing = config.eval_packing if config.eval_packing is not None else config.packing or config.padding_free
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config, packing=eval_packing)
-    distributed.check_same_data(examples, what="SFT examples")  # every process builds the same global batches
-    steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
-    total_steps = data.total_steps(config, steps_in_epoch)
-    buckets = data.length_buckets(config.max_length or max(len(e["input_ids"]) for e in examples))
-    pad_id = data.pad_token_id(tokenizer)
-    data.check_model_fits(model, examples + (eval_examples or []), ("input_ids",), method="SFT",
-                          length_fields="max_length", extra_ids=(pad_id,))
+    if share is None:
+        distributed.check_same_data(examples, what="SFT examples")  # every process builds the same global batches
+        steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
+        total_steps = data.total_steps(config, steps_in_epoch)
+        share = distributed.DataShare(len(examples), examples_per_step, micro_batch=micro_batch, mesh=mesh,
+                                      seed=config.seed, shuffle=config.shuffle_dataset, start_step=0,
+                                      total_steps=total_steps, whole=True)
+    longest = max((len(e["input_ids"]) for e in examples), default=1)
+    buckets = data.length_buckets(config.max_length or (longest if share.whole else agreed_max(longest)))
+    data.check_model_fits(model, (examples if share.whole else []) + (eval_examples or []), ("input_ids",),
+                          method="SFT", length_fields="max_length", extra_ids=(pad_id,))
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
@@ -429,16 +461,21 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
                         description="sft", start_step=start_step, config=config.to_dict())
     note_shape = loop.ShapeNotes()
-    order = data.step_indices(len(examples), examples_per_step, seed=config.seed, shuffle=config.shuffle_dataset,
+    order = data.step_indices(share.num_examples, examples_per_step, seed=config.seed, shuffle=config.shuffle_dataset,
                               start_step=start_step)
+    measure = lambda rows, counted: (max(len(e["input_ids"]) for e in rows), sum(map(_num_tokens, counted)))
+    share.agree_steps(examples, measure, start_step=start_step, total_steps=total_steps)  # padded lengths, tokens
     try:
         for step in range(start_step, total_steps):
             _, indices = next(order)
-            batch = collate([examples[i] for i in indices], accumulation_steps=config.gradient_accumulation_steps,
-                            buckets=buckets, pad_token_id=pad_id)
-            num_tokens += int(batch["attention_mask"].sum())
+            rows, counted = share.step_examples(indices, examples)  # several processes: only this one's rows
+            longest, tokens = share.step_totals(step, rows, counted, measure)
+            batch = collate(rows, accumulation_steps=config.gradient_accumulation_steps, buckets=buckets,
+                            pad_token_id=pad_id, longest=longest)
+            num_tokens += tokens
             note_shape(batch)
-            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
+            state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True,
+                                                           check_shapes=False))  # agreed on the length above
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
@@ -452,6 +489,51 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
         log.close()
         checkpoints.close()
     return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
+
+
+def _packed_share(dataset, tokenizer, config: SFTConfig, examples_per_step: int, share_args: dict):
+    """On several processes with packing: `(rows, share)`, the packed rows this process feeds, the very rows one
+    process packs (best-fit over every example's length, as TRL). The bins need every length, so each process
+    first tokenizes a contiguous block of the dataset (every example is checked by one process) and the lengths
+    are gathered; every process then forms the bins alike, from the lengths alone (packing each example's index
+    in place of its tokens tells which examples each row holds), and tokenizes only the examples of its rows.
+
+    Each process holds one int32 per token of the whole dataset while it packs (the row layout), and tokenizes
+    about 1/N (its block) plus its rows' examples from the other blocks."""
+    count, index = jax.process_count(), jax.process_index()
+    block = np.array_split(np.arange(len(dataset)), count)[index]
+    measured = distributed.on_every_process(
+        lambda: prepare_dataset(distributed.select_rows(dataset, block), tokenizer, config,
+                                tokens_only=True)[0].lengths if len(block) else np.zeros(0, np.int64),
+        what="SFT dataset")
+    lengths = distributed.gather_rows(measured)  # every example's, after truncation, in dataset order
+    owner = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)  # each token: its example's index
+    layout = pack_ragged(data.Ragged(owner, lengths), None, config.max_length, strategy=config.packing_strategy)
+    steps = data.steps_per_epoch(len(layout), examples_per_step, method="SFT")
+    share = distributed.DataShare(len(layout), examples_per_step, total_steps=data.total_steps(config, steps),
+                                  **share_args)
+    needed_rows = [layout[i] for i in share.needed]
+    needed = np.unique(np.concatenate([row["input_ids"][row["segment_ids"] > 0] for row in needed_rows]))
+    input_ids, loss_mask = distributed.on_every_process(
+        lambda: prepare_dataset(distributed.select_rows(dataset, needed), tokenizer, config, tokens_only=True),
+        what="SFT dataset")
+    # The whole dataset's token layout with only the needed examples' tokens filled in, packed as one process
+    # packs it: the rows this process feeds are exact, the others (never used) hold zeros.
+    starts = np.cumsum(lengths) - lengths
+    where = np.repeat(starts[needed] - input_ids.starts, input_ids.lengths) + np.arange(len(input_ids.values))
+    values = np.zeros(len(owner), np.int32)
+    values[where] = input_ids.values
+    mask = np.zeros(len(owner), np.int32)
+    mask[where] = 1 if loss_mask is None else loss_mask
+    rows = pack_ragged(data.Ragged(values, lengths), mask, config.max_length, strategy=config.packing_strategy)
+    return [rows[i] for i in share.needed], share
+
+
+def _num_tokens(example: dict) -> int:
+    """The tokens an example puts in a batch (its attention mask's ones)."""
+    if "segment_ids" in example:
+        return int(np.count_nonzero(example["segment_ids"]))
+    return len(example["input_ids"])
 
 
 def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) -> dict:

@@ -134,19 +134,24 @@ def batch_divisor(mesh: Mesh | None) -> int:
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, *, batch_axis: int = 0,
-                global_batch: bool = False) -> dict[str, jax.Array]:
+                global_batch: bool = False, check_shapes: bool = True) -> dict[str, jax.Array]:
     """Place a host batch on the mesh, dimension `batch_axis` split over `("data", "fsdp")`.
 
     By default each process passes its own rows (`jax.process_count() == 1`: all of them) and the global batch
     is those of every process (`jax.make_array_from_process_local_data`). With `global_batch=True` every process
-    passes the same whole global batch (what the `train()` loops do) and puts only its own rows on its devices.
-    On several processes, all must pass the same fields with the same shapes and dtypes (`check_same_shapes`):
-    a mismatch is a `ValueError` naming the field and each process's shape, not a failed collective.
+    passes an array of the global batch's shape and puts only its own rows on its devices (the rows of other
+    processes' devices are never read: they may be stand-ins, as in the `train()` loops, which prepare only their
+    own rows).
+    On several processes, all must pass the same fields with the same shapes and dtypes (`check_same_shapes`, one
+    small collective): a mismatch is a `ValueError` naming the field and each process's shape, not a failed
+    collective. `check_shapes=False` skips that collective, for callers whose processes already agreed on the
+    shapes (the `train()` loops agree on every batch's padded length before the first step,
+    `jaxpt.distributed.DataShare.agree_steps`).
     """
     if mesh is None:
         return {key: jax.numpy.asarray(value) for key, value in batch.items()}
     batch = {key: np.asarray(value) for key, value in batch.items()}
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and check_shapes:
         check_same_shapes(batch, what="shard_batch")
     sharding = batch_sharding(mesh, batch_axis=batch_axis)
     divisor = batch_divisor(mesh)
@@ -158,12 +163,27 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, *, batch_axi
                 f"Batch field {key!r} has {global_rows} rows, which the mesh's data*fsdp={divisor} does not "
                 "divide: make the (per-step) batch size a multiple of data*fsdp."
             )
-        if global_batch:
-            out[key] = jax.device_put(value, sharding)  # each process copies only its own shards' rows
+        if global_batch and jax.process_count() == 1:
+            out[key] = jax.device_put(value, sharding)
+        elif global_batch:  # each process copies only its own shards' rows: the others may be stand-ins
+            out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, value=value: value[index])
         else:
             global_shape = (*value.shape[:batch_axis], global_rows, *value.shape[batch_axis + 1:])
             out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+def process_rows(mesh: Mesh, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(own, first_owner)`, booleans `[rows]` for a batch dimension of `rows` split over `("data", "fsdp")`: the
+    rows this process's devices hold, and those of them no lower-numbered process holds (so sums over rows count
+    each once where a row is replicated on several processes, e.g. a `tensor` axis across hosts)."""
+    owners = np.full(rows, jax.process_count(), np.int64)
+    own = np.zeros(rows, bool)
+    for device, index in NamedSharding(mesh, PartitionSpec(BATCH_AXES)).devices_indices_map((rows,)).items():
+        owners[index[0]] = np.minimum(owners[index[0]], device.process_index)
+        if device.process_index == jax.process_index():
+            own[index[0]] = True
+    return own, owners == jax.process_index()
 
 
 def _process_share(mesh: Mesh) -> int:

@@ -7,6 +7,7 @@ Each run is a `python -m jaxpt.cli` subprocess with its own XLA_FLAGS (conftest'
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,8 +102,10 @@ def inputs(tmp_path_factory):
     pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": str(int(r["completion"]) + 2)}
              for r in texts]
     prompts = [{"prompt": f"{a}+{b}=", "solution": str(a + b)} for a in range(4) for b in range(4)]
+    unpaired = [{"prompt": r["prompt"], "completion": r["completion"] if i % 2 else str(int(r["completion"]) + 2),
+                 "label": bool(i % 2)} for i, r in enumerate(texts)]
     files = {}
-    for name, rows in (("sft", texts), ("dpo", pairs), ("grpo", prompts)):
+    for name, rows in (("sft", texts), ("dpo", pairs), ("grpo", prompts), ("kto", unpaired), ("reward", pairs)):
         files[name] = directory / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"model": str(model_dir), **{k: str(v) for k, v in files.items()}}
@@ -148,9 +151,19 @@ def common(inputs, method, output_dir, *extra):
             "--lr_scheduler_type", "constant", *extra]
 
 
+def assert_own_share(run, *, prepared, of):
+    """Each process tokenized only the examples of its own rows (`prepared` of the dataset's `of`): process 0
+    says so, and every process's tokenizing progress bar counts `prepared` rows (processes other than 0 log
+    warnings only)."""
+    assert f"Process 0 prepares {prepared} of the {of} examples" in run.logs[0].read_text(), run.output()
+    for log in run.logs:
+        assert f"| {prepared}/{prepared} [" in log.read_text(), run.output()
+
+
 def test_sft_on_two_processes_matches_one_and_resumes(inputs, tmp_path):
-    """2 processes x 2 devices: 2 steps, then a resumed run to step 4, equal to an uninterrupted 4-step run of
-    one process with 4 devices."""
+    """2 processes x 2 devices, each tokenizing only its rows: 2 steps, then a resumed run to step 4, equal to an
+    uninterrupted 4-step run of one process with 4 devices. The step-2 checkpoint of 2 processes also resumes on
+    1 process (4 devices) with the same metrics."""
     sft = ["--max_length", "16", "--per_device_train_batch_size", "2", "--learning_rate", "0.003"]
     single = Run(common(inputs, "sft", tmp_path / "one", "--max_steps", "4", *sft), num_processes=1, devices=4,
                  log_dir=tmp_path / "logs1")
@@ -158,15 +171,23 @@ def test_sft_on_two_processes_matches_one_and_resumes(inputs, tmp_path):
                 log_dir=tmp_path / "logs2")
     single.check()
     first.check()
+    assert_own_share(first, prepared=8, of=64)  # 2 steps x 8 rows, 4 of them on each process's devices
     assert_same_metrics(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")[:2])
+    shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
     resumed = Run(common(inputs, "sft", tmp_path / "two", "--max_steps", "4", "--resume_from_checkpoint", "latest",
                          *sft), num_processes=2, devices=2, log_dir=tmp_path / "logs3")
     resumed.check()
     assert "Resumed from" in resumed.logs[0].read_text()
+    assert_own_share(resumed, prepared=16, of=64)
     assert_same_metrics(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"))
     assert_one_run_written(tmp_path / "two")
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4"]
     assert_export_matches(tmp_path / "two" / "final")
+    other = Run(common(inputs, "sft", tmp_path / "two_then_one", "--max_steps", "4", "--resume_from_checkpoint",
+                       "latest", *sft), num_processes=1, devices=4, log_dir=tmp_path / "logs4")
+    other.check()
+    assert "Resumed from" in other.logs[0].read_text()
+    assert_same_metrics(read_metrics(tmp_path / "two_then_one"), read_metrics(tmp_path / "one"))
 
 
 def test_dpo_on_two_processes_matches_one(inputs, tmp_path):
@@ -178,10 +199,41 @@ def test_dpo_on_two_processes_matches_one(inputs, tmp_path):
                  env_setup=True)
     single.check()
     double.check()
+    assert_own_share(double, prepared=8, of=64)
     records = read_metrics(tmp_path / "two")
     assert_same_metrics(records, read_metrics(tmp_path / "one"))
     assert records[-1]["loss"] < records[0]["loss"]
     assert_one_run_written(tmp_path / "two")
+
+
+def test_kto_reward_and_packed_sft_on_two_processes_match_one(inputs, tmp_path):
+    """KTO (each process also prepares the example before each of its rows: its KL partner), the reward model
+    (which drops pairs over max_length) and packed SFT (whose bins need every length): on 2 processes, each first
+    measures a block of the dataset, then tokenizes the examples of its rows; the runs equal 1 process."""
+    shared = ["--max_steps", "2", "--per_device_train_batch_size", "2"]
+    # KTO: desirable examples only pushed up, fast, so the KL estimate of step 2 (from the mismatched pairs) is > 0
+    options = {"kto": [*shared, "--max_length", "16", "--learning_rate", "0.03", "--undesirable_weight", "0"],
+               "reward": [*shared, "--max_length", "6", "--learning_rate", "0.003"],
+               "sft": [*shared, "--max_length", "16", "--packing", "true", "--learning_rate", "0.003"]}
+    runs = {}
+    for method in ("kto", "reward", "sft"):
+        runs[method] = (Run(common(inputs, method, tmp_path / method / "one", *options[method]), num_processes=1,
+                            devices=4, log_dir=tmp_path / method / "l1"),
+                        Run(common(inputs, method, tmp_path / method / "two", *options[method]), num_processes=2,
+                            devices=2, log_dir=tmp_path / method / "l2"))
+        for run in runs[method]:
+            run.check()
+        assert_same_metrics(read_metrics(tmp_path / method / "two"), read_metrics(tmp_path / method / "one"))
+        assert_one_run_written(tmp_path / method / "two")
+    # packed: 8 of the packed rows (2 steps x 4 rows per process); each process measured its 32-example block
+    assert "Process 0 prepares 8 of the " in runs["sft"][1].logs[0].read_text()
+    assert all("| 32/32 [" in log.read_text() for log in runs["sft"][1].logs)
+    assert read_metrics(tmp_path / "kto" / "one")[1]["kl"] > 0.1  # the pairs' numbers are compared, not only zeros
+    # KTO in dataset order: process 0 feeds rows 0-3 of each step and reads row 7 too (row 0's partner)
+    assert_own_share(runs["kto"][1], prepared=10, of=64)
+    # 22 of the 64 pairs fit in 6 tokens; 4 rows a step on each process
+    assert_own_share(runs["reward"][1], prepared=8, of=22)
+    assert "Dropped 42 of 64 preference pairs" in runs["reward"][1].logs[0].read_text()
 
 
 def test_grpo_on_two_processes_matches_one_and_resumes_after_a_kill(inputs, tmp_path):
@@ -292,3 +344,48 @@ def test_process_set_up_from_the_environment(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name)
     assert distributed.resolve() == (None, None, None)  # nothing set: one process, no auto-detection
+
+
+def test_data_share_feeds_the_global_batches_from_the_rows_it_needs():
+    """`DataShare` on one process, not whole: it prepares exactly the examples the run's steps use (max_steps
+    below one epoch: not all of them), and each step's rows are the global batch's examples."""
+    from jaxpt.data import step_indices
+    from jaxpt.sharding import make_mesh
+
+    mesh = make_mesh()
+    share = distributed.DataShare(50, 16, micro_batch=8, mesh=mesh, seed=1, shuffle=True, start_step=0,
+                                  total_steps=2, whole=False)
+    order = step_indices(50, 16, seed=1, shuffle=True)
+    steps = [next(order)[1] for _ in range(2)]
+    np.testing.assert_array_equal(share.needed, np.sort(np.concatenate(steps)))
+    assert len(share.needed) == 32
+    examples = [{"index": int(i)} for i in share.needed]  # what preparing share.select(dataset) gives
+    assert [row["index"] for row in distributed.select_rows([{"index": i} for i in range(50)], share.needed)] == \
+        share.needed.tolist()
+    rows, counted = share.step_examples(steps[1], examples)
+    assert [row["index"] for row in rows] == steps[1].tolist() == [row["index"] for row in counted]
+    share.agree_steps(examples, lambda rows, counted: (max(r["index"] for r in rows), len(counted)), start_step=1,
+                      total_steps=2)  # the steps' values up front (one collective on several processes)
+    assert share.step_totals(1, rows, counted, None) == (int(steps[1].max()), 16)
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "bfd_split", "wrapped"])
+def test_packed_share_gives_the_rows_one_process_packs(strategy):
+    """`sft._packed_share` (forced to share on one process): its rows are exactly the ones `prepare_dataset`
+    packs from the whole dataset at the positions it feeds, though it tokenized the others only to measure them."""
+    import datasets
+
+    from jaxpt import sft
+    from jaxpt.sharding import make_mesh
+
+    tokenizer = char_tokenizer()
+    rows = arithmetic_texts(40) + [{"prompt": "1+2+3+4+5=", "completion": "15 and more digits"}]
+    dataset = datasets.Dataset.from_list(rows)
+    config = SFTConfig(output_dir="unused", max_length=12, packing=True, packing_strategy=strategy, max_steps=2)
+    share_args = dict(micro_batch=8, mesh=make_mesh(), seed=0, shuffle=True, start_step=0, whole=False)
+    ours, share = sft._packed_share(dataset, tokenizer, config, 8, share_args)
+    expected = sft.prepare_dataset(dataset, tokenizer, config)
+    assert share.num_examples == len(expected) and len(ours) == len(share.needed) == 16
+    for row, index in zip(ours, share.needed, strict=True):
+        for key in ("input_ids", "loss_mask", "segment_ids"):
+            np.testing.assert_array_equal(row[key], expected[index][key])
