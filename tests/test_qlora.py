@@ -145,11 +145,11 @@ def test_quantized_logits_are_close_to_the_float_model(kind, float_logits):
     if kind == "int8":  # 1 byte per weight + a float32 scale per output row
         rows = sum(np.prod(m.weight.shape[:-1]) for _, m in quantize._quantized_modules(model))  # layers x out
         assert linear_bytes == linear_float_bytes / 4 + 4 * rows
-        assert linear_bytes / linear_float_bytes < 0.26
+        assert linear_bytes / linear_float_bytes < 0.25 + 1 / 64 + 1e-9  # 1/4 + 1/in (0.2502 at in=4096)
     else:  # half a byte per weight + a float32 absmax per 64 weights: 4.5 bits
         assert linear_bytes == linear_float_bytes * 4.5 / 32
     assert quantize.parameter_bytes(nnx.state(model.model.layers, nnx.Param)) < float_bytes * (
-        0.27 if kind == "int8" else 0.16)
+        0.28 if kind == "int8" else 0.16)  # with the layers' float norms
 
     quantize.dequantize_model(model)
     assert model.model.layers.self_attn.q_proj.weight.dtype == jnp.float32
