@@ -195,6 +195,8 @@ def test_quantized_base_needs_adapters(tmp_path):
     model = quantize.quantize_model(tiny_llama(VOCAB, **TINY), kind="int8")
     with pytest.raises(ValueError, match="base is quantized .* but it has no LoRA adapters"):
         TrainState.create(model, optax.sgd(0.1))
+    with pytest.raises(ValueError, match="base is quantized \\(jaxpt.quantize\\): jaxpt saves float checkpoints"):
+        jaxpt.models.save_pretrained(model, tmp_path / "quantized")
     with pytest.raises(ValueError, match="quantized as \\['int8'\\], but the config asks for 'nf4'"):
         lora.apply_lora(model, lora.LoraConfig(use_peft=True, load_in_4bit=True, lora_dropout=0.0))
     with pytest.raises(ValueError, match="in_features=32, not a multiple of the nf4 block size 64"):
@@ -247,7 +249,11 @@ def test_sft_with_4bit_base_trains_the_adapters(tiny_dir, tmp_path):
 
     reloaded = quantize.quantize_model(jaxpt.models.from_pretrained(tiny_dir), kind="nf4")
     lora.load_adapter(reloaded, tmp_path / "final")
-    np.testing.assert_allclose(np.asarray(reloaded(IDS)), np.asarray(state.model()(IDS)), atol=1e-5)
+    trained_logits = np.asarray(state.model()(IDS))
+    np.testing.assert_allclose(np.asarray(reloaded(IDS)), trained_logits, atol=1e-5)
+    merged = jaxpt.models.merge_adapter(reloaded)  # onto the dequantized base, in float32: a plain model again
+    assert merged.model.layers.mlp.up_proj.weight.dtype == jnp.float32 and not quantize.is_quantized(merged)
+    np.testing.assert_allclose(np.asarray(merged(IDS)), trained_logits, atol=1e-4)
 
 
 def test_sft_command_with_load_in_8bit(tiny_dir, tmp_path):
