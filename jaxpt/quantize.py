@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpt.models.layers import Linear
+from jaxpt.models.layers import Linear, matmul_transposed_weight
 from jaxpt.sharding import partition_spec
 
 __all__ = ["NF4_LEVELS", "Quantization", "quantize_nf4", "dequantize_nf4", "quantize_int8", "dequantize_int8",
@@ -75,10 +75,14 @@ class Quantization:
     block_size: int | None
 
     def dequantize(self, weight: jax.Array, weight_scale: jax.Array, dtype: Any) -> jax.Array:
-        """The weight `[..., out, in]` in `dtype` from its stored form (what `Linear.__call__` multiplies by)."""
+        """The weight `[..., out, in]` in `dtype` from its stored form."""
         if self.kind == "nf4":
             return dequantize_nf4(weight, weight_scale, dtype=dtype)
         return dequantize_int8(weight, weight_scale, dtype=dtype)
+
+    def matmul(self, x: jax.Array, weight: jax.Array, weight_scale: jax.Array, dtype: Any) -> jax.Array:
+        """`x [rows, in] @ dequantize(weight).T -> [rows, out]` in `dtype` (what `Linear.__call__` computes)."""
+        return dequantized_matmul(x, weight, weight_scale, self, jnp.dtype(dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -130,6 +134,29 @@ def dequantize_int8(quantized: jax.Array, scale: jax.Array, *, dtype: Any = jnp.
     """The weight `[..., out, in]` in `dtype` from `quantize_int8`'s output."""
     block_size = quantized.shape[-1] // scale.shape[-1]
     return (_blocks(quantized.astype(dtype), block_size) * scale.astype(dtype)[..., None]).reshape(quantized.shape)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def dequantized_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array, quantization: Quantization,
+                       dtype: Any) -> jax.Array:
+    """`x @ dequantize(weight).T`, whose backward pass dequantizes the weight again for `d_x` rather than keeping
+    the dequantized copy from the forward pass: without gradient checkpointing, plain autodiff would save every
+    layer's weight in the compute dtype (a bfloat16 copy of the whole base) for the backward pass. The stored
+    weight gets no gradient (it is frozen; integers have none)."""
+    return matmul_transposed_weight(x, quantization.dequantize(weight, weight_scale, dtype))
+
+
+def _dequantized_matmul_fwd(x, weight, weight_scale, quantization, dtype):
+    return dequantized_matmul(x, weight, weight_scale, quantization, dtype), (weight, weight_scale)
+
+
+def _dequantized_matmul_bwd(quantization, dtype, residuals, d_y):
+    weight, weight_scale = residuals
+    d_x = jax.lax.dot_general(d_y, quantization.dequantize(weight, weight_scale, dtype), (((1,), (0,)), ((), ())))
+    return d_x.astype(dtype), np.zeros(weight.shape, jax.dtypes.float0), jnp.zeros_like(weight_scale)
+
+
+dequantized_matmul.defvjp(_dequantized_matmul_fwd, _dequantized_matmul_bwd)
 
 
 # --------------------------------------------------------------------------------------------------------------

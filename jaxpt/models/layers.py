@@ -126,8 +126,7 @@ class Linear(nnx.Module):
         rows = x.reshape(-1, self.in_features).astype(self.dtype)
         # A 2-D matmul: XLA on CPU runs [tokens, in] x [out, in]^T much faster than the 3-D einsum.
         if self.quantization is not None:  # dequantized here, in the compute dtype, for this product only
-            weight = self.quantization.dequantize(self.weight[...], self.weight_scale[...], self.dtype)
-            y = matmul_transposed_weight(rows, weight)
+            y = self.quantization.matmul(rows, self.weight[...], self.weight_scale[...], self.dtype)
         elif self.fsdp_dim is not None:
             y = fsdp_matmul(rows, self.weight[...], self.fsdp_dim, jnp.dtype(self.dtype))
         else:
