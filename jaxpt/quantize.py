@@ -25,15 +25,17 @@ Formats, per `Linear` (`weight` `[..., out, in]`, leading layer axis when stacke
 The packed weight keeps the name `weight` and the scales follow its partition rule (`jaxpt.sharding.rule_axes`), so
 both are split like the float weight was: the layer axis whole, `out`/`in` over "fsdp"/"tensor". Inside the layer
 scan (`jaxpt.models.layers.gather_layer_params`) a quantized weight is gathered over "fsdp" in its packed form (a
-4-bit all-gather moves a quarter of a bfloat16 one) and dequantized after. Nothing of it is differentiated: it is
+4-bit all-gather moves a quarter of a bfloat16 one) and dequantized after; the backward pass dequantizes it again
+(`dequantized_matmul`) rather than keeping a dequantized copy of every layer. Nothing of it is differentiated: it is
 `nnx.Param` state outside the adapters, so `TrainState` puts it in `frozen` (no gradient, no optimizer state).
 
-Why not qwix (Google's JAX quantization library, on PyPI): qwix quantizes by intercepting the `dot_general`/`einsum`
-calls a module makes and recognising the module's own parameters among the operands. jaxpt's `Linear` reads its
-stacked `[layers, ...]` weight inside `lax.scan`, after `gather_layer_params` has sliced, cast and gathered it, and
-under FSDP multiplies inside `fsdp_matmul`'s `shard_map`: the operands qwix would see are no longer module
-parameters. Its quantized arrays (`QArray` pytrees) and its own LoRA parameters also follow neither the families'
-partition rules nor peft's adapter format (`jaxpt.lora.save_adapter`). The dequantizing linear below is ~150 lines.
+Why not qwix (Google's JAX quantization library; 0.1.8 installs from PyPI, with nf4 and a LoRA provider): qwix
+quantizes by intercepting the `dot_general`/`einsum` calls a module makes and recognising the module's own parameters
+among the operands. jaxpt's `Linear` reads its stacked `[layers, ...]` weight inside `lax.scan`, after
+`gather_layer_params` has sliced, cast and gathered it, and under FSDP multiplies inside `fsdp_matmul`'s `shard_map`:
+the operands qwix would see are no longer module parameters. Its quantized arrays (`QArray` pytrees) and its own LoRA
+parameters also follow neither the families' partition rules nor peft's adapter format (`jaxpt.lora.save_adapter`).
+The dequantizing linear below is ~150 lines.
 """
 
 from __future__ import annotations
