@@ -320,3 +320,32 @@ def test_backward_pass_keeps_no_dequantized_copy_of_the_base():
     float_temp, bf16_linear_bytes = temp_bytes()  # the float model's linear weights, 2 bytes each
     nf4_temp, _ = temp_bytes(load_in_4bit=True)
     assert nf4_temp < float_temp - bf16_linear_bytes, (float_temp, nf4_temp, bf16_linear_bytes)
+
+
+def test_fsdp_gathers_the_packed_weights():
+    """Under FSDP (8 devices) the compiled gradient all-gathers each layer's 4-bit weights as uint8 (a quarter of
+    the bytes of a bfloat16 gather), and no float weight-sized array is gathered."""
+    import re
+
+    from jaxpt.sharding import make_mesh
+
+    mesh = make_mesh(data=1, fsdp=8, tensor=1)
+    hf_config = tiny_llama_config(VOCAB, hidden_size=128, intermediate_size=256)
+    config = lora.LoraConfig(use_peft=True, lora_dropout=0.0, load_in_4bit=True)
+    model = nnx.eval_shape(lambda: lora.apply_lora(jaxpt.models.from_config(hf_config, dtype=jnp.bfloat16), config))
+    state = TrainState.create(model, optax.sgd(0.1), mesh=mesh)
+    ids = jax.ShapeDtypeStruct((8, 32), jnp.int32, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+
+    def loss(params, frozen, ids):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return nnx.merge(state.graphdef, nnx.merge_state(frozen, params))(ids).astype(jnp.float32).mean()
+
+    hlo = jax.jit(jax.grad(loss)).lower(state.params, state.frozen, ids).compile().as_text()
+    gathered = re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", hlo)
+    packed = [shape for dtype, shape in gathered if dtype == "u8"]
+    assert len(packed) >= 7, gathered  # q, k, v, o, gate, up, down (the backward may gather again)
+    assert {"1,128,64", "1,256,64", "1,128,128"} <= set(packed)  # [layer, out, in / 2]
+    weight_shapes = {(128, 128), (64, 128), (256, 128), (128, 256)}  # q/o, k/v, gate/up, down: [out, in]
+    float_shapes = [tuple(int(d) for d in shape.split(",")) for dtype, shape in gathered if dtype != "u8"]
+    assert not [shape for shape in float_shapes if shape[-2:] in weight_shapes], gathered  # scales, adapters, head
