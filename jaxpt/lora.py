@@ -70,6 +70,13 @@ class LoraConfig:
     lora_modules_to_save: list[str] | None = field(default=None, metadata={
         "help": "Modules trained in full beside the adapters (e.g. score); saved in the adapter file."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale lora_alpha / sqrt(r)."})
+    # QLoRA (`jaxpt.quantize`): the base's decoder-layer linear weights stored quantized, the adapters on top
+    load_in_8bit: bool = field(default=False, metadata={"help": "QLoRA: store the base's linear weights in int8 "
+                                                                "(per-output-channel scales); needs use_peft."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: store the base's linear weights in 4 bits "
+                                                                "(bnb_4bit_quant_type, blocks of 64); needs use_peft."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit format with load_in_4bit: nf4 "
+                                                                      "(4-bit NormalFloat).", "choices": ["nf4"]})
 
     def __post_init__(self):
         self.validate()
@@ -83,6 +90,14 @@ class LoraConfig:
             raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit=True and load_in_8bit=True: choose one quantization of the base.")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ValueError(f"load_in_{4 if self.load_in_4bit else 8}bit=True quantizes the base model, which then "
+                             "cannot be trained itself: add use_peft=True (--use_peft) to train LoRA adapters on it.")
+        if self.bnb_4bit_quant_type != "nf4":
+            raise ValueError(f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is not supported: jaxpt's 4-bit "
+                             "format is 'nf4'.")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ValueError("lora_target_modules=[] names no module: pass names (e.g. q_proj v_proj), 'all-linear', "
                              "or leave it unset for peft's default.")
@@ -270,6 +285,8 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> nnx.M
     `config.lora_target_modules` as peft's `target_modules` (None: peft's default for the architecture, `q_proj`
     and `v_proj`); `lora_modules_to_save` train in full. Adapter matrices are float32 (as peft keeps them) and are
     placed like their layer's weight when the model lives on a mesh.
+
+    `config.load_in_4bit` / `load_in_8bit` (QLoRA): the base is quantized first (`jaxpt.quantize.quantize_model`).
     """
     config.validate()
     if has_adapters(model):
@@ -281,6 +298,9 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> nnx.M
     settings = _settings_from_config(model, config, [targets] if isinstance(targets, str) else targets)
     _check_modules_to_save(model, settings.modules_to_save)
     layers = _targeted_layers(model, targets, modules_to_save=settings.modules_to_save)
+    from jaxpt.quantize import quantize_from_config
+
+    quantize_from_config(model, config)  # QLoRA: the base is quantized before the adapters go on
     key = jax.random.key(seed)
     modules = dict(_linear_modules(model))
     for index, (name, layer_indices) in enumerate(sorted(layers.items())):
@@ -503,6 +523,9 @@ def merge_adapter(model: nnx.Module) -> nnx.Module:
     Modules to save keep their trained values."""
     if not has_adapters(model):
         raise ValueError("The model has no LoRA adapters to merge.")
+    from jaxpt.quantize import dequantize_model
+
+    dequantize_model(model)  # a quantized (QLoRA) base merges in float32: its dequantized weights plus B A
     for _, module in _linear_modules(model):
         if module.lora_a is None:
             continue

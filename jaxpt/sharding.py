@@ -89,6 +89,7 @@ def rule_axes(name: str, ndim: int, rules: PartitionRules) -> tuple[str | None, 
 
     A LoRA matrix (`q_proj.lora_a` `[r, in]`, `q_proj.lora_b` `[out, r]`, `jaxpt.lora`) follows the rule of its
     layer's `weight` `[out, in]`: `lora_a` splits `in` as the weight does, `lora_b` its `out`; the rank stays whole.
+    A quantized weight's scales (`weight_scale` `[out, in / block]`, `jaxpt.quantize`) follow the weight's rule.
     """
     for suffix, keep in ((".lora_a", 1), (".lora_b", 0)):
         if name.endswith(suffix):
@@ -97,6 +98,8 @@ def rule_axes(name: str, ndim: int, rules: PartitionRules) -> tuple[str | None, 
                 return None
             *layer_axis, out_axis, in_axis = weight_axes
             return (*layer_axis, None, in_axis) if keep else (*layer_axis, out_axis, None)
+    if name.endswith(".weight_scale"):  # a quantized weight's block scales [out, in / block] (jaxpt.quantize)
+        return rule_axes(name[: -len("_scale")], ndim, rules)
     stacked = "layers" in name.split(".")
     for pattern, axes in rules:
         if stacked and len(axes) + 1 == ndim:

@@ -69,7 +69,9 @@ class TrainState(flax.struct.PyTreeNode):
         `step.lower(state, batch).compile()` needs to plan a run before any weights exist (`jaxpt.plan`).
         """
         from jaxpt.lora import trainable_filter
+        from jaxpt.quantize import check_trainable
 
+        check_trainable(model)  # a quantized base trains only through adapters
         graphdef, params, frozen, rest = nnx.split(model, trainable_filter(model), nnx.Param, ...)
         if jax.tree_util.tree_leaves(rest):
             is_variable = lambda x: isinstance(x, nnx.Variable)

@@ -262,6 +262,9 @@ def save_pretrained(
     if getattr(model, "lora_settings", None) is not None:
         raise ValueError("The model has LoRA adapters: save them with jaxpt.lora.save_adapter(model, path), or fold "
                          "them in first with jaxpt.models.merge_adapter(model) to save a full checkpoint.")
+    if any(getattr(module, "quantization", None) is not None for _, module in nnx.iter_graph(model)):
+        raise ValueError("The model's base is quantized (jaxpt.quantize): jaxpt saves float checkpoints only; "
+                         "jaxpt.quantize.dequantize_model(model) first to save its dequantized weights.")
     hf_config = model.config.to_hf()
     max_shard_bytes = parse_size(max_shard_size, field_name="max_shard_size")
     params = nnx.state(model, nnx.Param)

@@ -88,7 +88,8 @@ class LoRAParam(nnx.Param):
 
 class Linear(nnx.Module):
     """`y = x @ weight.T + bias` with `weight` stored `[out_features, in_features]` as in PyTorch/HF, plus
-    `lora_scale * (x @ lora_a.T) @ lora_b.T` when a LoRA adapter is attached (`jaxpt.lora.apply_lora`)."""
+    `lora_scale * (x @ lora_a.T) @ lora_b.T` when a LoRA adapter is attached (`jaxpt.lora.apply_lora`). A quantized
+    `weight` (int8 / NF4, `jaxpt.quantize`) is dequantized in the compute dtype at each call."""
 
     def __init__(
         self,
@@ -115,12 +116,18 @@ class Linear(nnx.Module):
         self.lora_a = nnx.data(None)
         self.lora_b = nnx.data(None)
         self.lora_scale = None
+        # A quantized base (`jaxpt.quantize.quantize_model` sets these): `weight` holds the codes (int8, or packed
+        # 4-bit in uint8), `weight_scale` their block scales; `quantization` (static) dequantizes them.
+        self.weight_scale = nnx.data(None)
+        self.quantization = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         leading = x.shape[:-1]
         rows = x.reshape(-1, self.in_features).astype(self.dtype)
         # A 2-D matmul: XLA on CPU runs [tokens, in] x [out, in]^T much faster than the 3-D einsum.
-        if self.fsdp_dim is not None:
+        if self.quantization is not None:  # dequantized here, in the compute dtype, for this product only
+            y = self.quantization.matmul(rows, self.weight[...], self.weight_scale[...], self.dtype)
+        elif self.fsdp_dim is not None:
             y = fsdp_matmul(rows, self.weight[...], self.fsdp_dim, jnp.dtype(self.dtype))
         else:
             y = matmul_transposed_weight(rows, self.weight[...].astype(self.dtype))
@@ -287,7 +294,9 @@ def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> tup
         spec = () if mesh.empty or not partition_rules else partition_spec(path_name(path), value.shape,
                                                                              partition_rules, mesh)
         keys = tuple(key.key for key in path if isinstance(key, jax.tree_util.DictKey))
-        if "fsdp" in spec and keys[-1:] == ("weight",) and value.ndim == 2 and compute_dtype is not None:
+        # a quantized (integer) weight is not: it is gathered packed, below, and dequantized by its Linear
+        if ("fsdp" in spec and keys[-1:] == ("weight",) and value.ndim == 2 and compute_dtype is not None
+                and jnp.issubdtype(value.dtype, jnp.floating)):
             fsdp_dims[keys] = tuple(spec).index("fsdp")
             return value
         if compute_dtype is not None and value.ndim >= 2 and jnp.issubdtype(value.dtype, jnp.floating):
