@@ -308,7 +308,7 @@ def _chunked_stats_fwd(hidden, weight, targets, logit_softcap, temperature, stat
 
 def _chunked_stats_bwd(logit_softcap, temperature, stats, residuals, cotangents):
     # the statistics are metrics/weights: only the log-probs are differentiated (same backward pass)
-    return _chunked_bwd(logit_softcap, temperature, residuals, (cotangents[0], None))
+    return _chunked_bwd(logit_softcap, temperature, False, residuals, (cotangents[0], None))
 
 
 _chunked_logps_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
