@@ -65,6 +65,7 @@ from jaxpt.losses.sampler_mismatch import (
     sampler_mismatch_metrics,
 )
 from jaxpt.models import set_gradient_checkpointing
+from jaxpt.reference_sync import check_reference_sync, check_resume, sync_reference
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
@@ -158,6 +159,13 @@ class GRPOConfig(TrainingConfig):
     log_completions: bool = field(default=False, metadata={"help": "Append every rollout's prompts, completions "
                                                                    "and rewards to output_dir/completions.jsonl."})
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs."})
+    sync_ref_model: bool = field(default=False, metadata={
+        "help": "TR-DPO (arXiv:2404.09656): every ref_model_sync_steps steps move the reference toward the policy, "
+                "ref <- alpha * policy + (1 - alpha) * ref (needs beta > 0; not with LoRA)."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO's alpha: the policy's share in the "
+                                                                        "reference update."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO's tau: optimizer steps between "
+                                                                     "reference updates."})
     sampler_importance_sampling_correction: bool = field(default=False, metadata={
         "help": "Weight the policy loss by the importance ratio trainer / sampler log-probs (TRL's "
                 "vllm_importance_sampling_correction, which TRL applies only with use_vllm; jaxpt's sampler is the "
@@ -232,6 +240,10 @@ class GRPOConfig(TrainingConfig):
             raise ValueError(f"max_prompt_length={self.max_prompt_length} must be >= 1 (or None: no truncation).")
         if self.beta < 0:
             raise ValueError(f"beta={self.beta} must be >= 0 (0: no reference model).")
+        if self.sync_ref_model and self.beta == 0.0:
+            raise ValueError("sync_ref_model=True with beta=0.0: there is no reference model to synchronise; set "
+                             "beta > 0 or sync_ref_model=False.")
+        check_reference_sync(self, lora=False, method="GRPO")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise ValueError(f"epsilon={self.epsilon} and epsilon_high={self.epsilon_high} must be >= 0 (the ratio "
                              "is clipped to [1 - epsilon, 1 + epsilon_high]).")
@@ -440,6 +452,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
         if ref_model is None:
             check_reference_without_adapters(model, method="GRPO with beta > 0")
         reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else reference_params(state)
+        check_reference_sync(config, lora=state.frozen is not None, method="GRPO")
+        if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
+            reference = jax.tree.map(jnp.copy, reference)
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
                                          chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
                                          logps_fn=logps_fn)
@@ -449,6 +464,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
+    check_resume(config, start_step, method="GRPO")
     num_tokens = progress.get("num_tokens", 0)
     # Adaptive entropy control's state: the coefficient and the last step's entropy (inf: no bonus before the first
     # measurement, as TRL), saved with the checkpoints.
@@ -483,6 +499,13 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
                         applied = entropy_coef if last_entropy <= config.entropy_target else 0.0
                         batch["entropy_coef"] = np.full((accumulation, micro_batch), applied, np.float32)
                     state, metrics = train_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True))
+                    if ref_logps_fn is not None and config.sync_ref_model:  # TR-DPO: for the next rollouts
+                        synced = sync_reference(reference, state.full_params(), config, step=step + 1)
+                        if synced is not reference:
+                            reference = synced
+                            ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
+                                                             chunk_size=config.logits_chunk_size,
+                                                             micro_batch=micro_batch, mesh=mesh, logps_fn=logps_fn)
                     if config.use_adaptive_entropy:
                         last_entropy = float(metrics["entropy_bonus_mean"])
                         entropy_coef = next_entropy_coef(config, entropy_coef, last_entropy)

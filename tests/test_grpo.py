@@ -240,3 +240,18 @@ def test_bad_reward_functions_fail_early(tmp_path):
     with pytest.raises(ValueError, match="GRPO needs a prompt_only"):
         grpo.train(tiny_llama(VOCAB), TOKENIZER, datasets.Dataset.from_list([{"text": "x"}]), config(tmp_path),
                    reward_funcs=[digits_reward])
+
+
+def test_sync_ref_model_hard_updates_keep_the_kl_at_zero(tmp_path):
+    """TR-DPO's reference synchronisation in GRPO: with alpha = 1 every step the reference becomes the policy, so
+    the KL of each next rollout is exactly 0 (the fixed reference's grows: test_kl_iterations_and_resume); bad
+    settings fail early."""
+    cfg = config(tmp_path, beta=0.1, max_steps=3, sync_ref_model=True, ref_model_mixup_alpha=1.0,
+                 ref_model_sync_steps=1)
+    synced = grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, cfg, reward_funcs=[digits_reward]).metrics
+    assert [r["kl"] for r in synced] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    assert synced[-1]["grad_norm"] > 0
+    with pytest.raises(ValueError, match="sync_ref_model=True with beta=0.0"):
+        config(tmp_path, sync_ref_model=True)
+    with pytest.raises(ValueError, match="ref_model_sync_steps=0 must be >= 1"):
+        config(tmp_path, sync_ref_model=True, beta=0.1, ref_model_sync_steps=0)
