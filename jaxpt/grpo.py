@@ -25,6 +25,12 @@ its vLLM sampler (`jaxpt/losses/sampler_mismatch.py`). TRL name -> jaxpt name:
 only with `use_vllm=True`), `vllm_importance_sampling_mode` -> `sampler_importance_sampling_mode`,
 `vllm_importance_sampling_clip_max` (formerly `_cap`) -> `sampler_importance_sampling_clip_max`,
 `vllm_importance_sampling_clip_min` -> `sampler_importance_sampling_clip_min`.
+
+TRL 1.16's whole menu, same names and defaults: the loss types of `jaxpt/losses/grpo.py` (`cispo`, `sapo`, `luspo`,
+`vespo` with `sapo_temperature_*` / `vespo_*`), `off_policy_mask_threshold` (measured from the sampler's log-probs),
+`multi_objective_aggregation="normalize_then_sum"` (GDPO), `entropy_coef` with `use_adaptive_entropy` (the controller
+runs in `train`; its coefficient and last entropy are checkpointed), and TR-DPO's `sync_ref_model` (the reference
+moves toward the policy every `ref_model_sync_steps` steps, `jaxpt/reference_sync.py`).
 """
 
 from __future__ import annotations
