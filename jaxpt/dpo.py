@@ -56,6 +56,7 @@ from jaxpt.losses.dpo import (
 from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_stats, next_token_targets
 from jaxpt.losses.metrics import add_metrics, mean_metrics, total_metrics
 from jaxpt.models import set_gradient_checkpointing
+from jaxpt.reference_sync import check_reference_sync, check_resume, sync_reference
 from jaxpt.sharding import (
     agreed_max,
     batch_divisor,
@@ -115,6 +116,13 @@ class DPOConfig(TrainingConfig):
     discopop_tau: float = field(default=0.05, metadata={"help": "τ of the DiscoPOP loss (arXiv:2406.08414)."})
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs "
                                                                    "from hidden states (memory vs speed)."})
+    sync_ref_model: bool = field(default=False, metadata={
+        "help": "TR-DPO (arXiv:2404.09656): every ref_model_sync_steps steps move the reference toward the policy, "
+                "ref <- alpha * policy + (1 - alpha) * ref (not with LoRA or precompute_ref_log_probs)."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO's alpha: the policy's share in the "
+                                                                        "reference update."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO's tau: optimizer steps between "
+                                                                     "reference updates."})
 
     def validate(self) -> None:
         if isinstance(self.loss_type, str):  # TRL accepts one name or a list
@@ -136,6 +144,7 @@ class DPOConfig(TrainingConfig):
             raise ValueError(f"precompute_ref_batch_size={self.precompute_ref_batch_size} must be >= 1.")
         if self.logits_chunk_size < 1:
             raise ValueError(f"logits_chunk_size={self.logits_chunk_size} must be >= 1.")
+        check_reference_sync(self, lora=False, method="DPO")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -555,12 +564,16 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
+    check_reference_sync(config, lora=state.frozen is not None, method="DPO")
     ref_params = None if config.precompute_ref_log_probs else reference_params(state, ref_model, mesh)
+    if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy: ref_model stays
+        ref_params = jax.tree.map(jnp.copy, ref_params)
     state_sharding = state.shardings(mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding, return_counts=True)
     checkpoints = loop.checkpointer(config, method="dpo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    check_resume(config, start_step, method="DPO")
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
@@ -582,6 +595,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
             placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=False)  # length agreed
             state, metrics = train_step(state, placed, ref_params)
             done = step + 1
+            ref_params = sync_reference(ref_params, state.params, config, step=done)  # TR-DPO, after the step
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
             if eval_examples and loop.should_evaluate(config, done, steps_in_epoch):

@@ -25,11 +25,18 @@ its vLLM sampler (`jaxpt/losses/sampler_mismatch.py`). TRL name -> jaxpt name:
 only with `use_vllm=True`), `vllm_importance_sampling_mode` -> `sampler_importance_sampling_mode`,
 `vllm_importance_sampling_clip_max` (formerly `_cap`) -> `sampler_importance_sampling_clip_max`,
 `vllm_importance_sampling_clip_min` -> `sampler_importance_sampling_clip_min`.
+
+TRL 1.16's whole menu, same names and defaults: the loss types of `jaxpt/losses/grpo.py` (`cispo`, `sapo`, `luspo`,
+`vespo` with `sapo_temperature_*` / `vespo_*`), `off_policy_mask_threshold` (measured from the sampler's log-probs),
+`multi_objective_aggregation="normalize_then_sum"` (GDPO), `entropy_coef` with `use_adaptive_entropy` (the controller
+runs in `train`; its coefficient and last entropy are checkpointed), and TR-DPO's `sync_ref_model` (the reference
+moves toward the policy every `ref_model_sync_steps` steps, `jaxpt/reference_sync.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +55,15 @@ from jaxpt.lora import check_reference_without_adapters
 from jaxpt.losses.grpo import (
     GRPO_LOSS_TYPES,
     IMPORTANCE_SAMPLING_LEVELS,
+    MULTI_OBJECTIVE_AGGREGATIONS,
     SCALE_REWARDS,
     grpo_advantages,
     grpo_loss,
     high_entropy_mask,
+    normalized_reward_sum,
 )
 from jaxpt.losses.metrics import mean_metrics, sum_and_count, total_metrics
-from jaxpt.losses.sampled_rewards import reward_metrics
+from jaxpt.losses.sampled_rewards import nanstd, reward_metrics
 from jaxpt.losses.sampler_mismatch import (
     SAMPLER_IMPORTANCE_SAMPLING_MODES,
     combine_extremes,
@@ -62,6 +71,7 @@ from jaxpt.losses.sampler_mismatch import (
     sampler_mismatch_metrics,
 )
 from jaxpt.models import set_gradient_checkpointing
+from jaxpt.reference_sync import check_reference_sync, check_resume, sync_reference
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
@@ -109,22 +119,61 @@ class GRPOConfig(TrainingConfig):
     epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping (default: epsilon; DAPO "
                                                                         "uses 0.28)."})
     delta: float | None = field(default=None, metadata={"help": "Two-sided clipping: cap on the unclipped ratio."})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "loss_type='sapo': gate temperature of the "
+                                                                         "tokens with advantage <= 0 (SAPO)."})
+    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "loss_type='sapo': gate temperature of the "
+                                                                        "tokens with advantage > 0 (SAPO)."})
+    vespo_k_pos: float = field(default=2.0, metadata={"help": "loss_type='vespo': power k of the Gamma weight for "
+                                                               "advantages >= 0 (down-weights ratios < 1)."})
+    vespo_lambda_pos: float = field(default=3.0, metadata={"help": "loss_type='vespo': decay lambda of the Gamma "
+                                                                    "weight for advantages >= 0 (ratios > 1)."})
+    vespo_k_neg: float = field(default=3.0, metadata={"help": "loss_type='vespo': power k for advantages < 0."})
+    vespo_lambda_neg: float = field(default=2.0, metadata={"help": "loss_type='vespo': decay lambda for "
+                                                                    "advantages < 0."})
     importance_sampling_level: str = field(default="token", metadata={"help": "'token' or 'sequence' (GSPO)."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weight of each reward function "
                                                                                "(default: all 1)."})
+    multi_objective_aggregation: str = field(default="sum_then_normalize", metadata={
+        "help": f"One of {MULTI_OBJECTIVE_AGGREGATIONS}: sum the weighted rewards, then normalise (scale_rewards); or "
+                "normalise each reward function within its group, sum, and standardise over the batch (GDPO)."})
     scale_rewards: str = field(default="group", metadata={"help": f"One of {SCALE_REWARDS}."})
-    loss_type: str = field(default="dapo", metadata={"help": f"One of {GRPO_LOSS_TYPES}."})
+    loss_type: str = field(default="dapo", metadata={"help": f"One of {GRPO_LOSS_TYPES} (jaxpt/losses/grpo.py gives "
+                                                             "each formula and paper)."})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "Leave completions cut at "
                                                                               "max_completion_length out of the "
                                                                               "loss."})
     top_entropy_quantile: float = field(default=1.0, metadata={"help": "Train only on the top fraction of tokens "
                                                                        "by entropy (1.0: all)."})
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus: subtract entropy_coef times the mean "
+                                                               "per-token entropy from the loss (0: off); the "
+                                                               "initial coefficient with use_adaptive_entropy."})
+    use_adaptive_entropy: bool = field(default=False, metadata={
+        "help": "Adaptive entropy control (Skywork-OR1): after each step entropy_coef rises by entropy_coef_delta "
+                "when the step's entropy is <= entropy_target, else falls; the bonus applies only while it is."})
+    entropy_coef_min: float = field(default=0.0, metadata={"help": "Adaptive entropy: lower bound of the "
+                                                                   "coefficient."})
+    entropy_coef_max: float = field(default=1.0, metadata={"help": "Adaptive entropy: upper bound of the "
+                                                                   "coefficient."})
+    entropy_coef_delta: float = field(default=0.005, metadata={"help": "Adaptive entropy: step of the coefficient "
+                                                                       "per optimizer step."})
+    entropy_target: float = field(default=0.2, metadata={"help": "Adaptive entropy: target mean per-token entropy "
+                                                                 "(nats), over the tokens the bonus acts on."})
+    off_policy_mask_threshold: float | None = field(default=None, metadata={
+        "help": "Off-policy sequence masking (DeepSeek-V3.2): drop the sequences with a negative advantage whose mean "
+                "per-token KL sampler -> policy exceeds this (e.g. 0.5; None: off)."})
     use_bias_correction_kl: bool = field(default=True, metadata={"help": "Multiply the KL estimate by the "
                                                                          "importance ratio (TRL)."})
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle prompts every epoch (seeded)."})
     log_completions: bool = field(default=False, metadata={"help": "Append every rollout's prompts, completions "
                                                                    "and rewards to output_dir/completions.jsonl."})
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk when computing log-probs."})
+    sync_ref_model: bool = field(default=False, metadata={
+        "help": "TR-DPO (arXiv:2404.09656): every ref_model_sync_steps steps move the reference toward the policy, "
+                "ref <- alpha * policy + (1 - alpha) * ref (needs beta > 0; not with LoRA)."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO's alpha: the policy's share in the "
+                                                                        "reference update."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO's tau: optimizer steps between "
+                                                                     "reference updates."})
     sampler_importance_sampling_correction: bool = field(default=False, metadata={
         "help": "Weight the policy loss by the importance ratio trainer / sampler log-probs (TRL's "
                 "vllm_importance_sampling_correction, which TRL applies only with use_vllm; jaxpt's sampler is the "
@@ -157,6 +206,39 @@ class GRPOConfig(TrainingConfig):
             raise ValueError(f"loss_type={self.loss_type!r} is not a GRPO loss; use one of {GRPO_LOSS_TYPES}.")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards={self.scale_rewards!r}; use one of {SCALE_REWARDS}.")
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise ValueError(f"multi_objective_aggregation={self.multi_objective_aggregation!r}; use one of "
+                             f"{MULTI_OBJECTIVE_AGGREGATIONS}.")
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            raise ValueError(f"sapo_temperature_pos={self.sapo_temperature_pos} and sapo_temperature_neg="
+                             f"{self.sapo_temperature_neg} must be > 0.")
+        if min(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg) < 0:
+            raise ValueError("vespo_k_pos, vespo_lambda_pos, vespo_k_neg and vespo_lambda_neg must be >= 0 (got "
+                             f"{self.vespo_k_pos}, {self.vespo_lambda_pos}, {self.vespo_k_neg}, "
+                             f"{self.vespo_lambda_neg}).")
+        if (self.loss_type == "vespo" and self.sampler_importance_sampling_correction
+                and not self.sampler_importance_sampling_mode.startswith("token")):
+            raise ValueError(f"loss_type='vespo' folds the sampler correction into its sequence weight per token: "
+                             f"sampler_importance_sampling_mode={self.sampler_importance_sampling_mode!r} must be "
+                             "'token_truncate' or 'token_mask'.")
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            raise ValueError(f"off_policy_mask_threshold={self.off_policy_mask_threshold} must be >= 0 (a KL "
+                             "threshold, e.g. 0.5), or None to turn the mask off.")
+        if self.use_adaptive_entropy:
+            if not self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max:
+                raise ValueError(f"entropy_coef={self.entropy_coef} must lie in [entropy_coef_min="
+                                 f"{self.entropy_coef_min}, entropy_coef_max={self.entropy_coef_max}] with "
+                                 "use_adaptive_entropy.")
+            if self.entropy_coef_delta < 0:
+                raise ValueError(f"entropy_coef_delta={self.entropy_coef_delta} must be >= 0.")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            logger.warning("loss_type='luspo' is meant with importance_sampling_level='sequence' (the LUSPO paper).")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            logger.warning("loss_type='vespo' computes its sequence weight itself; importance_sampling_level='token' "
+                           "(the default) is the paper's setup (the level still sets the KL term's ratio).")
+        if self.importance_sampling_level == "sequence" and self.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+            logger.warning(f"loss_type={self.loss_type!r} sums per-token terms, so with importance_sampling_level="
+                           "'sequence' each sequence weighs by its length; GSPO's setup is loss_type='grpo'.")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}; use one of "
                              f"{IMPORTANCE_SAMPLING_LEVELS}.")
@@ -169,6 +251,10 @@ class GRPOConfig(TrainingConfig):
             raise ValueError(f"max_prompt_length={self.max_prompt_length} must be >= 1 (or None: no truncation).")
         if self.beta < 0:
             raise ValueError(f"beta={self.beta} must be >= 0 (0: no reference model).")
+        if self.sync_ref_model and self.beta == 0.0:
+            raise ValueError("sync_ref_model=True with beta=0.0: there is no reference model to synchronise; set "
+                             "beta > 0 or sync_ref_model=False.")
+        check_reference_sync(self, lora=False, method="GRPO")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise ValueError(f"epsilon={self.epsilon} and epsilon_high={self.epsilon_high} must be >= 0 (the ratio "
                              "is clipped to [1 - epsilon, 1 + epsilon_high]).")
@@ -204,7 +290,8 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
         logger.warning("Some completions got no reward from any reward function; their advantage is 0.")
     reward_weights = tool_reward_weights(config.reward_weights, sampled.rewards.shape[1])
     advantages = np.asarray(grpo_advantages(sampled.rewards, num_generations=config.num_generations,
-                                            scale_rewards=config.scale_rewards, reward_weights=reward_weights))
+                                            scale_rewards=config.scale_rewards, reward_weights=reward_weights,
+                                            multi_objective_aggregation=config.multi_objective_aggregation))
     arrays = dict(sampled.arrays, advantages=advantages.astype(np.float32))
     if policy_logps_fn is not None:
         arrays["old_logps"] = policy_logps_fn(state.full_params(), arrays)
@@ -213,6 +300,10 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
     metrics = reward_metrics(sampled.rewards, num_generations=config.num_generations,
                              scale_rewards=config.scale_rewards, reward_weights=reward_weights,
                              reward_names=sampled.reward_names)
+    if config.multi_objective_aggregation == "normalize_then_sum":  # GDPO standardises over the batch: TRL counts
+        summed = normalized_reward_sum(sampled.rewards, num_generations=config.num_generations,  # its std
+                                       reward_weights=reward_weights)
+        metrics["frac_reward_zero_std"] = jnp.isclose(nanstd(summed), 0.0).astype(jnp.float32)
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics.update(completion_metrics(sampled.lengths, sampled.finished))
     metrics.update(sampled.tool_metrics)
@@ -227,12 +318,22 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPOConfig, totals: dict):
     """Loss of one micro-batch, normalised by the whole step's tokens/sequences, and its metrics as `(sum,
     count)` pairs, which add up over micro-batches exactly."""
+    bonus = entropy_bonus_enabled(config)
     logps, entropy = completion_logps(params, graphdef, batch, temperature=config.temperature,
-                                      chunk_size=config.logits_chunk_size)
+                                      chunk_size=config.logits_chunk_size, entropy_gradient=bonus)
     mask = batch["completion_mask"].astype(jnp.float32)
     entropy_mask = None
     if config.top_entropy_quantile < 1.0:
-        entropy_mask = high_entropy_mask(entropy, mask, config.top_entropy_quantile)
+        entropy_mask = high_entropy_mask(jax.lax.stop_gradient(entropy), mask, config.top_entropy_quantile)
+    bonus_options = {}
+    if bonus:
+        bonus_mask = mask if entropy_mask is None else mask * entropy_mask
+        # The whole step's token count when known up front; the high-entropy subset is chosen per micro-batch, so
+        # then each micro-batch's mean counts 1 / accumulation (as TRL).
+        bonus_tokens = totals["tokens"] if entropy_mask is None else jnp.sum(bonus_mask) * totals["accumulation"]
+        # the coefficient: the batch's (the adaptive controller's, set per step by train()) or the config's
+        coef = batch["entropy_coef"][0] if "entropy_coef" in batch else config.entropy_coef
+        bonus_options = dict(entropies=entropy, entropy_coef=coef, num_entropy_tokens=bonus_tokens)
     # The old (behaviour) log-probs: the pre-update forward pass, or on-policy the current ones, detached.
     trainer_logps = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
     weights, extremes = None, {}
@@ -249,9 +350,15 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPO
         beta=config.beta, importance_sampling_level=config.importance_sampling_level,
         max_completion_length=config.max_completion_length, use_bias_correction_kl=config.use_bias_correction_kl,
         entropy_mask=entropy_mask, importance_sampling_weights=weights, num_tokens=totals["tokens"],
-        num_sequences=totals["sequences"], return_counts=True,
+        num_sequences=totals["sequences"], return_counts=True, sapo_temperature_pos=config.sapo_temperature_pos,
+        sapo_temperature_neg=config.sapo_temperature_neg, vespo_k_pos=config.vespo_k_pos,
+        vespo_lambda_pos=config.vespo_lambda_pos, vespo_k_neg=config.vespo_k_neg,
+        vespo_lambda_neg=config.vespo_lambda_neg, off_policy_mask_threshold=config.off_policy_mask_threshold,
+        sampler_logps=batch.get("sampler_logps"), **bonus_options,
     )
-    metrics["entropy"] = sum_and_count(entropy, mask)
+    metrics["entropy"] = sum_and_count(jax.lax.stop_gradient(entropy), mask)
+    if bonus:  # what the adaptive controller measures: the entropy over the tokens the bonus acts on
+        metrics["entropy_bonus_mean"] = sum_and_count(jax.lax.stop_gradient(entropy), bonus_mask)
     if "sampler_logps" in batch:
         sampling_pairs, extremes = sampler_mismatch_metrics(trainer_logps, batch["sampler_logps"], mask,
                                                             importance_weights=weights)
@@ -259,18 +366,38 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPO
     return loss, (metrics, extremes)
 
 
+def entropy_bonus_enabled(config: GRPOConfig) -> bool:
+    """Whether the loss has an entropy bonus (then the entropies are differentiated): a coefficient, or adaptive
+    control (whose coefficient may fall to 0 and rise again)."""
+    return config.entropy_coef != 0.0 or config.use_adaptive_entropy
+
+
+def next_entropy_coef(config: GRPOConfig, entropy_coef: float, entropy: float) -> float:
+    """Adaptive entropy control (Skywork-OR1, arXiv:2505.22312; TRL's `use_adaptive_entropy`): the coefficient after
+    a step whose mean entropy over the bonus's tokens was `entropy`: up by `entropy_coef_delta` when it is at or
+    below `entropy_target`, down otherwise, within [entropy_coef_min, entropy_coef_max]."""
+    if entropy <= config.entropy_target:
+        return min(entropy_coef + config.entropy_coef_delta, config.entropy_coef_max)
+    return max(entropy_coef - config.entropy_coef_delta, config.entropy_coef_min)
+
+
 def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
     """`state, metrics = step(state, batch)`: one optimizer step over rollout arrays shaped
     `[accumulation, micro_batch, ...]` (`prompt_ids`, `prompt_mask`, `completion_ids`, `attention_mask`,
-    `completion_mask`, `advantages`, and optionally `old_logps` / `ref_logps` / `sampler_logps`), micro-batches
-    scanned inside. Without `old_logps` the update is on-policy (ratio exactly 1). With `sampler_logps` (the
-    sampler's log-probs) it logs the sampler/trainer mismatch and can correct for it
-    (`sampler_importance_sampling_correction`). jitted with explicit shardings and the state donated."""
+    `completion_mask`, `advantages`, and optionally `old_logps` / `ref_logps` / `sampler_logps`, and
+    `entropy_coef` `[accumulation, micro_batch]` (the entropy bonus's coefficient this step, the same value
+    everywhere; default `config.entropy_coef`)), micro-batches scanned inside. With an entropy bonus the metrics
+    add `policy_loss` (the loss without the bonus), `entropy_coef` and `entropy_bonus_mean` (the entropy over the
+    bonus's tokens, which adaptive control reads). Without `old_logps` the update is on-policy (ratio exactly 1).
+    With `sampler_logps` (the sampler's log-probs) it logs the sampler/trainer mismatch and can correct for it
+    (`sampler_importance_sampling_correction`); `off_policy_mask_threshold` measures the KL from them.
+    jitted with explicit shardings and the state donated."""
 
     def step(state: TrainState, batch: dict):
         mask = batch["completion_mask"].astype(jnp.float32)
         totals = {"tokens": jnp.maximum(jnp.sum(mask), 1.0),
-                  "sequences": float(batch["completion_mask"].shape[0] * batch["completion_mask"].shape[1])}
+                  "sequences": float(batch["completion_mask"].shape[0] * batch["completion_mask"].shape[1]),
+                  "accumulation": float(batch["completion_mask"].shape[0])}
         # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
         grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
 
@@ -280,7 +407,11 @@ def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, (losses, (metric_pairs, extremes)) = jax.lax.scan(micro_step, zeros, batch)
+        # the micro-batches' parts of the policy loss add up (each is normalised by the whole step)
+        policy_loss = metric_pairs.pop("policy_loss", None)
         metrics = mean_metrics(total_metrics(metric_pairs))
+        if policy_loss is not None:
+            metrics["policy_loss"] = jnp.sum(policy_loss[0])
         metrics.update(combine_extremes(extremes))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -344,6 +475,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
         if ref_model is None:
             check_reference_without_adapters(model, method="GRPO with beta > 0")
         reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else reference_params(state)
+        check_reference_sync(config, lora=state.frozen is not None, method="GRPO")
+        if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
+            reference = jax.tree.map(jnp.copy, reference)
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
                                          chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
                                          logps_fn=logps_fn)
@@ -353,7 +487,12 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
+    check_resume(config, start_step, method="GRPO")
     num_tokens = progress.get("num_tokens", 0)
+    # Adaptive entropy control's state: the coefficient and the last step's entropy (inf: no bonus before the first
+    # measurement, as TRL), saved with the checkpoints.
+    entropy_coef = progress.get("entropy_coef", config.entropy_coef)
+    last_entropy = progress.get("last_entropy") if progress.get("last_entropy") is not None else math.inf
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
                         description="grpo", start_step=start_step, config=config.to_dict())
@@ -380,9 +519,23 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
                     if step >= total_steps:
                         break
                     batch = {k: v[first:first + accumulation] for k, v in micro_batches.items()}
+                    if config.use_adaptive_entropy:  # applied only at or below the target, as last measured
+                        applied = entropy_coef if last_entropy <= config.entropy_target else 0.0
+                        batch["entropy_coef"] = np.full((accumulation, micro_batch), applied, np.float32)
                     placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True,
                                          check_shapes=False)  # the whole rollout is on every process: same shapes
                     state, metrics = train_step(state, placed)
+                    if ref_logps_fn is not None and config.sync_ref_model:  # TR-DPO: for the next rollouts
+                        synced = sync_reference(reference, state.full_params(), config, step=step + 1)
+                        if synced is not reference:
+                            reference = synced
+                            ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
+                                                             chunk_size=config.logits_chunk_size,
+                                                             micro_batch=micro_batch, mesh=mesh, logps_fn=logps_fn)
+                    if config.use_adaptive_entropy:
+                        last_entropy = float(metrics["entropy_bonus_mean"])
+                        entropy_coef = next_entropy_coef(config, entropy_coef, last_entropy)
+                        metrics = {**metrics, "entropy_coef": entropy_coef}  # TRL logs the updated coefficient
                     if iteration == 0:
                         num_tokens += rollout_tokens * accumulation // steps_per_generation
                     step += 1
@@ -395,7 +548,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
                                                              tools=toolbox)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
-                checkpoints.save(step, state, {"num_tokens": num_tokens})
+                checkpoints.save(step, state, {"num_tokens": num_tokens, "entropy_coef": entropy_coef,
+                                               "last_entropy": None if math.isinf(last_entropy) else last_entropy})
         log.flush(step, epoch=step / steps_in_epoch)
     finally:
         log.close()

@@ -45,6 +45,7 @@ from jaxpt.losses.rloo import penalized_rewards, rloo_advantages, rloo_loss
 from jaxpt.losses.sampled_rewards import nanstd, reward_metrics
 from jaxpt.losses.sampler_mismatch import combine_extremes, sampler_mismatch_metrics
 from jaxpt.models import set_gradient_checkpointing
+from jaxpt.reference_sync import check_reference_sync, check_resume, sync_reference
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
@@ -107,6 +108,13 @@ class RLOOConfig(TrainingConfig):
         "help": "With tools (train(tools=..., environment_factory=...)): rounds of tool calls per completion at most "
                 "(None: until a turn makes no call or max_completion_length is reached; GRPO's name in TRL). See "
                 "jaxpt/tools.py."})
+    sync_ref_model: bool = field(default=False, metadata={
+        "help": "TR-DPO (arXiv:2404.09656): every ref_model_sync_steps steps move the reference toward the policy, "
+                "ref <- alpha * policy + (1 - alpha) * ref (needs beta > 0; not with LoRA)."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO's alpha: the policy's share in the "
+                                                                        "reference update."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO's tau: optimizer steps between "
+                                                                     "reference updates."})
 
     def validate(self) -> None:
         super().validate()
@@ -119,6 +127,10 @@ class RLOOConfig(TrainingConfig):
             raise ValueError(f"max_prompt_length={self.max_prompt_length} must be >= 1 (or None: no truncation).")
         if self.beta < 0:
             raise ValueError(f"beta={self.beta} must be >= 0 (0: no reference model).")
+        if self.sync_ref_model and self.beta == 0.0:
+            raise ValueError("sync_ref_model=True with beta=0.0: there is no reference model to synchronise; set "
+                             "beta > 0 or sync_ref_model=False.")
+        check_reference_sync(self, lora=False, method="RLOO")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise ValueError(f"epsilon={self.epsilon} and epsilon_high={self.epsilon_high} must be >= 0 (the ratio "
                              "is clipped to [1 - epsilon, 1 + epsilon_high]).")
@@ -288,6 +300,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
         if ref_model is None:
             check_reference_without_adapters(model, method="RLOO with beta > 0")
         reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else reference_params(state)
+        check_reference_sync(config, lora=state.frozen is not None, method="RLOO")
+        if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
+            reference = jax.tree.map(jnp.copy, reference)
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
                                          chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
                                          logps_fn=logps_fn)
@@ -297,6 +312,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
+    check_resume(config, start_step, method="RLOO")
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
@@ -330,6 +346,13 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                     placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True,
                                          check_shapes=False)  # the whole rollout is on every process: same shapes
                     state, metrics = train_step(state, placed)
+                    if ref_logps_fn is not None and config.sync_ref_model:  # TR-DPO: for the next rollouts
+                        synced = sync_reference(reference, state.full_params(), config, step=step + 1)
+                        if synced is not reference:
+                            reference = synced
+                            ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
+                                                             chunk_size=config.logits_chunk_size,
+                                                             micro_batch=micro_batch, mesh=mesh, logps_fn=logps_fn)
                     if iteration == 0:
                         num_tokens += rollout_tokens * accumulation // steps_per_generation
                     step += 1

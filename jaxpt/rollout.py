@@ -253,10 +253,12 @@ def loss_mask(attention_mask: np.ndarray, finished: np.ndarray, *, mask_truncate
     return np.asarray(attention_mask, np.int32)
 
 
-def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk_size: int = 1024):
+def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk_size: int = 1024,
+                     entropy_gradient: bool = False):
     """Per-token log-probs and entropies `[batch, completion_len]` of the completion tokens under
     `softmax(logits / temperature)` (what the update trains on), from the final hidden states in chunks (never
-    full logits). `batch`: `prompt_ids`/`prompt_mask` (left-padded) and `completion_ids`/`attention_mask`."""
+    full logits). `batch`: `prompt_ids`/`prompt_mask` (left-padded) and `completion_ids`/`attention_mask`.
+    `entropy_gradient`: the entropies are differentiable (an entropy bonus in the loss), else a metric."""
     from flax import nnx
 
     model = nnx.merge(graphdef, params)
@@ -268,7 +270,7 @@ def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk
     predicting = hidden[:, prompt_length - 1: prompt_length + completion_length - 1]  # positions that predict them
     return chunked_token_logps(predicting, model.lm_head_weight(), batch["completion_ids"], chunk_size=chunk_size,
                                logit_softcap=model.final_logit_softcap, temperature=temperature,
-                               return_entropy=True)
+                               return_entropy=True, entropy_gradient=entropy_gradient)
 
 
 def reference_params(state):

@@ -286,3 +286,62 @@ def test_train_raises_the_margin_and_writes_trl_metrics(tmp_path):
     assert [r["step"] for r in evals] == [12, 24] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert {"eval_rewards/margins", "eval_logits/chosen", "eval_mean_token_accuracy"} <= set(evals[0])
     assert int(result.state.step) == 24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TR-DPO: reference synchronisation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_tr_dpo_reference_moves_toward_the_policy_every_sync_steps(tmp_path, monkeypatch):
+    """sync_ref_model: the reference the step sees is the initial model until step 2, then
+    0.6 * policy(after step 2) + 0.4 * reference, again after step 4 (float64 recomputation); the given ref_model
+    is left untouched (the synced reference is a copy)."""
+    real_make_train_step, seen = dpo.make_train_step, []
+
+    def recording_make_train_step(*args, **kwargs):
+        step = real_make_train_step(*args, **kwargs)
+
+        def recording_step(state, batch, ref_params):
+            reference = {k: np.asarray(v, np.float64) for k, v in nnx.to_flat_state(ref_params)}
+            state, metrics = step(state, batch, ref_params)
+            seen.append((reference, {k: np.asarray(v, np.float64) for k, v in nnx.to_flat_state(state.params)}))
+            return state, metrics
+
+        return recording_step
+
+    monkeypatch.setattr(dpo, "make_train_step", recording_make_train_step)
+    ref_model = tiny_llama(VOCAB, seed=1)
+    initial_ref = {k: np.asarray(v, np.float64) for k, v in nnx.to_flat_state(nnx.state(ref_model, nnx.Param))}
+    cfg = config(tmp_path, max_steps=5, sync_ref_model=True, ref_model_mixup_alpha=0.6, ref_model_sync_steps=2,
+                 learning_rate=1e-2)
+    dpo.train(tiny_llama(VOCAB), TOKENIZER, datasets.Dataset.from_list(preference_rows(20)), cfg, ref_model=ref_model)
+
+    references = [reference for reference, _ in seen]
+    policies = [policy for _, policy in seen]
+    expected_2 = {k: 0.6 * policies[1][k] + 0.4 * initial_ref[k] for k in initial_ref}
+    expected_4 = {k: 0.6 * policies[3][k] + 0.4 * expected_2[k] for k in initial_ref}
+    for step, expected in enumerate([initial_ref, initial_ref, expected_2, expected_2, expected_4], start=1):
+        for name in initial_ref:
+            np.testing.assert_allclose(references[step - 1][name], expected[name], rtol=1e-6, atol=1e-7,
+                                       err_msg=f"step {step} {name}")
+    moved = max(np.abs(expected_2[k] - initial_ref[k]).max() for k in initial_ref)
+    assert moved > 1e-2  # the update is visible, not a comparison of equal trees
+    for name, value in nnx.to_flat_state(nnx.state(ref_model, nnx.Param)):
+        np.testing.assert_array_equal(np.asarray(value, np.float64), initial_ref[name])
+
+
+def test_tr_dpo_bad_configurations_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="ref_model_mixup_alpha=1.5 must be in"):
+        config(tmp_path, sync_ref_model=True, ref_model_mixup_alpha=1.5)
+    with pytest.raises(ValueError, match="ref_model_sync_steps=0 must be >= 1"):
+        config(tmp_path, sync_ref_model=True, ref_model_sync_steps=0)
+    with pytest.raises(ValueError, match="cannot be combined with precompute_ref_log_probs=True"):
+        config(tmp_path, sync_ref_model=True, precompute_ref_log_probs=True)
+    from jaxpt import lora
+
+    model = tiny_llama(VOCAB)
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=2, lora_dropout=0.0))
+    with pytest.raises(ValueError, match="not supported with LoRA"):
+        dpo.train(model, TOKENIZER, datasets.Dataset.from_list(preference_rows(8)),
+                  config(tmp_path, sync_ref_model=True))

@@ -45,6 +45,12 @@ def read_metrics(output_dir):
     ({"scale_rewards": "z"}, "scale_rewards='z'"),
     ({"top_entropy_quantile": 0.0}, "top_entropy_quantile=0.0"),
     ({"generation_batch_size": 16, "steps_per_generation": 2}, "not both"),
+    ({"multi_objective_aggregation": "mean"}, "multi_objective_aggregation='mean'"),
+    ({"sapo_temperature_neg": 0.0}, "sapo_temperature_neg=0.0"),
+    ({"vespo_lambda_neg": -1.0}, "vespo_lambda_neg must be >= 0"),
+    ({"loss_type": "vespo", "sampler_importance_sampling_correction": True}, "'token_truncate' or 'token_mask'"),
+    ({"off_policy_mask_threshold": -0.5}, "off_policy_mask_threshold=-0.5"),
+    ({"use_adaptive_entropy": True, "entropy_coef": 2.0}, r"entropy_coef=2.0 must lie in \[entropy_coef_min"),
 ])
 def test_config_validation(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -109,18 +115,29 @@ def _one_step(cfg, arrays, accumulation, mesh=None):
     return jax.device_get(metrics), {k: np.asarray(v) for k, v in nnx.to_flat_state(state.params)}
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
-def test_accumulation_equals_one_big_batch(rollout_arrays, loss_type):
+@pytest.mark.parametrize("loss_type,options", [
+    ("dapo", {}), ("grpo", {}), ("dr_grpo", {}),
+    ("cispo", {"epsilon_high": 1.2, "entropy_coef": 0.05}),  # with the entropy bonus (differentiated entropies)
+    ("sapo", {}), ("luspo", {"importance_sampling_level": "sequence", "epsilon": 0.05}),
+    ("vespo", {"off_policy_mask_threshold": 0.05}),
+])
+def test_accumulation_equals_one_big_batch(rollout_arrays, loss_type, options):
     cfg, _, arrays, _, _ = rollout_arrays
     arrays = dict(arrays)
     noise = 0.3 * np.random.RandomState(0).randn(*arrays["sampler_logps"].shape)
     arrays["old_logps"] = arrays["sampler_logps"] + noise
-    cfg = cfg.replace(loss_type=loss_type)
+    cfg = cfg.replace(loss_type=loss_type, **options)
     metrics_1, params_1 = _one_step(cfg, arrays, 1)
     metrics_4, params_4 = _one_step(cfg, arrays, 4)
-    for key in ("loss", "grad_norm", "entropy", "clip_ratio/region_mean"):
+    activity = {"cispo": "cispo_clip_ratio", "vespo": "vespo/phi_seq_mean"}.get(loss_type, "clip_ratio/region_mean")
+    keys = ["loss", "grad_norm", "entropy"] + ([] if loss_type == "sapo" else [activity])
+    keys += ["policy_loss", "entropy_coef", "entropy_bonus_mean"] if "entropy_coef" in options else []
+    for key in keys:
         assert metrics_4[key] == pytest.approx(metrics_1[key], rel=1e-4, abs=1e-7), key
-    assert metrics_1["clip_ratio/region_mean"] > 0  # the perturbed old log-probs clip some tokens
+    if loss_type != "sapo":
+        assert metrics_1[activity] > 0  # the perturbed old log-probs clip some tokens
+    if "entropy_coef" in options:  # the bonus is in the loss: loss = policy loss - coef * mean entropy
+        assert metrics_1["loss"] == pytest.approx(metrics_1["policy_loss"] - 0.05 * metrics_1["entropy"], rel=1e-5)
     for name in params_1:
         np.testing.assert_allclose(params_4[name], params_1[name], atol=1e-6, err_msg=str(name))
 
@@ -180,6 +197,38 @@ def test_kl_iterations_and_resume(tmp_path, monkeypatch):
         assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
 
 
+def test_entropy_bonus_step_raises_the_entropy(rollout_arrays):
+    """With zero advantages only the bonus moves the parameters: one step raises the mean entropy of the batch."""
+    cfg, state, arrays, _, _ = rollout_arrays
+    arrays = dict(arrays, advantages=np.zeros_like(arrays["advantages"]))
+    metrics, params = _one_step(cfg.replace(entropy_coef=1.0), arrays, 2)
+    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    updated = nnx.from_flat_state({name: value for name, value in params.items()})
+    mask = arrays["completion_mask"].astype(bool)
+    before = np.asarray(completion_logps(state.params, state.graphdef, batch, temperature=1.0)[1])[mask].mean()
+    after = np.asarray(completion_logps(updated, state.graphdef, batch, temperature=1.0)[1])[mask].mean()
+    assert metrics["entropy"] == pytest.approx(before, rel=1e-5)
+    assert metrics["policy_loss"] == pytest.approx(0.0, abs=1e-7)
+    assert after > before + 1e-3
+
+
+def test_adaptive_entropy_control_and_gdpo(tmp_path):
+    """Adaptive control applies no bonus before its first measurement and moves its coefficient by
+    entropy_coef_delta per step toward the target; GDPO (normalize_then_sum) trains with two reward functions."""
+    def length_reward(completions, **kwargs):
+        return [len(c) / 8 for c in completions]
+
+    cfg = config(tmp_path, use_adaptive_entropy=True, entropy_coef=0.3, entropy_coef_delta=0.1, entropy_target=100.0,
+                 multi_objective_aggregation="normalize_then_sum", max_steps=3)
+    adaptive = grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, cfg, reward_funcs=[digits_reward, length_reward])
+    # entropy (a few nats) is below the target, so the coefficient rises each step; the first step applies none
+    assert [round(r["entropy_coef"], 6) for r in adaptive.metrics] == [0.4, 0.5, 0.6]
+    first, second = adaptive.metrics[:2]
+    assert first["loss"] == pytest.approx(first["policy_loss"], abs=1e-7)
+    assert second["loss"] == pytest.approx(second["policy_loss"] - 0.4 * second["entropy_bonus_mean"], rel=1e-4)
+    assert {"rewards/digits_reward/mean", "rewards/length_reward/mean", "frac_reward_zero_std"} <= set(first)
+
+
 def test_bad_reward_functions_fail_early(tmp_path):
     with pytest.raises(ValueError, match="reward_funcs is empty"):
         grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, config(tmp_path), reward_funcs=[])
@@ -191,3 +240,18 @@ def test_bad_reward_functions_fail_early(tmp_path):
     with pytest.raises(ValueError, match="GRPO needs a prompt_only"):
         grpo.train(tiny_llama(VOCAB), TOKENIZER, datasets.Dataset.from_list([{"text": "x"}]), config(tmp_path),
                    reward_funcs=[digits_reward])
+
+
+def test_sync_ref_model_hard_updates_keep_the_kl_at_zero(tmp_path):
+    """TR-DPO's reference synchronisation in GRPO: with alpha = 1 every step the reference becomes the policy, so
+    the KL of each next rollout is exactly 0 (the fixed reference's grows: test_kl_iterations_and_resume); bad
+    settings fail early."""
+    cfg = config(tmp_path, beta=0.1, max_steps=3, sync_ref_model=True, ref_model_mixup_alpha=1.0,
+                 ref_model_sync_steps=1)
+    synced = grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, cfg, reward_funcs=[digits_reward]).metrics
+    assert [r["kl"] for r in synced] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    assert synced[-1]["grad_norm"] > 0
+    with pytest.raises(ValueError, match="sync_ref_model=True with beta=0.0"):
+        config(tmp_path, sync_ref_model=True)
+    with pytest.raises(ValueError, match="ref_model_sync_steps=0 must be >= 1"):
+        config(tmp_path, sync_ref_model=True, beta=0.1, ref_model_sync_steps=0)

@@ -98,3 +98,20 @@ def test_config_validation(tmp_path):
         config(tmp_path, num_generations=1)
     with pytest.raises(ValueError, match="reward_clip_range"):
         config(tmp_path, reward_clip_range=[1.0])
+
+
+def test_sync_ref_model_hard_updates_keep_the_kl_at_zero(tmp_path):
+    """TR-DPO's reference synchronisation (TRL's RLOO has it): with alpha = 1 every step the reference becomes the
+    policy, so each next rollout's KL to it is exactly 0, where the fixed reference drifts away."""
+    options = dict(beta=0.5, max_steps=3, learning_rate=0.1)
+    synced = rloo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, config(
+        tmp_path / "synced", sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=1, **options),
+        reward_funcs=[digits_reward]).metrics
+    fixed = rloo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, config(tmp_path / "fixed", **options),
+                       reward_funcs=[digits_reward]).metrics
+    assert [r["kl"] for r in synced] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    assert fixed[0]["kl"] == pytest.approx(0.0, abs=1e-6) and fixed[-1]["kl"] > 1e-3
+    with pytest.raises(ValueError, match="sync_ref_model=True with beta=0.0"):
+        config(tmp_path, sync_ref_model=True, beta=0.0)
+    with pytest.raises(ValueError, match="ref_model_mixup_alpha=-0.1 must be in"):
+        config(tmp_path, sync_ref_model=True, beta=0.1, ref_model_mixup_alpha=-0.1)

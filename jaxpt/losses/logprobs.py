@@ -172,8 +172,8 @@ def _chunk_logits(hidden_chunk, weight, logit_softcap, temperature):
     return raw, logits
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_logps(hidden, weight, targets, logit_softcap, temperature):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_logps(hidden, weight, targets, logit_softcap, temperature, entropy_gradient=False):
     logps, entropy = _chunked_forward(hidden, weight, targets, logit_softcap, temperature)
     return logps, entropy
 
@@ -193,22 +193,28 @@ def _chunked_forward(hidden, weight, targets, logit_softcap, temperature):
     return logps, entropy
 
 
-def _chunked_fwd(hidden, weight, targets, logit_softcap, temperature):
+def _chunked_fwd(hidden, weight, targets, logit_softcap, temperature, entropy_gradient=False):
     out = _chunked_forward(hidden, weight, targets, logit_softcap, temperature)
     return out, (hidden, weight, targets)
 
 
-def _chunked_bwd(logit_softcap, temperature, residuals, cotangents):
+def _chunked_bwd(logit_softcap, temperature, entropy_gradient, residuals, cotangents):
     hidden, weight, targets = residuals
-    d_logps, _ = cotangents  # entropy is a metric: its cotangent is ignored
+    d_logps, d_entropy = cotangents  # without entropy_gradient the entropy is a metric: its cotangent is ignored
+    if not entropy_gradient:
+        d_entropy = jnp.zeros_like(d_logps)
 
     def one_chunk(d_weight, inputs):
-        hidden_chunk, target_chunk, d_chunk = inputs
+        hidden_chunk, target_chunk, d_chunk, d_entropy_chunk = inputs
         raw, logits = _chunk_logits(hidden_chunk, weight, logit_softcap, temperature)
         probs = jax.nn.softmax(logits, axis=-1)
         vocab = jnp.arange(logits.shape[-1], dtype=target_chunk.dtype)
         one_hot = (vocab == target_chunk[:, None]).astype(jnp.float32)
         d_logits = d_chunk[:, None] * (one_hot - probs)  # d logp / d logits
+        if entropy_gradient:  # H = -sum p log p, so dH / d logits_j = -p_j (log p_j + H)
+            log_probs = jax.nn.log_softmax(logits, axis=-1)
+            entropy = -jnp.sum(probs * log_probs, axis=-1, keepdims=True)
+            d_logits = d_logits - d_entropy_chunk[:, None] * probs * (log_probs + entropy)
         if temperature != 1.0:
             d_logits = d_logits / temperature
         if logit_softcap is not None:
@@ -220,7 +226,7 @@ def _chunked_bwd(logit_softcap, temperature, residuals, cotangents):
         return d_weight, d_hidden.astype(hidden_chunk.dtype)
 
     d_weight0 = jnp.zeros_like(weight, jnp.float32)  # like weight: device-varying inside shard_map
-    d_weight, d_hidden = jax.lax.scan(one_chunk, d_weight0, (hidden, targets, d_logps))
+    d_weight, d_hidden = jax.lax.scan(one_chunk, d_weight0, (hidden, targets, d_logps, d_entropy))
     return d_hidden, d_weight.astype(weight.dtype), None
 
 
@@ -236,6 +242,7 @@ def chunked_token_logps(
     logit_softcap: float | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    entropy_gradient: bool = False,
 ):
     """`token_logps(project(hidden_states, weight), target_ids)` without holding the full logits.
 
@@ -244,18 +251,20 @@ def chunked_token_logps(
     is a stretch of the sequence of every row: see `_row_chunks`); the backward pass recomputes each chunk's
     logits, so peak memory is about `chunk_size * vocab` floats (per device, under a mesh), not
     `batch * seq * vocab`. `logit_softcap` is the model's `final_logit_softcap` (Gemma 2).
-    With `return_entropy`, also the per-token entropy (a metric: not differentiated).
+    With `return_entropy`, also the per-token entropy: a metric, not differentiated, unless `entropy_gradient`
+    (an entropy bonus in the loss, GRPO's `entropy_coef`), whose backward pass adds `dH/dlogits` in the same chunks.
     """
 
     def local(hidden_states, target_ids, weight):
         hidden, targets, unchunked = _row_chunks(chunk_size, hidden_states, target_ids.astype(jnp.int32))
-        logps, entropy = _chunked_logps(hidden, weight, targets, logit_softcap, float(temperature))
+        logps, entropy = _chunked_logps(hidden, weight, targets, logit_softcap, float(temperature),
+                                        entropy_gradient)
         return unchunked(logps), unchunked(entropy)
 
     logps, entropy = _on_own_rows(local, (hidden_states, target_ids), (weight,), hidden_states.dtype)
     if not return_entropy:
         return logps
-    return logps, jax.lax.stop_gradient(entropy)
+    return logps, entropy if entropy_gradient else jax.lax.stop_gradient(entropy)
 
 
 TOKEN_STATS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
@@ -299,7 +308,7 @@ def _chunked_stats_fwd(hidden, weight, targets, logit_softcap, temperature, stat
 
 def _chunked_stats_bwd(logit_softcap, temperature, stats, residuals, cotangents):
     # the statistics are metrics/weights: only the log-probs are differentiated (same backward pass)
-    return _chunked_bwd(logit_softcap, temperature, residuals, (cotangents[0], None))
+    return _chunked_bwd(logit_softcap, temperature, False, residuals, (cotangents[0], None))
 
 
 _chunked_logps_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)

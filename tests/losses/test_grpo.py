@@ -135,11 +135,36 @@ def test_on_policy_zero_mean_advantages_give_zero_loss_but_a_gradient(loss_type)
 
 
 def test_micro_batch_normalisers_add_up_to_the_big_batch():
-    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        big, _ = grpo_loss(LOGPS, OLD, None, ADV, MASK, loss_type=loss_type)
-        parts = [grpo_loss(LOGPS[s], OLD[s], None, ADV[s], MASK[s], loss_type=loss_type, num_tokens=MASK.sum(),
-                           num_sequences=B, max_completion_length=T)[0] for s in (slice(0, 2), slice(2, 6))]
+    entropies = RNG.uniform(0.0, 2.0, (B, T))
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"):
+        options = dict(loss_type=loss_type, entropies=entropies, entropy_coef=0.1)
+        big, _ = grpo_loss(LOGPS, OLD, None, ADV, MASK, **options)
+        parts = [grpo_loss(LOGPS[s], OLD[s], None, ADV[s], MASK[s], num_tokens=MASK.sum(), num_sequences=B,
+                           max_completion_length=T, num_entropy_tokens=MASK.sum(),
+                           **{**options, "entropies": entropies[s]})[0] for s in (slice(0, 2), slice(2, 6))]
         assert float(sum(parts)) == pytest.approx(float(big), rel=1e-5), loss_type
+
+
+def test_normalize_then_sum_advantages_gdpo():
+    """GDPO: each reward function normalised within its group, the weighted sum standardised over the batch; a
+    completion no function scored gets 0 and is left out of the batch statistics."""
+    rewards = RNG.randn(B, 2)
+    rewards[1, 0] = np.nan  # one function returned None
+    rewards[4] = np.nan  # unscorable
+    weights = np.array([1.0, 0.5])
+    with jax.enable_x64(True):
+        advantages = np.asarray(grpo_advantages(rewards, num_generations=G, reward_weights=weights,
+                                                multi_objective_aggregation="normalize_then_sum"))
+    grouped = rewards.reshape(-1, G, 2)
+    normalized = (grouped - np.nanmean(grouped, 1, keepdims=True)) / (np.nanstd(grouped, 1, ddof=1, keepdims=True)
+                                                                      + 1e-4)
+    summed = np.nansum(normalized.reshape(B, 2) * weights, axis=1)
+    summed[4] = np.nan
+    expected = np.nan_to_num((summed - np.nanmean(summed)) / (np.nanstd(summed, ddof=1) + 1e-4))
+    np.testing.assert_allclose(advantages, expected, rtol=1e-5, atol=1e-6)
+    assert advantages[4] == 0 and np.abs(advantages).min() < np.abs(advantages).max()
+    with pytest.raises(ValueError, match="multi_objective_aggregation='sum'"):
+        grpo_advantages(rewards, num_generations=G, multi_objective_aggregation="sum")
 
 
 def test_high_entropy_mask_keeps_the_top_quantile():

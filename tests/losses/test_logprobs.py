@@ -273,3 +273,32 @@ def test_data_parallel_under_a_mesh_equals_no_mesh(mesh_shape, rows):
                           strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path[0]))
     assert float(jnp.abs(got[1][1]).max()) > 1e-3  # the weight gradient is not trivially zero
+
+
+def test_entropy_gradient_through_the_chunked_backward_matches_dense_autodiff():
+    """`entropy_gradient=True` (GRPO's entropy bonus): the chunked backward pass adds dH/dlogits, equal to
+    differentiating the entropy of full logits (with temperature); without it the entropy is a metric (no gradient)."""
+    from jaxpt.losses.logprobs import chunked_token_logps
+
+    hidden = jax.random.normal(jax.random.key(0), (3, 5, 4))
+    weight = jax.random.normal(jax.random.key(1), (11, 4))
+    targets = jax.random.randint(jax.random.key(2), (3, 5), 0, 11)
+    logp_weights, entropy_weights = jax.random.normal(jax.random.key(3), (2, 3, 5))
+
+    def chunked(hidden, weight, entropy_gradient):
+        logps, entropy = chunked_token_logps(hidden, weight, targets, chunk_size=4, temperature=0.7,
+                                             return_entropy=True, entropy_gradient=entropy_gradient)
+        return jnp.sum(logps * logp_weights) + jnp.sum(entropy * entropy_weights)
+
+    def dense(hidden, weight, with_entropy=True):
+        log_probs = jax.nn.log_softmax(jnp.einsum("bsh,vh->bsv", hidden, weight) / 0.7)
+        entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+        logps = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(logps * logp_weights) + with_entropy * jnp.sum(entropy * entropy_weights)
+
+    for got, want in zip(jax.grad(chunked, (0, 1))(hidden, weight, True), jax.grad(dense, (0, 1))(hidden, weight),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    metric_only = jax.grad(chunked, (0, 1))(hidden, weight, False)
+    for got, want in zip(metric_only, jax.grad(lambda h, w: dense(h, w, False), (0, 1))(hidden, weight), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
