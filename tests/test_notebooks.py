@@ -19,5 +19,5 @@ def test_notebook_runs(path, tmp_path):
     assert any(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs)  # the plot
 
 
-def test_there_is_a_notebook():
-    assert any(p.name == "composing_losses.ipynb" for p in NOTEBOOKS)
+def test_the_notebooks_are_there():
+    assert {"composing_losses.ipynb", "compare_methods.ipynb"} <= {p.name for p in NOTEBOOKS}
