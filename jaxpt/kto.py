@@ -48,7 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, loop
+from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss
@@ -366,17 +366,19 @@ def make_train_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None,
 
     def step(state: TrainState, batch: dict, ref_params: nnx.State | None = None):
         ref_logps, kl, num_examples = _prepare_step(state, batch, ref_params, ref_graphdef, config)
-        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
-        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters, with their dropout; the frozen base
+        # joins them here)
+        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
 
         def micro_step(grads, inputs):
-            micro_batch, micro_ref_logps = inputs
+            micro_batch, micro_ref_logps, micro_index = inputs
             (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, micro_ref_logps,
-                                                        kl, num_examples, config)
+                                                        kl, num_examples, config, micro_index=micro_index)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, ref_logps))
+        micro_indices = jnp.arange(ref_logps.shape[0])
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, ref_logps, micro_indices))
         metrics = _step_metrics(metric_pairs, kl)
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)

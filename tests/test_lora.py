@@ -145,8 +145,8 @@ def test_bad_adapters_fail_clearly(tmp_path):
         lora.load_adapter(model, tmp_path / "nowhere")
     with pytest.raises(ValueError, match="lora_target_modules=.*matches no linear layer"):
         lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_target_modules=["qkv"], lora_dropout=0.0))
-    with pytest.raises(ValueError, match="lora_dropout=0.05: jaxpt does not apply dropout"):
-        lora.apply_lora(model, lora.LoraConfig(use_peft=True))
+    with pytest.raises(ValueError, match="lora_dropout=1.0 must be in \\[0, 1\\)"):
+        lora.LoraConfig(lora_dropout=1.0)
     with pytest.raises(ValueError, match="lora_r=0 must be >= 1"):
         lora.LoraConfig(lora_r=0)
     random_peft_adapter(directory, tmp_path / "dora", seed=0, r=2, target_modules=["q_proj"], use_dora=True)
@@ -237,8 +237,8 @@ def test_sft_with_lora_trains_only_the_adapters(tiny_dir, tmp_path):
 
 
 def test_sft_command_with_use_peft(tiny_dir, tmp_path):
-    """`jaxpt sft --use_peft --lora_r 8 ...`: trains, lowers the loss, exports an adapter peft loads; TRL's
-    default lora_dropout (0.05) is refused up front, naming the fix."""
+    """`jaxpt sft --use_peft --lora_r 8 ...` (TRL's default lora_dropout, 0.05): trains, lowers the loss, exports an
+    adapter peft loads."""
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in arithmetic_texts(48)) + "\n")
     out = tmp_path / "out"
@@ -247,15 +247,13 @@ def test_sft_command_with_use_peft(tiny_dir, tmp_path):
             "4", "--max_length", "16", "--mesh_fsdp", "1", "--disable_tqdm", "true", "--completion_only_loss",
             "false", "--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "k_proj",
             "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    with pytest.raises(ValueError, match="lora_dropout=0.05: jaxpt does not apply dropout"):
-        cli.main(args)
-    assert cli.main([*args, "--lora_dropout", "0.0"]) == 0
+    assert cli.main(args) == 0  # TRL's default lora_dropout, 0.05
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] - 0.4  # 4.3 -> 3.7 (a random tiny base)
     assert records[-1]["mean_token_accuracy"] > records[0]["mean_token_accuracy"] + 0.3
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16 and len(config["target_modules"]) == 7
-    assert config["base_model_name_or_path"] == str(tiny_dir)
+    assert config["lora_dropout"] == 0.05 and config["base_model_name_or_path"] == str(tiny_dir)
     model = jaxpt.models.from_pretrained(tiny_dir, adapter=out / "final")
     peft_logits_equal_jaxpt(tiny_dir, out / "final", model, np.asarray([TOKENIZER("2+5=7")["input_ids"]]))
 
@@ -381,3 +379,102 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tiny_dir, tm
     resumed = run(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoints" / "2"))
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_dropout_drops_the_adapter_input_only_while_training():
+    """peft's LoRA dropout, `scale * B A dropout(x)`: with A = B = identity and a zero base weight the layer returns
+    dropout(x) itself; every entry is 0 or x / (1 - p), about p of them 0, new masks for a new key; outside
+    `adapter_dropout` (evaluation, sampling, references) the layer returns x exactly."""
+    from jaxpt.models.layers import Linear, adapter_dropout
+
+    features, rate = 64, 0.25
+    layer = Linear(features, features, rngs=nnx.Rngs(0))
+    layer.weight[...] = jnp.zeros((features, features))
+    layer.lora_a, layer.lora_b = LoRAParam(jnp.eye(features)), LoRAParam(jnp.eye(features))
+    layer.lora_scale, layer.lora_dropout = 1.0, rate
+    x = jax.random.normal(jax.random.key(0), (32, features)) + 3.0  # no exact zeros
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(x))
+    outputs = []
+    for seed in (1, 2):
+        with adapter_dropout(jax.random.key(seed)):
+            outputs.append(np.asarray(layer(x)))
+    for out in outputs:
+        dropped = out == 0.0
+        np.testing.assert_allclose(out[~dropped], np.asarray(x)[~dropped] / (1 - rate), rtol=1e-6)
+        assert abs(dropped.mean() - rate) < 0.03, dropped.mean()
+    assert (outputs[0] == 0).mean() != (outputs[1] == 0).mean() or (outputs[0] != outputs[1]).any()
+    assert ((outputs[0] == 0) != (outputs[1] == 0)).mean() > 0.2  # independent masks: ~2p(1-p) = 0.375 differ
+
+
+def lora_sft_state(tiny_dir, *, lora_dropout, b_scale=0.0):
+    import optax
+
+    from jaxpt.train_state import TrainState
+
+    model = jaxpt.models.from_pretrained(tiny_dir)
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=4, lora_dropout=lora_dropout,
+                                           lora_target_modules=["all-linear"]), seed=1)
+    state = TrainState.create(model, optax.sgd(0.1))
+    if b_scale:
+        state = state.replace(params=jax.tree_util.tree_map_with_path(
+            lambda path, x: x + b_scale if "lora_b" in jax.tree_util.keystr(path) else x, state.params))
+    config = sft.SFTConfig(output_dir="unused", max_length=16, completion_only_loss=False, seed=0)
+    examples = sft.prepare_dataset(datasets.Dataset.from_list(arithmetic_texts(8)), TOKENIZER, config)
+    batch = {k: jnp.asarray(v[0]) for k, v in sft.collate(examples, accumulation_steps=1, buckets=[16]).items()}
+    return state, config, batch
+
+
+def dropout_grads_fn(state, config, batch):
+    """`grads(params, step, micro_index)` of the SFT loss as the train step differentiates it (jitted once)."""
+    num_tokens = jnp.maximum(jnp.sum(sft._targets(batch)[1]), 1.0)
+
+    def grads(params, step, micro_index):
+        grad_fn = lora.value_and_grad(sft.loss_fn, state.replace(step=step), seed=config.seed)
+        return grad_fn(params, state.graphdef, batch, config, num_tokens, micro_index=micro_index)[1]
+
+    return jax.jit(grads)
+
+
+def flat(grads):
+    return np.concatenate([np.ravel(np.asarray(g)) for g in jax.tree.leaves(grads)])
+
+
+def test_lora_dropout_gradients(tiny_dir):
+    """The train step's gradients with LoRA dropout (`lora.value_and_grad`): lora_dropout=0 gives exactly the
+    plain gradient; p > 0 gives other gradients, the same again for the same (seed, step, micro-batch) (so a
+    resumed run reproduces them) and new ones for another micro-batch or step; and at B = 0, where the gradient of
+    B is linear in dropout(x), their mean over many masks is the gradient without dropout (inverted dropout keeps
+    the expectation). The model called outside a step (evaluation, sampling) is the same with or without dropout."""
+    state, config, batch = lora_sft_state(tiny_dir, lora_dropout=0.0, b_scale=0.01)
+    num_tokens = jnp.maximum(jnp.sum(sft._targets(batch)[1]), 1.0)
+    plain = jax.jit(jax.grad(lambda p: sft.loss_fn(state.full_params(p), state.graphdef, batch, config,
+                                                   num_tokens)[0]))(state.params)
+    without = dropout_grads_fn(state, config, batch)(state.params, 0, 0)
+    np.testing.assert_allclose(flat(without), flat(plain), rtol=0, atol=1e-6)  # the same computation
+
+    dropped_state, _, _ = lora_sft_state(tiny_dir, lora_dropout=0.3, b_scale=0.01)
+    dropped_grads = dropout_grads_fn(dropped_state, config, batch)
+    first, again = dropped_grads(dropped_state.params, 0, 0), dropped_grads(dropped_state.params, 0, 0)
+    other_micro, other_step = dropped_grads(dropped_state.params, 0, 1), dropped_grads(dropped_state.params, 1, 0)
+    np.testing.assert_array_equal(flat(first), flat(again))
+    for other in (without, other_micro, other_step):
+        assert np.abs(flat(first) - flat(other)).max() > 1e-3 * np.abs(flat(without)).max()
+    ids = jnp.asarray(batch["input_ids"])
+    np.testing.assert_array_equal(np.asarray(dropped_state.model()(ids)), np.asarray(state.model()(ids)))
+
+    # B = 0 (as apply_lora starts): the gradient of B is linear in dropout(x), so its mean over masks is exact
+    zero_b = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(path) else x, dropped_state.params)
+    expected = dropout_grads_fn(state, config, batch)(zero_b, 0, 0)
+    many = jax.jit(jax.vmap(dropped_grads, in_axes=(None, None, 0)))(zero_b, 0, jnp.arange(256))
+    mean = jax.tree.map(lambda g: g.mean(axis=0), many)
+    b_only = lambda tree: flat(nnx.filter_state(tree, lambda path, _: path[-1] == "lora_b"))  # noqa: E731
+    expected_b, mean_b, one_b = b_only(expected), b_only(mean), b_only(jax.tree.map(lambda g: g[0], many))
+    scale = np.abs(expected_b).max()
+    assert np.abs(one_b - expected_b).max() > 0.2 * scale  # one mask: far from it
+    assert np.abs(mean_b - expected_b).max() < 0.1 * scale, np.abs(mean_b - expected_b).max() / scale
