@@ -478,3 +478,69 @@ def test_lora_dropout_gradients(tiny_dir):
     scale = np.abs(expected_b).max()
     assert np.abs(one_b - expected_b).max() > 0.2 * scale  # one mask: far from it
     assert np.abs(mean_b - expected_b).max() < 0.1 * scale, np.abs(mean_b - expected_b).max() / scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KTO: the reference under LoRA
+# ---------------------------------------------------------------------------------------------------------------
+
+KTO_ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b + (0 if good else 3)), "label": good}
+            for a, b, good in zip(range(8), [3, 1, 4, 1, 5, 9, 2, 6], [True, False] * 4, strict=True)]
+
+
+def adapted_model(tiny_dir):
+    """A tiny Llama with LoRA on every linear layer and B != 0: the policy already differs from the base."""
+    model = jaxpt.models.from_pretrained(tiny_dir)
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=4, lora_dropout=0.1, lora_target_modules=[
+        "all-linear"]), seed=2)
+    for _, module in lora._linear_modules(model):
+        if module.lora_b is not None:
+            module.lora_b[...] = jax.random.normal(jax.random.key(3), module.lora_b.shape) * 0.3
+    return model
+
+
+def test_kto_with_lora_uses_the_base_with_adapters_off_as_reference(tiny_dir, tmp_path, monkeypatch):
+    """KTO under LoRA, like DPO: the reference the step receives is the adapters switched off (the adapters' size,
+    every B zero: no copy of the base), joined with the frozen base inside the step, so its log-probs are the plain
+    base model's, not the (already adapted) policy's. With precomputed reference log-probs, the same reference."""
+    from jaxpt import kto
+
+    recorded = []
+    original_step = kto.make_train_step
+
+    def recording_step(*args, **kwargs):
+        step = original_step(*args, **kwargs)
+        return lambda state, batch, ref_params=None: (recorded.append((ref_params, kwargs["ref_graphdef"])),
+                                                      step(state, batch, ref_params))[1]
+
+    monkeypatch.setattr(kto, "make_train_step", recording_step)
+    config = kto.KTOConfig(output_dir=str(tmp_path), max_length=16, per_device_train_batch_size=2, logging_steps=1,
+                           learning_rate=1e-2, max_steps=2, save_steps=0, disable_tqdm=True, seed=0, mesh_fsdp=1,
+                           save_final_model=False)
+    model = adapted_model(tiny_dir)
+    result = kto.train(model, TOKENIZER, datasets.Dataset.from_list(KTO_ROWS), config)
+    state = result.state
+    reference, ref_graphdef = recorded[0]
+    assert ref_graphdef is None and size(reference) == size(state.params) == lora.adapter_parameter_count(model)
+    assert not any(np.asarray(b).any() for b in jax.tree.leaves(nnx.filter_state(reference, lambda p, _: p[-1] ==
+                                                                                  "lora_b")))
+    examples = kto.prepare_dataset(datasets.Dataset.from_list(KTO_ROWS[:4]), TOKENIZER, config)
+    batch = {k: jnp.asarray(v[0]) for k, v in kto.collate(examples, accumulation_steps=1, buckets=[16]).items()}
+    base = jaxpt.models.from_pretrained(tiny_dir)
+    expected = kto._sequence_logps(nnx.state(base, nnx.Param), nnx.graphdef(base), batch, config)
+    in_step = kto._sequence_logps(state.full_params(reference), state.graphdef, batch, config)
+    policy = kto._sequence_logps(state.full_params(), state.graphdef, batch, config)
+    np.testing.assert_allclose(np.asarray(in_step), np.asarray(expected), atol=1e-5)
+    assert np.abs(np.asarray(policy) - np.asarray(expected)).max() > 0.1
+
+    precomputed = []
+    original_precompute = kto.precompute_ref_logps
+    monkeypatch.setattr(kto, "precompute_ref_logps", lambda examples, *args, **kwargs: precomputed.append(
+        original_precompute(examples, *args, **kwargs)) or precomputed[-1])
+    kto.train(adapted_model(tiny_dir), TOKENIZER, datasets.Dataset.from_list(KTO_ROWS[:4]),
+              config.replace(output_dir=str(tmp_path / "pre"), precompute_ref_log_probs=True, max_steps=1))
+    assert recorded[-1][0] is None
+    ids = lambda e: tuple(np.concatenate([e["prompt_ids"], e["completion_ids"]]).tolist())  # noqa: E731
+    by_ids = {ids(e): e["ref_logps"] for e in precomputed[0]}
+    for example, value in zip(examples, np.asarray(expected), strict=True):
+        assert by_ids[ids(example)] == pytest.approx(value, abs=1e-4)
