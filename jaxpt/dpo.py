@@ -44,7 +44,7 @@ from flax import nnx
 from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
-from jaxpt.lora import check_reference_without_adapters, without_adapters
+from jaxpt.lora import check_reference_without_adapters, has_adapters, without_adapters
 from jaxpt.losses.dpo import (
     DPO_LOSS_TYPES,
     check_dpo_options,
@@ -492,6 +492,11 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
         raise ValueError("ref_model is the policy itself: leave ref_model=None for a frozen copy of the initial model.")
     if ref_model is None and not config.precompute_ref_log_probs:
         check_reference_without_adapters(model, method="DPO")
+    if ref_model is not None and has_adapters(model) and not config.precompute_ref_log_probs:
+        raise ValueError("ref_model with a LoRA policy: the step's reference under LoRA is the base model with the "
+                         "adapters switched off (leave ref_model=None: no second copy of the weights); for another "
+                         "reference model set precompute_ref_log_probs=True (its log-probs are computed once, "
+                         "before training).")
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -512,6 +517,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
 
     if config.precompute_ref_log_probs:  # before the first step donates the model's parameters
         reference = ref_model if ref_model is not None else model
+        if ref_model is None and has_adapters(model):  # the base model: the adapters switched off (no copy)
+            reference = nnx.merge(nnx.graphdef(model), without_adapters(nnx.state(model, nnx.Param)))
         examples = precompute_ref_logps(reference, examples, config, mesh=mesh, buckets=buckets,
                                         pad_token_id=pad_id)
         if eval_examples:

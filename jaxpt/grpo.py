@@ -330,7 +330,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     if config.beta != 0.0:
         if ref_model is None:
             check_reference_without_adapters(model, method="GRPO with beta > 0")
-        reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else reference_params(state)
+        # under LoRA the default is the base with the adapters off; a ref_model runs with zero adapters
+        reference = (lora.with_adapters_off(nnx.state(ref_model, nnx.Param), state) if ref_model is not None
+                     else reference_params(state))
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
                                          chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
                                          logps_fn=logps_fn)

@@ -46,7 +46,7 @@ from jaxpt.models.layers import Linear, LoRAParam
 from jaxpt.sharding import partition_spec
 
 __all__ = ["LoraConfig", "LoRAParam", "AdapterSettings", "apply_lora", "load_adapter", "save_adapter",
-           "merge_adapter", "without_adapters", "check_reference_without_adapters", "has_adapters",
+           "merge_adapter", "without_adapters", "with_adapters_off", "check_reference_without_adapters", "has_adapters",
            "trainable_filter", "adapter_parameter_count", "value_and_grad", "dropout_key", "ADAPTER_CONFIG_NAME",
            "ADAPTER_WEIGHTS_NAME"]
 
@@ -536,6 +536,16 @@ def without_adapters(params: nnx.State) -> nnx.State:
         return value
 
     return jax.tree_util.tree_map_with_path(switch_off, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_adapters_off(ref_params: nnx.State, state) -> nnx.State:
+    """A reference model's parameters (`nnx.state(ref_model, nnx.Param)`, the policy's base architecture) as the
+    policy's graph under LoRA reads them: joined with the policy's adapters switched off (zeros of `lora_b`, copies
+    of `lora_a`), so the reference model runs unadapted. Unchanged when the policy has no adapters."""
+    if state.frozen is None:
+        return ref_params
+    adapters = nnx.filter_state(state.params, LoRAParam)
+    return nnx.merge_state(jax.tree.map(jnp.copy, without_adapters(adapters)), ref_params)
 
 
 def check_reference_without_adapters(model: nnx.Module, *, method: str) -> None:

@@ -544,3 +544,63 @@ def test_kto_with_lora_uses_the_base_with_adapters_off_as_reference(tiny_dir, tm
     by_ids = {ids(e): e["ref_logps"] for e in precomputed[0]}
     for example, value in zip(examples, np.asarray(expected), strict=True):
         assert by_ids[ids(example)] == pytest.approx(value, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands with --use_peft
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_dpo_command_with_use_peft_and_merged_export(tiny_dir, tmp_path):
+    """`jaxpt dpo --use_peft ... --merge_adapter_on_save true` (TRL's default lora_dropout 0.05; the reference is the
+    base with adapters off): the margin grows; final/ is an adapter peft loads with jaxpt's logits, final_merged/ a
+    full checkpoint transformers loads with the same logits. Without --use_peft the flag is refused."""
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 2)}
+            for a, b in zip(range(10), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], strict=True)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    args = ["dpo", "--model_name_or_path", str(tiny_dir), "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_steps", "12", "--logging_steps", "1", "--learning_rate", "0.02", "--beta", "0.5",
+            "--per_device_train_batch_size", "2", "--max_length", "16", "--mesh_fsdp", "1", "--disable_tqdm", "true",
+            "--merge_adapter_on_save", "true"]
+    with pytest.raises(ValueError, match="--merge_adapter_on_save merges LoRA adapters.*--use_peft is not set"):
+        cli.main(args)
+    assert cli.main([*args, "--use_peft", "--lora_r", "4", "--lora_target_modules", "all-linear"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == pytest.approx(np.log(2), abs=0.05)  # B = 0 at the start: policy = reference
+    margins = [r["rewards/margins"] for r in records]
+    assert np.mean(margins[-3:]) > np.mean(margins[:3]) + 0.3, margins
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+    model = jaxpt.models.from_pretrained(tiny_dir, adapter=out / "final")
+    ids = np.asarray([TOKENIZER("3+4=7")["input_ids"]])
+    peft_logits_equal_jaxpt(tiny_dir, out / "final", model, ids)
+    assert not (out / "final_merged" / "adapter_config.json").exists()
+    merged = parity.hf_logits(hf_model(out / "final_merged"), ids)
+    np.testing.assert_allclose(merged, np.asarray(model(jnp.asarray(ids))), atol=1e-4)
+    base = parity.hf_logits(hf_model(tiny_dir), ids)
+    assert np.abs(merged - base).max() > 1e-3  # the merged weights are not the base's
+
+
+def test_grpo_command_with_use_peft(tiny_dir, tmp_path):
+    """`jaxpt grpo --use_peft ...` (adapters on every linear layer, lm_head trained in full, dropout 0.05): the
+    digits reward rises, and final/ is an adapter (with the lm_head) that peft loads with jaxpt's logits."""
+    rows = [{"prompt": p} for p in ["ab", "cde", "f", "ghij"] * 4]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "out"
+    assert cli.main(["grpo", "--model_name_or_path", str(tiny_dir), "--dataset_name", str(data), "--output_dir",
+                     str(out), "--reward_funcs", "tests.test_lora.digits_reward", "--num_generations", "4",
+                     "--per_device_train_batch_size", "8", "--max_completion_length", "8", "--learning_rate", "0.03",
+                     "--max_steps", "14", "--logging_steps", "1", "--mesh_fsdp", "1", "--disable_tqdm", "true",
+                     "--use_peft", "--lora_r", "8", "--lora_alpha", "32", "--lora_target_modules", "all-linear",
+                     "--lora_modules_to_save", "lm_head"]) == 0
+    rewards = [json.loads(line)["reward"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"] and config["lora_dropout"] == 0.05
+    model = jaxpt.models.from_pretrained(tiny_dir, adapter=out / "final")
+    peft_logits_equal_jaxpt(tiny_dir, out / "final", model, np.asarray([TOKENIZER("ab12")["input_ids"]]))
