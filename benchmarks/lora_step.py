@@ -94,7 +94,7 @@ def report(args, results: dict) -> None:
         return f"{run['step_ms']:10.1f} {run['param_bytes'] / MB:10.2f} {run['optimizer_bytes'] / MB:10.2f}"
 
     sides = ["jaxpt"] + ([] if args.skip_trl else ["trl"])
-    print(f"{'':8}" + "".join(f"{side + ': step ms, params MB, optimizer MB':>33}" for side in sides))
+    print(f"{'':8}" + "".join(f" {side + ' step ms':>10} {'params MB':>10} {'optim. MB':>10}" for side in sides))
     for variant, runs in results.items():
         print(f"{variant:8}" + "".join(f" {cell(runs.get(side))}" for side in sides))
     out = {"benchmark": "lora_step", "device": device_name(), "batch": args.batch, "seq_len": args.seq_len,
