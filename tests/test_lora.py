@@ -604,3 +604,28 @@ def test_grpo_command_with_use_peft(tiny_dir, tmp_path):
     assert config["modules_to_save"] == ["lm_head"] and config["lora_dropout"] == 0.05
     model = jaxpt.models.from_pretrained(tiny_dir, adapter=out / "final")
     peft_logits_equal_jaxpt(tiny_dir, out / "final", model, np.asarray([TOKENIZER("ab12")["input_ids"]]))
+
+
+def test_explicit_reference_models_under_lora(tiny_dir, tmp_path):
+    """An explicit ref_model under LoRA: GRPO/RLOO run it with the policy's adapters switched off
+    (`lora.with_adapters_off`: its log-probs are its own model's); DPO's in-step reference refuses it, naming
+    precompute_ref_log_probs."""
+    import optax
+
+    from jaxpt.rollout import completion_logps
+    from jaxpt.train_state import TrainState
+
+    state = TrainState.create(adapted_model(tiny_dir), optax.sgd(0.1))
+    other = tiny_llama(VOCAB, seed=5)
+    ids = jnp.asarray([TOKENIZER("ab12")["input_ids"]])
+    batch = {"prompt_ids": ids[:, :2], "prompt_mask": jnp.ones_like(ids[:, :2]), "completion_ids": ids[:, 2:],
+             "attention_mask": jnp.ones_like(ids[:, 2:])}
+    expected, _ = completion_logps(nnx.state(other, nnx.Param), nnx.graphdef(other), batch, temperature=1.0)
+    reference = lora.with_adapters_off(nnx.state(other, nnx.Param), state)
+    actual, _ = completion_logps(reference, state.graphdef, batch, temperature=1.0)
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=1e-5)
+
+    config = dpo.DPOConfig(output_dir=str(tmp_path), max_length=16, max_steps=1, disable_tqdm=True)
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 4
+    with pytest.raises(ValueError, match="ref_model with a LoRA policy.*precompute_ref_log_probs=True"):
+        dpo.train(adapted_model(tiny_dir), TOKENIZER, datasets.Dataset.from_list(rows), config, ref_model=other)
