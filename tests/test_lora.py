@@ -207,12 +207,12 @@ def peft_logits_equal_jaxpt(base_dir, adapter_dir, model, ids):
 
 
 def test_sft_with_lora_trains_only_the_adapters(tiny_dir, tmp_path):
-    """`sft.train` on an 8-device mesh with adapters on every linear layer: the loss goes down, the base parameters
-    come out bit-identical, the optimizer state is the adapters' size (AdamW: two moments), and `final/` is a peft
-    adapter that peft loads with jaxpt's logits."""
+    """`sft.train` on an 8-device mesh with adapters on every linear layer (and LoRA dropout 0.05): the loss goes
+    down, the base parameters come out bit-identical, the optimizer state is the adapters' size (AdamW: two moments),
+    and `final/` is a peft adapter that peft loads with jaxpt's logits."""
     model = jaxpt.models.from_pretrained(tiny_dir)
     base = host_copy(nnx.state(model, nnx.Param))
-    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=8, lora_dropout=0.0,
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=8, lora_dropout=0.05,
                                            lora_target_modules=["all-linear"]))
     adapter_size = lora.adapter_parameter_count(model)
     # 2 layers x r=8 x (in + out) of q, k, v (2 kv heads of 8), o, gate, up, down
