@@ -111,6 +111,9 @@ def check_inputs(script_args, model_args, config, *paths: tuple[str, str | None]
     model_args.validate()
     if model_args.use_peft:
         model_args.check_trainable()  # LoRA options jaxpt cannot train with fail before anything loads
+    elif getattr(config, "merge_adapter_on_save", False):
+        raise ValueError("--merge_adapter_on_save merges LoRA adapters into the exported model, but --use_peft is "
+                         "not set (final/ is already the full model): add --use_peft, or drop the flag.")
     loop.prepare_output_dir(config)  # writable, and no earlier run's checkpoints unless resuming/overwriting
     named = [("--model_name_or_path", model_args.model_name_or_path),
              ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),

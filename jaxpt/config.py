@@ -89,6 +89,10 @@ class TrainingConfig:
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
     save_final_model: bool = field(default=True, metadata={"help": "Export the final model to "
                                                                    "output_dir/final in Hugging Face format."})
+    merge_adapter_on_save: bool = field(default=False, metadata={
+        "help": "With LoRA (--use_peft), also export the model with the adapters merged into its weights "
+                "(W + scale * B A) as a full Hugging Face checkpoint in output_dir/final_merged; final/ keeps the "
+                "adapter."})
 
     # Precision, memory, mesh
     bf16: bool | None = field(default=None, metadata={"help": "bfloat16 compute (None: on GPU/TPU yes, CPU no)."})

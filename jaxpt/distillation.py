@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, loop
+from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.distillation import distillation_loss_from_hidden
@@ -266,15 +266,18 @@ def make_train_step(config: DistillationConfig, *, teacher_graphdef: nnx.GraphDe
     def step(state: TrainState, batch: dict, teacher_params: nnx.State):
         num_tokens = jnp.maximum(jnp.sum(batch["completion_mask"].astype(jnp.float32)), 1.0)
         # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
-        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
+        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)  # under LoRA: adapters, with dropout
 
-        def micro_step(grads, micro_batch):
+        def micro_step(grads, inputs):
+            micro_batch, micro_index = inputs
             (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, teacher_params,
-                                                        teacher_graphdef, micro_batch, config, num_tokens)
+                                                        teacher_graphdef, micro_batch, config, num_tokens,
+                                                        micro_index=micro_index)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        micro_indices = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, micro_indices))
         metrics = mean_metrics(total_metrics(metric_pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)

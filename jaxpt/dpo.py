@@ -41,10 +41,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, loop
+from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
-from jaxpt.lora import check_reference_without_adapters, without_adapters
+from jaxpt.lora import check_reference_without_adapters, has_adapters, without_adapters
 from jaxpt.losses.dpo import (
     DPO_LOSS_TYPES,
     check_dpo_options,
@@ -376,17 +376,21 @@ def make_train_step(config: DPOConfig, *, mesh: jax.sharding.Mesh | None = None,
 
     def step(state: TrainState, batch: dict, ref_params: nnx.State | None):
         totals = _counts(batch)
-        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
-        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters, with their dropout; the frozen base
+        # joins them here)
+        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
         reference = None if ref_params is None else state.full_params(ref_params)
 
-        def micro_step(grads, micro_batch):
+        def micro_step(grads, inputs):
+            micro_batch, micro_index = inputs
             micro_batch = _with_reference(micro_batch, reference, state.graphdef, config)
-            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+            (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals,
+                                                        micro_index=micro_index)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        micro_indices = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, micro_indices))
         metrics = mean_metrics(total_metrics(metric_pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -508,6 +512,11 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
         raise ValueError("ref_model is the policy itself: leave ref_model=None for a frozen copy of the initial model.")
     if ref_model is None and not config.precompute_ref_log_probs:
         check_reference_without_adapters(model, method="DPO")
+    if ref_model is not None and has_adapters(model) and not config.precompute_ref_log_probs:
+        raise ValueError("ref_model with a LoRA policy: the step's reference under LoRA is the base model with the "
+                         "adapters switched off (leave ref_model=None: no second copy of the weights); for another "
+                         "reference model set precompute_ref_log_probs=True (its log-probs are computed once, "
+                         "before training).")
     mesh = mesh_from_config(config)
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
@@ -555,6 +564,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
 
     if config.precompute_ref_log_probs:  # before the first step donates the model's parameters
         reference = ref_model if ref_model is not None else model
+        if ref_model is None and has_adapters(model):  # the base model: the adapters switched off (no copy)
+            reference = nnx.merge(nnx.graphdef(model), without_adapters(nnx.state(model, nnx.Param)))
         examples = precompute_ref_logps(reference, examples, config, mesh=mesh, buckets=buckets,
                                         pad_token_id=pad_id)
         if eval_examples:

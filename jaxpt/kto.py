@@ -15,7 +15,9 @@ state, metrics = step(state, batch)               # ... or with reference log-pr
 The reference enters the step either as parameters, `ref_params` (an `nnx.State` of `nnx.Param`s, of the
 policy's architecture unless `make_train_step(ref_graphdef=...)` says otherwise; never updated, never donated),
 or as precomputed log-probs carried by the batch (`ref_logps`, and `ref_kl_logps` for `kto`:
-`precompute_ref_log_probs`); then `ref_params` may be None. Precomputed values win when both are given.
+`precompute_ref_log_probs`); then `ref_params` may be None. Precomputed values win when both are given. Under LoRA
+the default reference is the base model: the adapters switched off (`jaxpt.lora.without_adapters`), joined with the
+state's frozen base inside the step, so no second copy of the weights exists.
 
 The KL reference point. KTO estimates `z0 = max(0, E[log pi(y'|x) - log pi_ref(y'|x)])` from mismatched pairs:
 `collate` pairs each prompt of an optimizer step with the completion of the previous example of the same step
@@ -48,9 +50,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, loop
+from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
+from jaxpt.lora import check_reference_without_adapters, has_adapters, without_adapters
 from jaxpt.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss
 from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_stats, next_token_targets
 from jaxpt.losses.metrics import mean_metrics, total_metrics
@@ -353,7 +356,9 @@ def _step_metrics(metric_pairs: dict, kl: jax.Array) -> dict[str, jax.Array]:
 
 def _prepare_step(state: TrainState, batch: dict, ref_params, ref_graphdef, config: KTOConfig):
     """The no-gradient half of a step: reference log-probs, the step's KL estimate and its number of examples."""
-    ref_graphdef = state.graphdef if ref_graphdef is None else ref_graphdef
+    if ref_graphdef is None:  # the policy's architecture: laid out like state.params (under LoRA, + the frozen base)
+        ref_graphdef = state.graphdef
+        ref_params = None if ref_params is None else state.full_params(ref_params)
     reference = _reference_pass(state.full_params(), state.graphdef, batch, config, ref_params, ref_graphdef)
     is_example = _is_example(batch)  # [accumulation, micro_batch]
     if config.loss_type == "kto":
@@ -367,23 +372,26 @@ def make_train_step(config: KTOConfig, *, mesh: jax.sharding.Mesh | None = None,
                     ref_graphdef: nnx.GraphDef | None = None, ref_sharding: Any = None):
     """`state, metrics = step(state, batch, ref_params=None)`: one optimizer step over `collate` arrays
     `[accumulation, micro_batch, ...]`, micro-batches scanned inside the step. `ref_params` are the frozen
-    reference parameters (graph `ref_graphdef`, default: the policy's), or None when the batch carries precomputed
-    `ref_logps` / `ref_kl_logps`. jitted with explicit shardings (`ref_sharding`: the reference parameters'
-    shardings, default: as placed) and the state donated."""
+    reference parameters of graph `ref_graphdef`, or (`ref_graphdef=None`) laid out like `state.params`, joined with
+    `state.frozen` in the step (under LoRA: `lora.without_adapters(state.params)` is the base model, no copy of it),
+    or None when the batch carries precomputed `ref_logps` / `ref_kl_logps`. jitted with explicit shardings
+    (`ref_sharding`: the reference parameters' shardings, default: as placed) and the state donated."""
 
     def step(state: TrainState, batch: dict, ref_params: nnx.State | None = None):
         ref_logps, kl, num_examples = _prepare_step(state, batch, ref_params, ref_graphdef, config)
-        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
-        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters, with their dropout; the frozen base
+        # joins them here)
+        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
 
         def micro_step(grads, inputs):
-            micro_batch, micro_ref_logps = inputs
+            micro_batch, micro_ref_logps, micro_index = inputs
             (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, micro_ref_logps,
-                                                        kl, num_examples, config)
+                                                        kl, num_examples, config, micro_index=micro_index)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, ref_logps))
+        micro_indices = jnp.arange(ref_logps.shape[0])
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, ref_logps, micro_indices))
         metrics = _step_metrics(metric_pairs, kl)
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -537,11 +545,20 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
                                          longest=min(config.max_length or longest, longest), what="KTO dataset")
     batch_args = dict(buckets=buckets, pad_token_id=pad_id, max_length=config.max_length, with_kl=with_kl)
 
+    # Under LoRA the default reference is the base model: the adapters switched off, no copy of the base.
+    adapters_off_reference = ref_model is None and has_adapters(model)
+    if adapters_off_reference:
+        check_reference_without_adapters(model, method="KTO")
     # The policy's buffers are donated by the train step, so a reference that is `model` itself is a copy, unless
     # it is only used before training (precomputed log-probs).
-    ref_graphdef, ref_params, ref_sharding = reference_params(
-        model if ref_model is None else ref_model, mesh,
-        copy=ref_model is None and not config.precompute_ref_log_probs)
+    if adapters_off_reference and not config.precompute_ref_log_probs:
+        ref_graphdef, ref_params, ref_sharding = None, None, None  # made from the train state below
+    else:
+        ref_graphdef, ref_params, ref_sharding = reference_params(
+            model if ref_model is None else ref_model, mesh,
+            copy=ref_model is None and not config.precompute_ref_log_probs)
+        if adapters_off_reference:
+            ref_params = without_adapters(ref_params)  # only new zeros for lora_b; the rest is the model's arrays
     if config.precompute_ref_log_probs:
         common = dict(buckets=buckets, pad_token_id=pad_id, mesh=mesh, ref_sharding=ref_sharding)
         examples = precompute_ref_logps(examples, ref_graphdef, ref_params, config, group_size=examples_per_step,
@@ -555,6 +572,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
+    if adapters_off_reference and not config.precompute_ref_log_probs:
+        # laid out like state.params, joined with state.frozen inside the step (a copy: the step donates params)
+        ref_params = jax.tree.map(jnp.copy, without_adapters(state.params))
+        ref_sharding = None if state_sharding is None else state_sharding.params
     step_args = dict(mesh=mesh, state_sharding=state_sharding, ref_graphdef=ref_graphdef,
                      ref_sharding=ref_sharding if ref_params is not None else None)
     train_step = make_train_step(config, **step_args)

@@ -235,18 +235,31 @@ class ShapeNotes:
 
 def export(state, tokenizer, config) -> str | None:
     """Write the trained model (and tokenizer) to `output_dir/final` in Hugging Face format; a model with LoRA
-    adapters as its adapter in peft's format (`adapter_config.json` + `adapter_model.safetensors`)."""
+    adapters as its adapter in peft's format (`adapter_config.json` + `adapter_model.safetensors`), and with
+    `merge_adapter_on_save` also merged into a full checkpoint in `output_dir/final_merged`."""
     if not config.save_final_model:
         return None
-    from jaxpt.lora import has_adapters, save_adapter
+    from flax import nnx
+
+    from jaxpt.lora import has_adapters, merge_adapter, save_adapter
     from jaxpt.models import save_pretrained
 
     directory = Path(config.output_dir) / "final"
     model = state.model()
+    written = [directory]
     if has_adapters(model):
         save_adapter(model, directory)
+        if getattr(config, "merge_adapter_on_save", False):
+            # a model of its own (new variables): merging in place leaves the train state's parameters as they are
+            merged = merge_adapter(nnx.merge(state.graphdef, jax.tree.map(lambda x: x, state.full_params())))
+            save_pretrained(merged, Path(config.output_dir) / "final_merged")
+            written.append(Path(config.output_dir) / "final_merged")
     else:
+        if getattr(config, "merge_adapter_on_save", False):
+            logger.warning("merge_adapter_on_save: the model has no LoRA adapters; %s is its full checkpoint.",
+                           directory)
         save_pretrained(model, directory)
     if tokenizer is not None and jax.process_index() == 0:
-        tokenizer.save_pretrained(directory)
+        for path in written:
+            tokenizer.save_pretrained(path)
     return str(directory)

@@ -6,7 +6,7 @@ https://arxiv.org/abs/2312.03732). The adapter matrices live in each `jaxpt.mode
 `lora_a` / `lora_b` (`LoRAParam`); in the stacked decoder layers they are stacked too (`[num_layers, r, in]`).
 
 ```python
-config = LoraConfig(use_peft=True, lora_r=8, lora_dropout=0.0)
+config = LoraConfig(use_peft=True, lora_r=8, lora_dropout=0.05)
 apply_lora(model, config)                   # adds adapters (A random, B = 0): the model's output is unchanged
 state = TrainState.create(model, tx)        # trains only the adapters (the base goes to state.frozen)
 save_adapter(state.model(), "out")          # adapter_config.json + adapter_model.safetensors, as peft writes them
@@ -16,6 +16,11 @@ merged = merge_adapter(model)               # W += scale * B A, adapters removed
 
 The reference model of DPO/KTO/GRPO under LoRA is the same model with the adapters off (`without_adapters`):
 every `lora_b` zeroed, no second copy of the base.
+
+LoRA dropout (`lora_dropout`, peft's: `scale * B A dropout(x)`, the base path untouched) acts only in training
+steps: every method's step differentiates through `value_and_grad`, which draws the masks from the run's seed, the
+optimizer step and the micro-batch (a resumed run draws the same ones). Evaluation, sampling and the reference's
+forward passes never drop anything.
 
 peft itself is not needed at run time; its file format is followed (tensor names
 `base_model.model.<module>.lora_A.weight`, `adapter_config.json`).
@@ -41,8 +46,9 @@ from jaxpt.models.layers import Linear, LoRAParam
 from jaxpt.sharding import partition_spec
 
 __all__ = ["LoraConfig", "LoRAParam", "AdapterSettings", "apply_lora", "load_adapter", "save_adapter",
-           "merge_adapter", "without_adapters", "check_reference_without_adapters", "has_adapters",
-           "trainable_filter", "adapter_parameter_count", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
+           "merge_adapter", "without_adapters", "with_adapters_off", "check_reference_without_adapters", "has_adapters",
+           "trainable_filter", "adapter_parameter_count", "value_and_grad", "dropout_key", "ADAPTER_CONFIG_NAME",
+           "ADAPTER_WEIGHTS_NAME"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,9 +67,9 @@ class LoraConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha: the adapter output is scaled by "
                                                             "lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input (TRL's default "
-                                                                "0.05). jaxpt does not apply LoRA dropout yet: "
-                                                                "pass 0.0."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input while training "
+                                                                "(TRL's default 0.05); off in evaluation, sampling "
+                                                                "and reference forwards."})
     lora_target_modules: list[str] | None = field(default=None, metadata={
         "help": "Module names to adapt (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj), 'all-linear', or "
                 "one regex matched against full module names (default: peft's for the architecture, q_proj v_proj)."})
@@ -103,10 +109,8 @@ class LoraConfig:
                              "or leave it unset for peft's default.")
 
     def check_trainable(self) -> None:
-        """What training with these adapters needs and jaxpt does not do yet fails here, before any work."""
-        if self.lora_dropout != 0.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout}: jaxpt does not apply dropout to LoRA adapters yet; "
-                             "pass lora_dropout=0.0 (--lora_dropout 0.0).")
+        """What training with these adapters needs and jaxpt does not do fails here, before any work (nothing
+        at present: kept for the command line's early check)."""
 
 
 @dataclass(frozen=True)
@@ -219,10 +223,6 @@ def trainable_filter(model: nnx.Module):
     settings = getattr(model, "lora_settings", None)
     if settings is None:
         return nnx.Param
-    if settings.lora_dropout != 0.0:
-        raise ValueError(f"This model's adapter has lora_dropout={settings.lora_dropout}, which jaxpt does not apply "
-                         "in training yet: load it with load_adapter(..., lora_dropout=0.0) (or apply_lora with "
-                         "lora_dropout=0.0).")
     return _adapter_filter(settings)
 
 
@@ -253,11 +253,13 @@ def _placed(value: jax.Array, name: str, weight: jax.Array, model: nnx.Module) -
 
 
 def _attach(model: nnx.Module, module_name: str, module: Linear, lora_a: jax.Array, lora_b: jax.Array,
-            scale: float) -> None:
+            settings: AdapterSettings, index: int) -> None:
     weight = module.weight[...]
     module.lora_a = LoRAParam(_placed(lora_a, module_name + ".lora_a", weight, model))
     module.lora_b = LoRAParam(_placed(lora_b, module_name + ".lora_b", weight, model))
-    module.lora_scale = float(scale)
+    module.lora_scale = float(settings.scale)
+    module.lora_dropout = float(settings.lora_dropout)
+    module.lora_index = index  # distinct dropout masks per adapter
 
 
 def _settings_from_config(model: nnx.Module, config: LoraConfig, targets) -> AdapterSettings:
@@ -314,7 +316,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> nnx.M
         if stacked and len(layer_indices) < leading[0]:  # untargeted layers: an adapter that adds exactly 0
             targeted = jnp.zeros(leading, bool).at[jnp.asarray(layer_indices)].set(True)
             lora_a = jnp.where(targeted[:, None, None], lora_a, 0.0)
-        _attach(model, name, module, lora_a, lora_b, settings.scale)
+        _attach(model, name, module, lora_a, lora_b, settings, index)
     model.lora_settings = settings
     return model
 
@@ -337,7 +339,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, lora_dropou
     peft's `save_pretrained` or `save_adapter` write them) to `model`, in place; returns the model.
 
     Modules peft adapted in only some decoder layers get an adapter adding exactly 0 in the others.
-    `lora_dropout` replaces the file's value (jaxpt trains adapters only without dropout for now).
+    `lora_dropout` replaces the file's value (the dropout a further training run applies).
     """
     from safetensors.numpy import load_file
 
@@ -378,7 +380,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, lora_dropou
     used = set()
     num_layers = _num_layers(model)
     modules = dict(_linear_modules(model))
-    for name, layer_indices in sorted(layers.items()):
+    for module_index, (name, layer_indices) in enumerate(sorted(layers.items())):
         module = modules[name]
         hf_names = _hf_module_names(name, num_layers)
         a_shape, b_shape = (r, module.in_features), (module.out_features, r)
@@ -401,7 +403,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, lora_dropou
         stacked = layer_indices is not None
         lora_a = jnp.asarray(np.stack(a_rows) if stacked else a_rows[0])
         lora_b = jnp.asarray(np.stack(b_rows) if stacked else b_rows[0])
-        _attach(model, name, module, lora_a, lora_b, settings.scale)
+        _attach(model, name, module, lora_a, lora_b, settings, module_index)
     _load_modules_to_save(model, settings.modules_to_save, tensors, used, weights_path)
     unused = sorted(set(tensors) - used)
     if unused:
@@ -538,6 +540,8 @@ def merge_adapter(model: nnx.Module) -> nnx.Module:
         module.lora_a = None
         module.lora_b = None
         module.lora_scale = None
+        module.lora_dropout = 0.0
+        module.lora_index = 0
     model.lora_settings = None
     return model
 
@@ -557,6 +561,16 @@ def without_adapters(params: nnx.State) -> nnx.State:
     return jax.tree_util.tree_map_with_path(switch_off, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def with_adapters_off(ref_params: nnx.State, state) -> nnx.State:
+    """A reference model's parameters (`nnx.state(ref_model, nnx.Param)`, the policy's base architecture) as the
+    policy's graph under LoRA reads them: joined with the policy's adapters switched off (zeros of `lora_b`, copies
+    of `lora_a`), so the reference model runs unadapted. Unchanged when the policy has no adapters."""
+    if state.frozen is None:
+        return ref_params
+    adapters = nnx.filter_state(state.params, LoRAParam)
+    return nnx.merge_state(jax.tree.map(jnp.copy, without_adapters(adapters)), ref_params)
+
+
 def check_reference_without_adapters(model: nnx.Module, *, method: str) -> None:
     """The base model with adapters off is the reference only if nothing else trains (no `modules_to_save`)."""
     settings = getattr(model, "lora_settings", None)
@@ -571,3 +585,40 @@ def lora_config_from_model_args(model_args: Any) -> LoraConfig:
     values = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(LoraConfig)
               if hasattr(model_args, f.name)}
     return LoraConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training: what every method's step differentiates (LoRA dropout)
+# --------------------------------------------------------------------------------------------------------------
+
+# Folded into the run's seed so the dropout masks are a stream of their own (not the sampler's keys).
+DROPOUT_STREAM = 0x4C6F5241
+
+
+def dropout_key(seed: int, step: jax.Array, micro_index: jax.Array | int = 0) -> jax.Array:
+    """The LoRA dropout key of optimizer step `step`, micro-batch `micro_index`, in a run seeded `seed`: a function of
+    these alone, so a resumed run (same seed, step from the checkpoint) draws the masks the uninterrupted one did."""
+    key = jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM)
+    return jax.random.fold_in(jax.random.fold_in(key, step), micro_index)
+
+
+def value_and_grad(loss_fn, state, *, seed: int):
+    """`grad_fn(params, *args, micro_index=0) -> ((loss, aux), grads)`: `jax.value_and_grad(has_aux=True)` of
+    `loss_fn(state.full_params(params), *args)` with respect to the trained parameters `params` (under LoRA the
+    adapters; the frozen base joins them here). What every method's train step differentiates.
+
+    Under LoRA, the loss is traced with dropout on the adapters' inputs (`Linear.lora_dropout`, peft's
+    semantics), masks from `dropout_key(seed, state.step, micro_index)`: pass each micro-batch's index. Adapters
+    with `lora_dropout=0` compute exactly what they would without this; evaluation, sampling and reference forwards
+    (which do not come through here) never drop."""
+    from jaxpt.models.layers import adapter_dropout
+
+    grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
+    if state.frozen is None:  # every parameter trains: no adapters, no dropout
+        return lambda params, *args, micro_index=0: grad_fn(params, *args)
+
+    def with_dropout(params, *args, micro_index=0):
+        with adapter_dropout(dropout_key(seed, state.step, micro_index)):
+            return grad_fn(params, *args)
+
+    return with_dropout

@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("sft", "dpo", "kto", "reward", "grpo", "rloo")
+# `jaxpt plan --use_peft --lora_r 16 ...`: TRL's ModelConfig LoRA flags (jaxpt.lora.LoraConfig)
+LORA_FLAGS = ("--use_peft", "--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target_modules",
+              "--lora_modules_to_save", "--use_rslora")
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 GIB = 1024**3
 
@@ -425,7 +428,8 @@ def plan(model_name_or_path: str | os.PathLike, *, method: str, mesh_shape: str 
          per_device_train_batch_size: int, max_length: int, gradient_checkpointing: bool = False, bf16: bool = False,
          topology: str | None = None, hbm_gib: float | None = None, gradient_accumulation_steps: int = 1,
          max_prompt_length: int | None = None, max_completion_length: int | None = None,
-         config_overrides: dict | None = None, in_process: bool | None = None) -> dict[str, Any]:
+         config_overrides: dict | None = None, lora: dict | None = None,
+         in_process: bool | None = None) -> dict[str, Any]:
     """Compile `method`'s real train step for a mesh of simulated devices and report its per-device cost.
 
     `model_name_or_path`: a Hugging Face `config.json` or the directory holding one (no weights are read).
@@ -434,15 +438,20 @@ def plan(model_name_or_path: str | os.PathLike, *, method: str, mesh_shape: str 
     otherwise CPU devices, `mesh` many, in a child process when this one has fewer. `config_overrides`: other
     fields of the method's config (`{"precompute_ref_log_probs": True, "beta": 0.04}`). GRPO/RLOO plan the
     update on a rollout batch of `max_prompt_length + max_completion_length` tokens (default: `max_length` split in
-    half). `in_process`: force (True) or forbid (False) compiling here; default: here when enough devices exist.
+    half). `lora`: LoRA adapters on the model (`jaxpt.lora.LoraConfig` fields, `{"lora_r": 16,
+    "lora_target_modules": ["all-linear"]}`): the step trains only them, so parameters and optimizer state are the
+    adapters' while the frozen base is an argument beside them (and DPO/KTO's reference is the base with the
+    adapters off, no copy). `in_process`: force (True) or forbid (False) compiling here; default: here when enough
+    devices exist.
 
     Returns a dict (also the JSON line `jaxpt plan` prints last): `devices`, `mesh`, `method`, `backend`,
     `params`, `tokens_per_device`, `argument_bytes`, `output_bytes`, `alias_bytes`, `temp_bytes`, `peak_bytes`
     (at least argument + temp + unaliased output), `flops` (matmul flops per device, loops counted fully),
     `matmul_params` (all but the input embedding table), `flops_per_param_token` (flops / (matmul_params x
     tokens_per_device); a training step is about 6, 8 with gradient checkpointing, +2 per reference forward, plus
-    attention), `xla_flops`, `collective_bytes`, `collectives`, `compile_seconds`,
-    and with `hbm_gib`: `hbm_bytes`, `fits`.
+    attention), `xla_flops`, `collective_bytes`, `collectives`, `compile_seconds`, `use_peft`,
+    `trainable_params` and `frozen_params` (under LoRA: the adapters, and the base), `trainable_bytes`,
+    `frozen_bytes`, `optimizer_state_bytes` (whole, over all devices), and with `hbm_gib`: `hbm_bytes`, `fits`.
     """
     mesh_sizes = parse_mesh(mesh_shape)
     directory = config_dir(model_name_or_path)
@@ -451,7 +460,7 @@ def plan(model_name_or_path: str | os.PathLike, *, method: str, mesh_shape: str 
                    gradient_checkpointing=bool(gradient_checkpointing), bf16=bool(bf16), topology=topology,
                    hbm_gib=hbm_gib, gradient_accumulation_steps=gradient_accumulation_steps,
                    max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-                   config_overrides=dict(config_overrides or {}))
+                   config_overrides=dict(config_overrides or {}), lora=_lora_fields(lora))
     # Validate everything the user gave here, before any compile or child process.
     method_config(method, **{k: request[k] for k in (
         "per_device_train_batch_size", "max_length", "gradient_checkpointing", "bf16", "gradient_accumulation_steps",
@@ -472,6 +481,22 @@ def plan(model_name_or_path: str | os.PathLike, *, method: str, mesh_shape: str 
                              f"{mesh_sizes} needs {num_devices}: leave in_process unset to plan in a child process.")
         return _plan_here(request)
     return _plan_in_child(request, num_devices)
+
+
+def _lora_fields(lora: dict | None) -> dict | None:
+    """The LoRA options as `LoraConfig` fields (validated here, before any compile), or None without LoRA."""
+    if not lora:
+        return None
+    import dataclasses
+
+    from jaxpt.lora import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(set(lora) - known)
+    if unknown:
+        raise ValueError(f"lora={lora!r} has unknown fields {unknown}; LoraConfig's are {sorted(known)}.")
+    config = LoraConfig(**{**lora, "use_peft": True})
+    return dataclasses.asdict(config)
 
 
 def _plan_in_child(request: dict, num_devices: int) -> dict:
@@ -542,7 +567,17 @@ def _plan_here(request: dict) -> dict:
     hf_config = jaxpt.models.load_hf_config(request["model_name_or_path"])
     num_labels = 1 if method == "reward" else None
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
-    model = nnx.eval_shape(lambda: jaxpt.models.from_config(hf_config, num_labels=num_labels, dtype=dtype))
+    lora_config = None
+    if request.get("lora"):
+        from jaxpt.lora import LoraConfig, apply_lora
+
+        lora_config = LoraConfig(**request["lora"])
+
+    def build():
+        model = jaxpt.models.from_config(hf_config, num_labels=num_labels, dtype=dtype)
+        return model if lora_config is None else apply_lora(model, lora_config)
+
+    model = nnx.eval_shape(build)
     jaxpt.models.set_gradient_checkpointing(model, config.gradient_checkpointing)
     tx, _ = make_optimizer(config, num_training_steps=1000)
     state = TrainState.create(model, tx, mesh=mesh)  # abstract: ShapeDtypeStructs with their shardings
@@ -560,7 +595,8 @@ def _plan_here(request: dict) -> dict:
     extra = ()
     if method == "dpo":
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding)
-        extra = (None if config.precompute_ref_log_probs else state.params,)  # the reference: a policy-shaped copy
+        # the reference: a policy-shaped copy (under LoRA: the adapters switched off, joined with the frozen base)
+        extra = (None if config.precompute_ref_log_probs else state.params,)
     elif method == "kto":
         reference = None if config.precompute_ref_log_probs else state.params
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding,
@@ -583,14 +619,20 @@ def _plan_here(request: dict) -> dict:
     if isinstance(xla_cost, list):  # older jax: one dict per program
         xla_cost = xla_cost[0] if xla_cost else {}
     costs = hlo_costs(compiled.as_text())
-    params = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(state.params))
-    matmul = matmul_params(state.params, classifier=num_labels is not None)
+    count = lambda tree: sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    size = lambda tree: sum(math.prod(leaf.shape) * leaf.dtype.itemsize  # noqa: E731
+                            for leaf in jax.tree_util.tree_leaves(tree))
+    params = count(state.params) + count(state.frozen)
+    matmul = matmul_params(state.full_params(), classifier=num_labels is not None)
     tokens = tokens_per_device(method, config, length=length, devices_in_batch=devices_in_batch,
                                micro_batch=micro_batch)
     result = {
         "method": method, "model_type": hf_config.model_type, "devices": math.prod(mesh_sizes.values()),
         "mesh": mesh_sizes, "backend": f"tpu:{request['topology']}" if request["topology"] else jax.default_backend(),
-        "params": int(params), "per_device_train_batch_size": config.per_device_train_batch_size,
+        "params": int(params), "use_peft": lora_config is not None, "trainable_params": int(count(state.params)),
+        "frozen_params": int(count(state.frozen)), "trainable_bytes": int(size(state.params)),
+        "frozen_bytes": int(size(state.frozen)), "optimizer_state_bytes": int(size(state.opt_state)),
+        "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "sequence_length": length if length is not None else config.max_prompt_length + config.max_completion_length,
         "gradient_checkpointing": config.gradient_checkpointing, "bf16": bool(config.bf16),
@@ -622,6 +664,9 @@ def format_table(result: dict) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in result["mesh"].items())
     rows = [
         ("method / model", f"{result['method']} / {result['model_type']}, {result['params'] / 1e9:.3f} B parameters"),
+        ("trained", f"{result['trainable_params'] / 1e6:.3f} M parameters"
+                    + (" (LoRA adapters; the base is frozen)" if result["use_peft"] else "")
+                    + f", optimizer state {gib(result['optimizer_state_bytes'])} (all devices)"),
         ("devices", f"{result['devices']} ({result['backend']}), mesh {mesh}"),
         ("batch per device", f"{result['per_device_train_batch_size']} x {result['sequence_length']} tokens x "
                              f"{result['gradient_accumulation_steps']} accumulation"),
@@ -696,12 +741,24 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_plan_here(json.loads(argv[1]))))
         return 0
     args, extra = build_parser().parse_known_args(argv)
+    lora = None
+    if any(arg.split("=")[0] in LORA_FLAGS for arg in extra):
+        from transformers import HfArgumentParser
+
+        from jaxpt.lora import LoraConfig
+
+        lora_args, extra = HfArgumentParser(LoraConfig).parse_args_into_dataclasses(
+            args=extra, return_remaining_strings=True)
+        if not lora_args.use_peft:
+            raise ValueError("LoRA options (--lora_r, --lora_target_modules, ...) without --use_peft: add --use_peft "
+                             "to plan with adapters, or drop them.")
+        lora = {k: v for k, v in vars(lora_args).items() if k != "use_peft"}
     result = plan(args.model_name_or_path, method=args.method, mesh_shape=args.mesh,
                   per_device_train_batch_size=args.per_device_train_batch_size, max_length=args.max_length,
                   gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, topology=args.topology,
                   hbm_gib=args.hbm_gib, gradient_accumulation_steps=args.gradient_accumulation_steps,
                   max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
-                  config_overrides=parse_overrides(args.method, extra))
+                  config_overrides=parse_overrides(args.method, extra), lora=lora)
     print(format_table(result))
     print(json.dumps(result))
     return 0

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, loop
+from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.reward import reward_loss
@@ -230,17 +230,19 @@ def make_train_step(config: RewardConfig, *, mesh: jax.sharding.Mesh | None = No
 
     def step(state: TrainState, batch: dict):
         accumulation, micro = batch["input_ids"].shape[:2]
-        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
-        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters, with their dropout; the frozen base
+        # joins them here)
+        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
 
-        def micro_step(grads, micro_batch):
+        def micro_step(grads, inputs):
+            micro_batch, micro_index = inputs
             (loss, metrics), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config,
-                                                   accumulation * micro)
+                                                   accumulation * micro, micro_index=micro_index)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             return grads, (loss, metrics)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metrics) = jax.lax.scan(micro_step, zeros, batch)
+        grads, (losses, metrics) = jax.lax.scan(micro_step, zeros, (batch, jnp.arange(accumulation)))
         metrics = _combine(metrics)
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)

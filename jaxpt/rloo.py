@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, loop
+from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.lora import check_reference_without_adapters
@@ -228,15 +228,19 @@ def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None
         mask = batch["completion_mask"].astype(jnp.float32)
         totals = {"tokens": jnp.maximum(jnp.sum(mask), 1.0),
                   "sequences": float(batch["completion_mask"].shape[0] * batch["completion_mask"].shape[1])}
-        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
-        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters, with their dropout; the frozen base
+        # joins them here)
+        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
 
-        def micro_step(grads, micro_batch):
-            (loss, aux), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+        def micro_step(grads, inputs):
+            micro_batch, micro_index = inputs
+            (loss, aux), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals,
+                                               micro_index=micro_index)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, (metric_pairs, extremes)) = jax.lax.scan(micro_step, zeros, batch)
+        micro_indices = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+        grads, (losses, (metric_pairs, extremes)) = jax.lax.scan(micro_step, zeros, (batch, micro_indices))
         metrics = mean_metrics(total_metrics(metric_pairs))
         metrics.update(combine_extremes(extremes))
         metrics["loss"] = jnp.sum(losses)
@@ -299,7 +303,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     if config.beta != 0.0:
         if ref_model is None:
             check_reference_without_adapters(model, method="RLOO with beta > 0")
-        reference = nnx.state(ref_model, nnx.Param) if ref_model is not None else reference_params(state)
+        # under LoRA the default is the base with the adapters off; a ref_model runs with zero adapters
+        reference = (lora.with_adapters_off(nnx.state(ref_model, nnx.Param), state) if ref_model is not None
+                     else reference_params(state))
         check_reference_sync(config, lora=state.frozen is not None, method="RLOO")
         if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
             reference = jax.tree.map(jnp.copy, reference)

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, loop
+from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.logprobs import next_token_targets
@@ -349,17 +349,20 @@ def make_train_step(config: SFTConfig, *, mesh: jax.sharding.Mesh | None = None,
 
     def step(state: TrainState, batch: dict):
         num_tokens = jnp.maximum(jnp.sum(_targets_mask_all(batch)), 1.0)
-        # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
-        grad_fn = jax.value_and_grad(lambda params, *args: loss_fn(state.full_params(params), *args), has_aux=True)
+        # differentiate the trained parameters only (under LoRA the adapters, with their dropout; the frozen base
+        # joins them here)
+        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
 
-        def micro_step(grads, micro_batch):
+        def micro_step(grads, inputs):
+            micro_batch, micro_index = inputs
             (loss, metric_pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config,
-                                                        num_tokens)
+                                                        num_tokens, micro_index=micro_index)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             return grads, (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, batch)
+        micro_indices = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, micro_indices))
         metrics = mean_metrics(total_metrics(metric_pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)

@@ -145,8 +145,8 @@ def test_bad_adapters_fail_clearly(tmp_path):
         lora.load_adapter(model, tmp_path / "nowhere")
     with pytest.raises(ValueError, match="lora_target_modules=.*matches no linear layer"):
         lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_target_modules=["qkv"], lora_dropout=0.0))
-    with pytest.raises(ValueError, match="lora_dropout=0.05: jaxpt does not apply dropout"):
-        lora.apply_lora(model, lora.LoraConfig(use_peft=True))
+    with pytest.raises(ValueError, match="lora_dropout=1.0 must be in \\[0, 1\\)"):
+        lora.LoraConfig(lora_dropout=1.0)
     with pytest.raises(ValueError, match="lora_r=0 must be >= 1"):
         lora.LoraConfig(lora_r=0)
     random_peft_adapter(directory, tmp_path / "dora", seed=0, r=2, target_modules=["q_proj"], use_dora=True)
@@ -207,12 +207,12 @@ def peft_logits_equal_jaxpt(base_dir, adapter_dir, model, ids):
 
 
 def test_sft_with_lora_trains_only_the_adapters(tiny_dir, tmp_path):
-    """`sft.train` on an 8-device mesh with adapters on every linear layer: the loss goes down, the base parameters
-    come out bit-identical, the optimizer state is the adapters' size (AdamW: two moments), and `final/` is a peft
-    adapter that peft loads with jaxpt's logits."""
+    """`sft.train` on an 8-device mesh with adapters on every linear layer (and LoRA dropout 0.05): the loss goes
+    down, the base parameters come out bit-identical, the optimizer state is the adapters' size (AdamW: two moments),
+    and `final/` is a peft adapter that peft loads with jaxpt's logits."""
     model = jaxpt.models.from_pretrained(tiny_dir)
     base = host_copy(nnx.state(model, nnx.Param))
-    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=8, lora_dropout=0.0,
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=8, lora_dropout=0.05,
                                            lora_target_modules=["all-linear"]))
     adapter_size = lora.adapter_parameter_count(model)
     # 2 layers x r=8 x (in + out) of q, k, v (2 kv heads of 8), o, gate, up, down
@@ -237,8 +237,8 @@ def test_sft_with_lora_trains_only_the_adapters(tiny_dir, tmp_path):
 
 
 def test_sft_command_with_use_peft(tiny_dir, tmp_path):
-    """`jaxpt sft --use_peft --lora_r 8 ...`: trains, lowers the loss, exports an adapter peft loads; TRL's
-    default lora_dropout (0.05) is refused up front, naming the fix."""
+    """`jaxpt sft --use_peft --lora_r 8 ...` (TRL's default lora_dropout, 0.05): trains, lowers the loss, exports an
+    adapter peft loads."""
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in arithmetic_texts(48)) + "\n")
     out = tmp_path / "out"
@@ -247,15 +247,13 @@ def test_sft_command_with_use_peft(tiny_dir, tmp_path):
             "4", "--max_length", "16", "--mesh_fsdp", "1", "--disable_tqdm", "true", "--completion_only_loss",
             "false", "--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "k_proj",
             "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    with pytest.raises(ValueError, match="lora_dropout=0.05: jaxpt does not apply dropout"):
-        cli.main(args)
-    assert cli.main([*args, "--lora_dropout", "0.0"]) == 0
+    assert cli.main(args) == 0  # TRL's default lora_dropout, 0.05
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] - 0.4  # 4.3 -> 3.7 (a random tiny base)
     assert records[-1]["mean_token_accuracy"] > records[0]["mean_token_accuracy"] + 0.3
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16 and len(config["target_modules"]) == 7
-    assert config["base_model_name_or_path"] == str(tiny_dir)
+    assert config["lora_dropout"] == 0.05 and config["base_model_name_or_path"] == str(tiny_dir)
     model = jaxpt.models.from_pretrained(tiny_dir, adapter=out / "final")
     peft_logits_equal_jaxpt(tiny_dir, out / "final", model, np.asarray([TOKENIZER("2+5=7")["input_ids"]]))
 
@@ -381,3 +379,253 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tiny_dir, tm
     resumed = run(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoints" / "2"))
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_dropout_drops_the_adapter_input_only_while_training():
+    """peft's LoRA dropout, `scale * B A dropout(x)`: with A = B = identity and a zero base weight the layer returns
+    dropout(x) itself; every entry is 0 or x / (1 - p), about p of them 0, new masks for a new key; outside
+    `adapter_dropout` (evaluation, sampling, references) the layer returns x exactly."""
+    from jaxpt.models.layers import Linear, adapter_dropout
+
+    features, rate = 64, 0.25
+    layer = Linear(features, features, rngs=nnx.Rngs(0))
+    layer.weight[...] = jnp.zeros((features, features))
+    layer.lora_a, layer.lora_b = LoRAParam(jnp.eye(features)), LoRAParam(jnp.eye(features))
+    layer.lora_scale, layer.lora_dropout = 1.0, rate
+    x = jax.random.normal(jax.random.key(0), (32, features)) + 3.0  # no exact zeros
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(x))
+    outputs = []
+    for seed in (1, 2):
+        with adapter_dropout(jax.random.key(seed)):
+            outputs.append(np.asarray(layer(x)))
+    for out in outputs:
+        dropped = out == 0.0
+        np.testing.assert_allclose(out[~dropped], np.asarray(x)[~dropped] / (1 - rate), rtol=1e-6)
+        assert abs(dropped.mean() - rate) < 0.03, dropped.mean()
+    assert (outputs[0] == 0).mean() != (outputs[1] == 0).mean() or (outputs[0] != outputs[1]).any()
+    assert ((outputs[0] == 0) != (outputs[1] == 0)).mean() > 0.2  # independent masks: ~2p(1-p) = 0.375 differ
+
+
+def lora_sft_state(tiny_dir, *, lora_dropout, b_scale=0.0):
+    import optax
+
+    from jaxpt.train_state import TrainState
+
+    model = jaxpt.models.from_pretrained(tiny_dir)
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=4, lora_dropout=lora_dropout,
+                                           lora_target_modules=["all-linear"]), seed=1)
+    state = TrainState.create(model, optax.sgd(0.1))
+    if b_scale:
+        state = state.replace(params=jax.tree_util.tree_map_with_path(
+            lambda path, x: x + b_scale if "lora_b" in jax.tree_util.keystr(path) else x, state.params))
+    config = sft.SFTConfig(output_dir="unused", max_length=16, completion_only_loss=False, seed=0)
+    examples = sft.prepare_dataset(datasets.Dataset.from_list(arithmetic_texts(8)), TOKENIZER, config)
+    batch = {k: jnp.asarray(v[0]) for k, v in sft.collate(examples, accumulation_steps=1, buckets=[16]).items()}
+    return state, config, batch
+
+
+def dropout_grads_fn(state, config, batch):
+    """`grads(params, step, micro_index)` of the SFT loss as the train step differentiates it (jitted once)."""
+    num_tokens = jnp.maximum(jnp.sum(sft._targets(batch)[1]), 1.0)
+
+    def grads(params, step, micro_index):
+        grad_fn = lora.value_and_grad(sft.loss_fn, state.replace(step=step), seed=config.seed)
+        return grad_fn(params, state.graphdef, batch, config, num_tokens, micro_index=micro_index)[1]
+
+    return jax.jit(grads)
+
+
+def flat(grads):
+    return np.concatenate([np.ravel(np.asarray(g)) for g in jax.tree.leaves(grads)])
+
+
+def test_lora_dropout_gradients(tiny_dir):
+    """The train step's gradients with LoRA dropout (`lora.value_and_grad`): lora_dropout=0 gives exactly the
+    plain gradient; p > 0 gives other gradients, the same again for the same (seed, step, micro-batch) (so a
+    resumed run reproduces them) and new ones for another micro-batch or step; and at B = 0, where the gradient of
+    B is linear in dropout(x), their mean over many masks is the gradient without dropout (inverted dropout keeps
+    the expectation). The model called outside a step (evaluation, sampling) is the same with or without dropout."""
+    state, config, batch = lora_sft_state(tiny_dir, lora_dropout=0.0, b_scale=0.01)
+    num_tokens = jnp.maximum(jnp.sum(sft._targets(batch)[1]), 1.0)
+    plain = jax.jit(jax.grad(lambda p: sft.loss_fn(state.full_params(p), state.graphdef, batch, config,
+                                                   num_tokens)[0]))(state.params)
+    without = dropout_grads_fn(state, config, batch)(state.params, 0, 0)
+    np.testing.assert_allclose(flat(without), flat(plain), rtol=0, atol=1e-6)  # the same computation
+
+    dropped_state, _, _ = lora_sft_state(tiny_dir, lora_dropout=0.3, b_scale=0.01)
+    dropped_grads = dropout_grads_fn(dropped_state, config, batch)
+    first, again = dropped_grads(dropped_state.params, 0, 0), dropped_grads(dropped_state.params, 0, 0)
+    other_micro, other_step = dropped_grads(dropped_state.params, 0, 1), dropped_grads(dropped_state.params, 1, 0)
+    np.testing.assert_array_equal(flat(first), flat(again))
+    for other in (without, other_micro, other_step):
+        assert np.abs(flat(first) - flat(other)).max() > 1e-3 * np.abs(flat(without)).max()
+    ids = jnp.asarray(batch["input_ids"])
+    np.testing.assert_array_equal(np.asarray(dropped_state.model()(ids)), np.asarray(state.model()(ids)))
+
+    # B = 0 (as apply_lora starts): the gradient of B is linear in dropout(x), so its mean over masks is exact
+    zero_b = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(path) else x, dropped_state.params)
+    expected = dropout_grads_fn(state, config, batch)(zero_b, 0, 0)
+    many = jax.jit(jax.vmap(dropped_grads, in_axes=(None, None, 0)))(zero_b, 0, jnp.arange(256))
+    mean = jax.tree.map(lambda g: g.mean(axis=0), many)
+    b_only = lambda tree: flat(nnx.filter_state(tree, lambda path, _: path[-1] == "lora_b"))  # noqa: E731
+    expected_b, mean_b, one_b = b_only(expected), b_only(mean), b_only(jax.tree.map(lambda g: g[0], many))
+    scale = np.abs(expected_b).max()
+    assert np.abs(one_b - expected_b).max() > 0.2 * scale  # one mask: far from it
+    assert np.abs(mean_b - expected_b).max() < 0.1 * scale, np.abs(mean_b - expected_b).max() / scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KTO: the reference under LoRA
+# ---------------------------------------------------------------------------------------------------------------
+
+KTO_ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b + (0 if good else 3)), "label": good}
+            for a, b, good in zip(range(8), [3, 1, 4, 1, 5, 9, 2, 6], [True, False] * 4, strict=True)]
+
+
+def adapted_model(tiny_dir):
+    """A tiny Llama with LoRA on every linear layer and B != 0: the policy already differs from the base."""
+    model = jaxpt.models.from_pretrained(tiny_dir)
+    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=4, lora_dropout=0.1, lora_target_modules=[
+        "all-linear"]), seed=2)
+    for _, module in lora._linear_modules(model):
+        if module.lora_b is not None:
+            module.lora_b[...] = jax.random.normal(jax.random.key(3), module.lora_b.shape) * 0.3
+    return model
+
+
+def test_kto_with_lora_uses_the_base_with_adapters_off_as_reference(tiny_dir, tmp_path, monkeypatch):
+    """KTO under LoRA, like DPO: the reference the step receives is the adapters switched off (the adapters' size,
+    every B zero: no copy of the base), joined with the frozen base inside the step, so its log-probs are the plain
+    base model's, not the (already adapted) policy's. With precomputed reference log-probs, the same reference."""
+    from jaxpt import kto
+
+    recorded = []
+    original_step = kto.make_train_step
+
+    def recording_step(*args, **kwargs):
+        step = original_step(*args, **kwargs)
+        return lambda state, batch, ref_params=None: (recorded.append((ref_params, kwargs["ref_graphdef"])),
+                                                      step(state, batch, ref_params))[1]
+
+    monkeypatch.setattr(kto, "make_train_step", recording_step)
+    config = kto.KTOConfig(output_dir=str(tmp_path), max_length=16, per_device_train_batch_size=2, logging_steps=1,
+                           learning_rate=1e-2, max_steps=2, save_steps=0, disable_tqdm=True, seed=0, mesh_fsdp=1,
+                           save_final_model=False)
+    model = adapted_model(tiny_dir)
+    result = kto.train(model, TOKENIZER, datasets.Dataset.from_list(KTO_ROWS), config)
+    state = result.state
+    reference, ref_graphdef = recorded[0]
+    assert ref_graphdef is None and size(reference) == size(state.params) == lora.adapter_parameter_count(model)
+    assert not any(np.asarray(b).any() for b in jax.tree.leaves(nnx.filter_state(reference, lambda p, _: p[-1] ==
+                                                                                  "lora_b")))
+    examples = kto.prepare_dataset(datasets.Dataset.from_list(KTO_ROWS[:4]), TOKENIZER, config)
+    batch = {k: jnp.asarray(v[0]) for k, v in kto.collate(examples, accumulation_steps=1, buckets=[16]).items()}
+    base = jaxpt.models.from_pretrained(tiny_dir)
+    expected = kto._sequence_logps(nnx.state(base, nnx.Param), nnx.graphdef(base), batch, config)
+    in_step = kto._sequence_logps(state.full_params(reference), state.graphdef, batch, config)
+    policy = kto._sequence_logps(state.full_params(), state.graphdef, batch, config)
+    np.testing.assert_allclose(np.asarray(in_step), np.asarray(expected), atol=1e-5)
+    assert np.abs(np.asarray(policy) - np.asarray(expected)).max() > 0.1
+
+    precomputed = []
+    original_precompute = kto.precompute_ref_logps
+    monkeypatch.setattr(kto, "precompute_ref_logps", lambda examples, *args, **kwargs: precomputed.append(
+        original_precompute(examples, *args, **kwargs)) or precomputed[-1])
+    kto.train(adapted_model(tiny_dir), TOKENIZER, datasets.Dataset.from_list(KTO_ROWS[:4]),
+              config.replace(output_dir=str(tmp_path / "pre"), precompute_ref_log_probs=True, max_steps=1))
+    assert recorded[-1][0] is None
+    ids = lambda e: tuple(np.concatenate([e["prompt_ids"], e["completion_ids"]]).tolist())  # noqa: E731
+    by_ids = {ids(e): e["ref_logps"] for e in precomputed[0]}
+    for example, value in zip(examples, np.asarray(expected), strict=True):
+        assert by_ids[ids(example)] == pytest.approx(value, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands with --use_peft
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_dpo_command_with_use_peft_and_merged_export(tiny_dir, tmp_path):
+    """`jaxpt dpo --use_peft ... --merge_adapter_on_save true` (TRL's default lora_dropout 0.05; the reference is the
+    base with adapters off): the margin grows; final/ is an adapter peft loads with jaxpt's logits, final_merged/ a
+    full checkpoint transformers loads with the same logits. Without --use_peft the flag is refused."""
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 2)}
+            for a, b in zip(range(10), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], strict=True)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    args = ["dpo", "--model_name_or_path", str(tiny_dir), "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_steps", "12", "--logging_steps", "1", "--learning_rate", "0.02", "--beta", "0.5",
+            "--per_device_train_batch_size", "2", "--max_length", "16", "--mesh_fsdp", "1", "--disable_tqdm", "true",
+            "--merge_adapter_on_save", "true"]
+    with pytest.raises(ValueError, match="--merge_adapter_on_save merges LoRA adapters.*--use_peft is not set"):
+        cli.main(args)
+    assert cli.main([*args, "--use_peft", "--lora_r", "4", "--lora_target_modules", "all-linear"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == pytest.approx(np.log(2), abs=0.05)  # B = 0 at the start: policy = reference
+    margins = [r["rewards/margins"] for r in records]
+    assert np.mean(margins[-3:]) > np.mean(margins[:3]) + 0.3, margins
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+    model = jaxpt.models.from_pretrained(tiny_dir, adapter=out / "final")
+    ids = np.asarray([TOKENIZER("3+4=7")["input_ids"]])
+    peft_logits_equal_jaxpt(tiny_dir, out / "final", model, ids)
+    assert not (out / "final_merged" / "adapter_config.json").exists()
+    merged = parity.hf_logits(hf_model(out / "final_merged"), ids)
+    np.testing.assert_allclose(merged, np.asarray(model(jnp.asarray(ids))), atol=1e-4)
+    base = parity.hf_logits(hf_model(tiny_dir), ids)
+    assert np.abs(merged - base).max() > 1e-3  # the merged weights are not the base's
+
+
+def test_grpo_command_with_use_peft(tiny_dir, tmp_path):
+    """`jaxpt grpo --use_peft ...` (adapters on every linear layer, lm_head trained in full, dropout 0.05): the
+    digits reward rises, and final/ is an adapter (with the lm_head) that peft loads with jaxpt's logits."""
+    rows = [{"prompt": p} for p in ["ab", "cde", "f", "ghij"] * 4]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "out"
+    assert cli.main(["grpo", "--model_name_or_path", str(tiny_dir), "--dataset_name", str(data), "--output_dir",
+                     str(out), "--reward_funcs", "tests.test_lora.digits_reward", "--num_generations", "4",
+                     "--per_device_train_batch_size", "8", "--max_completion_length", "8", "--learning_rate", "0.03",
+                     "--max_steps", "14", "--logging_steps", "1", "--mesh_fsdp", "1", "--disable_tqdm", "true",
+                     "--use_peft", "--lora_r", "8", "--lora_alpha", "32", "--lora_target_modules", "all-linear",
+                     "--lora_modules_to_save", "lm_head"]) == 0
+    rewards = [json.loads(line)["reward"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"] and config["lora_dropout"] == 0.05
+    model = jaxpt.models.from_pretrained(tiny_dir, adapter=out / "final")
+    peft_logits_equal_jaxpt(tiny_dir, out / "final", model, np.asarray([TOKENIZER("ab12")["input_ids"]]))
+
+
+def test_explicit_reference_models_under_lora(tiny_dir, tmp_path):
+    """An explicit ref_model under LoRA: GRPO/RLOO run it with the policy's adapters switched off
+    (`lora.with_adapters_off`: its log-probs are its own model's); DPO's in-step reference refuses it, naming
+    precompute_ref_log_probs."""
+    import optax
+
+    from jaxpt.rollout import completion_logps
+    from jaxpt.train_state import TrainState
+
+    state = TrainState.create(adapted_model(tiny_dir), optax.sgd(0.1))
+    other = tiny_llama(VOCAB, seed=5)
+    ids = jnp.asarray([TOKENIZER("ab12")["input_ids"]])
+    batch = {"prompt_ids": ids[:, :2], "prompt_mask": jnp.ones_like(ids[:, :2]), "completion_ids": ids[:, 2:],
+             "attention_mask": jnp.ones_like(ids[:, 2:])}
+    expected, _ = completion_logps(nnx.state(other, nnx.Param), nnx.graphdef(other), batch, temperature=1.0)
+    reference = lora.with_adapters_off(nnx.state(other, nnx.Param), state)
+    actual, _ = completion_logps(reference, state.graphdef, batch, temperature=1.0)
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=1e-5)
+
+    config = dpo.DPOConfig(output_dir=str(tmp_path), max_length=16, max_steps=1, disable_tqdm=True)
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 4
+    with pytest.raises(ValueError, match="ref_model with a LoRA policy.*precompute_ref_log_probs=True"):
+        dpo.train(adapted_model(tiny_dir), TOKENIZER, datasets.Dataset.from_list(rows), config, ref_model=other)

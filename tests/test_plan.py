@@ -213,3 +213,36 @@ def test_plan_other_methods_compile_their_collated_batches(tiny_config_dir, meth
     assert result["method"] == method and result["tokens_per_device"] == tokens
     assert band[0] <= result["flops_per_param_token"] <= band[1]
     assert result["argument_bytes"] >= 3 * 4 * result["params"] / 8
+
+
+def test_plan_with_lora_counts_adapters_and_holds_one_copy_of_the_base(tiny_config_dir, capsys):
+    """`jaxpt plan --use_peft ...`: the trained parameters are the adapters (the count apply_lora gives a real
+    model), the optimizer state is theirs (AdamW: two moments), and the compiled DPO step takes one copy of the base
+    (the frozen state; the reference is the adapters switched off), where full fine-tuning takes parameters, two
+    moments and a reference copy: four."""
+    from jaxpt import lora
+
+    common = dict(method="dpo", mesh_shape="fsdp=2", per_device_train_batch_size=1, max_length=32)
+    full = plan.plan(tiny_config_dir, **common)
+    options = {"lora_r": 2, "lora_target_modules": ["all-linear"]}
+    adapted = plan.plan(tiny_config_dir, **common, lora=options)
+    model = lora.apply_lora(_tiny_model(), lora.LoraConfig(use_peft=True, **options))
+    adapters = lora.adapter_parameter_count(model)
+    assert adapted["use_peft"] and not full["use_peft"]
+    assert adapted["trainable_params"] == adapters and adapted["params"] == full["params"] + adapters
+    assert adapted["frozen_params"] == full["params"] and full["trainable_params"] == full["params"]
+    assert 2 * 4 * adapters <= adapted["optimizer_state_bytes"] <= 2 * 4 * adapters + 64
+    base_bytes = 4 * full["params"]
+    per_device = lambda result: result["argument_bytes"] * result["devices"]  # noqa: E731  (fsdp: split evenly)
+    assert 4 * base_bytes <= per_device(full) < 4.2 * base_bytes
+    assert base_bytes <= per_device(adapted) < 1.3 * base_bytes, (per_device(adapted), base_bytes)
+
+    assert plan.main(["--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=2",
+                      "--per_device_train_batch_size", "1", "--max_length", "32", "--use_peft", "--lora_r", "4"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert result["use_peft"] and result["trainable_params"] < result["params"] / 10
+    assert "(LoRA adapters; the base is frozen)" in printed
+    with pytest.raises(ValueError, match="without --use_peft"):
+        plan.main(["--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=2",
+                   "--per_device_train_batch_size", "1", "--max_length", "32", "--lora_r", "4"])

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, loop
+from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.logprobs import chunked_token_logps, masked_sum, next_token_targets
@@ -231,20 +231,22 @@ def make_train_step(config: BCOConfig, *, mesh: jax.sharding.Mesh | None = None,
         rewards = config.beta * (policy_logps - ref_logps)
         new_running = update_running(running, masked_sum(rewards, examples) / jnp.maximum(num_examples, 1.0))
 
-        def loss_fn(params, micro_batch, micro_ref_logps):
-            logps = sequence_logps(state.full_params(params), state.graphdef, micro_batch, config)
+        def loss_fn(params, micro_batch, micro_ref_logps):  # params: the full parameters (the base joined)
+            logps = sequence_logps(params, state.graphdef, micro_batch, config)
             return bco_loss(logps, micro_ref_logps, micro_batch["label"], new_running["mean"], beta=config.beta,
                             example_mask=_is_example(micro_batch), num_examples=num_examples, return_counts=True)
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)  # under LoRA: adapters, with dropout
 
         def micro_step(grads, inputs):
-            micro_batch, micro_ref_logps = inputs
-            (loss, metric_pairs), micro_grads = grad_fn(state.params, micro_batch, micro_ref_logps)
+            micro_batch, micro_ref_logps, micro_index = inputs
+            (loss, metric_pairs), micro_grads = grad_fn(state.params, micro_batch, micro_ref_logps,
+                                                        micro_index=micro_index)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, metric_pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, ref_logps))
+        micro_indices = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+        grads, (losses, metric_pairs) = jax.lax.scan(micro_step, zeros, (batch, ref_logps, micro_indices))
         metric_pairs = total_metrics(metric_pairs)
         metrics = mean_metrics(metric_pairs)
         metrics["delta"] = new_running["mean"]

@@ -21,8 +21,10 @@ matrices (`[tokens, features]`), since a matmul on 3-D activations was 2x slower
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -86,10 +88,33 @@ class LoRAParam(nnx.Param):
     (`jaxpt.lora`)."""
 
 
+# The key of LoRA dropout while a training step traces its loss (`adapter_dropout`); None everywhere else, so
+# evaluation, sampling and reference forwards never drop anything.
+_ADAPTER_DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar("adapter_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def adapter_dropout(key: jax.Array | None) -> Iterator[None]:
+    """Within this block (while a loss is traced), `Linear`s with a LoRA adapter and `lora_dropout > 0` drop out
+    their adapter's input with masks drawn from `key` (folded with each adapter's index; per decoder layer,
+    `scan_layers` splits it). `key=None`: no dropout. `jaxpt.lora.value_and_grad` is what enters it."""
+    token = _ADAPTER_DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _ADAPTER_DROPOUT_KEY.reset(token)
+
+
+def adapter_dropout_key() -> jax.Array | None:
+    """The LoRA dropout key of the enclosing `adapter_dropout` block, or None."""
+    return _ADAPTER_DROPOUT_KEY.get()
+
+
 class Linear(nnx.Module):
     """`y = x @ weight.T + bias` with `weight` stored `[out_features, in_features]` as in PyTorch/HF, plus
-    `lora_scale * (x @ lora_a.T) @ lora_b.T` when a LoRA adapter is attached (`jaxpt.lora.apply_lora`). A quantized
-    `weight` (int8 / NF4, `jaxpt.quantize`) is dequantized in the compute dtype at each call."""
+    `lora_scale * (dropout(x) @ lora_a.T) @ lora_b.T` when a LoRA adapter is attached (`jaxpt.lora.apply_lora`);
+    the dropout (rate `lora_dropout`, as peft: on the adapter's input only) acts only inside `adapter_dropout`. A
+    quantized `weight` (int8 / NF4, `jaxpt.quantize`) is dequantized in the compute dtype at each call."""
 
     def __init__(
         self,
@@ -120,6 +145,8 @@ class Linear(nnx.Module):
         # 4-bit in uint8), `weight_scale` their block scales; `quantization` (static) dequantizes them.
         self.weight_scale = nnx.data(None)
         self.quantization = None
+        self.lora_dropout = 0.0  # static: the dropout rate on the adapter's input while training
+        self.lora_index = 0  # static: this adapter's number in the model, what its dropout key is folded with
 
     def __call__(self, x: jax.Array) -> jax.Array:
         leading = x.shape[:-1]
@@ -133,8 +160,14 @@ class Linear(nnx.Module):
             y = matmul_transposed_weight(rows, self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.lora_a is not None:  # peft's order: base output (with bias), then + scale * B (A x)
-            low_rank = matmul_transposed_weight(rows, self.lora_a[...].astype(self.dtype))  # [tokens, r]
+        if self.lora_a is not None:  # peft's order: base output (with bias), then + scale * B (A dropout(x))
+            adapter_rows = rows
+            key = adapter_dropout_key() if self.lora_dropout else None
+            if key is not None:  # inverted dropout: kept inputs scaled by 1 / (1 - rate), as torch's nn.Dropout
+                keep = jax.random.bernoulli(jax.random.fold_in(key, self.lora_index), 1.0 - self.lora_dropout,
+                                            rows.shape)
+                adapter_rows = jnp.where(keep, rows / (1.0 - self.lora_dropout), 0.0).astype(rows.dtype)
+            low_rank = matmul_transposed_weight(adapter_rows, self.lora_a[...].astype(self.dtype))  # [tokens, r]
             y = y + matmul_transposed_weight(low_rank, self.lora_b[...].astype(self.dtype)) * self.lora_scale
         return y.reshape(*leading, self.out_features)
 
@@ -252,14 +285,17 @@ def scan_layers(
     compute_dtype = next((module.dtype for _, module in nnx.iter_graph(layers) if isinstance(module, Linear)), None)
     distinct = tuple(dict.fromkeys(options))
     option_index = jnp.asarray([distinct.index(option) for option in options], jnp.int32)
+    dropout_key = adapter_dropout_key()  # training with LoRA dropout: each layer draws its own masks
+    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, len(options))
 
     def body(x, scanned):
-        layer_params, index, layer_inputs = scanned
+        layer_params, index, layer_inputs, layer_key = scanned
         layer_params, fsdp_dims = gather_layer_params(layer_params, partition_rules, compute_dtype)
-        if len(distinct) == 1:
-            return branch(distinct[0], fsdp_dims)(x, layer_params, layer_inputs)
-        return jax.lax.switch(index, [branch(option, fsdp_dims) for option in distinct], x, layer_params,
-                              layer_inputs)
+        with adapter_dropout(layer_key):
+            if len(distinct) == 1:
+                return branch(distinct[0], fsdp_dims)(x, layer_params, layer_inputs)
+            return jax.lax.switch(index, [branch(option, fsdp_dims) for option in distinct], x, layer_params,
+                                  layer_inputs)
 
     def branch(option, fsdp_dims):
         def run(x, layer_params, layer_inputs):
@@ -281,7 +317,7 @@ def scan_layers(
         # intermediates `[batch, seq, intermediate]` cost more than recomputing them (CPU seconds per step: GRPO
         # update -17%, forward_backward.py -11%, dpo_step.py -12%). Same values and gradients.
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    return jax.lax.scan(body, x, (params, option_index, per_layer))
+    return jax.lax.scan(body, x, (params, option_index, per_layer, layer_keys))
 
 
 def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> tuple[Any, dict]:
