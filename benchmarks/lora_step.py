@@ -12,8 +12,8 @@ jaxpt / TRL, and one JSON line.
     python benchmarks/lora_step.py                    # CPU, float32
     python benchmarks/lora_step.py --skip_trl         # jaxpt only
 
-Variants are columns: `full`, `lora`, and a `qlora` column whose jaxpt side is `quantize_base` below (the place
-for `jaxpt/quantize.py`'s quantized base; until it exists the column is reported as not available).
+Variants are columns: `full`, `lora`, and `qlora` (the base's decoder linear layers in NF4, or int8 with
+`--qlora_kind int8`, `jaxpt.quantize`; TRL's side needs bitsandbytes on a CUDA device, so on CPU it reads n/a).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def parse_args():
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--lora_alpha", type=float, default=32)
     parser.add_argument("--lora_target_modules", nargs="+", default=["all-linear"])
+    parser.add_argument("--qlora_kind", default="nf4", choices=("nf4", "int8"), help="the QLoRA column's base")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -131,13 +132,11 @@ def nbytes(tree) -> int:
 
 
 def quantize_base(model, args):
-    """The QLoRA column's base model: quantized by `jaxpt/quantize.py` (int8/NF4) before the adapters go on.
-    Returns None while that module does not exist (the column reads n/a)."""
-    try:
-        from jaxpt import quantize  # noqa: F401
-    except ImportError:
-        return None
-    return None  # wire jaxpt.quantize's API here (e.g. NF4 of every decoder linear layer) when it lands
+    """The QLoRA column's base model: every decoder linear layer quantized by `jaxpt.quantize` (`--qlora_kind`
+    nf4, as `--load_in_4bit`, or int8, as `--load_in_8bit`) before the adapters go on."""
+    from jaxpt import quantize
+
+    return quantize.quantize_model(model, kind=args.qlora_kind)
 
 
 def time_jaxpt(args, checkpoint, tokenizer, dataset, variant: str) -> dict | None:

@@ -41,7 +41,7 @@ from typing import Any
 METHODS = ("sft", "dpo", "kto", "reward", "grpo", "rloo")
 # `jaxpt plan --use_peft --lora_r 16 ...`: TRL's ModelConfig LoRA flags (jaxpt.lora.LoraConfig)
 LORA_FLAGS = ("--use_peft", "--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target_modules",
-              "--lora_modules_to_save", "--use_rslora")
+              "--lora_modules_to_save", "--use_rslora", "--load_in_4bit", "--load_in_8bit", "--bnb_4bit_quant_type")
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 GIB = 1024**3
 

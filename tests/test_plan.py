@@ -246,3 +246,25 @@ def test_plan_with_lora_counts_adapters_and_holds_one_copy_of_the_base(tiny_conf
     with pytest.raises(ValueError, match="without --use_peft"):
         plan.main(["--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=2",
                    "--per_device_train_batch_size", "1", "--max_length", "32", "--lora_r", "4"])
+
+
+def test_plan_with_qlora_counts_the_quantized_base(tiny_config_dir, capsys):
+    """`jaxpt plan --use_peft --load_in_4bit`: the frozen base is the NF4 one (the bytes a real quantized model's
+    state holds), smaller than LoRA's float base; int8 lies in between."""
+    from jaxpt import lora, quantize
+
+    common = dict(method="sft", mesh_shape="fsdp=2", per_device_train_batch_size=1, max_length=32)
+    options = {"lora_r": 2, "lora_target_modules": ["all-linear"]}
+    float_base = plan.plan(tiny_config_dir, **common, lora=options)
+    assert plan.main(["--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=2",
+                      "--per_device_train_batch_size", "1", "--max_length", "32", "--use_peft", "--lora_r", "2",
+                      "--lora_target_modules", "all-linear", "--load_in_4bit"]) == 0
+    nf4 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    int8 = plan.plan(tiny_config_dir, **common, lora={**options, "load_in_8bit": True})
+    real = lora.apply_lora(_tiny_model(), lora.LoraConfig(use_peft=True, load_in_4bit=True, **options))
+    assert nf4["frozen_bytes"] == quantize.parameter_bytes(TrainState.create(real, optax.adamw(1e-3)).frozen)
+    assert nf4["frozen_bytes"] < int8["frozen_bytes"] < float_base["frozen_bytes"]
+    assert nf4["trainable_bytes"] == float_base["trainable_bytes"]  # the same adapters
+    with pytest.raises(ValueError, match="--use_peft"):
+        plan.main(["--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=2",
+                   "--per_device_train_batch_size", "1", "--max_length", "32", "--load_in_4bit"])
