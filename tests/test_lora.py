@@ -375,7 +375,8 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tiny_dir, tm
     full = run(tmp_path / "full")
     base_bytes = 4 * size(nnx.state(jaxpt.models.from_pretrained(tiny_dir), nnx.Param))
     saved_bytes = sum(p.stat().st_size for p in (tmp_path / "full" / "checkpoints" / "2").rglob("*") if p.is_file())
-    assert saved_bytes < base_bytes / 2, (saved_bytes, base_bytes)  # adapters + moments: ~20 KB; base: ~100 KB
+    # adapters + moments ~20 KB and orbax's metadata 20-40 KB (it varies from run to run); the base alone ~100 KB
+    assert saved_bytes < 0.75 * base_bytes, (saved_bytes, base_bytes)
     resumed = run(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoints" / "2"))
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -206,6 +206,8 @@ def test_dpo_on_two_processes_matches_one(inputs, tmp_path):
     assert_one_run_written(tmp_path / "two")
 
 
+@pytest.mark.slow  # 2 min; the rows each process feeds are covered in process by test_data_share_* and
+# test_packed_share_* below, and the 2-process path by the SFT/DPO/GRPO tests
 def test_kto_reward_and_packed_sft_on_two_processes_match_one(inputs, tmp_path):
     """KTO (each process also prepares the example before each of its rows: its KL partner), the reward model
     (which drops pairs over max_length) and packed SFT (whose bins need every length): on 2 processes, each first

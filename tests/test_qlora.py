@@ -295,10 +295,11 @@ def test_grpo_sampler_runs_the_adapters_on_the_quantized_base(tiny_dir):
 
 
 def test_backward_pass_keeps_no_dequantized_copy_of_the_base():
-    """Without gradient checkpointing, the compiled gradient of a bfloat16 QLoRA model needs less temporary memory
-    than LoRA on the float base by more than the bfloat16 linear weights: the backward pass dequantizes each weight
-    again (`dequantized_matmul`) instead of keeping every layer's dequantized copy (measured: 46.4 MB float, 30.0 MB
-    nf4, linear weights 8.4 MB in bfloat16)."""
+    """Without gradient checkpointing, the compiled gradient of a bfloat16 QLoRA model needs no more temporary
+    memory than LoRA on the float base, far from the extra bfloat16 linear weights that keeping every layer's
+    dequantized copy would cost: the backward pass dequantizes each weight again (`dequantized_matmul`). Measured:
+    21.3 MB float, 14.9 MB nf4, linear weights 8.4 MB in bfloat16 (before the plain backward saved only the matmuls'
+    outputs: 46.4 MB float, 30.0 MB nf4)."""
     hf_config = tiny_llama_config(VOCAB, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=4)
     ids = jax.ShapeDtypeStruct((2, 64), jnp.int32)
@@ -319,7 +320,9 @@ def test_backward_pass_keeps_no_dequantized_copy_of_the_base():
 
     float_temp, bf16_linear_bytes = temp_bytes()  # the float model's linear weights, 2 bytes each
     nf4_temp, _ = temp_bytes(load_in_4bit=True)
-    assert nf4_temp < float_temp - bf16_linear_bytes, (float_temp, nf4_temp, bf16_linear_bytes)
+    # The plain backward keeps only the weight matmuls' outputs (layers.scan_layers), so the float model holds no
+    # weight copies either; a backward that kept each layer's dequantized weight would add bf16_linear_bytes.
+    assert nf4_temp < float_temp + bf16_linear_bytes / 2, (float_temp, nf4_temp, bf16_linear_bytes)
 
 
 def test_fsdp_gathers_the_packed_weights():
