@@ -766,3 +766,124 @@ def step_indices(num_examples: int, examples_per_step: int, *, seed: int, shuffl
                      else np.arange(num_examples))
         yield epoch, order[position * examples_per_step:(position + 1) * examples_per_step]
         step += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference pairs with BOS/EOS added (TRL's CPO and ORPO tokenization; DPO's is `tokenize_prompt_completion`)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tokenize_pairs_with_special_tokens(dataset, tokenizer, fmt, *, max_length: int, method: str,
+                                       num_proc: int | None = None) -> list[dict]:
+    """A checked preference dataset (`fmt` from `require_format`) tokenized as TRL's CPOTrainer/ORPOTrainer do:
+    conversational rows rendered to text by the chat template first; the prompt tokenized without special tokens,
+    BOS prepended and EOS appended when missing, and the completion (never the prompt) cut to `max_length`.
+    Examples: `{"chosen_input_ids", "chosen_completion_mask", "rejected_input_ids", "rejected_completion_mask"}`
+    (int32 numpy arrays, 1 on completion tokens); `collate_pairs` batches them."""
+    columns = [c for c in text_columns(fmt) if c in column_names(dataset)]
+    tokenized = map_columns(dataset, _tokenize_pairs_batch, columns=columns, num_proc=num_proc,
+                                 desc=f"Tokenizing the {method} dataset",
+                                 fn_kwargs={"tokenizer": tokenizer, "implicit": fmt.kind == "implicit_preference",
+                                            "conversational": fmt.conversational, "method": method})
+    names = ("chosen_prompt_ids", "chosen_ids", "rejected_prompt_ids", "rejected_ids")
+    examples = []
+    for index, (chosen_prompt, chosen, rejected_prompt, rejected) in enumerate(zip(
+            *(tokenized[name].rows() for name in names), strict=True)):
+        example = {}
+        for side, prompt_ids, ids in (("chosen", chosen_prompt, chosen), ("rejected", rejected_prompt, rejected)):
+            ids = ids[:max(0, max_length - len(prompt_ids))]  # TRL cuts the completion, never the prompt
+            if len(ids) == 0:
+                raise ValueError(f"Example {index}: the prompt is {len(prompt_ids)} tokens, so max_length="
+                                 f"{max_length} leaves no {side} completion token: raise max_length or shorten/filter "
+                                 "long prompts.")
+            example[f"{side}_input_ids"] = np.concatenate([prompt_ids, ids]).astype(np.int32)
+            example[f"{side}_completion_mask"] = np.repeat(np.asarray([0, 1], np.int32), [len(prompt_ids), len(ids)])
+        examples.append(example)
+    return examples
+
+
+def render_preference_chat(tokenizer, row: dict, *, method: str) -> dict:
+    """A conversational preference row as text, as TRL's `apply_chat_template` renders it: the prompt with the
+    generation prompt (or continuing a final assistant message), each completion the rest of prompt + completion
+    after the longest common prefix of the texts."""
+    prompt = list(row["prompt"])
+    last_role = prompt[-1]["role"]
+    if last_role not in ("user", "tool", "assistant"):
+        raise ValueError(f"The prompt's last message has role {last_role!r}; {method} prompts end with a 'user', "
+                         "'tool' or 'assistant' message.")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=last_role != "assistant",
+                                                continue_final_message=last_role == "assistant")
+    full = {side: tokenizer.apply_chat_template(prompt + list(row[side]), tokenize=False)
+            for side in ("chosen", "rejected")}
+    for text in full.values():  # some templates add text to the generation prompt only (DeepSeek-R1)
+        prompt_text = prompt_text[:common_prefix_length(prompt_text, text)]
+    return {"prompt": prompt_text, **{side: text[len(prompt_text):] for side, text in full.items()}}
+
+
+def _tokenize_pairs_batch(batch: dict[str, list], *, tokenizer, implicit: bool, conversational: bool,
+                          method: str) -> dict[str, list]:
+    """`tokenize_pair_with_special_tokens` over a batch of rows (`datasets.Dataset.map(batched=True)`)."""
+    out: dict[str, list] = {"chosen_prompt_ids": [], "chosen_ids": [], "rejected_prompt_ids": [], "rejected_ids": []}
+    for values in zip(*batch.values(), strict=True):
+        row = dict(zip(batch, values, strict=True))
+        if implicit:
+            row = extract_prompt(row)
+        if conversational:
+            row = render_preference_chat(tokenizer, row, method=method)
+        pair = tokenize_pair_with_special_tokens(tokenizer, row["prompt"], row["chosen"], row["rejected"])
+        for key, ids in pair.items():
+            out[key].append(ids)
+    return out
+
+
+def tokenize_pair_with_special_tokens(tokenizer, prompt: str, chosen: str, rejected: str) -> dict[str, list[int]]:
+    """`{"chosen_prompt_ids", "chosen_ids", "rejected_prompt_ids", "rejected_ids"}` as TRL's CPO/ORPO tokenize a
+    pair: each completion is what prompt + completion tokenizes to beyond the prompt's own tokens (one token earlier
+    when the tokenizer merged the prompt's last token into the completion); BOS starts each prompt, EOS ends each
+    completion (added when missing)."""
+    encode = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    prompt_ids = encode(prompt)
+    sides = {}
+    for side, completion in (("chosen", chosen), ("rejected", rejected)):
+        full = encode(prompt + completion)
+        start = len(prompt_ids)
+        if full[:start] != prompt_ids:
+            start -= 1
+        sides[side] = [full[:start], full[start:]]
+    (chosen_prompt, _), (rejected_prompt, _) = sides["chosen"], sides["rejected"]
+    if abs(len(chosen_prompt) - len(rejected_prompt)) > 1 or sum(
+            a != b for a, b in zip(chosen_prompt, rejected_prompt, strict=False)) > 1:
+        raise ValueError(f"The prompt {prompt!r} tokenizes differently before its chosen and its rejected completion "
+                         "by more than the last token: check the tokenizer.")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for side in sides.values():
+        if bos is not None and (not side[0] or side[0][0] != bos):
+            side[0] = [bos] + side[0]
+        if eos is not None and (not side[1] or side[1][-1] != eos):
+            side[1] = side[1] + [eos]
+    return {"chosen_prompt_ids": sides["chosen"][0], "chosen_ids": sides["chosen"][1],
+            "rejected_prompt_ids": sides["rejected"][0], "rejected_ids": sides["rejected"][1]}
+
+
+def collate_pairs(examples: Sequence[dict], *, accumulation_steps: int, buckets: Sequence[int],
+                  pad_token_id: int = 0, longest: int | None = None,
+                  sides: Sequence[str] = ("chosen", "rejected")) -> dict[str, np.ndarray]:
+    """A step's preference pairs (`{side}_input_ids`, `{side}_completion_mask` for each of `sides`) -> `input_ids`,
+    `attention_mask`, `completion_mask` `[accumulation_steps, micro_batch, len(sides), length]` (rows in the order of
+    `sides`: chosen, rejected, ...), right-padded to the smallest length bucket that fits the longest sequence.
+    `longest`: the longest sequence of the whole global batch, when `examples` hold only some of its rows (several
+    processes)."""
+    longest = max(longest or 0, *(len(e[f"{side}_input_ids"]) for e in examples for side in sides))
+    length = bucket_length(longest, buckets)
+
+    def stacked(rows_of, pad_value):  # [n, sides, length]
+        return np.stack([pad_rows([rows_of(e, side) for e in examples], length, pad_value) for side in sides],
+                        axis=1)
+
+    batch = {
+        "input_ids": stacked(lambda e, side: e[f"{side}_input_ids"], pad_token_id),
+        "attention_mask": stacked(lambda e, side: np.ones(len(e[f"{side}_input_ids"]), np.int32), 0),
+        "completion_mask": stacked(lambda e, side: e[f"{side}_completion_mask"], 0),
+    }
+    micro = len(examples) // accumulation_steps
+    return {k: v.reshape(accumulation_steps, micro, len(sides), length) for k, v in batch.items()}

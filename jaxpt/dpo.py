@@ -243,20 +243,9 @@ def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Seque
     sequence; plus `ref_chosen_logps`, `ref_rejected_logps` `[accumulation_steps, micro_batch]` when the examples
     carry them (`precompute_ref_logps`). `longest`: the longest sequence of the whole global batch, when
     `examples` hold only some of its rows (several processes agree on it, `DataShare.agree_steps`)."""
-    longest = max(longest or 0, *(_longest(e) for e in examples))
-    length = data.bucket_length(longest, buckets)
-
-    def pairs(rows_of, pad_value):  # [n, 2, length]
-        return np.stack([data.pad_rows([rows_of(e, side) for e in examples], length, pad_value)
-                         for side in ("chosen", "rejected")], axis=1)
-
-    batch = {
-        "input_ids": pairs(lambda e, side: e[f"{side}_input_ids"], pad_token_id),
-        "attention_mask": pairs(lambda e, side: np.ones(len(e[f"{side}_input_ids"]), np.int32), 0),
-        "completion_mask": pairs(lambda e, side: e[f"{side}_completion_mask"], 0),
-    }
+    batch = data.collate_pairs(examples, accumulation_steps=accumulation_steps, buckets=buckets,
+                               pad_token_id=pad_token_id, longest=longest)
     micro = len(examples) // accumulation_steps
-    batch = {k: v.reshape(accumulation_steps, micro, 2, length) for k, v in batch.items()}
     if "ref_chosen_logps" in examples[0]:
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             batch[key] = np.asarray([e[key] for e in examples], np.float32).reshape(accumulation_steps, micro)

@@ -166,116 +166,17 @@ def prepare_dataset(dataset, tokenizer, config: ORPOConfig) -> list[dict]:
     if max_length is None:
         logger.warning("ORPO: max_length=None; using %d as TRL does.", DEFAULT_MAX_LENGTH)
         max_length = DEFAULT_MAX_LENGTH
-    columns = [c for c in data.text_columns(fmt) if c in data.column_names(dataset)]
-    tokenized = data.map_columns(dataset, tokenize_batch, columns=columns, num_proc=config.dataset_num_proc,
-                                 desc="Tokenizing the ORPO dataset",
-                                 fn_kwargs={"tokenizer": tokenizer, "implicit": fmt.kind == "implicit_preference",
-                                            "conversational": fmt.conversational})
-    names = ("chosen_prompt_ids", "chosen_ids", "rejected_prompt_ids", "rejected_ids")
-    examples = []
-    for index, (chosen_prompt, chosen, rejected_prompt, rejected) in enumerate(zip(
-            *(tokenized[name].rows() for name in names), strict=True)):
-        example = {}
-        for side, prompt_ids, ids in (("chosen", chosen_prompt, chosen), ("rejected", rejected_prompt, rejected)):
-            ids = ids[:max(0, max_length - len(prompt_ids))]  # TRL cuts the completion, never the prompt
-            if len(ids) == 0:
-                raise ValueError(f"Example {index}: the prompt is {len(prompt_ids)} tokens, so max_length="
-                                 f"{max_length} leaves no {side} completion token: raise max_length or shorten/filter "
-                                 "long prompts.")
-            example[f"{side}_input_ids"] = np.concatenate([prompt_ids, ids]).astype(np.int32)
-            example[f"{side}_completion_mask"] = np.repeat(np.asarray([0, 1], np.int32), [len(prompt_ids), len(ids)])
-        examples.append(example)
-    return examples
-
-
-def render_chat(tokenizer, row: dict) -> dict:
-    """A conversational preference row as text, as TRL's `apply_chat_template` renders it: the prompt with the
-    generation prompt (or continuing a final assistant message), each completion the rest of prompt + completion
-    after the longest common prefix of the texts."""
-    prompt = list(row["prompt"])
-    last_role = prompt[-1]["role"]
-    if last_role not in ("user", "tool", "assistant"):
-        raise ValueError(f"The prompt's last message has role {last_role!r}; ORPO prompts end with a 'user', 'tool' "
-                         "or 'assistant' message.")
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=last_role != "assistant",
-                                                continue_final_message=last_role == "assistant")
-    full = {side: tokenizer.apply_chat_template(prompt + list(row[side]), tokenize=False)
-            for side in ("chosen", "rejected")}
-    for text in full.values():  # some templates add text to the generation prompt only (DeepSeek-R1)
-        prompt_text = prompt_text[:_common_prefix(prompt_text, text)]
-    return {"prompt": prompt_text, **{side: text[len(prompt_text):] for side, text in full.items()}}
-
-
-def _common_prefix(a: Sequence, b: Sequence) -> int:
-    length = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        length += 1
-    return length
-
-
-def tokenize_batch(batch: dict[str, list], *, tokenizer, implicit: bool, conversational: bool) -> dict[str, list]:
-    """`tokenize_pair` over a batch of rows (`datasets.Dataset.map(batched=True)`)."""
-    out: dict[str, list] = {"chosen_prompt_ids": [], "chosen_ids": [], "rejected_prompt_ids": [], "rejected_ids": []}
-    for values in zip(*batch.values(), strict=True):
-        row = dict(zip(batch, values, strict=True))
-        if implicit:
-            row = data.extract_prompt(row)
-        if conversational:
-            row = render_chat(tokenizer, row)
-        for key, ids in tokenize_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"]).items():
-            out[key].append(ids)
-    return out
-
-
-def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str) -> dict[str, list[int]]:
-    """`{"chosen_prompt_ids", "chosen_ids", "rejected_prompt_ids", "rejected_ids"}` as TRL's ORPO/CPO tokenize a
-    pair: each completion is what prompt + completion tokenizes to beyond the prompt's own tokens (one token earlier
-    when the tokenizer merged the prompt's last token into the completion); BOS starts each prompt, EOS ends each
-    completion (added when missing)."""
-    encode = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    prompt_ids = encode(prompt)
-    sides = {}
-    for side, completion in (("chosen", chosen), ("rejected", rejected)):
-        full = encode(prompt + completion)
-        start = len(prompt_ids)
-        if full[:start] != prompt_ids:
-            start -= 1
-        sides[side] = [full[:start], full[start:]]
-    (chosen_prompt, _), (rejected_prompt, _) = sides["chosen"], sides["rejected"]
-    if abs(len(chosen_prompt) - len(rejected_prompt)) > 1 or sum(
-            a != b for a, b in zip(chosen_prompt, rejected_prompt, strict=False)) > 1:
-        raise ValueError(f"The prompt {prompt!r} tokenizes differently before its chosen and its rejected completion "
-                         "by more than the last token: check the tokenizer.")
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    for side in sides.values():
-        if bos is not None and (not side[0] or side[0][0] != bos):
-            side[0] = [bos] + side[0]
-        if eos is not None and (not side[1] or side[1][-1] != eos):
-            side[1] = side[1] + [eos]
-    return {"chosen_prompt_ids": sides["chosen"][0], "chosen_ids": sides["chosen"][1],
-            "rejected_prompt_ids": sides["rejected"][0], "rejected_ids": sides["rejected"][1]}
+    return data.tokenize_pairs_with_special_tokens(dataset, tokenizer, fmt, max_length=max_length, method="ORPO",
+                                                  num_proc=config.dataset_num_proc)
 
 
 def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Sequence[int],
             pad_token_id: int = 0) -> dict[str, np.ndarray]:
     """A step's pairs -> `input_ids`, `attention_mask`, `completion_mask` `[accumulation_steps, micro_batch, 2,
-    length]` (row 0 chosen, row 1 rejected), right-padded to the smallest length bucket that fits."""
-    longest = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples)
-    length = data.bucket_length(longest, buckets)
-
-    def pairs(rows_of, pad_value):  # [n, 2, length]
-        return np.stack([data.pad_rows([rows_of(e, side) for e in examples], length, pad_value)
-                         for side in ("chosen", "rejected")], axis=1)
-
-    batch = {
-        "input_ids": pairs(lambda e, side: e[f"{side}_input_ids"], pad_token_id),
-        "attention_mask": pairs(lambda e, side: np.ones(len(e[f"{side}_input_ids"]), np.int32), 0),
-        "completion_mask": pairs(lambda e, side: e[f"{side}_completion_mask"], 0),
-    }
-    micro = len(examples) // accumulation_steps
-    return {k: v.reshape(accumulation_steps, micro, 2, length) for k, v in batch.items()}
+    length]` (row 0 chosen, row 1 rejected), right-padded to the smallest length bucket that fits
+    (`data.collate_pairs`)."""
+    return data.collate_pairs(examples, accumulation_steps=accumulation_steps, buckets=buckets,
+                              pad_token_id=pad_token_id)
 
 
 # --------------------------------------------------------------------------------------------------------------

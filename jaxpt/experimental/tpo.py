@@ -274,20 +274,8 @@ def collate(examples: Sequence[dict], *, accumulation_steps: int, buckets: Seque
     rows, length]` (rows: chosen, rejected and, when the examples hold it, reference), right-padded to the smallest
     length bucket that fits."""
     rows = tuple(side for side in ("chosen", "rejected", "reference") if f"{side}_input_ids" in examples[0])
-    longest = max(len(e[f"{side}_input_ids"]) for e in examples for side in rows)
-    length = data.bucket_length(longest, buckets)
-
-    def stacked(rows_of, pad_value):  # [n, rows, length]
-        return np.stack([data.pad_rows([rows_of(e, side) for e in examples], length, pad_value) for side in rows],
-                        axis=1)
-
-    batch = {
-        "input_ids": stacked(lambda e, side: e[f"{side}_input_ids"], pad_token_id),
-        "attention_mask": stacked(lambda e, side: np.ones(len(e[f"{side}_input_ids"]), np.int32), 0),
-        "completion_mask": stacked(lambda e, side: e[f"{side}_completion_mask"], 0),
-    }
-    micro = len(examples) // accumulation_steps
-    return {k: v.reshape(accumulation_steps, micro, len(rows), length) for k, v in batch.items()}
+    return data.collate_pairs(examples, accumulation_steps=accumulation_steps, buckets=buckets,
+                              pad_token_id=pad_token_id, sides=rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
