@@ -22,4 +22,5 @@ Methods:
 - `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
 - `bema`: DPO with a BEMA reference (arXiv:2508.00180), TRL's `trl.experimental.bema_for_ref_model`.
 - `bco`: BCO (arXiv:2404.04656) on unpaired feedback (TRL 1.16 no longer has it: tested against the paper).
+- `prm`: process reward models (arXiv:2211.14275), step-wise supervision, TRL's old `PRMTrainer` (not in TRL 1.16).
 """
