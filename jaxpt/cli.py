@@ -15,6 +15,8 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt bema   ... [BEMAConfig fields]       DPO whose reference follows the policy's BEMA (bias-corrected EMA)
     jaxpt bco    ... [BCOConfig fields]        BCO: unpaired thumbs-up/down feedback as a binary classifier
     jaxpt prm    ... [PRMConfig fields]        PRM: a process reward model, one label per reasoning step
+    jaxpt ppo    ... --reward_model_name_or_path DIR [--value_model_name_or_path DIR] [PPOConfig fields]
+                                               PPO: policy + value model, per-token KL penalty, GAE, clipped losses
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -310,6 +312,45 @@ def prm_command(argv: list[str]) -> int:
     return _offline_command(prm, prm.PRMConfig, argv, num_labels=2)  # the two-label head, applied per token
 
 
+@dataclass
+class ValueModelArguments:
+    """PPO's value model (TRL's PPO script initialises it from the reward model)."""
+
+    value_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A checkpoint loaded as a one-output classifier whose head gives per-token values (default: "
+                "--reward_model_name_or_path, else --model_name_or_path with a new head)."})
+
+
+def ppo_command(argv: list[str]) -> int:
+    """`jaxpt ppo`: like `jaxpt grpo` (rewards from --reward_funcs and/or --reward_model_name_or_path), plus the
+    value model."""
+    from jaxpt import rewards
+    from jaxpt.experimental import ppo
+
+    script_args, model_args, config, reward_args, value_args = parse(ppo.PPOConfig, argv, RewardArguments,
+                                                                     ValueModelArguments)
+    join_run(config)
+    reward_model = reward_args.reward_model_name_or_path
+    check_inputs(script_args, model_args, config, ("--reward_model_name_or_path", reward_model),
+                 ("--value_model_name_or_path", value_args.value_model_name_or_path))
+    reward_funcs = [rewards.resolve_reward_function(name) for name in reward_args.reward_funcs or []]
+    if not reward_funcs and not reward_model:
+        raise ValueError("Pass --reward_model_name_or_path (and/or --reward_funcs): nothing scores the completions.")
+    if model_args.use_peft:
+        raise ValueError("jaxpt ppo trains full models: --use_peft (LoRA) is not supported by the experimental PPO.")
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
+    if reward_model:
+        reward_funcs.append(rewards.model_reward(load_model(reward_model, model_args, config, num_labels=1),
+                                                 load_tokenizer(reward_model, flag="--reward_model_name_or_path")))
+    value_path = value_args.value_model_name_or_path or reward_model or model_args.model_name_or_path
+    value_model = load_model(value_path, model_args, config, num_labels=1)
+    result = ppo.train(model, tokenizer, train_set, config, value_model=value_model, reward_funcs=reward_funcs,
+                       eval_dataset=eval_set)
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
+          f"{result.model_dir}")
+    return 0
+
+
 def distillation_command(argv: list[str]) -> int:
     """`jaxpt distillation`: the student from --model_name_or_path learns from --teacher_model_name_or_path (loaded
     with the same dtype flags, on the same mesh; it needs the student's tokenizer)."""
@@ -382,7 +423,7 @@ COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "k
             "smoke": smoke, "demo": demo,
             # experimental methods (jaxpt.experimental)
             "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
-            "bco": bco_command, "prm": prm_command}
+            "bco": bco_command, "prm": prm_command, "ppo": ppo_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,179 @@
+"""PPO (TRL's old PPOTrainer, not in TRL 1.16): the per-token rewards, GAE, whitening and the clipped losses against
+their formulas recomputed in float64 numpy, the step's accumulation, and `jaxpt ppo` on a tiny task whose score
+rises in a few updates."""
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxpt.models
+from jaxpt import cli
+from jaxpt.experimental import ppo
+from jaxpt.sharding import shard_batch
+from jaxpt.train_state import TrainState
+from tests.experimental.helpers import TOKENIZER, VOCAB
+from tests.helpers import tiny_llama
+
+
+def digit_reward(completions, **kwargs):
+    """The share of a completion's characters that are digits (dense: a random policy scores about 0.1)."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def np_whiten(values, mask, shift_mean=True):
+    mean = values[mask].mean()
+    variance = values[mask].var(ddof=1)
+    whitened = (values - mean) / np.sqrt(variance + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def np_gae(rewards, values, gamma, lam):
+    """TRL's backward loop over the positions."""
+    advantages = np.zeros_like(rewards)
+    last = np.zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        next_values = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        last = rewards[:, t] + gamma * next_values - values[:, t] + gamma * lam * last
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+RNG = np.random.default_rng(0)
+T = 7
+LENGTHS = np.array([3, 7, 1, 5])  # the second fills every position (no room after its last token)
+LOGPROBS, REF_LOGPROBS = -RNG.uniform(0.1, 3, (4, T)), -RNG.uniform(0.1, 3, (4, T))
+SCORES = RNG.normal(size=4)
+POSITIONS = np.arange(T)[None]
+RESPONSE_MASK, VALUE_MASK = POSITIONS < LENGTHS[:, None], POSITIONS < LENGTHS[:, None] + 1
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_rewards_against_float64(estimator):
+    rewards, kl, non_score = ppo.kl_penalized_rewards(SCORES, LOGPROBS, REF_LOGPROBS, LENGTHS, kl_coef=0.3,
+                                                      kl_estimator=estimator)
+    log_ratio = (REF_LOGPROBS - LOGPROBS) * RESPONSE_MASK
+    expected_kl = -log_ratio if estimator == "k1" else (np.exp(log_ratio) - 1) - log_ratio
+    expected = -0.3 * expected_kl
+    for row, length in enumerate(LENGTHS):
+        expected[row, length if length < T else T - 1] += SCORES[row]  # the score after the last token
+    np.testing.assert_allclose(np.asarray(kl), expected_kl, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(non_score), -0.3 * expected_kl, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rewards), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gae_and_whitening_against_float64():
+    rewards, values = RNG.normal(size=(4, T)), RNG.normal(size=(4, T)) * VALUE_MASK
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.5)):
+        advantages, returns = ppo.gae_advantages(np.float32(rewards), np.float32(values), gamma=gamma, lam=lam)
+        expected_advantages, expected_returns = np_gae(rewards, values, gamma, lam)
+        np.testing.assert_allclose(np.asarray(advantages), expected_advantages, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(returns), expected_returns, rtol=1e-5, atol=1e-5)
+    for shift_mean in (True, False):
+        whitened = ppo.masked_whiten(np.float32(rewards), RESPONSE_MASK, shift_mean=shift_mean)
+        np.testing.assert_allclose(np.asarray(whitened)[RESPONSE_MASK],
+                                   np_whiten(rewards, RESPONSE_MASK, shift_mean)[RESPONSE_MASK], rtol=1e-5, atol=1e-5)
+
+
+def test_loss_and_metrics_against_float64():
+    new_logprobs = LOGPROBS + RNG.normal(scale=0.3, size=(4, T))
+    values, old_values = RNG.normal(size=(4, T)), RNG.normal(size=(4, T)) * VALUE_MASK
+    advantages, returns = RNG.normal(size=(4, T)) * RESPONSE_MASK, RNG.normal(size=(4, T))
+    f32 = np.float32
+    loss, metrics = ppo.ppo_loss(f32(new_logprobs), f32(values), f32(LOGPROBS), f32(old_values), f32(advantages),
+                                 f32(returns), RESPONSE_MASK, VALUE_MASK, cliprange=0.2, cliprange_value=0.25,
+                                 vf_coef=0.3)
+    ratio = np.exp(new_logprobs - LOGPROBS)
+    pg1, pg2 = -advantages * ratio, -advantages * np.clip(ratio, 0.8, 1.2)
+    pg_loss = np.maximum(pg1, pg2)[RESPONSE_MASK].mean()
+    predicted = values * VALUE_MASK
+    vf1 = (predicted - returns) ** 2
+    vf2 = (np.clip(predicted, old_values - 0.25, old_values + 0.25) - returns) ** 2
+    vf_loss = 0.5 * np.maximum(vf1, vf2)[VALUE_MASK].mean()
+    assert float(loss) == pytest.approx(pg_loss + 0.3 * vf_loss, rel=1e-5)
+    expected = {"pg_loss": pg_loss, "vf_loss": vf_loss, "pg_clipfrac": (pg2 > pg1)[RESPONSE_MASK].mean(),
+                "vf_clipfrac": (vf2 > vf1)[VALUE_MASK].mean(), "ratio": ratio[RESPONSE_MASK].mean(),
+                "approxkl": 0.5 * ((new_logprobs - LOGPROBS) ** 2)[RESPONSE_MASK].mean()}
+    for name, value in expected.items():
+        assert float(metrics[name]) == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    # normalised by a whole mini-batch's tokens, halves add up to the whole (gradient accumulation)
+    halves = [ppo.ppo_loss(*(f32(x[rows]) for x in (new_logprobs, values, LOGPROBS, old_values, advantages,
+                                                    returns)), RESPONSE_MASK[rows], VALUE_MASK[rows], cliprange=0.2,
+                           cliprange_value=0.25, vf_coef=0.3, num_response_tokens=RESPONSE_MASK.sum(),
+                           num_value_tokens=VALUE_MASK.sum())[0] for rows in (slice(0, 1), slice(1, 4))]
+    assert float(sum(halves)) == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_config_defaults_and_validation(tmp_path):
+    defaults = ppo.PPOConfig()
+    assert (defaults.learning_rate, defaults.num_ppo_epochs, defaults.num_mini_batches, defaults.kl_coef,
+            defaults.kl_estimator, defaults.cliprange, defaults.vf_coef, defaults.cliprange_value, defaults.gamma,
+            defaults.lam, defaults.whiten_rewards, defaults.response_length, defaults.temperature,
+            defaults.missing_eos_penalty) == (3e-6, 4, 1, 0.05, "k1", 0.2, 0.1, 0.2, 1.0, 0.95, False, 53, 0.7, None)
+    with pytest.raises(ValueError, match="kl_estimator='k2'; use 'k1' or 'k3'"):
+        ppo.PPOConfig(output_dir=str(tmp_path), kl_estimator="k2")
+    with pytest.raises(ValueError, match="lam=1.5 must be in \\[0, 1\\]"):
+        ppo.PPOConfig(output_dir=str(tmp_path), lam=1.5)
+    with pytest.raises(ValueError, match="value model must be a sequence classifier with one output"):
+        ppo.check_value_model(tiny_llama(VOCAB))
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    config = ppo.PPOConfig(output_dir=str(tmp_path), logits_chunk_size=4)
+    n, prompt_length = 4, 3
+    batch = {"prompt_ids": RNG.integers(3, VOCAB, (n, prompt_length)).astype(np.int32),
+             "prompt_mask": np.ones((n, prompt_length), np.int32),
+             "completion_ids": RNG.integers(3, VOCAB, (n, T)).astype(np.int32),
+             "attention_mask": RESPONSE_MASK.astype(np.int32), "logprobs": np.float32(LOGPROBS),
+             "values": np.float32(RNG.normal(size=(n, T)) * VALUE_MASK),
+             "advantages": np.float32(RNG.normal(size=(n, T)) * RESPONSE_MASK),
+             "returns": np.float32(RNG.normal(size=(n, T))), "response_mask": RESPONSE_MASK.astype(np.int32),
+             "value_mask": VALUE_MASK.astype(np.int32)}
+    step = ppo.make_train_step(config)
+    outputs = []
+    for accumulation in (1, 2):
+        joint = ppo.PolicyAndValue(tiny_llama(VOCAB, seed=0), tiny_llama(VOCAB, seed=1, num_labels=1))
+        state = TrainState.create(joint, optax.sgd(0.1))
+        shaped = {k: v.reshape(accumulation, n // accumulation, *v.shape[1:]) for k, v in batch.items()}
+        state, metrics = step(state, shard_batch(shaped, None, batch_axis=1))
+        outputs.append((jax.device_get(metrics), state.params))
+    for name in ("loss", "pg_loss", "vf_loss", "ratio", "entropy", "grad_norm"):
+        assert float(outputs[0][0][name]) == pytest.approx(float(outputs[1][0][name]), rel=1e-4, abs=1e-6), name
+    assert float(outputs[0][0]["ratio"]) != pytest.approx(1.0)  # the old log-probs are not the model's
+    difference = jax.tree.map(lambda a, b: float(abs(a - b).max()), outputs[0][1], outputs[1][1])
+    assert max(jax.tree.leaves(difference)) < 1e-5
+
+
+def test_command_score_rises(tmp_path):
+    """`jaxpt ppo` end to end (value model from the policy checkpoint with a new head): in a few updates the policy
+    learns to write digits, every metric is logged under TRL's name, and policy and value model are exported."""
+    model_dir = tmp_path / "model"
+    jaxpt.models.save_pretrained(tiny_llama(VOCAB, seed=0), model_dir)
+    TOKENIZER.save_pretrained(model_dir)
+    data_file = tmp_path / "prompts.jsonl"
+    data_file.write_text("".join(json.dumps({"prompt": f"{a}+{b}="}) + "\n" for a in range(4) for b in range(4)))
+    out = tmp_path / "out"
+    argv = ["ppo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data_file), "--output_dir",
+            str(out), "--reward_funcs", "tests.experimental.test_ppo.digit_reward", "--max_steps", "8",
+            "--per_device_train_batch_size", "4", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
+            "--response_length", "8", "--temperature", "1.0", "--learning_rate", "3e-3", "--mesh_fsdp", "1",
+            "--logging_steps", "1", "--save_steps", "0", "--disable_tqdm", "true", "--missing_eos_penalty", "0.1",
+            "--seed", "0"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "objective/scores" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for name in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                 "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+                 "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens",
+                 "episode", "learning_rate"):
+        assert all(np.isfinite(r[name]) for r in rows), name
+    assert rows[-1]["episode"] == 8 * 8
+    scores = [r["objective/scores"] for r in rows]
+    print(scores)
+    assert np.mean(scores[-2:]) > np.mean(scores[:2]) + 0.15
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the initial policy
+    assert rows[-1]["objective/kl"] > 0.0
+    assert (out / "final" / "config.json").exists() and (out / "value_model" / "config.json").exists()
