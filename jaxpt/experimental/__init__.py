@@ -22,5 +22,7 @@ Methods:
 - `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
 - `bema`: DPO with a BEMA reference (arXiv:2508.00180), TRL's `trl.experimental.bema_for_ref_model`.
 - `bco`: BCO (arXiv:2404.04656) on unpaired feedback (TRL 1.16 no longer has it: tested against the paper).
+- `ppo`: PPO with a value model, per-token KL penalty and GAE (arXiv:1707.06347, arXiv:2203.02155), TRL's old
+  `PPOTrainer` (not in TRL 1.16: tested against the formulas in float64).
 - `prm`: process reward models (arXiv:2211.14275), step-wise supervision, TRL's old `PRMTrainer` (not in TRL 1.16).
 """

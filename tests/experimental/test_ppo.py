@@ -157,10 +157,10 @@ def test_command_score_rises(tmp_path):
     out = tmp_path / "out"
     argv = ["ppo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data_file), "--output_dir",
             str(out), "--reward_funcs", "tests.experimental.test_ppo.digit_reward", "--max_steps", "8",
-            "--per_device_train_batch_size", "4", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
-            "--response_length", "8", "--temperature", "1.0", "--learning_rate", "3e-3", "--mesh_fsdp", "1",
-            "--logging_steps", "1", "--save_steps", "0", "--disable_tqdm", "true", "--missing_eos_penalty", "0.1",
-            "--seed", "0"]
+            "--per_device_train_batch_size", "8", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
+            "--response_length", "8", "--temperature", "1.0", "--learning_rate", "3e-2", "--kl_coef", "0.01",
+            "--mesh_fsdp", "1", "--logging_steps", "1", "--save_steps", "0", "--disable_tqdm", "true",
+            "--missing_eos_penalty", "0.1", "--seed", "0"]
     assert cli.main(argv) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "objective/scores" in r]
@@ -170,10 +170,9 @@ def test_command_score_rises(tmp_path):
                  "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens",
                  "episode", "learning_rate"):
         assert all(np.isfinite(r[name]) for r in rows), name
-    assert rows[-1]["episode"] == 8 * 8
+    assert rows[-1]["episode"] == 8 * 16
     scores = [r["objective/scores"] for r in rows]
-    print(scores)
-    assert np.mean(scores[-2:]) > np.mean(scores[:2]) + 0.15
+    assert np.mean(scores[-2:]) > np.mean(scores[:2]) + 0.3
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the initial policy
     assert rows[-1]["objective/kl"] > 0.0
     assert (out / "final" / "config.json").exists() and (out / "value_model" / "config.json").exists()
