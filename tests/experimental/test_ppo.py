@@ -12,7 +12,7 @@ import pytest
 import jaxpt.models
 from jaxpt import cli
 from jaxpt.experimental import ppo
-from jaxpt.sharding import shard_batch
+from jaxpt.sharding import make_mesh, shard_batch
 from jaxpt.train_state import TrainState
 from tests.experimental.helpers import TOKENIZER, VOCAB
 from tests.helpers import tiny_llama
@@ -120,7 +120,8 @@ def test_config_defaults_and_validation(tmp_path):
         ppo.check_value_model(tiny_llama(VOCAB))
 
 
-def test_accumulation_matches_one_big_batch(tmp_path):
+def test_accumulation_on_a_mesh_matches_one_big_batch(tmp_path):
+    """Two micro-batches on a 2-device data-parallel mesh take the step of one big batch on one device."""
     config = ppo.PPOConfig(output_dir=str(tmp_path), logits_chunk_size=4)
     n, prompt_length = 4, 3
     batch = {"prompt_ids": RNG.integers(3, VOCAB, (n, prompt_length)).astype(np.int32),
@@ -131,13 +132,13 @@ def test_accumulation_matches_one_big_batch(tmp_path):
              "advantages": np.float32(RNG.normal(size=(n, T)) * RESPONSE_MASK),
              "returns": np.float32(RNG.normal(size=(n, T))), "response_mask": RESPONSE_MASK.astype(np.int32),
              "value_mask": VALUE_MASK.astype(np.int32)}
-    step = ppo.make_train_step(config)
     outputs = []
-    for accumulation in (1, 2):
+    for accumulation, mesh in ((1, None), (2, make_mesh(data=2, fsdp=1, devices=jax.devices()[:2]))):
         joint = ppo.PolicyAndValue(tiny_llama(VOCAB, seed=0), tiny_llama(VOCAB, seed=1, num_labels=1))
-        state = TrainState.create(joint, optax.sgd(0.1))
+        state = TrainState.create(joint, optax.sgd(0.1), mesh=mesh)
+        step = ppo.make_train_step(config, mesh=mesh, state_sharding=state.shardings(mesh))
         shaped = {k: v.reshape(accumulation, n // accumulation, *v.shape[1:]) for k, v in batch.items()}
-        state, metrics = step(state, shard_batch(shaped, None, batch_axis=1))
+        state, metrics = step(state, shard_batch(shaped, mesh, batch_axis=1))
         outputs.append((jax.device_get(metrics), state.params))
     for name in ("loss", "pg_loss", "vf_loss", "ratio", "entropy", "grad_norm"):
         assert float(outputs[0][0][name]) == pytest.approx(float(outputs[1][0][name]), rel=1e-4, abs=1e-6), name
@@ -148,22 +149,28 @@ def test_accumulation_matches_one_big_batch(tmp_path):
 
 def test_command_score_rises(tmp_path):
     """`jaxpt ppo` end to end (value model from the policy checkpoint with a new head): in a few updates the policy
-    learns to write digits, every metric is logged under TRL's name, and policy and value model are exported."""
+    learns to write digits (and scores so on the eval prompts), every metric is logged under TRL's name, and policy
+    and value model are exported."""
     model_dir = tmp_path / "model"
     jaxpt.models.save_pretrained(tiny_llama(VOCAB, seed=0), model_dir)
     TOKENIZER.save_pretrained(model_dir)
-    data_file = tmp_path / "prompts.jsonl"
-    data_file.write_text("".join(json.dumps({"prompt": f"{a}+{b}="}) + "\n" for a in range(4) for b in range(4)))
+    data_dir = tmp_path / "prompts"
+    data_dir.mkdir()
+    lines = "".join(json.dumps({"prompt": f"{a}+{b}="}) + "\n" for a in range(4) for b in range(4))
+    (data_dir / "train.jsonl").write_text(lines)
+    (data_dir / "test.jsonl").write_text(lines)
     out = tmp_path / "out"
-    argv = ["ppo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data_file), "--output_dir",
+    argv = ["ppo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir",
             str(out), "--reward_funcs", "tests.experimental.test_ppo.digit_reward", "--max_steps", "8",
             "--per_device_train_batch_size", "8", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
             "--response_length", "8", "--temperature", "1.0", "--learning_rate", "3e-2", "--kl_coef", "0.01",
             "--mesh_fsdp", "1", "--logging_steps", "1", "--save_steps", "0", "--disable_tqdm", "true",
-            "--missing_eos_penalty", "0.1", "--seed", "0"]
+            "--missing_eos_penalty", "0.1", "--seed", "0",
+            "--eval_strategy", "steps", "--eval_steps", "8"]
     assert cli.main(argv) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "objective/scores" in r]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in records if "objective/scores" in r]
+    evaluations = [r for r in records if "eval_objective/scores" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
     for name in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                  "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
@@ -173,6 +180,8 @@ def test_command_score_rises(tmp_path):
     assert rows[-1]["episode"] == 8 * 16
     scores = [r["objective/scores"] for r in rows]
     assert np.mean(scores[-2:]) > np.mean(scores[:2]) + 0.3
+    assert [r["step"] for r in evaluations] == [8]
+    assert evaluations[0]["eval_objective/scores"] > np.mean(scores[:2]) + 0.3  # sampled on the eval prompts
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the initial policy
     assert rows[-1]["objective/kl"] > 0.0
     assert (out / "final" / "config.json").exists() and (out / "value_model" / "config.json").exists()

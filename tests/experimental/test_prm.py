@@ -16,7 +16,7 @@ import transformers
 import jaxpt.models
 from jaxpt import cli
 from jaxpt.experimental import prm
-from jaxpt.sharding import shard_batch
+from jaxpt.sharding import make_mesh, shard_batch
 from jaxpt.train_state import TrainState
 from tests.experimental.helpers import TOKENIZER, VOCAB
 from tests.helpers import tiny_llama
@@ -147,13 +147,15 @@ def test_loss_against_float64_cross_entropy():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_accumulation_matches_one_big_batch(tmp_path):
+def test_accumulation_on_a_mesh_matches_one_big_batch(tmp_path):
+    """Two micro-batches on a 2-device data-parallel mesh take the step of one big batch on one device."""
     examples = prm.prepare_dataset(datasets.Dataset.from_list(marked_rows(4)), TOKENIZER, config(tmp_path))
     outputs = []
-    for accumulation in (1, 2):
+    for accumulation, mesh in ((1, None), (2, make_mesh(data=2, fsdp=1, devices=jax.devices()[:2]))):
         batch = prm.collate(examples, accumulation_steps=accumulation, buckets=[32], pad_token_id=0)
-        state = TrainState.create(tiny_llama(VOCAB, num_labels=2, seed=1), optax.sgd(0.1))  # the step donates it
-        state, metrics = prm.make_train_step(config(tmp_path))(state, shard_batch(batch, None, batch_axis=1))
+        state = TrainState.create(tiny_llama(VOCAB, num_labels=2, seed=1), optax.sgd(0.1), mesh=mesh)  # donated
+        step = prm.make_train_step(config(tmp_path), mesh=mesh, state_sharding=state.shardings(mesh))
+        state, metrics = step(state, shard_batch(batch, mesh, batch_axis=1))
         outputs.append((float(metrics["loss"]), float(metrics["accuracy"]), state.params))
     assert outputs[0][0] == pytest.approx(outputs[1][0], rel=1e-5)
     assert outputs[0][1] == pytest.approx(outputs[1][1])
