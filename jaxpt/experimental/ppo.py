@@ -505,6 +505,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: PPOConfig, *, value_mod
     total_updates = (-(-config.total_episodes // batch_size) if config.total_episodes is not None
                      else data.total_steps(config, updates_per_epoch))
     steps_per_update = config.num_ppo_epochs * config.num_mini_batches
+    eval_batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
     sampling = _Sampling(max_completion_length=config.response_length, temperature=config.temperature)
     check_rollout_inputs(reward_funcs, [model, value_model, ref_model], prompts, eval_prompts, tokenizer, sampling,
@@ -560,7 +561,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: PPOConfig, *, value_mod
             if eval_prompts and loop.should_evaluate(config, done, updates_per_epoch):
                 log.write({"step": done, **evaluate(state, policy_graphdef, eval_prompts, reward_funcs, tokenizer,
                                                     config, key=jax.random.key(config.seed + 1), mesh=mesh,
-                                                    prompt_buckets=prompt_buckets, batch_size=batch_size)})
+                                                    prompt_buckets=prompt_buckets, batch_size=eval_batch_size)})
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()
                 checkpoints.save(done, state, {"num_tokens": num_tokens})
@@ -574,7 +575,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: PPOConfig, *, value_mod
 def evaluate(state, policy_graphdef, prompts, reward_funcs, tokenizer, config: PPOConfig, *, key, mesh,
              prompt_buckets, batch_size: int) -> dict[str, float]:
     """`eval_objective/scores`: the mean score (with `missing_eos_penalty`) of one sampled completion per eval
-    prompt, in rollouts of `batch_size` prompts (the last filled up with its last prompt; its copies not counted)."""
+    prompt, in rollouts of `batch_size` prompts (`per_device_eval_batch_size x devices`; the last filled up with its
+    last prompt, whose copies do not count)."""
     policy = _PolicyView(policy_graphdef, state.params["policy"])
     sampling = _Sampling(max_completion_length=config.response_length, temperature=config.temperature)
     scores = []

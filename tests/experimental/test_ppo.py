@@ -166,7 +166,7 @@ def test_command_score_rises(tmp_path):
             "--response_length", "8", "--temperature", "1.0", "--learning_rate", "3e-2", "--kl_coef", "0.01",
             "--mesh_fsdp", "1", "--logging_steps", "1", "--save_steps", "0", "--disable_tqdm", "true",
             "--missing_eos_penalty", "0.1", "--seed", "0",
-            "--eval_strategy", "steps", "--eval_steps", "8"]
+            "--eval_strategy", "steps", "--eval_steps", "8", "--per_device_eval_batch_size", "16"]
     assert cli.main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in records if "objective/scores" in r]
