@@ -14,6 +14,9 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt tpo    ... [TPOConfig fields]        TPO: chosen, rejected and a gold reference completion per prompt
     jaxpt bema   ... [BEMAConfig fields]       DPO whose reference follows the policy's BEMA (bias-corrected EMA)
     jaxpt bco    ... [BCOConfig fields]        BCO: unpaired thumbs-up/down feedback as a binary classifier
+    jaxpt online_dpo ... --reward_funcs ...    Online DPO: two samples per prompt, ranked by rewards, DPO loss
+    jaxpt xpo    ... --reward_funcs ...        XPO: Online DPO against a reference sample + exploration bonus alpha
+    jaxpt nash_md ... --reward_funcs ...       Nash-MD: policy gradient on the preference over a geometric mixture
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -303,6 +306,24 @@ def bco_command(argv: list[str]) -> int:
     return _offline_command(bco, bco.BCOConfig, argv)  # reference: a frozen copy of the loaded model
 
 
+def online_dpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import online_dpo
+
+    return _online_command(online_dpo, online_dpo.OnlineDPOConfig, argv)  # reference: a frozen copy
+
+
+def xpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import xpo
+
+    return _online_command(xpo, xpo.XPOConfig, argv)  # reference: a frozen copy, which also samples
+
+
+def nash_md_command(argv: list[str]) -> int:
+    from jaxpt.experimental import nash_md
+
+    return _online_command(nash_md, nash_md.NashMDConfig, argv)  # reference: a frozen copy, mixed in to sample
+
+
 def distillation_command(argv: list[str]) -> int:
     """`jaxpt distillation`: the student from --model_name_or_path learns from --teacher_model_name_or_path (loaded
     with the same dtype flags, on the same mesh; it needs the student's tokenizer)."""
@@ -375,7 +396,7 @@ COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "k
             "smoke": smoke, "demo": demo,
             # experimental methods (jaxpt.experimental)
             "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
-            "bco": bco_command}
+            "bco": bco_command, "online_dpo": online_dpo_command, "xpo": xpo_command, "nash_md": nash_md_command}
 
 
 def main(argv: list[str] | None = None) -> int:

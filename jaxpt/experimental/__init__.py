@@ -22,4 +22,10 @@ Methods:
 - `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
 - `bema`: DPO with a BEMA reference (arXiv:2508.00180), TRL's `trl.experimental.bema_for_ref_model`.
 - `bco`: BCO (arXiv:2404.04656) on unpaired feedback (TRL 1.16 no longer has it: tested against the paper).
+- `online_dpo`: Online DPO (arXiv:2402.04792), two samples per prompt ranked by reward functions, TRL's
+  `trl.experimental.online_dpo`.
+- `xpo`: XPO (arXiv:2405.21046), Online DPO against reference samples plus an exploration bonus (TRL 1.16 no longer
+  has it: tested against the paper).
+- `nash_md`: Nash-MD (arXiv:2312.00886), policy gradient on the preference over geometric-mixture samples (TRL 1.16
+  no longer has it: tested against the paper).
 """
