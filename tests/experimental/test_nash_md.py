@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxpt import cli
 from jaxpt.experimental import nash_md
 from jaxpt.sampling import generate
 from tests.experimental.helpers import TOKENIZER, VOCAB
@@ -133,6 +134,10 @@ def test_training_raises_the_policy_score(tmp_path):
 
 
 def test_config_names_and_errors(tmp_path):
+    _, _, parsed, reward_args = cli.parse(nash_md.NashMDConfig, [
+        "--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), "--mixture_coef", "0.5",
+        "0.25", "--reward_funcs", "accuracy_reward"], cli.RewardArguments)  # `jaxpt nash_md`'s arguments
+    assert parsed.mixture_coef == [0.5, 0.25] and reward_args.reward_funcs == ["accuracy_reward"]
     config = nash_md.NashMDConfig(output_dir=str(tmp_path), mixture_coef=0.25)
     assert (config.mixture_coef, config.beta, config.learning_rate) == ([0.25], [0.1], 5e-7)
     assert nash_md.NashMDConfig(output_dir=str(tmp_path)).mixture_coef == [0.5]

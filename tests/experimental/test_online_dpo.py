@@ -13,6 +13,7 @@ import torch
 import transformers
 import trl.experimental.online_dpo  # a test dependency: parity must fail, never skip, without it
 
+from jaxpt import cli
 from jaxpt.experimental import online_dpo
 from tests.experimental.helpers import TOKENIZER, VOCAB
 from tests.helpers import tiny_llama, tiny_llama_config
@@ -121,6 +122,10 @@ def test_training_raises_the_sampled_score_with_trls_metrics(tmp_path):
 
 
 def test_config_names_and_errors(tmp_path):
+    _, _, parsed, reward_args = cli.parse(online_dpo.OnlineDPOConfig, [
+        "--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), "--beta", "0.2",
+        "0.1", "--reward_funcs", "accuracy_reward"], cli.RewardArguments)  # `jaxpt online_dpo`'s arguments
+    assert parsed.beta == [0.2, 0.1] and reward_args.reward_funcs == ["accuracy_reward"]
     config = online_dpo.OnlineDPOConfig(output_dir=str(tmp_path), beta=0.2)
     assert config.beta == [0.2] and config.learning_rate == 5e-7 and config.temperature == 0.9
     assert (config.max_new_tokens, config.max_length, config.loss_type) == (64, 512, "sigmoid")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpt import cli
 from jaxpt.experimental import xpo
 from tests.experimental.helpers import TOKENIZER, VOCAB
 from tests.helpers import tiny_llama
@@ -100,6 +101,10 @@ def test_training_raises_the_policy_score_over_the_reference(tmp_path):
 
 
 def test_config_names_and_errors(tmp_path):
+    _, _, parsed, reward_args = cli.parse(xpo.XPOConfig, [
+        "--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), "--alpha", "1e-4",
+        "2e-4", "--reward_funcs", "accuracy_reward"], cli.RewardArguments)  # `jaxpt xpo`'s arguments
+    assert parsed.alpha == [1e-4, 2e-4] and reward_args.reward_funcs == ["accuracy_reward"]
     config = xpo.XPOConfig(output_dir=str(tmp_path), alpha=0.01)
     assert (config.alpha, config.beta, config.loss_type) == ([0.01], [0.1], "sigmoid")
     assert xpo.XPOConfig(output_dir=str(tmp_path)).alpha == [1e-5]
