@@ -17,6 +17,9 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt prm    ... [PRMConfig fields]        PRM: a process reward model, one label per reasoning step
     jaxpt ppo    ... --reward_model_name_or_path DIR [--value_model_name_or_path DIR] [PPOConfig fields]
                                                PPO: policy + value model, per-token KL penalty, GAE, clipped losses
+    jaxpt online_dpo ... --reward_funcs ...    Online DPO: two samples per prompt, ranked by rewards, DPO loss
+    jaxpt xpo    ... --reward_funcs ...        XPO: Online DPO against a reference sample + exploration bonus alpha
+    jaxpt nash_md ... --reward_funcs ...       Nash-MD: policy gradient on the preference over a geometric mixture
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -349,6 +352,22 @@ def ppo_command(argv: list[str]) -> int:
     print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
           f"{result.model_dir}")
     return 0
+def online_dpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import online_dpo
+
+    return _online_command(online_dpo, online_dpo.OnlineDPOConfig, argv)  # reference: a frozen copy
+
+
+def xpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import xpo
+
+    return _online_command(xpo, xpo.XPOConfig, argv)  # reference: a frozen copy, which also samples
+
+
+def nash_md_command(argv: list[str]) -> int:
+    from jaxpt.experimental import nash_md
+
+    return _online_command(nash_md, nash_md.NashMDConfig, argv)  # reference: a frozen copy, mixed in to sample
 
 
 def distillation_command(argv: list[str]) -> int:
@@ -423,7 +442,8 @@ COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "k
             "smoke": smoke, "demo": demo,
             # experimental methods (jaxpt.experimental)
             "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
-            "bco": bco_command, "prm": prm_command, "ppo": ppo_command}
+            "bco": bco_command, "prm": prm_command, "ppo": ppo_command,
+            "online_dpo": online_dpo_command, "xpo": xpo_command, "nash_md": nash_md_command}
 
 
 def main(argv: list[str] | None = None) -> int:

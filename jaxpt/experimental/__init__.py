@@ -25,4 +25,10 @@ Methods:
 - `ppo`: PPO with a value model, per-token KL penalty and GAE (arXiv:1707.06347, arXiv:2203.02155), TRL's old
   `PPOTrainer` (not in TRL 1.16: tested against the formulas in float64).
 - `prm`: process reward models (arXiv:2211.14275), step-wise supervision, TRL's old `PRMTrainer` (not in TRL 1.16).
+- `online_dpo`: Online DPO (arXiv:2402.04792), two samples per prompt ranked by reward functions, TRL's
+  `trl.experimental.online_dpo`.
+- `xpo`: XPO (arXiv:2405.21046), Online DPO against reference samples plus an exploration bonus (TRL 1.16 no longer
+  has it: tested against the paper).
+- `nash_md`: Nash-MD (arXiv:2312.00886), policy gradient on the preference over geometric-mixture samples (TRL 1.16
+  no longer has it: tested against the paper).
 """
