@@ -22,4 +22,7 @@ Methods:
 - `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
 - `bema`: DPO with a BEMA reference (arXiv:2508.00180), TRL's `trl.experimental.bema_for_ref_model`.
 - `bco`: BCO (arXiv:2404.04656) on unpaired feedback (TRL 1.16 no longer has it: tested against the paper).
+- `sdpo`: SDPO, RL via self-distillation from successful rollouts (arXiv:2601.20802), TRL's `trl.experimental.sdpo`.
+- `sdft`: SDFT, on-policy self-distillation from a demonstration-conditioned teacher (arXiv:2601.19897), TRL's
+  `trl.experimental.sdft`.
 """
