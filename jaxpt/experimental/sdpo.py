@@ -494,9 +494,6 @@ def teacher_contexts(prompts: Sequence, completion_texts: Sequence[str], rewards
             text = config.reprompt_template.format(prompt=_last_user_text(prompt), solution=solution,
                                                    feedback=feedback_text)
             teacher_prompts.append(list(prompt[:-1]) + [{"role": "user", "content": text}])
-    if feedback_available and not config.include_environment_feedback:
-        logger.warning("SDPO: the data has `privileged_context` feedback but include_environment_feedback=False, so "
-                       "the teacher does not see it (set include_environment_feedback=True to use it).")
     metrics = {"self_distillation/success_group_fraction": success_groups / max(1, total // group),
                "self_distillation/success_sample_fraction": with_solution / max(total, 1),
                "self_distillation/feedback_available_fraction": feedback_available / max(total, 1),
@@ -730,12 +727,19 @@ def train(model: nnx.Module, tokenizer, dataset, config: SDPOConfig, *, reward_f
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="SDPO",
                                             max_prompt_length=config.max_prompt_length)
+    if not config.include_environment_feedback and any(p["columns"].get("privileged_context") for p in prompts):
+        logger.warning("SDPO: the data has `privileged_context` feedback but include_environment_feedback=False, so "
+                       "the teacher does not see it (set include_environment_feedback=True to use it).")
     distributed.check_same_data(prompts, what="SDPO prompts")  # every process builds the same global batches
     rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method="SDPO")
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
     check_rollout_inputs(reward_funcs, [model], prompts, eval_prompts, tokenizer, config, method="SDPO")
+    vocab = model.lm_head_weight().shape[0]
+    if config.distillation_topk is not None and config.distillation_topk > vocab:
+        raise ValueError(f"distillation_topk={config.distillation_topk} is more than the model's {vocab} tokens: "
+                         f"lower it to at most {vocab}.")
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
