@@ -238,3 +238,44 @@ def test_training_on_a_rollout_lowers_the_divergence_and_train_runs(tmp_path):
                  "completions/mean_length"):
         assert np.isfinite(record[name]), name
     assert result.state.step == 2
+
+
+def test_accumulated_micro_batches_add_up_to_the_whole_batch(fixed_inputs):
+    """With the step's rows and tokens as normalisers, the micro-batches' losses and metric pairs sum to the whole
+    batch's (so `batch 4 x accumulation 1 == batch 1 x accumulation 4`), for sequence- and token-normalised terms."""
+    student, teacher, ids, mask, sd_mask, advantages, old = fixed_inputs
+    per_token, logps = sdpo.self_distillation_divergence(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(ids),
+                                                         distillation_mode="full_logits")
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        options = dict(distillation_weight=0.4, loss_type=loss_type, max_completion_length=SEQ, return_counts=True)
+        whole, whole_pairs = sdpo.sdpo_loss(per_token, logps, jnp.asarray(old), jnp.asarray(advantages),
+                                            jnp.asarray(mask), self_distillation_mask=jnp.asarray(sd_mask), **options)
+        parts = [sdpo.sdpo_loss(per_token[i:i + 1], logps[i:i + 1], jnp.asarray(old[i:i + 1]),
+                                jnp.asarray(advantages[i:i + 1]), jnp.asarray(mask[i:i + 1]),
+                                self_distillation_mask=jnp.asarray(sd_mask[i:i + 1]), num_sequences=ROWS,
+                                num_tokens=mask.sum(), **options) for i in range(ROWS)]
+        np.testing.assert_allclose(sum(float(p[0]) for p in parts), float(whole), rtol=1e-5)
+        for name, (total, count) in whole_pairs.items():
+            summed = [sum(float(p[1][name][k]) for p in parts) for k in (0, 1)]
+            np.testing.assert_allclose(summed, [float(total), float(count)], rtol=1e-5, err_msg=name)
+
+
+def test_ema_teacher_update_matches_trl_sync():
+    """`update_teacher` every `teacher_sync_steps` steps against TRL's `SyncTeacherModelCallback` arithmetic
+    (`SyncRefModelCallback._sync_target_model`) on the same weights."""
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    config = types.SimpleNamespace(teacher_model_kind="ema", teacher_update_rate=0.05, teacher_sync_steps=2)
+    rng = np.random.default_rng(2)
+    teacher_w, policy_w = (rng.normal(size=(3, 2)).astype(np.float32) for _ in range(2))
+    kept = {"w": jnp.asarray(teacher_w)}
+    state = types.SimpleNamespace(params={"w": jnp.asarray(policy_w)})
+    target, source = torch.nn.Linear(2, 3, bias=False), torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        target.weight.copy_(torch.tensor(teacher_w))
+        source.weight.copy_(torch.tensor(policy_w))
+    assert sdpo.update_teacher(kept, state, config, step=1) is kept  # not a sync step
+    kept = sdpo.update_teacher(kept, state, config, step=2)
+    SyncRefModelCallback._sync_target_model(source, target, config.teacher_update_rate)
+    np.testing.assert_allclose(np.asarray(kept["w"]), target.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(kept["w"]), teacher_w)
