@@ -582,6 +582,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: SDFTConfig, *, eval_dat
     eval_examples = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+    if eval_examples and (config.per_device_eval_batch_size * batch_divisor(mesh)) % config.num_generations:
+        raise ValueError(f"per_device_eval_batch_size={config.per_device_eval_batch_size} x "
+                         f"{batch_divisor(mesh)} devices must be a multiple of num_generations={config.num_generations}"
+                         " (evaluation samples whole groups).")
     distributed.check_same_data(examples, what="SDFT examples")  # every process builds the same global batches
     rollouts_per_epoch = data.steps_per_epoch(len(examples), prompts_per_rollout, method="SDFT")
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
@@ -674,9 +678,6 @@ def evaluate(eval_step, state, teacher, examples: Sequence[dict], tokenizer, con
     prefix. Batches of `per_device_eval_batch_size x devices` completions (whole groups), the last one filled up
     with its last prompt (left out of the totals)."""
     rows = config.per_device_eval_batch_size * batch_divisor(mesh)
-    if rows % config.num_generations:
-        raise ValueError(f"per_device_eval_batch_size x devices = {rows} must be a multiple of num_generations="
-                         f"{config.num_generations} (whole groups per eval batch).")
     per_batch = rows // config.num_generations
     key = jax.random.key(config.seed + 1)
     totals = None
