@@ -30,8 +30,10 @@ Batch (`[accumulation, micro_batch, ...]`): `prompt_ids`/`prompt_mask` and `teac
 (left-padded), `completion_ids`/`attention_mask`/`completion_mask` (right-padded; `completion_mask` is the loss mask),
 and `old_logps` when a rollout feeds several optimizer steps. The divergence is computed a chunk of tokens at a time
 from both models' final hidden states, so no `[tokens, vocab]` logits exist for the batch; normalisation is over the
-whole accumulated batch (`batch 8 x accumulation 1 == batch 2 x accumulation 4`). SDPO
-(`jaxpt.experimental.sdpo`) shares the divergence and the teacher (marked copies).
+whole accumulated batch (`batch 8 x accumulation 1 == batch 2 x accumulation 4`; TRL's loss agrees, its logged
+`*/distillation_loss` averages micro-batch means where this one is the step's token mean). SDPO
+(`jaxpt.experimental.sdpo`) shares the divergence and the teacher (marked copies). TRL's vLLM / teacher-server
+options are not here; `distillation_topk` above the vocabulary is clipped to it (TRL's `torch.topk` would fail).
 """
 
 from __future__ import annotations

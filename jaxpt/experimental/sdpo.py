@@ -31,6 +31,11 @@ ratio current / rollout-time policy, `distillation_is_clip`). The divergence is 
 from both models' final hidden states (`self_distillation_from_hidden`), so no `[tokens, vocab]` logits exist for
 the batch. Normalisation is over the whole accumulated batch, so `batch 8 x accumulation 1 == batch 2 x
 accumulation 4`.
+
+Differences from TRL, all where TRL's numbers depend on the micro-batch split: TRL averages each micro-batch's loss
+(its `dapo`/`bnpo` policy term over the micro-batch's tokens) and its metrics over micro-batches; here the step's
+rows/tokens normalise (identical with `gradient_accumulation_steps=1`, which the parity tests use). TRL's `beta`
+(declared but unused by its loss), the vLLM / teacher-server options and the `diagnostics_*` warnings are not here.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.distillation import generalized_jsd
 from jaxpt.losses.grpo import grpo_advantages
-from jaxpt.losses.logprobs import _on_own_rows, _row_chunks, token_logps
+from jaxpt.losses.logprobs import _on_own_rows, _row_chunks, chunked_token_logps, token_logps
 from jaxpt.losses.metrics import MetricPairs, mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.sampled_rewards import combine_rewards
 from jaxpt.models import set_gradient_checkpointing
@@ -547,7 +552,8 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
     teacher_prompts, sd_mask, context_metrics = teacher_contexts([p["prompt"] for p in repeated], texts, total,
                                                                  feedbacks, config)
     arrays["self_distillation_mask"] = sd_mask
-    arrays.update(_teacher_prompt_arrays(teacher_prompts, tokenizer, config, completion_length=lengths.max()))
+    arrays.update(_teacher_prompt_arrays(teacher_prompts, tokenizer, config))
+    _check_teacher_fits(state, arrays["teacher_prompt_mask"].sum(axis=1) + lengths)
     if policy_logps_fn is not None:
         arrays["old_logps"] = policy_logps_fn(state.full_params(), arrays)
     metrics = reward_diagnostics(total, sampled.rewards, sampled.reward_names, num_generations=config.num_generations,
@@ -559,7 +565,7 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
     return arrays, metrics, records
 
 
-def _teacher_prompt_arrays(teacher_prompts: Sequence, tokenizer, config, *, completion_length: int) -> dict:
+def _teacher_prompt_arrays(teacher_prompts: Sequence, tokenizer, config) -> dict:
     """Teacher contexts -> `teacher_prompt_ids`/`teacher_prompt_mask` `[n, bucket]`, left-padded to one of the
     length buckets up to `max_reprompt_len` (each context keeps its last `max_reprompt_len` tokens)."""
     conversational = not isinstance(teacher_prompts[0], str)
@@ -569,8 +575,7 @@ def _teacher_prompt_arrays(teacher_prompts: Sequence, tokenizer, config, *, comp
     buckets = data.length_buckets(max(config.max_reprompt_len, 16), min_length=16)
     length = data.bucket_length(longest, buckets)
     return {"teacher_prompt_ids": data.pad_rows(ids, length, data.pad_token_id(tokenizer), left=True),
-            "teacher_prompt_mask": data.pad_rows([[1] * len(row) for row in ids], length, 0, left=True),
-            "teacher_lengths": np.asarray([len(row) for row in ids]) + int(completion_length)}
+            "teacher_prompt_mask": data.pad_rows([[1] * len(row) for row in ids], length, 0, left=True)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -606,8 +611,6 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, teacher_params: nnx.State
             temperature=config.temperature, student_logit_softcap=student.final_logit_softcap,
             teacher_logit_softcap=teacher.final_logit_softcap, chunk_size=config.logits_chunk_size)
     else:  # the policy gradient alone: no teacher forward
-        from jaxpt.losses.logprobs import chunked_token_logps
-
         logps = chunked_token_logps(student_hidden, student.lm_head_weight(), batch["completion_ids"],
                                     chunk_size=config.logits_chunk_size, logit_softcap=student.final_logit_softcap,
                                     temperature=config.temperature)
@@ -696,9 +699,11 @@ def update_teacher(kept, state: TrainState, config, *, step: int):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_teacher_fits(model: nnx.Module, arrays: dict) -> None:
+def _check_teacher_fits(state: TrainState, teacher_lengths: np.ndarray) -> None:
+    """Teacher contexts plus their completions (`teacher_lengths` tokens) must fit the model's positions."""
+    model = nnx.merge(state.graphdef, state.full_params())
     limit = getattr(getattr(getattr(model, "config", None), "rope", None), "max_position_embeddings", None)
-    longest = int(arrays["teacher_lengths"].max())
+    longest = int(np.max(teacher_lengths))
     if limit is not None and longest > limit:
         raise ValueError(f"A teacher context plus its completion is {longest} tokens, more than the model's "
                          f"max_position_embeddings={limit}: lower max_reprompt_len or max_completion_length.")
@@ -778,10 +783,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: SDPOConfig, *, reward_f
                 state, [prompts[i] for i in indices], reward_funcs, tokenizer, config,
                 key=jax.random.fold_in(base_key, step // steps_per_rollout), mesh=mesh, prompt_buckets=prompt_buckets,
                 policy_logps_fn=logps_fn)
-            _check_teacher_fits(model, arrays)
             if config.log_completions:
                 append_jsonl(Path(config.output_dir) / "completions.jsonl", [{"step": step, **r} for r in records])
-            arrays.pop("teacher_lengths")
             micro_batches = {k: v.reshape(steps_per_generation, micro_batch, *v.shape[1:]) for k, v in arrays.items()}
             rollout_tokens = int(arrays["prompt_mask"].sum() + arrays["attention_mask"].sum())
             for iteration in range(config.num_iterations):

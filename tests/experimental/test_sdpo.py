@@ -217,7 +217,6 @@ def test_training_on_a_rollout_lowers_the_divergence_and_train_runs(tmp_path):
     arrays, metrics, _ = sdpo.rollout(state, prompts, [has_digit], TOKENIZER, config, key=jax.random.key(0),
                                       mesh=None, prompt_buckets=[16])
     assert 0 < metrics["self_distillation/reprompt_sample_fraction"] <= 1
-    arrays.pop("teacher_lengths")
     batch = shard_batch({k: v[None] for k, v in arrays.items()}, None, batch_axis=1, global_batch=True)
     teacher = sdpo.teacher_params(state, sdpo.initial_teacher(state, "base"), "base")
     step = sdpo.make_train_step(config)
