@@ -20,6 +20,8 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt online_dpo ... --reward_funcs ...    Online DPO: two samples per prompt, ranked by rewards, DPO loss
     jaxpt xpo    ... --reward_funcs ...        XPO: Online DPO against a reference sample + exploration bonus alpha
     jaxpt nash_md ... --reward_funcs ...       Nash-MD: policy gradient on the preference over a geometric mixture
+    jaxpt sdpo   ... --reward_funcs ... [SDPOConfig fields]   SDPO: self-distillation from successful rollouts
+    jaxpt sdft   ... [SDFTConfig fields]       SDFT: on-policy self-distillation from a privileged_context teacher
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -368,6 +370,16 @@ def nash_md_command(argv: list[str]) -> int:
     from jaxpt.experimental import nash_md
 
     return _online_command(nash_md, nash_md.NashMDConfig, argv)  # reference: a frozen copy, mixed in to sample
+def sdpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import sdpo
+
+    return _online_command(sdpo, sdpo.SDPOConfig, argv)  # teacher: the loaded model itself (EMA / base / live)
+
+
+def sdft_command(argv: list[str]) -> int:
+    from jaxpt.experimental import sdft
+
+    return _offline_command(sdft, sdft.SDFTConfig, argv)  # teacher: the loaded model reading privileged_context
 
 
 def distillation_command(argv: list[str]) -> int:
@@ -443,7 +455,8 @@ COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "k
             # experimental methods (jaxpt.experimental)
             "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
             "bco": bco_command, "prm": prm_command, "ppo": ppo_command,
-            "online_dpo": online_dpo_command, "xpo": xpo_command, "nash_md": nash_md_command}
+            "online_dpo": online_dpo_command, "xpo": xpo_command, "nash_md": nash_md_command,
+            "sdpo": sdpo_command, "sdft": sdft_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,4 +31,7 @@ Methods:
   has it: tested against the paper).
 - `nash_md`: Nash-MD (arXiv:2312.00886), policy gradient on the preference over geometric-mixture samples (TRL 1.16
   no longer has it: tested against the paper).
+- `sdpo`: SDPO, RL via self-distillation from successful rollouts (arXiv:2601.20802), TRL's `trl.experimental.sdpo`.
+- `sdft`: SDFT, on-policy self-distillation from a demonstration-conditioned teacher (arXiv:2601.19897), TRL's
+  `trl.experimental.sdft`.
 """
