@@ -22,4 +22,8 @@ Methods:
 - `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
 - `bema`: DPO with a BEMA reference (arXiv:2508.00180), TRL's `trl.experimental.bema_for_ref_model`.
 - `bco`: BCO (arXiv:2404.04656) on unpaired feedback (TRL 1.16 no longer has it: tested against the paper).
+- `gkd`: GKD (arXiv:2306.13649), TRL's `trl.experimental.gkd`: extends `jaxpt.distillation` (its data, sampling
+  and step) with GKD's deltas.
+- `gold`: GOLD, TRL's `trl.experimental.gold`: extends `jaxpt.distillation` to a teacher with another tokenizer
+  (ULD, arXiv:2402.12030, on byte-aligned token groups).
 """

@@ -477,7 +477,9 @@ def uld_loss_fn(params: nnx.State, graphdef: nnx.GraphDef, teacher_params: nnx.S
                              hybrid_matched_weight=config.uld_hybrid_matched_weight,
                              hybrid_unmatched_weight=config.uld_hybrid_unmatched_weight, beta=config.beta,
                              num_examples=num_examples)
-    pairs = {name: (value * num_examples, num_examples) for name, value in metrics.items()}
+    # (sum over this micro-batch's examples, their count): summed over micro-batches, the mean over the step
+    micro_batch = jnp.asarray(batch["completion_ids"].shape[0], jnp.float32)
+    pairs = {name: (value * num_examples, micro_batch) for name, value in metrics.items()}
     if config.uld_crossentropy_weight > 0:
         predicting = student_rows if shift == 1 else _answer_logits(
             student, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["attention_mask"],
