@@ -10,16 +10,18 @@ import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
 from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from trl.experimental.gold.gold_trainer import ULDLoss  # a test dependency: parity must fail, never skip, without it
+from trl.experimental.gold.gold_trainer import GOLDTrainer, ULDLoss  # parity must fail, never skip, without trl
 
 import jaxpt.models
 from jaxpt import cli
 from jaxpt.experimental import gold
+from jaxpt.train_state import TrainState
 from tests.experimental.helpers import TOKENIZER, VOCAB
 from tests.helpers import tiny_llama
 
@@ -216,6 +218,43 @@ def test_config_names_defaults_and_errors(tmp_path):
 PAIRS = [("ab+", "cd12"), ("ef=", "gh34"), ("12+", "ab+1"), ("34=", "=1cd")] * 2
 
 
+def fixed_uld_batch(config, count=8):
+    """`uld_batch` of the first `count` PAIRS (their dataset completions, EOS included)."""
+    examples = [{"prompt_ids": TOKENIZER(p)["input_ids"], "completion_ids": TOKENIZER(c + "</s>")["input_ids"]}
+                for p, c in PAIRS[:count]]
+    arrays = {"prompt_ids": np.stack([np.pad(e["prompt_ids"], (13, 0)) for e in examples]).astype(np.int32),
+              "prompt_mask": np.pad(np.ones((count, 3), np.int32), ((0, 0), (13, 0))),
+              "completion_ids": np.stack([np.pad(e["completion_ids"], (0, 11)) for e in examples]).astype(np.int32),
+              "attention_mask": np.pad(np.ones((count, 5), np.int32), ((0, 0), (0, 11)))}
+    arrays["completion_mask"] = arrays["attention_mask"]
+    teacher_prompts = [gold.teacher_prompt_ids(e["prompt_ids"], TOKENIZER, TEACHER_TOKENIZER) for e in examples]
+    return gold.uld_batch(arrays, teacher_prompts, TOKENIZER, TEACHER_TOKENIZER, config)
+
+
+def test_uld_step_accumulated_equals_one_big_batch(tmp_path):
+    """4 examples as 1 x 4 or 2 x 2 micro-batches (hybrid ULD + cross-entropy): the same loss, metrics and update."""
+    config = gold.GOLDConfig(output_dir=str(tmp_path), use_uld_loss=True, uld_use_hybrid_loss=True,
+                             uld_crossentropy_weight=0.5, lmbda=0.0, max_completion_length=8, max_grad_norm=0.0)
+    batch = fixed_uld_batch(config, count=4)
+    teacher = tiny_llama(TEACHER_VOCAB, seed=7, initializer_range=0.3)
+    graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+    hybrid = gold.hybrid_vocabulary(TOKENIZER, TEACHER_TOKENIZER, student_vocab_size=VOCAB,
+                                    teacher_vocab_size=TEACHER_VOCAB)
+    results = []
+    for accumulation in (1, 2):
+        step = gold.make_uld_train_step(config, teacher_graphdef=graphdef, hybrid=hybrid)
+        state = TrainState.create(tiny_llama(VOCAB, seed=0), optax.sgd(1.0))
+        shaped = {k: v.reshape(accumulation, 4 // accumulation, *v.shape[1:]) for k, v in batch.items()}
+        state, metrics = step(state, shaped, teacher_params)
+        results.append((jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}))
+    (params, metrics), (accumulated_params, accumulated_metrics) = results
+    assert metrics["loss"] > 0.1 and metrics["matched_loss"] > 0 and metrics["unmatched_loss"] > 0
+    for name in ("loss", "matched_loss", "unmatched_loss", "grad_norm"):
+        np.testing.assert_allclose(accumulated_metrics[name], metrics[name], rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(accumulated_params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
 def test_gold_command_brings_a_student_closer_to_a_teacher_with_another_tokenizer(tmp_path):
     """`jaxpt gold --use_uld_loss true` (hybrid, bayesian merges): the student's ULD loss to a teacher with the
     bigram tokenizer, on fixed completions, falls; metrics carry TRL's names; the student is exported."""
@@ -242,15 +281,7 @@ def test_gold_command_brings_a_student_closer_to_a_teacher_with_another_tokenize
 
     config = gold.GOLDConfig(output_dir=str(tmp_path / "eval"), use_uld_loss=True, uld_use_hybrid_loss=True,
                              uld_token_merge_strategy="bayesian", lmbda=0.0, max_completion_length=8)
-    examples = [{"prompt_ids": TOKENIZER(p)["input_ids"], "completion_ids": TOKENIZER(c + "</s>")["input_ids"]}
-                for p, c in PAIRS]
-    arrays = {"prompt_ids": np.stack([np.pad(e["prompt_ids"], (13, 0)) for e in examples]).astype(np.int32),
-              "prompt_mask": np.pad(np.ones((8, 3), np.int32), ((0, 0), (13, 0))),
-              "completion_ids": np.stack([np.pad(e["completion_ids"], (0, 11)) for e in examples]).astype(np.int32),
-              "attention_mask": np.pad(np.ones((8, 5), np.int32), ((0, 0), (0, 11)))}
-    arrays["completion_mask"] = arrays["attention_mask"]
-    teacher_prompts = [gold.teacher_prompt_ids(e["prompt_ids"], TOKENIZER, TEACHER_TOKENIZER) for e in examples]
-    batch = gold.uld_batch(arrays, teacher_prompts, TOKENIZER, TEACHER_TOKENIZER, config)
+    batch = fixed_uld_batch(config)
     assert batch["group_mask"].sum(1).tolist() == [2] * 8  # e.g. "cd12": student c,d | 1,2 vs teacher cd | 12
     hybrid = gold.hybrid_vocabulary(TOKENIZER, TEACHER_TOKENIZER, student_vocab_size=VOCAB,
                                     teacher_vocab_size=TEACHER_VOCAB)
@@ -274,3 +305,19 @@ def test_same_tokenizer_gold_is_distillation_at_its_temperature(tmp_path):
     with pytest.raises(ValueError, match="vocabulary"):
         gold.train(tiny_llama(VOCAB), TOKENIZER, datasets.Dataset.from_list([{"prompt": "ab"}] * 8),
                    gold.GOLDConfig(output_dir=str(tmp_path), lmbda=1.0), teacher_model=tiny_llama(TEACHER_VOCAB))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+def test_same_tokenizer_loss_matches_trl_generalized_jsd(beta):
+    """TRL's `GOLDTrainer.generalized_jsd_loss` at GOLD's temperature against the stable loss GOLD's step runs."""
+    from jaxpt.losses.distillation import distillation_loss
+
+    rng = np.random.default_rng(1)
+    student, teacher = ((rng.normal(size=(2, 4, 9)) * 2).astype(np.float32) for _ in range(2))
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    expected = GOLDTrainer.generalized_jsd_loss(torch.tensor(student), torch.tensor(teacher),
+                                                labels=torch.tensor(np.where(mask > 0, 5, -100)), beta=beta,
+                                                temperature=0.9, num_items_in_batch=6)
+    loss, _ = distillation_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask), beta=beta,
+                                temperature=0.9, num_tokens=6)
+    np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5)
