@@ -19,7 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from trl.experimental.gold.gold_trainer import GOLDTrainer, ULDLoss  # parity must fail, never skip, without trl
 
 import jaxpt.models
-from jaxpt import cli
+from jaxpt import cli, distillation
 from jaxpt.experimental import gold
 from jaxpt.train_state import TrainState
 from tests.experimental.helpers import TOKENIZER, VOCAB
@@ -256,8 +256,10 @@ def test_uld_step_accumulated_equals_one_big_batch(tmp_path):
 
 
 def test_gold_command_brings_a_student_closer_to_a_teacher_with_another_tokenizer(tmp_path):
-    """`jaxpt gold --use_uld_loss true` (hybrid, bayesian merges): the student's ULD loss to a teacher with the
-    bigram tokenizer, on fixed completions, falls; metrics carry TRL's names; the student is exported."""
+    """`jaxpt gold --use_uld_loss true` on-policy (lmbda=1; hybrid, bayesian merges): each step the student samples,
+    the teacher with the bigram tokenizer reads the same text in its own tokens, and the student's ULD loss on other
+    samples of its initial policy falls; metrics carry TRL's names; the student is exported. (The dataset-completion
+    batches are `fixed_uld_batch`'s, checked here and in the accumulation test.)"""
     teacher = tiny_llama(TEACHER_VOCAB, seed=7, initializer_range=0.3)
     student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
     for directory, model, tokenizer in ((student_dir, tiny_llama(VOCAB, seed=0), TOKENIZER),
@@ -265,10 +267,10 @@ def test_gold_command_brings_a_student_closer_to_a_teacher_with_another_tokenize
         tokenizer.save_pretrained(directory)
         jaxpt.models.save_pretrained(model, directory)
     rows = tmp_path / "train.jsonl"
-    rows.write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in PAIRS) + "\n")
+    rows.write_text("\n".join(json.dumps({"prompt": p}) for p, _ in PAIRS) + "\n")
     out = tmp_path / "out"
     options = ["--use_uld_loss", "true", "--uld_use_hybrid_loss", "true", "--uld_token_merge_strategy", "bayesian",
-               "--lmbda", "0.0", "--max_completion_length", "8"]
+               "--lmbda", "1.0", "--max_completion_length", "8"]
     code = cli.main(["gold", "--model_name_or_path", str(student_dir), "--teacher_model_name_or_path",
                      str(teacher_dir), "--dataset_name", str(rows), "--output_dir", str(out), "--max_steps", "12",
                      "--logging_steps", "6", "--per_device_train_batch_size", "8", "--learning_rate", "0.01",
@@ -276,13 +278,21 @@ def test_gold_command_brings_a_student_closer_to_a_teacher_with_another_tokenize
     assert code == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [6, 12]
-    assert {"loss", "off_policy_loss", "matched_loss", "unmatched_loss", "grad_norm"} <= set(records[0])
+    assert {"loss", "on_policy_loss", "matched_loss", "unmatched_loss", "grad_norm",
+            "completions/mean_length"} <= set(records[0])
     assert records[-1]["loss"] < records[0]["loss"]
 
     config = gold.GOLDConfig(output_dir=str(tmp_path / "eval"), use_uld_loss=True, uld_use_hybrid_loss=True,
-                             uld_token_merge_strategy="bayesian", lmbda=0.0, max_completion_length=8)
-    batch = fixed_uld_batch(config)
-    assert batch["group_mask"].sum(1).tolist() == [2] * 8  # e.g. "cd12": student c,d | 1,2 vs teacher cd | 12
+                             uld_token_merge_strategy="bayesian", lmbda=1.0, max_completion_length=8)
+    assert fixed_uld_batch(config)["group_mask"].sum(1).tolist() == [2] * 8  # "cd12": c,d | 1,2 vs cd | 12
+    # the ULD loss on completions the initial student samples (another draw than training's)
+    prompts = [TOKENIZER(p)["input_ids"] for p, _ in PAIRS]
+    sampled, _ = distillation.sample_completions(
+        TrainState.create(jaxpt.models.from_pretrained(student_dir), optax.sgd(0.0)),
+        [{"prompt_ids": p} for p in prompts], TOKENIZER, gold.distillation_config(config), key=jax.random.key(123),
+        mesh=None, prompt_buckets=[16])
+    batch = gold.uld_batch(sampled, [gold.teacher_prompt_ids(p, TOKENIZER, TEACHER_TOKENIZER) for p in prompts],
+                           TOKENIZER, TEACHER_TOKENIZER, config)
     hybrid = gold.hybrid_vocabulary(TOKENIZER, TEACHER_TOKENIZER, student_vocab_size=VOCAB,
                                     teacher_vocab_size=TEACHER_VOCAB)
     teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
@@ -295,7 +305,7 @@ def test_gold_command_brings_a_student_closer_to_a_teacher_with_another_tokenize
 
     before = uld(jaxpt.models.from_pretrained(student_dir))
     after = uld(jaxpt.models.from_pretrained(out / "final"))
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # 0.240 -> 0.196 in 12 steps
 
 
 def test_same_tokenizer_gold_is_distillation_at_its_temperature(tmp_path):
