@@ -32,9 +32,10 @@ Deltas from TRL, each deliberate: token byte spans come from decoding prefixes o
 only ByteLevel BPE); the completion text the teacher tokenizes is the student's completion decoded without special
 tokens; the teacher sees the student's rendered prompt text (as TRL); `matched_loss`/`unmatched_loss` are the batch
 means (TRL logs its last example's); the on/off-policy choice is drawn per optimizer step from the seed (exact resume);
-with gradient accumulation the step averages over all its examples. Not implemented: `num_generations`,
-`generation_batch_size`, vLLM, vision-language models. The ULD path computes the completions' full logits of both
-models (it sorts whole distributions), so it does not chunk over the vocabulary as `jaxpt.distillation` does.
+with gradient accumulation the step averages over all its examples. Not implemented: evaluation (`eval_strategy`
+must be "no"), `num_generations`, `generation_batch_size`, vLLM, vision-language models. The ULD path computes
+the completions' full logits of both models (it sorts whole distributions), so it does not chunk over the
+vocabulary as `jaxpt.distillation` does.
 
 ```python
 config = GOLDConfig(output_dir="out", use_uld_loss=True, max_completion_length=64, max_steps=100)
