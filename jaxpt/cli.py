@@ -22,6 +22,8 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt nash_md ... --reward_funcs ...       Nash-MD: policy gradient on the preference over a geometric mixture
     jaxpt sdpo   ... --reward_funcs ... [SDPOConfig fields]   SDPO: self-distillation from successful rollouts
     jaxpt sdft   ... [SDFTConfig fields]       SDFT: on-policy self-distillation from a privileged_context teacher
+    jaxpt gkd    ... --teacher_model_name_or_path DIR [GKDConfig fields: lmbda, beta, seq_kd, ...]   GKD
+    jaxpt gold   ... --teacher_model_name_or_path DIR [GOLDConfig fields: use_uld_loss, ...]   GOLD (cross-tokenizer)
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -400,6 +402,46 @@ def distillation_command(argv: list[str]) -> int:
     return 0
 
 
+def gkd_command(argv: list[str]) -> int:
+    """`jaxpt gkd`: `jaxpt distillation`'s command with GKD's config (the teacher needs the student's tokenizer)."""
+    from jaxpt.experimental import gkd
+
+    script_args, model_args, config = parse(gkd.GKDConfig, argv)
+    join_run(config)
+    if not config.teacher_model_name_or_path:
+        raise ValueError("jaxpt gkd needs a teacher: --teacher_model_name_or_path DIR_OR_HUB_ID.")
+    check_inputs(script_args, model_args, config, ("--teacher_model_name_or_path", config.teacher_model_name_or_path))
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
+    teacher = load_model(config.teacher_model_name_or_path, model_args, config)
+    result = gkd.train(model, tokenizer, train_set, config, teacher_model=teacher, eval_dataset=eval_set)
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
+          f"{result.model_dir}")
+    return 0
+
+
+def gold_command(argv: list[str]) -> int:
+    """`jaxpt gold`: like `jaxpt gkd`; with --use_uld_loss the teacher may have its own tokenizer
+    (--teacher_tokenizer_name_or_path, default the teacher's directory)."""
+    from jaxpt.experimental import gold
+
+    script_args, model_args, config = parse(gold.GOLDConfig, argv)
+    join_run(config)
+    if not config.teacher_model_name_or_path:
+        raise ValueError("jaxpt gold needs a teacher: --teacher_model_name_or_path DIR_OR_HUB_ID.")
+    check_inputs(script_args, model_args, config, ("--teacher_model_name_or_path", config.teacher_model_name_or_path),
+                 ("--teacher_tokenizer_name_or_path", config.teacher_tokenizer_name_or_path))
+    model, tokenizer, train_set, _ = load_model_and_data(script_args, model_args, config)
+    teacher = load_model(config.teacher_model_name_or_path, model_args, config)
+    teacher_tokenizer = None
+    if config.use_uld_loss:
+        teacher_tokenizer = load_tokenizer(config.teacher_tokenizer_name_or_path or config.teacher_model_name_or_path,
+                                           flag="--teacher_tokenizer_name_or_path")
+    result = gold.train(model, tokenizer, train_set, config, teacher_model=teacher, teacher_tokenizer=teacher_tokenizer)
+    print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
+          f"{result.model_dir}")
+    return 0
+
+
 def demo(argv: list[str]) -> int:
     import argparse
 
@@ -456,7 +498,7 @@ COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "k
             "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
             "bco": bco_command, "prm": prm_command, "ppo": ppo_command,
             "online_dpo": online_dpo_command, "xpo": xpo_command, "nash_md": nash_md_command,
-            "sdpo": sdpo_command, "sdft": sdft_command}
+            "sdpo": sdpo_command, "sdft": sdft_command, "gkd": gkd_command, "gold": gold_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,4 +34,8 @@ Methods:
 - `sdpo`: SDPO, RL via self-distillation from successful rollouts (arXiv:2601.20802), TRL's `trl.experimental.sdpo`.
 - `sdft`: SDFT, on-policy self-distillation from a demonstration-conditioned teacher (arXiv:2601.19897), TRL's
   `trl.experimental.sdft`.
+- `gkd`: GKD (arXiv:2306.13649), TRL's `trl.experimental.gkd`: extends `jaxpt.distillation` (its data, sampling
+  and step) with GKD's deltas.
+- `gold`: GOLD, TRL's `trl.experimental.gold`: extends `jaxpt.distillation` to a teacher with another tokenizer
+  (ULD, arXiv:2402.12030, on byte-aligned token groups).
 """
