@@ -58,6 +58,7 @@ from jaxpt.rollout import (
     check_reference_dtypes,
     check_rollout_inputs,
     completion_logps,
+    eval_config,
     evaluate_rollouts,
     make_logps_fn,
     make_ref_logps_fn,
@@ -236,11 +237,14 @@ def train(model: nnx.Module, tokenizer, dataset, config: GMPOConfig, *, reward_f
     micro_batch, steps_per_generation, prompts_per_rollout = rollout_shape(config, batch_divisor(mesh))
     accumulation = config.gradient_accumulation_steps
     steps_per_rollout = config.num_iterations * steps_per_generation // accumulation
-    prompts = data.prepare_prompts(dataset, tokenizer, method="GMPO", max_prompt_length=config.max_prompt_length)
+    prompts = data.prepare_prompts(dataset, tokenizer, method="GMPO", max_prompt_length=config.max_prompt_length,
+                                   chat_template_kwargs=config.chat_template_kwargs)
     eval_prompts = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="GMPO",
-                                            max_prompt_length=config.max_prompt_length)
+                                            max_prompt_length=config.max_prompt_length,
+                                            chat_template_kwargs=config.chat_template_kwargs)
+    evaluation_config = eval_config(config, prompts_per_rollout=prompts_per_rollout, micro_batch=micro_batch)
     distributed.check_same_data(prompts, what="GMPO prompts")  # every process builds the same global batches
     rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method="GMPO")
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
@@ -320,7 +324,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GMPOConfig, *, reward_f
                                    "num_tokens": num_tokens}, epoch=step / steps_in_epoch)
             if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
                 log.write({"step": step, **evaluate_rollouts(grpo.rollout, state, eval_prompts, reward_funcs,
-                                                             tokenizer, config, mesh=mesh,
+                                                             tokenizer, evaluation_config, mesh=mesh,
                                                              prompt_buckets=prompt_buckets,
                                                              prompts_per_rollout=prompts_per_rollout,
                                                              tools=toolbox)})
