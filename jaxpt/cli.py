@@ -15,6 +15,7 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt bema   ... [BEMAConfig fields]       DPO whose reference follows the policy's BEMA (bias-corrected EMA)
     jaxpt bco    ... [BCOConfig fields]        BCO: unpaired thumbs-up/down feedback as a binary classifier
     jaxpt gmpo   ... [GMPOConfig fields]       GMPO: GRPO with the geometric mean of the token ratios (--reward_funcs)
+    jaxpt a2po   ... [A2POConfig fields]       A*-PO: V* from reference samples, then optimal-advantage regression
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -346,6 +347,12 @@ def gmpo_command(argv: list[str]) -> int:
     return _online_command(gmpo, gmpo.GMPOConfig, argv)
 
 
+def a2po_command(argv: list[str]) -> int:
+    from jaxpt.experimental import a2po
+
+    return _online_command(a2po, a2po.A2POConfig, argv)  # reference: the loaded model's initial parameters
+
+
 def distillation_command(argv: list[str]) -> int:
     """`jaxpt distillation`: the student from --model_name_or_path learns from --teacher_model_name_or_path (loaded
     with the same dtype flags, on the same mesh; it needs the student's tokenizer)."""
@@ -418,7 +425,7 @@ COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "k
             "smoke": smoke, "demo": demo,
             # experimental methods (jaxpt.experimental)
             "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
-            "bco": bco_command, "gmpo": gmpo_command}
+            "bco": bco_command, "gmpo": gmpo_command, "a2po": a2po_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,5 +23,6 @@ Methods:
 - `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
 - `bema`: DPO with a BEMA reference (arXiv:2508.00180), TRL's `trl.experimental.bema_for_ref_model`.
 - `gmpo`: GMPO (arXiv:2507.20673), GRPO with the geometric mean of the token ratios, TRL's `trl.experimental.gmpo`.
+- `a2po`: A*-PO (arXiv:2505.20686), optimal advantage regression, TRL's `trl.experimental.a2po`.
 - `bco`: BCO (arXiv:2404.04656) on unpaired feedback (TRL 1.16 no longer has it: tested against the paper).
 """
