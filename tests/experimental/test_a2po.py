@@ -80,6 +80,49 @@ def test_optimal_values_follow_the_formula_in_float64():
     assert 0.1 < got[3] < 1.0  # a small beta1 leans towards the best sample (max as beta1 -> 0)
 
 
+def test_stage_one_matches_trls_estimate_optimal_values(monkeypatch):
+    """Stage 1 on the same samples: TRL's `_estimate_optimal_values` (its reference model a stub whose `generate`
+    returns fixed completions) and jaxpt's `estimate_optimal_values` (its sampler replaced by the same rewards) give
+    the same V* per prompt and drop the same all-incorrect prompts."""
+    from accelerate import Accelerator
+
+    samples = 4
+    correct = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
+    prompts = ["ab", "cd", "ef", "gh", "ij"]
+    tokenizer = char_tokenizer()
+    tokenizer.padding_side = "left"
+
+    class FixedSampler(torch.nn.Module):
+        is_gradient_checkpointing = False
+
+        def generate(self, input_ids, attention_mask=None, generation_config=None):
+            completions = [[tokenizer.convert_tokens_to_ids("7" if right else "x")] * 2
+                           for row in correct for right in row]
+            return torch.cat([input_ids.repeat_interleave(samples, dim=0), torch.tensor(completions)], dim=1)
+
+    trainer = object.__new__(A2POTrainer)
+    trainer.args = types.SimpleNamespace(beta1=0.5, num_value_samples=samples, per_device_train_batch_size=len(prompts),
+                                         max_prompt_length=512, filter_all_incorrect=True)
+    trainer.accelerator = Accelerator(cpu=True)
+    trainer.train_dataset, trainer.eval_dataset = datasets.Dataset.from_list([{"prompt": p} for p in prompts]), None
+    trainer.processing_class, trainer.ref_model, trainer.value_generation_config = tokenizer, FixedSampler(), None
+    trainer.reward_funcs, trainer.reward_weights = [has_a_digit], torch.ones(1)
+    trainer._estimate_optimal_values()
+
+    def fixed_rewards(state, chunk, *args, **kwargs):
+        return types.SimpleNamespace(rewards=correct.reshape(-1, 1).astype(np.float32))
+
+    monkeypatch.setattr(a2po, "sample_and_score", fixed_rewards)
+    config = a2po.A2POConfig(output_dir="unused", beta1=0.5, num_value_samples=samples)
+    with jax.enable_x64(True):
+        v_star, all_incorrect, _ = a2po.estimate_optimal_values(
+            None, [{"prompt": p} for p in prompts], [has_a_digit], tokenizer, config, key=jax.random.key(0),
+            mesh=None, prompt_buckets=[16], prompts_per_batch=len(prompts))
+    np.testing.assert_allclose(v_star, [trainer._optimal_values[p] for p in prompts], rtol=1e-6)
+    assert [p for p, drop in zip(prompts, all_incorrect, strict=True) if not drop] == trainer.train_dataset["prompt"]
+    assert trainer.train_dataset["prompt"] == ["ab", "ef", "gh"]
+
+
 def test_config_defaults_are_trls_and_bad_values_fail(tmp_path):
     trl_defaults = {f.name: f.default for f in dataclasses.fields(TRLA2POConfig)}
     defaults = {f.name: f.default for f in dataclasses.fields(a2po.A2POConfig)}
