@@ -24,6 +24,8 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt sdft   ... [SDFTConfig fields]       SDFT: on-policy self-distillation from a privileged_context teacher
     jaxpt gkd    ... --teacher_model_name_or_path DIR [GKDConfig fields: lmbda, beta, seq_kd, ...]   GKD
     jaxpt gold   ... --teacher_model_name_or_path DIR [GOLDConfig fields: use_uld_loss, ...]   GOLD (cross-tokenizer)
+    jaxpt gmpo   ... [GMPOConfig fields]       GMPO: GRPO with the geometric mean of the token ratios (--reward_funcs)
+    jaxpt a2po   ... [A2POConfig fields]       A*-PO: V* from reference samples, then optimal-advantage regression
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -75,6 +77,39 @@ class ModelConfig(LoraConfig):
                 "--bf16.", "choices": ["auto", "bfloat16", "float16", "float32"]})
 
 
+# TRL options (GRPOConfig / RLOOConfig ...) with no counterpart in jaxpt: why, instead of argparse's "unrecognized
+# arguments". Keys ending in "_" are prefixes.
+TRL_ONLY_OPTIONS = {
+    "use_vllm": "jaxpt samples in-process with its own KV-cache decode loop (jaxpt.sampling), not vLLM",
+    "vllm_": "jaxpt samples in-process with its own KV-cache decode loop (jaxpt.sampling), not vLLM (the "
+             "sampler-mismatch correction is --sampler_importance_sampling_correction)",
+    "use_transformers_": "jaxpt samples with its own decode loop (jaxpt.sampling), not transformers' generate",
+    "transformers_continuous_batching_config": "jaxpt samples with its own decode loop, not transformers' generate",
+    "cache_implementation": "jaxpt's sampler has its own KV cache (jaxpt.models.kv_cache), not transformers'",
+    "ds3_gather_for_generation": "there is no DeepSpeed: the sampler uses the parameters where they are sharded",
+    "model_init_kwargs": "models load with --dtype (and the mesh) through jaxpt.models.from_pretrained",
+    "trust_remote_code": "jaxpt never executes downloaded code; its model families are built in",
+    "pad_to_multiple_of": "batches are padded to a few length buckets (jaxpt.data.length_buckets)",
+    "disable_dropout": "jaxpt's models have no dropout",
+    "router_aux_loss_coef": "jaxpt has no mixture-of-experts model family",
+    "cast_lm_head_to_fp32": "log-probs are always computed in float32 (jaxpt.losses.logprobs)",
+    "log_multimodal": "jaxpt's methods are text-only",
+    "log_unique_prompts": "completions are logged to output_dir/completions.jsonl (--log_completions)",
+    "num_completions_to_print": "completions are logged to output_dir/completions.jsonl (--log_completions)",
+    "log_completions_hub_repo": "completions are logged to output_dir/completions.jsonl (--log_completions)",
+}
+
+
+def check_trl_only_options(names, known: set[str]) -> None:
+    """A TRL option jaxpt does not have fails with the reason (`TRL_ONLY_OPTIONS`)."""
+    for name in names:
+        if name in known:
+            continue
+        for option, reason in TRL_ONLY_OPTIONS.items():
+            if name == option or (option.endswith("_") and name.startswith(option)):
+                raise ValueError(f"--{name}: TRL's option has no counterpart in jaxpt: {reason}. Remove it.")
+
+
 def parse(config_class, argv: list[str], *extra):
     """`(ScriptArguments, ModelConfig, config, *extra)` from argv, with `--config file.yaml` defaults."""
     import yaml
@@ -100,6 +135,7 @@ def parse(config_class, argv: list[str], *extra):
                              "values: write one `field: value` per line (e.g. `learning_rate: 1.0e-5`).")
         del argv[index:index + 2]
         known = {a.dest for a in parser._actions}
+        check_trl_only_options(defaults, known)
         unknown = sorted(set(defaults) - known)
         if unknown:
             raise ValueError(f"Unknown keys in the --config file: {unknown}.")
@@ -107,6 +143,8 @@ def parse(config_class, argv: list[str], *extra):
         for action in parser._actions:  # YAML values satisfy required arguments
             if action.dest in defaults:
                 action.required = False
+    check_trl_only_options([a[2:].split("=")[0] for a in argv if a.startswith("--")],
+                           {a.dest for a in parser._actions})
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -382,6 +420,16 @@ def sdft_command(argv: list[str]) -> int:
     from jaxpt.experimental import sdft
 
     return _offline_command(sdft, sdft.SDFTConfig, argv)  # teacher: the loaded model reading privileged_context
+def gmpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import gmpo
+
+    return _online_command(gmpo, gmpo.GMPOConfig, argv)
+
+
+def a2po_command(argv: list[str]) -> int:
+    from jaxpt.experimental import a2po
+
+    return _online_command(a2po, a2po.A2POConfig, argv)  # reference: the loaded model's initial parameters
 
 
 def distillation_command(argv: list[str]) -> int:
@@ -498,7 +546,8 @@ COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "k
             "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
             "bco": bco_command, "prm": prm_command, "ppo": ppo_command,
             "online_dpo": online_dpo_command, "xpo": xpo_command, "nash_md": nash_md_command,
-            "sdpo": sdpo_command, "sdft": sdft_command, "gkd": gkd_command, "gold": gold_command}
+            "sdpo": sdpo_command, "sdft": sdft_command, "gkd": gkd_command, "gold": gold_command,
+            "gmpo": gmpo_command, "a2po": a2po_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,10 @@ TRL 1.16's whole menu, same names and defaults: the loss types of `jaxpt/losses/
 `vespo` with `sapo_temperature_*` / `vespo_*`), `off_policy_mask_threshold` (measured from the sampler's log-probs),
 `multi_objective_aggregation="normalize_then_sum"` (GDPO), `entropy_coef` with `use_adaptive_entropy` (the controller
 runs in `train`; its coefficient and last entropy are checkpointed), and TR-DPO's `sync_ref_model` (the reference
-moves toward the policy every `ref_model_sync_steps` steps, `jaxpt/reference_sync.py`).
+moves toward the policy every `ref_model_sync_steps` steps, `jaxpt/reference_sync.py`). Sampling: `temperature`,
+`top_k`, `top_p`, `min_p`, `repetition_penalty`, `generation_kwargs` (its sampler keys), `chat_template_kwargs` and
+`num_generations_eval` as TRL's (`jaxpt/rollout.py`); TRL's vLLM / transformers-generate options fail with the reason
+on the command line (`jaxpt.cli.TRL_ONLY_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -74,11 +77,14 @@ from jaxpt.models import set_gradient_checkpointing
 from jaxpt.reference_sync import check_reference_sync, check_resume, sync_reference
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
+    GENERATION_KWARGS,
     append_jsonl,
+    check_generation_options,
     check_reference_dtypes,
     check_rollout_inputs,
     completion_logps,
     completion_metrics,
+    eval_config,
     evaluate_rollouts,
     make_logps_fn,
     make_ref_logps_fn,
@@ -108,6 +114,18 @@ class GRPOConfig(TrainingConfig):
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     min_p: float | None = field(default=None, metadata={"help": "Min-p sampling (None: off)."})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "Penalise the tokens already in the prompt or the completion (transformers' repetition_penalty, "
+                "applied by jaxpt's sampler; > 1 discourages repeats; 1.0: off)."})
+    generation_kwargs: dict | str | None = field(default=None, metadata={
+        "help": f"Sampling overrides, a dict (JSON on the command line) with keys among {GENERATION_KWARGS}, e.g. "
+                '\'{"top_k": 20}\'; TRL passes it to transformers / vLLM, whose other options jaxpt\'s sampler does '
+                "not have: those fail."})
+    chat_template_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "Extra arguments of the chat template for conversational prompts (JSON on the command line), e.g. "
+                '\'{"enable_thinking": false}\'.'})
+    num_generations_eval: int | None = field(default=None, metadata={"help": "Completions per prompt in evaluation "
+                                                                             "(None: num_generations)."})
     generation_batch_size: int | None = field(default=None, metadata={"help": "Completions per rollout (default: "
                                                                               "per_device * devices * "
                                                                               "steps_per_generation)."})
@@ -191,6 +209,7 @@ class GRPOConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_generation_options(self)
         if self.sampler_importance_sampling_mode not in SAMPLER_IMPORTANCE_SAMPLING_MODES:
             raise ValueError(f"sampler_importance_sampling_mode={self.sampler_importance_sampling_mode!r}; use one of "
                              f"{SAMPLER_IMPORTANCE_SAMPLING_MODES}.")
@@ -452,11 +471,14 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     micro_batch, steps_per_generation, prompts_per_rollout = rollout_shape(config, batch_divisor(mesh))
     accumulation = config.gradient_accumulation_steps
     steps_per_rollout = config.num_iterations * steps_per_generation // accumulation
-    prompts = data.prepare_prompts(dataset, tokenizer, method="GRPO", max_prompt_length=config.max_prompt_length)
+    prompts = data.prepare_prompts(dataset, tokenizer, method="GRPO", max_prompt_length=config.max_prompt_length,
+                                   chat_template_kwargs=config.chat_template_kwargs)
     eval_prompts = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="GRPO",
-                                            max_prompt_length=config.max_prompt_length)
+                                            max_prompt_length=config.max_prompt_length,
+                                            chat_template_kwargs=config.chat_template_kwargs)
+    evaluation_config = eval_config(config, prompts_per_rollout=prompts_per_rollout, micro_batch=micro_batch)
     distributed.check_same_data(prompts, what="GRPO prompts")  # every process builds the same global batches
     rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method="GRPO")
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
@@ -549,7 +571,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
                                    "num_tokens": num_tokens}, epoch=step / steps_in_epoch)
             if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
                 log.write({"step": step, **evaluate_rollouts(rollout, state, eval_prompts, reward_funcs, tokenizer,
-                                                             config, mesh=mesh, prompt_buckets=prompt_buckets,
+                                                             evaluation_config, mesh=mesh,
+                                                             prompt_buckets=prompt_buckets,
                                                              prompts_per_rollout=prompts_per_rollout,
                                                              tools=toolbox)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:

@@ -20,6 +20,15 @@ stop_gradient(current), and the ratio is exactly 1. The sampler's own log-probs 
 training forward pass's in bfloat16; every step logs the gap with TRL's GRPO names
 (`sampling/sampling_logp_difference/mean|max`, `sampling/importance_sampling_ratio/min|mean|max`, raw per-token
 ratios: TRL's RLOO has no importance-sampling correction, nor does jaxpt's).
+
+TRL 1.16's `RLOOConfig`, field by field: the RLOO, sampling and logging fields are here with TRL's names and
+defaults, `repetition_penalty`, `generation_kwargs` (its sampler keys), `chat_template_kwargs` and
+`num_generations_eval` included (`jaxpt/rollout.py`). What cannot apply to an in-process JAX sampler fails with the
+reason on the command line (`jaxpt.cli.TRL_ONLY_OPTIONS`; a `TypeError` in Python): `use_vllm` and `vllm_*`,
+`use_transformers_paged` / `_continuous_batching`, `cache_implementation`, `ds3_gather_for_generation`,
+`model_init_kwargs`, `trust_remote_code`, `pad_to_multiple_of` (length buckets instead), `disable_dropout` (no
+dropout), `router_aux_loss_coef` (no MoE family), `log_multimodal`, `log_unique_prompts`,
+`num_completions_to_print` (`log_completions` writes `completions.jsonl`).
 """
 
 from __future__ import annotations
@@ -48,11 +57,14 @@ from jaxpt.models import set_gradient_checkpointing
 from jaxpt.reference_sync import check_reference_sync, check_resume, sync_reference
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
+    GENERATION_KWARGS,
     append_jsonl,
+    check_generation_options,
     check_reference_dtypes,
     check_rollout_inputs,
     completion_logps,
     completion_metrics,
+    eval_config,
     evaluate_rollouts,
     make_logps_fn,
     make_ref_logps_fn,
@@ -82,6 +94,18 @@ class RLOOConfig(TrainingConfig):
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     min_p: float | None = field(default=None, metadata={"help": "Min-p sampling (None: off)."})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "Penalise the tokens already in the prompt or the completion (transformers' repetition_penalty, "
+                "applied by jaxpt's sampler; > 1 discourages repeats; 1.0: off)."})
+    generation_kwargs: dict | str | None = field(default=None, metadata={
+        "help": f"Sampling overrides, a dict (JSON on the command line) with keys among {GENERATION_KWARGS}, e.g. "
+                '\'{"top_k": 20}\'; TRL passes it to transformers / vLLM, whose other options jaxpt\'s sampler does '
+                "not have: those fail."})
+    chat_template_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "Extra arguments of the chat template for conversational prompts (JSON on the command line), e.g. "
+                '\'{"enable_thinking": false}\'.'})
+    num_generations_eval: int | None = field(default=None, metadata={"help": "Completions per prompt in evaluation "
+                                                                             "(None: num_generations)."})
     generation_batch_size: int | None = field(default=None, metadata={"help": "Completions per rollout (default: "
                                                                               "per_device * devices * "
                                                                               "steps_per_generation)."})
@@ -118,6 +142,7 @@ class RLOOConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_generation_options(self)
         if self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations}: RLOO needs at least 2 completions per prompt "
                              "(the baseline leaves one out).")
@@ -277,11 +302,14 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     micro_batch, steps_per_generation, prompts_per_rollout = rollout_shape(config, batch_divisor(mesh))
     accumulation = config.gradient_accumulation_steps
     steps_per_rollout = config.num_iterations * steps_per_generation // accumulation
-    prompts = data.prepare_prompts(dataset, tokenizer, method="RLOO", max_prompt_length=config.max_prompt_length)
+    prompts = data.prepare_prompts(dataset, tokenizer, method="RLOO", max_prompt_length=config.max_prompt_length,
+                                   chat_template_kwargs=config.chat_template_kwargs)
     eval_prompts = None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="RLOO",
-                                            max_prompt_length=config.max_prompt_length)
+                                            max_prompt_length=config.max_prompt_length,
+                                            chat_template_kwargs=config.chat_template_kwargs)
+    evaluation_config = eval_config(config, prompts_per_rollout=prompts_per_rollout, micro_batch=micro_batch)
     distributed.check_same_data(prompts, what="RLOO prompts")  # every process builds the same global batches
     rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method="RLOO")
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
@@ -366,7 +394,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                                    "num_tokens": num_tokens}, epoch=step / steps_in_epoch)
             if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
                 log.write({"step": step, **evaluate_rollouts(rollout, state, eval_prompts, reward_funcs, tokenizer,
-                                                             config, mesh=mesh, prompt_buckets=prompt_buckets,
+                                                             evaluation_config, mesh=mesh,
+                                                             prompt_buckets=prompt_buckets,
                                                              prompts_per_rollout=prompts_per_rollout,
                                                              ref_logps_fn=ref_logps_fn,
                                                              policy_logps_fn=logps_fn, tools=toolbox)})

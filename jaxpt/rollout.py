@@ -22,6 +22,12 @@ with one step per rollout the update is on-policy, old = stop_gradient(current),
 The reference log-probs go through the very same jitted function, so RLOO's KL penalty is exactly 0 while the
 reference equals the policy. `sampler_logps` stay in the batch for the mismatch metrics and the optional
 importance-sampling correction (`jaxpt.losses.sampler_mismatch`).
+
+Sampling options (TRL's GRPO/RLOO names): `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`, and
+`generation_kwargs`, a dict (JSON on the command line) whose `top_k` / `top_p` / `min_p` / `repetition_penalty`
+override those fields for sampling only (`sampling_options`); any other key fails (`check_generation_options`): jaxpt
+samples with its own decode loop (`jaxpt.sampling`), not `transformers.GenerationConfig` or vLLM's
+`SamplingParams`. `num_generations_eval` sets the group size of evaluation rollouts (`eval_config`).
 """
 
 from __future__ import annotations
@@ -59,6 +65,82 @@ class Rollout:
         return [{"prompt": p, "completion": c, "advantage": float(a),
                  **{name: (None if np.isnan(r) else float(r)) for name, r in zip(self.reward_names, row, strict=True)}}
                 for p, c, a, row in zip(self.prompts, self.completions, advantages, self.rewards, strict=True)]
+
+
+GENERATION_KWARGS = ("top_k", "top_p", "min_p", "repetition_penalty")  # what generation_kwargs may set
+
+
+def json_dict_option(value, *, name: str) -> dict | None:
+    """A dict option (`generation_kwargs`, `chat_template_kwargs`) as a dict: None, a dict, or a JSON object string
+    (what the command line passes, as TRL's `--generation_kwargs '{"top_k": 5}'`)."""
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}={value!r} is not valid JSON ({error}): pass a JSON object, e.g. "
+                             '{"top_k": 20}.') from None
+        if isinstance(parsed, dict):
+            return parsed
+    raise ValueError(f"{name}={value!r} must be a dict (or a JSON object string on the command line).")
+
+
+def check_generation_options(config) -> None:
+    """Validate (and parse from JSON) the sampling options GRPO and RLOO share: `repetition_penalty` > 0,
+    `generation_kwargs` keys among `GENERATION_KWARGS` with values `jaxpt.sampling.generate` accepts,
+    `num_generations_eval` >= 2, `chat_template_kwargs` a dict."""
+    if not (isinstance(config.repetition_penalty, int | float) and config.repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty={config.repetition_penalty!r} must be > 0 (1.0: off; > 1 discourages "
+                         "repeated tokens).")
+    config.generation_kwargs = json_dict_option(config.generation_kwargs, name="generation_kwargs")
+    config.chat_template_kwargs = json_dict_option(config.chat_template_kwargs, name="chat_template_kwargs")
+    reasons = {"temperature": "set temperature itself (it also scales the training log-probs)",
+               "max_new_tokens": "set max_completion_length", "do_sample": "RL sampling always samples",
+               "num_return_sequences": "set num_generations"}
+    for key in config.generation_kwargs or {}:
+        if key not in GENERATION_KWARGS:
+            why = reasons.get(key, "jaxpt's sampler (jaxpt.sampling.generate) has no such option")
+            raise ValueError(f"generation_kwargs has {key!r}: {why}. generation_kwargs may set "
+                             f"{list(GENERATION_KWARGS)} (the sampler's options), overriding the fields of the same "
+                             "names for sampling.")
+    if config.generation_kwargs:  # the sampler's own argument checks, now rather than at the first rollout
+        from jaxpt.sampling import _options
+
+        options = sampling_options(config)
+        try:
+            _options(max_new_tokens=1, temperature=options["temperature"], top_k=options["top_k"],
+                     top_p=options["top_p"], min_p=options["min_p"], greedy=False, eos_token_ids=None,
+                     pad_token_id=0, repetition_penalty=options["repetition_penalty"])
+        except ValueError as error:
+            raise ValueError(f"generation_kwargs={config.generation_kwargs!r}: {error}") from None
+    if config.num_generations_eval is not None and config.num_generations_eval < 2:
+        raise ValueError(f"num_generations_eval={config.num_generations_eval} must be >= 2 (completions per "
+                         "evaluation prompt; None: num_generations).")
+
+
+def sampling_options(config) -> dict:
+    """`jaxpt.sampling.generate`'s sampling arguments from a GRPO/RLOO config: the fields, overridden by
+    `generation_kwargs` (configs without these fields sample with the defaults)."""
+    options = {"temperature": config.temperature, "top_k": config.top_k,
+               "top_p": config.top_p, "min_p": config.min_p,
+               "repetition_penalty": getattr(config, "repetition_penalty", 1.0)}
+    options.update(getattr(config, "generation_kwargs", None) or {})
+    top_p = options["top_p"]
+    return {**options, "top_k": options["top_k"] or None,
+            "top_p": top_p if top_p is not None and top_p < 1.0 else None}
+
+
+def eval_config(config, *, prompts_per_rollout: int, micro_batch: int):
+    """The config evaluation rollouts run with: `num_generations_eval` completions per prompt when set (TRL's
+    option), checked to give whole micro-batches of `micro_batch` rows."""
+    if getattr(config, "num_generations_eval", None) is None:
+        return config
+    if prompts_per_rollout * config.num_generations_eval % micro_batch:
+        raise ValueError(f"num_generations_eval={config.num_generations_eval}: an evaluation rollout of "
+                         f"{prompts_per_rollout} prompts x {config.num_generations_eval} completions must be a "
+                         f"multiple of per_device_train_batch_size x devices = {micro_batch}: pick another value.")
+    return config.replace(num_generations=config.num_generations_eval)
 
 
 def rollout_shape(config, devices: int) -> tuple[int, int, int]:
@@ -117,10 +199,8 @@ def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Call
     unique_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in prompts], length, 0, left=True)
     # Each prompt is prefilled once for its group (num_return_sequences); the update takes the repeated rows.
     out = generate(state.graphdef, state.full_params(), unique_ids, unique_mask, key=key,  # LoRA: adapters on
-                   max_new_tokens=config.max_completion_length, temperature=config.temperature,
-                   top_k=config.top_k or None, top_p=config.top_p if config.top_p < 1.0 else None,
-                   min_p=config.min_p, eos_token_ids=eos_token_ids(tokenizer), pad_token_id=pad_id,
-                   num_return_sequences=group, mesh=mesh)
+                   max_new_tokens=config.max_completion_length, eos_token_ids=eos_token_ids(tokenizer),
+                   pad_token_id=pad_id, num_return_sequences=group, mesh=mesh, **sampling_options(config))
     prompt_ids, prompt_mask = np.repeat(unique_ids, group, axis=0), np.repeat(unique_mask, group, axis=0)
     # the whole rollout on every process (gathered when the batch spans several)
     completion_ids, sampler_logps, attention_mask, lengths, finished = (host_array(a) for a in (
@@ -168,8 +248,7 @@ def sample_and_score_with_tools(state, prompts: Sequence[dict], reward_funcs: Se
 
     def generate_fn(prompt_ids, prompt_mask, **options):
         out = generate(state.graphdef, params, prompt_ids, prompt_mask, mesh=mesh, pad_token_id=pad_id,
-                       temperature=config.temperature, top_k=config.top_k or None,
-                       top_p=config.top_p if config.top_p < 1.0 else None, min_p=config.min_p, **options)
+                       **sampling_options(config), **options)
         return {"completion_ids": host_array(out.completion_ids), "completion_logps": host_array(out.completion_logps),
                 "lengths": host_array(out.lengths)}
 

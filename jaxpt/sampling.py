@@ -28,6 +28,10 @@ one array) but emit `pad_token_id`.
 - Sampling follows `transformers`' warpers, in their order: `logits / temperature`, then top-k, then top-p
   (nucleus, the smallest set of top tokens whose probability reaches `top_p`), then min-p (drop tokens whose
   probability is below `min_p` times the top token's). `greedy=True` takes the argmax instead.
+- `repetition_penalty` (transformers' `RepetitionPenaltyLogitsProcessor`, CTRL, arXiv:1909.05858) first divides
+  the positive logits (multiplies the negative ones) of every token already in the row, prompt or completion, by
+  the penalty; unlike transformers, the prompt's left padding does not count as seen. The penalised logits are
+  what the row samples from and what its `completion_logps` measure.
 - `completion_logps` are `log softmax(logits / temperature)[token]`: the distribution *before* top-k / top-p /
   min-p truncation, which is what TRL's GRPO/RLOO use as the sampling (old) log-probs and what a
   teacher-forced forward pass with the same temperature gives (`jaxpt.losses.logprobs.token_logps`).
@@ -81,6 +85,7 @@ class _Options:
     greedy: bool
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    repetition_penalty: float | None = None
 
 
 def generate(
@@ -101,6 +106,7 @@ def generate(
     num_return_sequences: int = 1,
     max_new_tokens_per_row: jax.Array | np.ndarray | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    repetition_penalty: float | None = None,
 ) -> Completions:
     """Sample up to `max_new_tokens` tokens after each left-padded prompt, with a KV cache, in one jitted call.
 
@@ -115,6 +121,8 @@ def generate(
       top_k: keep the `top_k` most likely tokens (None or 0: off). top_p: nucleus mass in (0, 1] (None or 1: off).
       min_p: in [0, 1]; drop tokens less likely than `min_p` times the most likely one (None or 0: off).
       greedy: take the most likely token (transformers' `do_sample=False`); the filters are then ignored.
+      repetition_penalty: > 0 (None or 1: off); penalise the tokens already in the row (prompt and completion so
+        far), before the temperature and the filters, as transformers' `repetition_penalty`.
       num_return_sequences: completions per prompt (>= 1); the output has `batch * num_return_sequences` rows,
         each prompt's together. The prompt is prefilled once and its KV cache shared by its completions.
       max_new_tokens_per_row: `[batch * num_return_sequences]` ints in [0, max_new_tokens], each output row's own
@@ -133,7 +141,8 @@ def generate(
     repeats = int(num_return_sequences)
     prompt_ids, prompt_mask = _validate_prompts(prompt_ids, prompt_mask, mesh, repeats)
     options = _options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       min_p=min_p, greedy=greedy, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+                       min_p=min_p, greedy=greedy, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                       repetition_penalty=repetition_penalty)
     if key is None:
         raise ValueError("key=None: pass a PRNG key, e.g. key=jax.random.key(0) (it is unused when greedy=True).")
     if max_new_tokens_per_row is not None:
@@ -178,6 +187,7 @@ class _LoopState(flax.struct.PyTreeNode):
     completion_logps: jax.Array  # [batch, max_new_tokens]
     lengths: jax.Array  # [batch]
     done: jax.Array  # [batch] bool: the row has produced an EOS token
+    seen: jax.Array  # [batch, vocab] bool: tokens in the row so far (repetition_penalty; [batch, 0] when off)
 
 
 def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Options, repeats: int,
@@ -197,10 +207,18 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
         logits = constrain(jnp.repeat(logits, repeats, axis=0), BATCH_AXES, None)
         cache = cache.repeat_rows(repeats)
     eos = jnp.asarray(options.eos_token_ids, jnp.int32)
+    seen = jnp.zeros((batch, 0), bool)
+    if options.repetition_penalty is not None:
+        seen = jnp.repeat(tokens_seen(prompt_ids, prompt_mask, logits.shape[-1]), repeats, axis=0)
 
     def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
         """Sample column `state.step` from `logits` `[batch, vocab]`; finished rows get padding."""
+        seen = state.seen
+        if options.repetition_penalty is not None:
+            logits = repetition_penalty_logits(logits, seen, options.repetition_penalty)
         token, logp = _sample_token(logits, jax.random.fold_in(key, state.step), options)
+        if options.repetition_penalty is not None:
+            seen = seen.at[jnp.arange(seen.shape[0]), token].set(True)
         alive = ~state.done
         token = jnp.where(alive, token, options.pad_token_id)
         logp = jnp.where(alive, logp, 0.0)
@@ -216,6 +234,7 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
             completion_logps=jax.lax.dynamic_update_slice(state.completion_logps, logp[:, None], (0, state.step)),
             lengths=lengths,
             done=done,
+            seen=seen,
         )
 
     def keep_going(state: _LoopState) -> jax.Array:
@@ -233,6 +252,7 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
         completion_logps=constrain(jnp.zeros((batch, steps), jnp.float32), BATCH_AXES, None),
         lengths=jnp.zeros((batch,), jnp.int32),
         done=jnp.zeros((batch,), bool) if row_limits is None else row_limits <= 0,
+        seen=constrain(seen, BATCH_AXES, None),
     )
     state = jax.lax.while_loop(keep_going, decode, emit(state, logits))
     completion_mask = (jnp.arange(steps, dtype=jnp.int32)[None, :] < state.lengths[:, None]).astype(jnp.int32)
@@ -249,6 +269,20 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
         finished=finished,
         num_steps=state.step,
     )
+
+
+def tokens_seen(token_ids: jax.Array, mask: jax.Array, vocab_size: int) -> jax.Array:
+    """`[batch, vocab_size]` bool: True for each token id that occurs in the row where `mask` is set."""
+    rows = jnp.arange(token_ids.shape[0])[:, None]
+    return jnp.zeros((token_ids.shape[0], vocab_size), bool).at[rows, token_ids].max(mask.astype(bool))
+
+
+def repetition_penalty_logits(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """transformers' `RepetitionPenaltyLogitsProcessor` (CTRL, arXiv:1909.05858) on `logits` `[batch, vocab]`:
+    the logit of each `seen` token divided by `penalty` when positive, multiplied by it when negative (so
+    penalty > 1 makes a repeat less likely whatever the logit's sign), float32."""
+    logits = logits.astype(jnp.float32)
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def _sample_token(logits: jax.Array, key: jax.Array, options: _Options) -> tuple[jax.Array, jax.Array]:
@@ -356,7 +390,8 @@ def _first_reaching(cdf: jax.Array, target: jax.Array, mass: jax.Array) -> jax.A
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _options(*, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_token_ids, pad_token_id) -> _Options:
+def _options(*, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_token_ids, pad_token_id,
+             repetition_penalty=None) -> _Options:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
@@ -368,6 +403,10 @@ def _options(*, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_to
         raise ValueError(f"top_p={top_p!r} must be None or in (0, 1] (1 or None: no nucleus filter).")
     if min_p is not None and not (isinstance(min_p, int | float) and 0 <= min_p <= 1):
         raise ValueError(f"min_p={min_p!r} must be None or in [0, 1] (0 or None: no min-p filter).")
+    if repetition_penalty is not None and not (isinstance(repetition_penalty, int | float)
+                                               and math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be None or a finite number > 0 (1 or None: "
+                         "off; > 1 discourages repeats).")
     if eos_token_ids is None:
         eos = ()
     elif isinstance(eos_token_ids, int | np.integer):
@@ -387,6 +426,7 @@ def _options(*, max_new_tokens, temperature, top_k, top_p, min_p, greedy, eos_to
         greedy=bool(greedy),
         eos_token_ids=eos,
         pad_token_id=int(pad_token_id),
+        repetition_penalty=float(repetition_penalty) if repetition_penalty not in (None, 1, 1.0) else None,
     )
 
 

@@ -157,6 +157,24 @@ def test_yaml_with_unknown_key_is_rejected(model_dir, tmp_path):
         cli.main(["sft", "--model_name_or_path", str(model_dir), "--dataset_name", "x", "--config", str(config)])
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--use_vllm"], "--use_vllm: TRL's option has no counterpart in jaxpt: jaxpt samples in-process"),
+    (["--vllm_mode", "server"], "--vllm_mode: .*not vLLM"),
+    (["--cache_implementation=static"], "--cache_implementation: .*its own KV cache"),
+    (["--generation_kwargs", '{"num_beams": 2}'], "generation_kwargs has 'num_beams'"),
+])
+def test_trl_generation_options_without_counterpart_fail_with_the_reason(tmp_path, argv, message):
+    """TRL's GRPO/RLOO options that cannot apply to jaxpt's in-process sampler fail before anything loads, saying
+    why (not argparse's bare "unrecognized arguments"), on the command line and in a --config file."""
+    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=message):
+        cli.main(["rloo", *base, *argv])
+    config = tmp_path / "vllm.yaml"
+    config.write_text("use_vllm: true\n")
+    with pytest.raises(ValueError, match="--use_vllm: TRL's option has no counterpart"):
+        cli.main(["grpo", *base, "--config", str(config)])
+
+
 def test_smoke_command_runs_as_an_installed_script(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxpt.cli", "smoke", "--output_dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, check=True).stdout

@@ -51,6 +51,9 @@ def read_metrics(output_dir):
     ({"loss_type": "vespo", "sampler_importance_sampling_correction": True}, "'token_truncate' or 'token_mask'"),
     ({"off_policy_mask_threshold": -0.5}, "off_policy_mask_threshold=-0.5"),
     ({"use_adaptive_entropy": True, "entropy_coef": 2.0}, r"entropy_coef=2.0 must lie in \[entropy_coef_min"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty=-1.0 must be > 0"),
+    ({"generation_kwargs": {"suppress_tokens": [1]}}, "generation_kwargs has 'suppress_tokens'"),
+    ({"num_generations_eval": 1}, "num_generations_eval=1"),
 ])
 def test_config_validation(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -79,13 +79,20 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_rloo_raises_the_mean_reward_and_logs_trl_metrics(tmp_path):
-    cfg = config(tmp_path, max_steps=20, beta=0.01, eval_strategy="steps", eval_steps=20)
-    result = rloo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, cfg, reward_funcs=[digits_reward],
+    cfg = config(tmp_path, max_steps=20, beta=0.01, eval_strategy="steps", eval_steps=20, num_generations_eval=8)
+    scored = []  # completions per reward call: 8 per training rollout, 2 prompts x num_generations_eval in evaluation
+
+    def counted_digits_reward(completions, **kwargs):
+        scored.append(len(completions))
+        return digits_reward(completions)
+
+    result = rloo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, cfg, reward_funcs=[counted_digits_reward],
                         eval_dataset=PROMPTS.select(range(4)))
+    assert scored == [8] * 20 + [16] * 2
     rewards = [r["reward"] for r in result.metrics if "reward" in r]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "grad_norm", "learning_rate", "reward", "reward_std", "rewards/digits_reward/mean", "kl",
+    assert {"loss", "grad_norm", "learning_rate", "reward", "reward_std", "rewards/counted_digits_reward/mean", "kl",
             "entropy", "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio"} <= set(
         records[0])
     # evaluation rolls out with the reference too (beta != 0 puts the KL penalty in the reward)
@@ -93,11 +100,46 @@ def test_rloo_raises_the_mean_reward_and_logs_trl_metrics(tmp_path):
     assert [r["step"] for r in evals] == [20] and evals[0]["eval_kl"] > 0
 
 
-def test_config_validation(tmp_path):
-    with pytest.raises(ValueError, match="num_generations=1"):
-        config(tmp_path, num_generations=1)
-    with pytest.raises(ValueError, match="reward_clip_range"):
-        config(tmp_path, reward_clip_range=[1.0])
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_generations": 1}, "num_generations=1"),
+    ({"reward_clip_range": [1.0]}, "reward_clip_range"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty=0.0 must be > 0"),
+    ({"generation_kwargs": {"num_beams": 4}}, "generation_kwargs has 'num_beams'"),
+    ({"generation_kwargs": {"temperature": 0.5}}, "set temperature itself"),
+    ({"generation_kwargs": {"top_p": 0.0}}, "generation_kwargs=.*top_p=0.0"),
+    ({"generation_kwargs": "{top_k: 2}"}, "not valid JSON"),
+    ({"num_generations_eval": 1}, "num_generations_eval=1"),
+])
+def test_config_validation(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **overrides)
+
+
+def test_sampling_options_reach_the_sampler(tmp_path, monkeypatch):
+    """repetition_penalty and generation_kwargs (JSON from the command line too) are what the rollout's sampler
+    gets, generation_kwargs overriding the fields; num_generations_eval must give whole evaluation micro-batches."""
+    import jaxpt.rollout
+
+    cfg = config(tmp_path, repetition_penalty=1.3, top_k=7, generation_kwargs='{"top_k": 3, "min_p": 0.05}')
+    assert cfg.generation_kwargs == {"top_k": 3, "min_p": 0.05}
+    received = {}
+
+    def fake_generate(*args, **kwargs):
+        received.update(kwargs)
+        raise RuntimeError("stop before sampling")
+
+    monkeypatch.setattr(jaxpt.rollout, "generate", fake_generate)
+    state = TrainState.create(tiny_llama(VOCAB), optax.sgd(0.1))
+    prompts = rloo.data.prepare_prompts(PROMPTS, TOKENIZER, method="RLOO")[:2]
+    with pytest.raises(RuntimeError, match="stop before sampling"):
+        rloo.rollout(state, prompts, [digits_reward], TOKENIZER, cfg, key=jax.random.key(0), mesh=None,
+                     prompt_buckets=[16])
+    assert {k: received[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")} == {
+        "temperature": 1.0, "top_k": 3, "top_p": None, "min_p": 0.05, "repetition_penalty": 1.3}
+    assert jaxpt.rollout.eval_config(config(tmp_path, num_generations_eval=6), prompts_per_rollout=2,
+                                     micro_batch=4).num_generations == 6
+    with pytest.raises(ValueError, match="num_generations_eval=3"):
+        jaxpt.rollout.eval_config(config(tmp_path, num_generations_eval=3), prompts_per_rollout=2, micro_batch=4)
 
 
 def test_sync_ref_model_hard_updates_keep_the_kl_at_zero(tmp_path):
@@ -115,3 +157,17 @@ def test_sync_ref_model_hard_updates_keep_the_kl_at_zero(tmp_path):
         config(tmp_path, sync_ref_model=True, beta=0.0)
     with pytest.raises(ValueError, match="ref_model_mixup_alpha=-0.1 must be in"):
         config(tmp_path, sync_ref_model=True, beta=0.1, ref_model_mixup_alpha=-0.1)
+
+
+def test_chat_template_kwargs_reach_the_template_of_conversational_prompts(tmp_path):
+    """TRL's chat_template_kwargs: extra variables of the chat template when prompts are rendered; with plain-string
+    prompts (no template applied) they fail instead of being ignored."""
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if think %}#{% endif %}"
+    rows = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "ab"}]}])
+    plain = rloo.data.prepare_prompts(rows, tokenizer, method="RLOO")[0]["prompt_ids"]
+    thinking = rloo.data.prepare_prompts(rows, tokenizer, method="RLOO",
+                                         chat_template_kwargs={"think": True})[0]["prompt_ids"]
+    assert thinking == plain + tokenizer("#", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="chat_template_kwargs=.*plain strings"):
+        rloo.data.prepare_prompts(PROMPTS, tokenizer, method="RLOO", chat_template_kwargs={"think": True})

@@ -243,3 +243,46 @@ def test_bad_num_return_sequences_raise(split, prompts):
     with pytest.raises(ValueError, match="num_return_sequences=1"):  # 3 prompts x 1 do not divide data*fsdp=4
         jaxpt.sampling.generate(*split, prompts[0][:3], prompts[1][:3], key=jax.random.key(0), max_new_tokens=4,
                                 mesh=make_mesh(data=2, fsdp=2, tensor=2))
+
+
+def test_repetition_penalty_logits_match_transformers():
+    """`repetition_penalty_logits` on fixed logits (both signs, repeated ids) equals transformers'
+    `RepetitionPenaltyLogitsProcessor`, for penalties above and below 1."""
+    import torch
+
+    from jaxpt.sampling import repetition_penalty_logits, tokens_seen
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 3.0, (3, 40)).astype(np.float32)
+    ids = rng.integers(0, 40, (3, 9))
+    ids[0, :4] = 7  # a repeated id counts once
+    for penalty in (1.3, 0.7):
+        expected = transformers.RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(ids), torch.tensor(logits))
+        seen = tokens_seen(jnp.asarray(ids), jnp.ones(ids.shape), 40)
+        got = repetition_penalty_logits(jnp.asarray(logits), seen, penalty)
+        np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-6)
+        assert np.abs(np.asarray(got) - logits).max() > 0.1
+
+
+def test_repetition_penalty_greedy_equals_transformers_processor_step_by_step(model, split, prompts, greedy):
+    """Greedy decoding with `repetition_penalty` picks, at every step, the argmax of a full forward pass's logits
+    after transformers' processor over the row's real tokens so far (prompt without its padding + completion)."""
+    import torch
+
+    penalty = 1.8
+    out = generate(split, prompts, greedy=True, repetition_penalty=penalty)
+    assert np.mean(out.completion_ids != greedy.completion_ids) > 0.2  # the penalty changes the completions
+    prompt, prompt_mask = prompts
+    ids = np.concatenate([prompt, out.completion_ids], axis=1)
+    mask = np.concatenate([prompt_mask, np.ones_like(out.completion_ids)], axis=1)
+    logits = np.asarray(jax.jit(lambda i, m: model(i, attention_mask=m))(jnp.asarray(ids), jnp.asarray(mask)))
+    processor = transformers.RepetitionPenaltyLogitsProcessor(penalty)
+    for row in range(len(prompt)):
+        for step in range(MAX_NEW_TOKENS):
+            position = prompt.shape[1] + step
+            history = ids[row, :position][mask[row, :position] == 1]
+            scores = processor(torch.tensor(history[None]), torch.tensor(logits[row, position - 1][None]))
+            assert int(scores.argmax()) == out.completion_ids[row, step], (row, step)
+    bad = dict(key=jax.random.key(0), max_new_tokens=4, repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="repetition_penalty=0.0"):
+        jaxpt.sampling.generate(*split, *prompts, **bad)

@@ -11,8 +11,9 @@ Contract:
 - Dependency rules: an experimental module may use the stable helpers (`jaxpt.data`, `jaxpt.loop`,
   `jaxpt.sharding`, `jaxpt.train_state`, `jaxpt.losses.logprobs`, ...), never another experimental module; it
   imports a stable method module only when it extends that method (`bema` is DPO with another reference and uses
-  `jaxpt.dpo`'s data and step). Stable code never imports `jaxpt.experimental` (`jaxpt.cli` reaches the commands
-  lazily, as it does every method).
+  `jaxpt.dpo`'s data and step; `gmpo` is GRPO with another loss and uses `jaxpt.grpo`'s config and rollout).
+  Stable code never imports `jaxpt.experimental` (`jaxpt.cli` reaches the commands lazily, as it does every
+  method).
 - Importing this package imports no method: `from jaxpt.experimental import orpo`.
 
 Methods:
@@ -21,6 +22,8 @@ Methods:
   `trl.experimental.cpo`.
 - `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
 - `bema`: DPO with a BEMA reference (arXiv:2508.00180), TRL's `trl.experimental.bema_for_ref_model`.
+- `gmpo`: GMPO (arXiv:2507.20673), GRPO with the geometric mean of the token ratios, TRL's `trl.experimental.gmpo`.
+- `a2po`: A*-PO (arXiv:2505.20686), optimal advantage regression, TRL's `trl.experimental.a2po`.
 - `bco`: BCO (arXiv:2404.04656) on unpaired feedback (TRL 1.16 no longer has it: tested against the paper).
 - `ppo`: PPO with a value model, per-token KL penalty and GAE (arXiv:1707.06347, arXiv:2203.02155), TRL's old
   `PPOTrainer` (not in TRL 1.16: tested against the formulas in float64).

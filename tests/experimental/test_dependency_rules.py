@@ -11,7 +11,9 @@ from tests.test_dependency_rules import METHODS, imported_modules
 
 PACKAGE = Path(__file__).resolve().parents[2] / "jaxpt"
 EXPERIMENTAL = sorted(p for p in (PACKAGE / "experimental").glob("*.py") if p.name != "__init__.py")
+# Methods that are a stable method plus a small delta may import it (never another experimental module)
 EXTENDS = {"bema": {"jaxpt.dpo"},  # BEMA is DPO with a moving reference
+           "gmpo": {"jaxpt.grpo"},  # GMPO is GRPO with another loss
            "gkd": {"jaxpt.distillation"}, "gold": {"jaxpt.distillation"}}  # distillation with deltas
 
 
