@@ -200,7 +200,12 @@ def load_model_and_data(script_args, model_args, config, *, num_labels=None):
     if config.eval_strategy != "no":
         eval_set = data.load_dataset(script_args.dataset_name, split=script_args.dataset_test_split,
                                      config_name=script_args.dataset_config)
-    model = load_model(model_args.model_name_or_path, model_args, config, num_labels=num_labels)
+    from jaxpt.quantize import quantization_from_config
+
+    # QLoRA (--load_in_4bit / --load_in_8bit): the base is quantized while it is read, never whole in float
+    quantization = quantization_from_config(model_args) if model_args.use_peft else None
+    model = load_model(model_args.model_name_or_path, model_args, config, num_labels=num_labels,
+                       quantization=quantization)
     if model_args.use_peft:
         from jaxpt.lora import apply_lora
 
@@ -210,9 +215,10 @@ def load_model_and_data(script_args, model_args, config, *, num_labels=None):
     return model, tokenizer, train_set, eval_set
 
 
-def load_model(name_or_path: str, model_args, config, *, num_labels=None):
+def load_model(name_or_path: str, model_args, config, *, num_labels=None, quantization: str | None = None):
     """`jaxpt.models.from_pretrained` with the run's dtypes, each parameter read straight into its shards on the
-    mesh `train()` builds from the same config (never a whole copy on one device)."""
+    mesh `train()` builds from the same config (never a whole copy on one device); `quantization` ("nf4"/"int8",
+    QLoRA) quantizes the decoder layers' linear weights layer by layer as they are read."""
     import jax
     import jax.numpy as jnp
 
@@ -223,7 +229,7 @@ def load_model(name_or_path: str, model_args, config, *, num_labels=None):
     param_dtype = model_args.dtype if model_args.dtype == "auto" else jnp.dtype(model_args.dtype)
     return jaxpt.models.from_pretrained(name_or_path, num_labels=num_labels, mesh=mesh_from_config(config),
                                         dtype=jnp.bfloat16 if bf16 else jnp.float32, param_dtype=param_dtype,
-                                        seed=config.seed)
+                                        seed=config.seed, quantization=quantization)
 
 
 def join_run(config) -> None:

@@ -527,8 +527,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
         steps_in_epoch = data.steps_per_epoch(len(dataset), examples_per_step, method="DPO")
         total_steps = data.total_steps(config, steps_in_epoch)
         share = distributed.DataShare(len(dataset), examples_per_step, micro_batch=micro_batch, mesh=mesh,
-                                      seed=config.seed, shuffle=config.shuffle_dataset, start_step=0,
-                                      total_steps=total_steps)
+                                      seed=config.seed, shuffle=config.shuffle_dataset,
+                                      start_step=loop.planned_start_step(config), total_steps=total_steps)
 
     def prepare_share():
         own = prepare_dataset(share.select(dataset), tokenizer, config)
@@ -573,6 +573,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding, return_counts=True)
     checkpoints = loop.checkpointer(config, method="dpo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    loop.check_planned_start(share, start_step)  # the data share was prepared from the planned step
     check_resume(config, start_step, method="DPO")
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,

@@ -512,8 +512,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
         steps_in_epoch = data.steps_per_epoch(len(dataset), examples_per_step, method="KTO")
         total_steps = data.total_steps(config, steps_in_epoch)
         share = distributed.DataShare(len(dataset), examples_per_step, micro_batch=micro_batch, mesh=mesh,
-                                      seed=config.seed, shuffle=shuffle, start_step=0, total_steps=total_steps,
-                                      with_previous=with_kl)
+                                      seed=config.seed, shuffle=shuffle, start_step=loop.planned_start_step(config),
+                                      total_steps=total_steps, with_previous=with_kl)
         examples = distributed.on_every_process(lambda: prepare_dataset(share.select(dataset), tokenizer, config),
                                                 what="KTO dataset")
         labels = dataset["label"] if hasattr(dataset, "column_names") else [row["label"] for row in dataset]
@@ -582,6 +582,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     eval_step = make_eval_step(config, **step_args)
     checkpoints = loop.checkpointer(config, method="kto", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    loop.check_planned_start(share, start_step)  # the data share was prepared from the planned step
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                             report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,

@@ -107,6 +107,29 @@ def resume(config, state, state_sharding, checkpoints: Checkpointer) -> tuple[ob
     return state, step, progress
 
 
+def planned_start_step(config) -> int:
+    """The step `resume` is about to restore, known before anything is built (0 without one): the explicit
+    checkpoint's step, or for `'latest'` the newest step directory. On several processes each prepares only the
+    data of the steps still to run from it (`distributed.DataShare(start_step=)`); `check_planned_start` confirms
+    it after `resume`."""
+    request = config.resume_from_checkpoint
+    if not request:
+        return 0
+    if str(request).lower() in ("latest", "true"):
+        return max((int(p.name) for p in existing_checkpoints(config.output_dir) if p.name.isdigit()), default=0)
+    return parse_checkpoint_path(request)[1]
+
+
+def check_planned_start(share, start_step: int) -> None:
+    """`ValueError` if `resume` restored an older step than the data share was prepared from (`planned_start_step`):
+    the newest checkpoint was damaged, and `resume` has set it aside, so running the command again prepares the
+    data of the right steps."""
+    if not share.whole and start_step < share.first_step:
+        raise ValueError(f"Resumed from step {start_step}, but this run prepared its share of the data for the steps "
+                         f"after step {share.first_step}, the newest checkpoint, which was damaged (set aside in "
+                         f"{DAMAGED_DIR}/): run the same command again to resume from step {start_step}.")
+
+
 def _restore_latest(config, state, state_sharding, checkpoints: Checkpointer):
     steps = checkpoints.all_steps()
     if not steps:

@@ -48,14 +48,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxpt.models.layers import Linear, matmul_transposed_weight
 from jaxpt.sharding import partition_spec
 
 __all__ = ["NF4_LEVELS", "Quantization", "quantize_nf4", "dequantize_nf4", "quantize_int8", "dequantize_int8",
            "quantize_model", "dequantize_model", "is_quantized", "quantization_from_config", "quantize_from_config",
-           "check_trainable",
-           "parameter_bytes"]
+           "check_trainable", "parameter_bytes", "quantization_settings", "quantized_linears",
+           "quantize_layer_by_layer"]
 
 # The 16 NF4 levels (QLoRA, appendix E; bitsandbytes' table): quantiles of N(0, 1) normalised to [-1, 1], with an
 # exact 0 — 7 negative and 8 positive levels.
@@ -81,6 +82,12 @@ class Quantization:
         if self.kind == "nf4":
             return dequantize_nf4(weight, weight_scale, dtype=dtype)
         return dequantize_int8(weight, weight_scale, dtype=dtype)
+
+    def quantize(self, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`(weight, weight_scale)`, the stored form of a float weight `[..., out, in]`."""
+        if self.kind == "nf4":
+            return quantize_nf4(weight, block_size=self.block_size)
+        return quantize_int8(weight, block_size=self.block_size)
 
     def matmul(self, x: jax.Array, weight: jax.Array, weight_scale: jax.Array, dtype: Any) -> jax.Array:
         """`x [rows, in] @ dequantize(weight).T -> [rows, out]` in `dtype` (what `Linear.__call__` computes)."""
@@ -173,6 +180,65 @@ def _quantized_modules(model: nnx.Module) -> list[tuple[str, Linear]]:
             if isinstance(module, Linear) and "layers" in [str(p) for p in path]]
 
 
+def quantization_settings(kind: str, *, block_size: int | None = None) -> Quantization:
+    """The `Quantization` for `kind` "nf4" (`block_size` default 64) or "int8" (default None: one scale per output
+    channel); `ValueError` for anything else."""
+    if kind not in ("nf4", "int8"):
+        raise ValueError(f"kind={kind!r} is not a quantization jaxpt has: 'nf4' (--load_in_4bit) or 'int8' "
+                         "(--load_in_8bit).")
+    block_size = (NF4_BLOCK_SIZE if kind == "nf4" else None) if block_size is None else block_size
+    if block_size is not None and (block_size < 1 or (kind == "nf4" and block_size % 2)):
+        raise ValueError(f"block_size={block_size} must be a positive (for nf4: even) number of input features.")
+    return Quantization(kind=kind, block_size=block_size)
+
+
+def quantized_linears(model: nnx.Module, quantization: Quantization) -> list[tuple[str, Linear]]:
+    """`(dotted path, Linear)` of the layers `quantization` stores quantized in `model` (concrete or abstract);
+    `ValueError` when there are none or a layer's inputs do not split into its blocks."""
+    modules = _quantized_modules(model)
+    if not modules:
+        raise ValueError(f"The {type(model).__name__} has no decoder-layer linear layers to quantize.")
+    block_size = quantization.block_size
+    for name, module in modules:
+        if block_size is not None and module.in_features % block_size:
+            raise ValueError(f"{name} has in_features={module.in_features}, not a multiple of the "
+                             f"{quantization.kind} block size {block_size}: pass a block_size that divides it.")
+    return modules
+
+
+def quantize_layer_by_layer(load_layer, layer: jax.ShapeDtypeStruct, num_layers: int, quantization: Quantization, *,
+                            name: str, rules=(), mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+    """`(weight, weight_scale)` of the stacked `[num_layers, out, in]` weight of Linear `name` (e.g.
+    `model.layers.mlp.up_proj`) quantized while it is read: `load_layer(index, sharding)` returns layer `index`'s
+    float weight (`layer`: its shape and dtype), placed by `sharding` (None without a mesh); it is quantized and
+    dropped before the next layer is read, so at most one layer's float weight exists at a time. Equal bit for bit
+    to `quantize_model` of the float model (the same per-layer computation); on a mesh, placed by the family's
+    partition rules as `quantize_model` places it."""
+    stacked = jax.ShapeDtypeStruct((num_layers, *layer.shape), layer.dtype)
+    outputs = jax.eval_shape(jax.vmap(quantization.quantize), stacked)  # (weight, weight_scale), stacked
+    if mesh is None:
+        float_sharding, layer_shardings, stacked_shardings = None, None, (None, None)
+    else:
+        def sharding(spec, *, per_layer):
+            return jax.sharding.NamedSharding(mesh, P(*spec[1:]) if per_layer else spec)
+
+        specs = [partition_spec(f"{name}.{suffix}", out.shape, rules, mesh)
+                 for suffix, out in zip(("weight", "weight_scale"), outputs, strict=True)]
+        float_sharding = sharding(partition_spec(f"{name}.weight", stacked.shape, rules, mesh), per_layer=True)
+        layer_shardings = tuple(sharding(spec, per_layer=True) for spec in specs)
+        stacked_shardings = tuple(sharding(spec, per_layer=False) for spec in specs)
+    quantize = jax.jit(quantization.quantize, out_shardings=layer_shardings)
+    stored_layers, scale_layers = [], []
+    for index in range(num_layers):
+        weight = load_layer(index, float_sharding)
+        stored, scale = quantize(weight)
+        del weight  # the float layer is gone before the next is read
+        stored_layers.append(stored)
+        scale_layers.append(scale)
+    return tuple(jax.jit(jnp.stack, out_shardings=placement)(parts)
+                 for parts, placement in zip((stored_layers, scale_layers), stacked_shardings, strict=True))
+
+
 def is_quantized(model: nnx.Module) -> bool:
     return any(module.quantization is not None for _, module in _quantized_modules(model))
 
@@ -190,26 +256,14 @@ def quantize_model(model: nnx.Module, *, kind: str = "nf4", block_size: int | No
     weight and its scales are placed by the family's partition rules, like the float weight was. Adapters
     (`jaxpt.lora.apply_lora`) go on after; a model with adapters already is refused.
     """
-    if kind not in ("nf4", "int8"):
-        raise ValueError(f"kind={kind!r} is not a quantization jaxpt has: 'nf4' (--load_in_4bit) or 'int8' "
-                         "(--load_in_8bit).")
     if getattr(model, "lora_settings", None) is not None:
         raise ValueError("The model already has LoRA adapters: quantize the base first, then add the adapters "
                          "(apply_lora with load_in_4bit / load_in_8bit does both in that order).")
     if is_quantized(model):
         raise ValueError("The model's base is already quantized.")
-    block_size = (NF4_BLOCK_SIZE if kind == "nf4" else None) if block_size is None else block_size
-    if block_size is not None and (block_size < 1 or (kind == "nf4" and block_size % 2)):
-        raise ValueError(f"block_size={block_size} must be a positive (for nf4: even) number of input features.")
-    modules = _quantized_modules(model)
-    if not modules:
-        raise ValueError(f"The {type(model).__name__} has no decoder-layer linear layers to quantize.")
-    for name, module in modules:
-        if block_size is not None and module.in_features % block_size:
-            raise ValueError(f"{name} has in_features={module.in_features}, not a multiple of the {kind} block size "
-                             f"{block_size}: pass a block_size that divides it.")
-    quantization = Quantization(kind=kind, block_size=block_size)
-    quantize = partial(quantize_nf4 if kind == "nf4" else quantize_int8, block_size=block_size)
+    quantization = quantization_settings(kind, block_size=block_size)
+    modules = quantized_linears(model, quantization)
+    quantize = quantization.quantize
     rules = tuple(getattr(model, "partition_rules", ()))
     for name, module in modules:
         weight = module.weight[...]

@@ -297,7 +297,8 @@ def _prepare_share(model, dataset, tokenizer, config: RewardConfig, *, examples_
                          f"{config.max_length} tokens, so none is left: raise max_length (or set it to None).")
     steps_in_epoch = data.steps_per_epoch(len(kept), examples_per_step, method="Reward")
     share = distributed.DataShare(len(kept), examples_per_step, micro_batch=micro_batch, mesh=mesh, seed=config.seed,
-                                  shuffle=True, start_step=0, total_steps=data.total_steps(config, steps_in_epoch))
+                                  shuffle=True, start_step=loop.planned_start_step(config),
+                                  total_steps=data.total_steps(config, steps_in_epoch))
 
     def prepare():
         own = prepare_dataset(distributed.select_rows(dataset, kept[share.needed]), tokenizer, config)
@@ -358,6 +359,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding)
     checkpoints = loop.checkpointer(config, method="reward", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    loop.check_planned_start(share, start_step)  # the data share was prepared from the planned step
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,

@@ -419,7 +419,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
         distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
                                     what="SFT datasets")
         share_args = dict(micro_batch=micro_batch, mesh=mesh, seed=config.seed, shuffle=config.shuffle_dataset,
-                          start_step=0)
+                          start_step=loop.planned_start_step(config))  # a resumed run: the steps still to run
         if config.packing or config.padding_free:
             examples, share = _packed_share(dataset, tokenizer, config, examples_per_step, share_args)
             steps_in_epoch = data.steps_per_epoch(share.num_examples, examples_per_step, method="SFT")
@@ -459,6 +459,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding, return_counts=True)
     checkpoints = loop.checkpointer(config, method="sft", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    loop.check_planned_start(share, start_step)  # the data share was prepared from the planned step
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,

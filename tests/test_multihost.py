@@ -1,8 +1,12 @@
-"""Several processes: `jaxpt sft|dpo|grpo` on 2 CPU processes (2 devices each, a coordinator on 127.0.0.1) give the
-metrics of one process with 4 devices, write one metrics.jsonl and one final/, and resume after a stop or a kill;
-processes whose batches disagree get a clear error, not a crash inside the collective.
+"""Several processes: `jaxpt sft|dpo|kto|reward|grpo` (and packed SFT) on 2 CPU processes (2 devices each, a
+coordinator on 127.0.0.1) give the metrics of one process with 4 devices, write one metrics.jsonl and one final/, and
+resume after a stop or a kill (on 2 processes, or on 1); processes whose batches disagree get a clear error, not a
+crash inside the collective.
 
-Each run is a `python -m jaxpt.cli` subprocess with its own XLA_FLAGS (conftest's 8 devices are for this process).
+To keep the suite fast, a pair of processes is started once and runs the commands one after another (`RUNNER_*`:
+`jaxpt.cli.main` calls, as `jaxpt <method>` would, in processes with their own XLA_FLAGS; conftest's 8 devices are
+for this process); a second pair resumes. The 1-process runs they are compared with run in this process on 4 of
+its 8 devices (`--mesh_fsdp 4`), meanwhile.
 """
 
 import json
@@ -46,11 +50,31 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class Run:
-    """One command on `num_processes` processes (`devices` CPU devices each), started at once; `wait()` returns
-    the exit codes, killing (only) its own processes if they outlive the timeout."""
+RUNNER_START = """
+import json, sys
+from jaxpt import cli, distributed
+commands, flags = json.loads(sys.argv[1]), sys.argv[2:]
+given = dict(zip(flags[::2], flags[1::2]))  # the process flags, else the JAX_* variables
+distributed.initialize(given.get("--coordinator_address"), *(int(given[name]) if name in given else None
+                                                             for name in ("--num_processes", "--process_id")))
+print("=== checks", flush=True)
+"""
+RUNNER_COMMANDS = """
+for number, argv in enumerate(commands):  # as `jaxpt <argv...>`, one after another in this process
+    print(f"=== command {number}", flush=True)
+    if cli.main(argv + flags):
+        sys.exit(f"command {number} failed")
+"""
 
-    def __init__(self, argv, *, num_processes, devices, log_dir, extra_env=None, python_code=None, env_setup=False):
+
+class Run:
+    """`commands` (each the argv of a `jaxpt` command) run in turn by `num_processes` processes with `devices` CPU
+    devices each, started at once: the process set-up from the flags (passed to every command too) or, with
+    `env_setup`, from the JAX_* variables; `checks` (Python code) first. `wait()` returns the exit codes, killing
+    (only) its own processes if they outlive the timeout."""
+
+    def __init__(self, commands, *, num_processes, devices, log_dir, extra_env=None, env_setup=False, checks="",
+                 compilation_cache=None):
         port = free_port()
         self.logs, self.processes = [], []
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -58,12 +82,16 @@ class Run:
             env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_PLATFORMS"}
             env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                       **(extra_env or {}))
-            command = [sys.executable, "-c", python_code] if python_code else [sys.executable, "-m", "jaxpt.cli", *argv]
-            if num_processes > 1 and (env_setup or python_code):  # the set-up from the environment variables
+                       PYTHONUNBUFFERED="1", **(extra_env or {}))
+            if compilation_cache:  # a later pair on the same devices reuses the programs an earlier one compiled
+                env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+            command = [sys.executable, "-c", RUNNER_START + checks + RUNNER_COMMANDS, json.dumps(commands)]
+            if env_setup:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
                            JAX_PROCESS_ID=str(index))
-            elif num_processes > 1:
+            else:
                 command += ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
                             "--process_id", str(index)]
             log = log_dir / f"process{index}.log"
@@ -77,18 +105,28 @@ class Run:
         try:
             return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in self.processes]
         except subprocess.TimeoutExpired:
-            for process in self.processes:
-                if process.poll() is None:
-                    os.killpg(process.pid, signal.SIGKILL)  # its own session: this run's process and children
-                    process.wait()
+            self.kill()
             pytest.fail(f"timed out after {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in self.logs)
 
     def check(self) -> None:
         codes = self.wait()
         assert codes == [0] * len(codes), self.output()
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)  # its own session: this run's process and children
+                process.wait()
+
+    def output(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in self.logs)
+
+    def section(self, part, process=0) -> str:
+        """What process `process` printed during command number `part` (or `"checks"`)."""
+        text = self.logs[process].read_text()
+        mark = "=== checks\n" if part == "checks" else f"=== command {part}\n"
+        assert mark in text, self.output()
+        return text.split(mark, 1)[1].split("=== command ", 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -145,130 +183,146 @@ def assert_export_matches(final_dir):
     np.testing.assert_allclose(ours, expected, atol=1e-4)
 
 
-def common(inputs, method, output_dir, *extra):
-    return [method, "--model_name_or_path", inputs["model"], "--dataset_name", inputs[method], "--output_dir",
+def assert_own_share(run, part, *, prepared, of):
+    """Each process tokenized only the examples of its own rows (`prepared` of the dataset's `of`) in command
+    `part`: process 0 says so, and every process's tokenizing progress bar counts `prepared` rows (processes other
+    than 0 log warnings only)."""
+    assert f"Process 0 prepares {prepared} of the {of} examples" in run.section(part), run.output()
+    for process in range(len(run.logs)):
+        assert f"| {prepared}/{prepared} [" in run.section(part, process), run.output()
+
+
+# name: (command, dataset, options). Each runs 2 steps on 2 processes (GRPO: 4, killed in its third) and on 1.
+COMMANDS = {
+    "sft": ("sft", "sft", ["--max_length", "16", "--per_device_train_batch_size", "2", "--learning_rate", "0.003"]),
+    # DPO with the reference log-probs computed inside the step
+    "dpo": ("dpo", "dpo", ["--max_length", "16", "--per_device_train_batch_size", "2", "--learning_rate", "0.003",
+                           "--beta", "0.5"]),
+    # KTO: desirable examples only pushed up, fast, so the KL estimate of step 2 (from the mismatched pairs) is > 0
+    "kto": ("kto", "kto", ["--max_length", "16", "--per_device_train_batch_size", "2", "--learning_rate", "0.03",
+                           "--undesirable_weight", "0"]),
+    "reward": ("reward", "reward", ["--max_length", "6", "--per_device_train_batch_size", "2",
+                                    "--learning_rate", "0.003"]),
+    "packed": ("sft", "sft", ["--max_length", "16", "--per_device_train_batch_size", "2", "--learning_rate", "0.003",
+                              "--packing", "true"]),
+    # GRPO with a KL term, so the reference log-probs run on the 2-process mesh too
+    "grpo": ("grpo", "grpo", ["--max_steps", "4", "--reward_funcs", "tests.test_multihost.digits_or_kill",
+                              "--num_generations", "4", "--per_device_train_batch_size", "2",
+                              "--max_completion_length", "6", "--learning_rate", "0.03", "--beta", "0.04"]),
+}
+NAMES = list(COMMANDS)
+ONE_PROCESS = ["--mesh_fsdp", "4"]  # in this process: 4 of conftest's 8 devices, the 2 processes' device count
+
+
+def command(inputs, name, output_dir, *extra):
+    method, dataset, options = COMMANDS[name]
+    return [method, "--model_name_or_path", inputs["model"], "--dataset_name", inputs[dataset], "--output_dir",
             str(output_dir), "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "3", "--save_steps", "2",
-            "--lr_scheduler_type", "constant", *extra]
+            "--lr_scheduler_type", "constant", *options, *extra]
 
 
-def assert_own_share(run, *, prepared, of):
-    """Each process tokenized only the examples of its own rows (`prepared` of the dataset's `of`): process 0
-    says so, and every process's tokenizing progress bar counts `prepared` rows (processes other than 0 log
-    warnings only)."""
-    assert f"Process 0 prepares {prepared} of the {of} examples" in run.logs[0].read_text(), run.output()
-    for log in run.logs:
-        assert f"| {prepared}/{prepared} [" in log.read_text(), run.output()
+def two_steps(name):
+    return [] if name == "grpo" else ["--max_steps", "2"]
 
 
-def test_sft_on_two_processes_matches_one_and_resumes(inputs, tmp_path):
+@pytest.fixture(scope="module")
+def runs(inputs, tmp_path_factory):
+    """Two pairs of processes and the 1-process runs they are compared with (in this process, meanwhile):
+    - `first` (process set-up from the flags): the error checks (`CHECKS`), then 2 steps of each command; GRPO's
+      processes SIGKILL themselves while scoring its third rollout (the last command);
+    - `resumed` (set-up from the JAX_* variables): SFT from its step-2 checkpoint to step 4, GRPO after the kill;
+    - 1 process: every command (SFT and GRPO 4 steps), and SFT resumed to step 4 from a copy of the 2-process
+      run's step-2 checkpoint."""
+    from jaxpt import cli
+
+    root = tmp_path_factory.mktemp("runs")
+    first = Run([command(inputs, name, root / "two" / name, *two_steps(name)) for name in NAMES], num_processes=2,
+                devices=2, log_dir=root / "logs_first", extra_env={KILL_AT_CALL: "3"}, checks=CHECKS,
+                compilation_cache=root / "compiled")
+    try:
+        for name in NAMES:
+            steps = ["--max_steps", "4"] if name == "sft" else two_steps(name)
+            assert cli.main(command(inputs, name, root / "one" / name, *steps, *ONE_PROCESS)) == 0
+        first_codes = first.wait()
+    finally:
+        first.kill()
+    before_resume = {name: read_metrics(root / "two" / name) for name in ("sft", "grpo")}
+    shutil.copytree(root / "two" / "sft", root / "two_then_one")
+    resume = ["--resume_from_checkpoint", "latest"]
+    resumed = Run([command(inputs, "sft", root / "two" / "sft", "--max_steps", "4", *resume),
+                   command(inputs, "grpo", root / "two" / "grpo", *resume)], num_processes=2, devices=2,
+                  log_dir=root / "logs_resumed", env_setup=True, compilation_cache=root / "compiled")
+    try:
+        assert cli.main(command(inputs, "sft", root / "two_then_one", "--max_steps", "4", *resume,
+                                *ONE_PROCESS)) == 0
+        resumed.check()
+    finally:
+        resumed.kill()
+    return {"root": root, "first": first, "first_codes": first_codes, "resumed": resumed,
+            "before_resume": before_resume}
+
+
+def test_sft_on_two_processes_matches_one_and_resumes(runs):
     """2 processes x 2 devices, each tokenizing only its rows: 2 steps, then a resumed run to step 4, equal to an
     uninterrupted 4-step run of one process with 4 devices. The step-2 checkpoint of 2 processes also resumes on
     1 process (4 devices) with the same metrics."""
-    sft = ["--max_length", "16", "--per_device_train_batch_size", "2", "--learning_rate", "0.003"]
-    single = Run(common(inputs, "sft", tmp_path / "one", "--max_steps", "4", *sft), num_processes=1, devices=4,
-                 log_dir=tmp_path / "logs1")
-    first = Run(common(inputs, "sft", tmp_path / "two", "--max_steps", "2", *sft), num_processes=2, devices=2,
-                log_dir=tmp_path / "logs2")
-    single.check()
-    first.check()
-    assert_own_share(first, prepared=8, of=64)  # 2 steps x 8 rows, 4 of them on each process's devices
-    assert_same_metrics(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")[:2])
-    shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
-    resumed = Run(common(inputs, "sft", tmp_path / "two", "--max_steps", "4", "--resume_from_checkpoint", "latest",
-                         *sft), num_processes=2, devices=2, log_dir=tmp_path / "logs3")
-    resumed.check()
-    assert "Resumed from" in resumed.logs[0].read_text()
-    assert_own_share(resumed, prepared=16, of=64)
-    assert_same_metrics(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"))
-    assert_one_run_written(tmp_path / "two")
-    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4"]
-    assert_export_matches(tmp_path / "two" / "final")
-    other = Run(common(inputs, "sft", tmp_path / "two_then_one", "--max_steps", "4", "--resume_from_checkpoint",
-                       "latest", *sft), num_processes=1, devices=4, log_dir=tmp_path / "logs4")
-    other.check()
-    assert "Resumed from" in other.logs[0].read_text()
-    assert_same_metrics(read_metrics(tmp_path / "two_then_one"), read_metrics(tmp_path / "one"))
+    root, first, resumed = runs["root"], runs["first"], runs["resumed"]
+    expected = read_metrics(root / "one" / "sft")
+    assert "Trained 2 steps" in first.section(NAMES.index("sft")), first.output()
+    assert_own_share(first, NAMES.index("sft"), prepared=8, of=64)  # 2 steps x 8 rows, 4 on each process's devices
+    assert_same_metrics(runs["before_resume"]["sft"], expected[:2])
+    assert "Resumed from" in resumed.section(0)
+    assert_own_share(resumed, 0, prepared=8, of=64)  # only the rows of steps 3-4: not those trained on already
+    assert "the rows it feeds over steps 3-4" in resumed.section(0)
+    assert_same_metrics(read_metrics(root / "two" / "sft"), expected)
+    assert_one_run_written(root / "two" / "sft")
+    assert sorted(os.listdir(root / "two" / "sft" / "checkpoints")) == ["2", "4"]
+    assert_export_matches(root / "two" / "sft" / "final")
+    assert_same_metrics(read_metrics(root / "two_then_one"), expected)  # resumed on 1 process
 
 
-def test_dpo_on_two_processes_matches_one(inputs, tmp_path):
-    """DPO with the reference log-probs computed inside the step, the process set-up from JAX_* variables."""
-    dpo = ["--max_steps", "2", "--max_length", "16", "--per_device_train_batch_size", "2", "--learning_rate", "0.003",
-           "--beta", "0.5"]
-    single = Run(common(inputs, "dpo", tmp_path / "one", *dpo), num_processes=1, devices=4, log_dir=tmp_path / "l1")
-    double = Run(common(inputs, "dpo", tmp_path / "two", *dpo), num_processes=2, devices=2, log_dir=tmp_path / "l2",
-                 env_setup=True)
-    single.check()
-    double.check()
-    assert_own_share(double, prepared=8, of=64)
-    records = read_metrics(tmp_path / "two")
-    assert_same_metrics(records, read_metrics(tmp_path / "one"))
-    assert records[-1]["loss"] < records[0]["loss"]
-    assert_one_run_written(tmp_path / "two")
-
-
-@pytest.mark.slow  # 2 min; the rows each process feeds are covered in process by test_data_share_* and
-# test_packed_share_* below, and the 2-process path by the SFT/DPO/GRPO tests
-def test_kto_reward_and_packed_sft_on_two_processes_match_one(inputs, tmp_path):
-    """KTO (each process also prepares the example before each of its rows: its KL partner), the reward model
-    (which drops pairs over max_length) and packed SFT (whose bins need every length): on 2 processes, each first
-    measures a block of the dataset, then tokenizes the examples of its rows; the runs equal 1 process."""
-    shared = ["--max_steps", "2", "--per_device_train_batch_size", "2"]
-    # KTO: desirable examples only pushed up, fast, so the KL estimate of step 2 (from the mismatched pairs) is > 0
-    options = {"kto": [*shared, "--max_length", "16", "--learning_rate", "0.03", "--undesirable_weight", "0"],
-               "reward": [*shared, "--max_length", "6", "--learning_rate", "0.003"],
-               "sft": [*shared, "--max_length", "16", "--packing", "true", "--learning_rate", "0.003"]}
-    runs = {}
-    for method in ("kto", "reward", "sft"):
-        runs[method] = (Run(common(inputs, method, tmp_path / method / "one", *options[method]), num_processes=1,
-                            devices=4, log_dir=tmp_path / method / "l1"),
-                        Run(common(inputs, method, tmp_path / method / "two", *options[method]), num_processes=2,
-                            devices=2, log_dir=tmp_path / method / "l2"))
-        for run in runs[method]:
-            run.check()
-        assert_same_metrics(read_metrics(tmp_path / method / "two"), read_metrics(tmp_path / method / "one"))
-        assert_one_run_written(tmp_path / method / "two")
-    # packed: 8 of the packed rows (2 steps x 4 rows per process); each process measured its 32-example block
-    assert "Process 0 prepares 8 of the " in runs["sft"][1].logs[0].read_text()
-    assert all("| 32/32 [" in log.read_text() for log in runs["sft"][1].logs)
-    assert read_metrics(tmp_path / "kto" / "one")[1]["kl"] > 0.1  # the pairs' numbers are compared, not only zeros
+def test_dpo_kto_reward_and_packed_sft_on_two_processes_match_one(runs):
+    """DPO, KTO (each process also prepares the example before each of its rows: its KL partner), the reward model
+    (which drops pairs over max_length) and packed SFT (whose bins need every length: each process first measures
+    a block of the dataset, then tokenizes the examples of its rows): 2 processes equal 1."""
+    root, first = runs["root"], runs["first"]
+    for name in ("dpo", "kto", "reward", "packed"):
+        assert "Trained 2 steps" in first.section(NAMES.index(name)), first.output()
+        records = read_metrics(root / "two" / name)
+        assert_same_metrics(records, read_metrics(root / "one" / name))
+        assert_one_run_written(root / "two" / name)
+    assert read_metrics(root / "two" / "dpo")[-1]["loss"] < read_metrics(root / "two" / "dpo")[0]["loss"]
+    assert_own_share(first, NAMES.index("dpo"), prepared=8, of=64)
+    assert read_metrics(root / "one" / "kto")[1]["kl"] > 0.1  # the pairs' numbers are compared, not only zeros
     # KTO in dataset order: process 0 feeds rows 0-3 of each step and reads row 7 too (row 0's partner)
-    assert_own_share(runs["kto"][1], prepared=10, of=64)
+    assert_own_share(first, NAMES.index("kto"), prepared=10, of=64)
     # 22 of the 64 pairs fit in 6 tokens; 4 rows a step on each process
-    assert_own_share(runs["reward"][1], prepared=8, of=22)
-    assert "Dropped 42 of 64 preference pairs" in runs["reward"][1].logs[0].read_text()
+    assert_own_share(first, NAMES.index("reward"), prepared=8, of=22)
+    assert "Dropped 42 of 64 preference pairs" in first.section(NAMES.index("reward"))
+    # packed: 8 of the packed rows (2 steps x 4 rows per process); each process measured its 32-example block
+    packed = NAMES.index("packed")
+    assert "Process 0 prepares 8 of the " in first.section(packed)
+    assert all("| 32/32 [" in first.section(packed, process) for process in (0, 1)), first.output()
 
 
-def test_grpo_on_two_processes_matches_one_and_resumes_after_a_kill(inputs, tmp_path):
-    """GRPO (with a KL term, so the reference log-probs run on the 2-process mesh too): both processes are
-    SIGKILLed while scoring the third rollout; the resumed run continues from the step-2 checkpoint and its
-    metrics equal an uninterrupted single-process run."""
-    grpo = ["--max_steps", "4", "--reward_funcs", "tests.test_multihost.digits_or_kill", "--num_generations", "4",
-            "--per_device_train_batch_size", "2", "--max_completion_length", "6", "--learning_rate", "0.03",
-            "--beta", "0.04"]
-    single = Run(common(inputs, "grpo", tmp_path / "one", *grpo), num_processes=1, devices=4, log_dir=tmp_path / "l1")
-    killed = Run(common(inputs, "grpo", tmp_path / "two", *grpo), num_processes=2, devices=2, log_dir=tmp_path / "l2",
-                 extra_env={KILL_AT_CALL: "3"})
-    single.check()
-    codes = killed.wait()
+def test_grpo_on_two_processes_matches_one_and_resumes_after_a_kill(runs):
+    """GRPO: both processes are SIGKILLed while scoring the third rollout; the resumed run continues from the
+    step-2 checkpoint and its metrics equal an uninterrupted single-process run."""
+    root, codes, resumed = runs["root"], runs["first_codes"], runs["resumed"]
     # each process kills itself at its third reward call; one may instead be stopped by the run's coordination
     # service noticing the other's death first (process 0 hosts it): either way no process finishes
-    assert -signal.SIGKILL in codes and 0 not in codes, (codes, killed.output())
-    assert [r["step"] for r in read_metrics(tmp_path / "two")] == [1, 2]
-    resumed = Run(common(inputs, "grpo", tmp_path / "two", *grpo, "--resume_from_checkpoint", "latest"),
-                  num_processes=2, devices=2, log_dir=tmp_path / "l3")
-    resumed.check()
-    assert "Resumed from" in resumed.logs[0].read_text()
-    expected = read_metrics(tmp_path / "one")
+    assert -signal.SIGKILL in codes and 0 not in codes, (codes, runs["first"].output())
+    assert [r["step"] for r in runs["before_resume"]["grpo"]] == [1, 2]
+    assert "Resumed from" in resumed.section(1)
+    expected = read_metrics(root / "one" / "grpo")
     assert len({r["loss"] for r in expected}) > 1  # the rewards differ within groups: a real update
-    assert_same_metrics(read_metrics(tmp_path / "two"), expected)
-    assert_one_run_written(tmp_path / "two")
+    assert_same_metrics(read_metrics(root / "two" / "grpo"), expected)
+    assert_one_run_written(root / "two" / "grpo")
 
 
-MISMATCH_SCRIPT = """
+CHECKS = """
 import jax, numpy as np
-from jaxpt import distributed
 from jaxpt.sharding import agreed_max, make_mesh, shard_batch
-distributed.initialize()
 mesh, index = make_mesh(), jax.process_index()
 assert shard_batch({"input_ids": np.ones((2, 8), np.int32)}, mesh)["input_ids"].shape == (4, 8)
 print("agreed", agreed_max(8 + index))
@@ -299,23 +353,22 @@ except ValueError as error:
 """
 
 
-def test_processes_with_different_batch_shapes_get_a_clear_error(tmp_path):
+def test_processes_with_different_batch_shapes_get_a_clear_error(runs):
     """Rows padded to different lengths on the two processes: a ValueError on both naming the field and each
     process's shape (without the check, gloo fails with 'Received data size doesn't match expected size').
     Rollout scoring shared among processes: each scores its own group, all get every reward, and a reward
     function failing on one process fails every process (none waits for the others forever). Processes that
-    prepared different data are told so before training."""
-    run = Run(None, num_processes=2, devices=2, log_dir=tmp_path, python_code=MISMATCH_SCRIPT)
-    run.check()
-    for log in run.logs:
-        text = log.read_text()
+    prepared different data are told so before training. (The first pair's checks, before its commands.)"""
+    first = runs["first"]
+    for process in (0, 1):
+        text = first.section("checks", process)
         assert "agreed 9" in text
         assert ("error shard_batch: the 2 processes disagree on the batch's shapes (field 'input_ids': process 0: "
                 "(2, 8) int32, process 1: (2, 9) int32)") in text, text
         assert "rewards [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]" in text  # each scored one group; both have all
         assert "data The processes prepared different SFT examples (process 0: 1 examples, digest" in text
-    assert "scoring AssertionError a reward function failed" in run.logs[1].read_text()
-    assert "scoring RuntimeError Scoring the rollout failed on process(es) [1]" in run.logs[0].read_text()
+    assert "scoring AssertionError a reward function failed" in first.section("checks", 1)
+    assert "scoring RuntimeError Scoring the rollout failed on process(es) [1]" in first.section("checks", 0)
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -369,6 +422,41 @@ def test_data_share_feeds_the_global_batches_from_the_rows_it_needs():
     share.agree_steps(examples, lambda rows, counted: (max(r["index"] for r in rows), len(counted)), start_step=1,
                       total_steps=2)  # the steps' values up front (one collective on several processes)
     assert share.step_totals(1, rows, counted, None) == (int(steps[1].max()), 16)
+
+
+def test_resumed_data_share_prepares_only_the_steps_still_to_run(tmp_path):
+    """A run resumed at step 2 of 4 prepares the rows of steps 3-4 only (`loop.planned_start_step`: the newest
+    checkpoint, known before resume), and feeds each of them the rows the whole share feeds; a resume that restores
+    an older step than planned (the newest was damaged) stops with the fix."""
+    from jaxpt import loop
+    from jaxpt.data import step_indices
+    from jaxpt.sharding import make_mesh
+
+    config = SFTConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
+    assert loop.planned_start_step(config) == 0  # no checkpoint yet
+    for name in ("2", "4", "6.orbax-checkpoint-tmp-1"):  # the last one half-written
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert loop.planned_start_step(config) == 4
+    config.resume_from_checkpoint = str(tmp_path / "checkpoints" / "2")
+    assert loop.planned_start_step(config) == 2
+    config.resume_from_checkpoint = None
+    assert loop.planned_start_step(config) == 0
+
+    args = dict(micro_batch=8, mesh=make_mesh(), seed=1, shuffle=True, total_steps=4)
+    whole = distributed.DataShare(50, 16, start_step=0, whole=True, **args)
+    resumed = distributed.DataShare(50, 16, start_step=2, whole=False, **args)
+    order = step_indices(50, 16, seed=1, shuffle=True)
+    steps = [next(order)[1] for _ in range(4)]
+    np.testing.assert_array_equal(resumed.needed, np.unique(np.concatenate(steps[2:])))
+    examples = [{"index": i} for i in range(50)]
+    for indices in steps[2:]:
+        rows, _ = resumed.step_examples(indices, [examples[i] for i in resumed.needed])
+        assert rows == whole.step_examples(indices, examples)[0]
+    loop.check_planned_start(resumed, 2)
+    loop.check_planned_start(whole, 0)
+    with pytest.raises(ValueError, match="Resumed from step 0, but this run prepared its share .* after step 2.*"
+                                         "run the same command again"):
+        loop.check_planned_start(resumed, 0)
 
 
 @pytest.mark.parametrize("strategy", ["bfd", "bfd_split", "wrapped"])

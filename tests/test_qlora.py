@@ -185,6 +185,63 @@ def test_quantized_weights_follow_the_partition_rules(tmp_path):
     np.testing.assert_allclose(np.asarray(logits(params, IDS)), np.asarray(plain(IDS)), atol=1e-5)
 
 
+@pytest.mark.parametrize(("kind", "mesh_shape"), [("nf4", dict(data=2, fsdp=2, tensor=2)), ("int8", None)])
+def test_quantize_on_load_equals_quantizing_after_a_float_load(kind, mesh_shape, tmp_path, monkeypatch):
+    """`from_pretrained(..., quantization=)` gives `quantize_model` of the float model bit for bit (values, dtypes,
+    shardings on a mesh), and while it loads, the float arrays alive beyond the unquantized parameters and the
+    scales are at most one layer's weight: never the float model's decoder weights."""
+    from jaxpt.sharding import make_mesh, path_name
+
+    jaxpt.models.save_pretrained(tiny_llama(VOCAB, **TINY), tmp_path)
+    mesh = make_mesh(**mesh_shape) if mesh_shape else None
+    expected = quantize.quantize_model(jaxpt.models.from_pretrained(tmp_path, mesh=mesh), kind=kind)
+    expected_leaves = jax.tree_util.tree_flatten_with_path(nnx.state(expected))[0]
+
+    before = {id(a) for a in jax.live_arrays()}
+    peak = 0
+    read = jaxpt.models.load_array
+
+    def load_array_watching_memory(*args, **kwargs):  # every tensor load, quantized layers' included
+        nonlocal peak
+        array = read(*args, **kwargs)
+        peak = max(peak, sum(a.nbytes for a in jax.live_arrays()
+                             if id(a) not in before and jnp.issubdtype(a.dtype, jnp.floating)))
+        return array
+
+    stacked_reads, read_stacked = [], jaxpt.models.load_stacked_array
+
+    def load_stacked_array_noting_names(reader, names, **kwargs):
+        stacked_reads.extend(names)
+        return read_stacked(reader, names, **kwargs)
+
+    monkeypatch.setattr(jaxpt.models, "load_array", load_array_watching_memory)
+    monkeypatch.setattr(jaxpt.models, "load_stacked_array", load_stacked_array_noting_names)
+    loaded = jaxpt.models.from_pretrained(tmp_path, mesh=mesh, quantization=kind)
+    monkeypatch.undo()
+
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(loaded))[0]
+    assert [path for path, _ in leaves] == [path for path, _ in expected_leaves]
+    for (path, ours), (_, theirs) in zip(leaves, expected_leaves, strict=True):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, path
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs), err_msg=str(path))
+        if mesh is not None:
+            assert ours.sharding == theirs.sharding, path
+    assert {m.quantization for _, m in quantize._quantized_modules(loaded)} == \
+        {quantize.quantization_settings(kind)}
+    np.testing.assert_array_equal(np.asarray(loaded(IDS)), np.asarray(expected(IDS)))
+
+    quantized = dict(quantize._quantized_modules(expected))
+    assert "model.layers.0.input_layernorm.weight" in stacked_reads  # (norms are read whole, as before)
+    assert not [n for n in stacked_reads if n.endswith("_proj.weight")]  # no linear weight read whole in float
+    scale_bytes = sum(m.weight_scale[...].nbytes for m in quantized.values())
+    float_weights = [m.in_features * m.out_features * 4 for m in quantized.values()]  # one layer's, float32
+    others = sum(leaf.nbytes for path, leaf in expected_leaves
+                 if not any(path_name(path).startswith(f"{name}.") for name in quantized))
+    # the float model's decoder weights (2 layers) are > 2 * max(float_weights): the bound below excludes them
+    assert 2 * sum(float_weights) > max(float_weights) + 2 * scale_bytes
+    assert 0 < peak <= others + 2 * scale_bytes + max(float_weights), (peak, others, scale_bytes)
+
+
 def test_quantized_base_needs_adapters(tmp_path):
     with pytest.raises(ValueError, match="load_in_4bit=True quantizes the base model.*use_peft=True"):
         lora.LoraConfig(load_in_4bit=True)
@@ -256,7 +313,9 @@ def test_sft_with_4bit_base_trains_the_adapters(tiny_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(merged(IDS)), trained_logits, atol=1e-4)
 
 
-def test_sft_command_with_load_in_8bit(tiny_dir, tmp_path):
+def test_sft_command_with_load_in_8bit(tiny_dir, tmp_path, monkeypatch):
+    """--load_in_8bit quantizes while loading (`from_pretrained(..., quantization="int8")`), never after."""
+    monkeypatch.setattr(quantize, "quantize_model", lambda *a, **k: pytest.fail("quantized after a float load"))
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in arithmetic_texts(32)) + "\n")
     out = tmp_path / "out"

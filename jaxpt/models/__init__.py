@@ -153,8 +153,14 @@ def from_pretrained(
     seed: int = 0,
     attn_implementation: str | None = None,
     adapter: str | os.PathLike | None = None,
+    quantization: str | None = None,
 ) -> nnx.Module:
     """Load a Hugging Face checkpoint directory (or Hub id) into a jaxpt model.
+
+    `quantization`: "nf4" (TRL's `load_in_4bit`) or "int8" (`load_in_8bit`) stores the decoder layers' linear
+    weights quantized (`jaxpt.quantize`, for QLoRA), quantized layer by layer while they are read: at most one
+    layer's float weight exists at a time, never the float model. The result equals `quantize_model` of the float
+    model, bit for bit.
 
     `adapter`: a LoRA adapter directory in peft's format (`adapter_config.json` + `adapter_model.safetensors`,
     written by peft or `jaxpt.lora.save_adapter`), attached to the loaded model (`jaxpt.lora.load_adapter`).
@@ -184,6 +190,13 @@ def from_pretrained(
     )
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     rules = family.PARTITION_RULES
+    quantized = {}  # QLoRA: module name -> its Linear, for the weights quantized while they are read
+    if quantization is not None:
+        from jaxpt import quantize
+
+        quantization = quantize.quantization_settings(quantization)
+        quantized = dict(quantize.quantized_linears(abstract, quantization))
+    scales = {}
     init_std = getattr(hf_config, "initializer_range", 0.02)
 
     num_layers = hf_config.num_hidden_layers
@@ -205,6 +218,13 @@ def from_pretrained(
                 raise ValueError(
                     f"Tensor {tensor!r} in {directory} has shape {reader.shape(tensor)}, the model expects {expected}."
                 )
+        module_name = name.removesuffix(".weight")
+        if stacked and name.endswith(".weight") and module_name in quantized:
+            stored, scales[module_name] = quantize.quantize_layer_by_layer(
+                lambda index, placement: load_array(reader, tensors[index], dtype=leaf.dtype, sharding=placement),
+                jax.ShapeDtypeStruct(expected, leaf.dtype), len(tensors), quantization, name=module_name,
+                rules=rules, mesh=mesh)
+            return stored
         if stacked:
             return load_stacked_array(reader, tensors, dtype=leaf.dtype, sharding=sharding)
         return load_array(reader, name, dtype=leaf.dtype, sharding=sharding)
@@ -219,6 +239,12 @@ def from_pretrained(
         )
     params = jax.tree_util.tree_map_with_path(load, abstract_params)
     model = nnx.merge(graphdef, params, rest)
+    modules = dict(nnx.iter_graph(model)) if quantized else {}
+    for path, module in modules.items():  # as quantize_model leaves a quantized Linear
+        module_name = ".".join(str(p) for p in path)
+        if module_name in scales:
+            module.weight_scale = nnx.Param(scales[module_name])
+            module.quantization = quantization
     if adapter is not None:
         from jaxpt.lora import load_adapter
 
