@@ -26,6 +26,7 @@ import transformers
 import jaxpt.models
 from jaxpt import distributed
 from jaxpt.sft import SFTConfig
+from tests.conftest import TEST_XLA_FLAGS
 from tests.helpers import arithmetic_texts, char_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +81,8 @@ class Run:
         log_dir.mkdir(parents=True, exist_ok=True)
         for index in range(num_processes):
             env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_PLATFORMS"}
-            env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+            env.update(XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
+                       JAX_PLATFORMS="cpu",
                        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                        PYTHONUNBUFFERED="1", **(extra_env or {}))
             if compilation_cache:  # a later pair on the same devices reuses the programs an earlier one compiled
