@@ -11,7 +11,9 @@ How it works: the model's `init_cache` preallocates every layer's keys and value
 `prompt_len + max_new_tokens - 1` tokens; `prefill` runs the left-padded prompt through the training attention
 kernel and fills the cache; a `jax.lax.while_loop` then samples a token and runs `decode_step` on it, until every
 row has produced an EOS token or `max_new_tokens` tokens. Rows that finished keep being computed (the batch is
-one array) but emit `pad_token_id`.
+one array) but emit `pad_token_id`. The decode loop holds one cache array per layer (`KVCache.split_layers`) and
+runs the layers unrolled: nothing per token copies a layer's weights or cache (a layer scan over stacked arrays
+copied both, every token); the decode step's compile time grows with depth, the prefill's does not.
 
 - Parameters come as `(graphdef, params)` (`TrainState.graphdef` / `.params`, or `nnx.split(model, nnx.Param)`):
   GRPO/RLOO sample with the training parameters where they are (sharded on the training mesh), no copy.
@@ -43,7 +45,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -203,6 +205,9 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
     # The last sampled token is never fed back, so the cache needs prompt_len + steps - 1 slots.
     cache = model.init_cache(prompts, prompt_len + steps - 1)
     logits, cache = model.prefill(prompt_ids, cache, attention_mask=prompt_mask)  # [prompts, vocab]
+    # One cache array per layer for the decode loop: each token's layers then read their weights and caches in place
+    # (kv_cache.KVCache.split_layers); a stacked cache and weights were copied layer by layer at every token.
+    cache = cache.split_layers()
     if repeats > 1:  # each prompt's completions start from its one prefill: same logits, same cache rows
         logits = constrain(jnp.repeat(logits, repeats, axis=0), BATCH_AXES, None)
         cache = cache.repeat_rows(repeats)
@@ -240,8 +245,10 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
     def keep_going(state: _LoopState) -> jax.Array:
         return (state.step < steps) & ~jnp.all(state.done)
 
+    decode_params = _hoisted_layer_params(params, len(cache.layers))
+
     def decode(state: _LoopState) -> _LoopState:
-        logits, cache = nnx.merge(graphdef, params).decode_step(state.token, state.cache)
+        logits, cache = nnx.merge(graphdef, decode_params()).decode_step(state.token, state.cache)
         return emit(state.replace(cache=cache), logits)
 
     state = _LoopState(
@@ -283,6 +290,30 @@ def repetition_penalty_logits(logits: jax.Array, seen: jax.Array, penalty: float
     penalty > 1 makes a repeat less likely whatever the logit's sign), float32."""
     logits = logits.astype(jnp.float32)
     return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def _hoisted_layer_params(params: nnx.State, num_layers: int) -> Callable[[], nnx.State]:
+    """`params` for the decode loop's body, its stacked decoder parameters (those under a "layers" key) sliced per
+    layer once, before the loop.
+
+    The decode step runs its layers unrolled, layer i reading row i of each stacked parameter. On CPU, XLA copies
+    such a slice before every matmul and leaves it inside the token loop, so every token copied every layer's
+    weights. Here the slices are taken once outside the loop and stacked again inside it, a stack that XLA's
+    simplifier folds away (a slice of it is the slice taken outside), so the loop's matmuls read the hoisted
+    slices in place. The cost is one extra copy of the decoder weights while generating: on CPU (host memory) only,
+    where the copies were measured; accelerators fuse the slice into the matmul and keep their memory.
+    """
+    if jax.default_backend() != "cpu":
+        return lambda: params
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+
+    def rows(path, leaf):
+        stacked = any(getattr(key, "key", None) == "layers" for key in path)
+        return [leaf[i] for i in range(num_layers)] if stacked and leaf.shape[:1] == (num_layers,) else leaf
+
+    hoisted = [rows(path, leaf) for path, leaf in leaves]
+    return lambda: jax.tree_util.tree_unflatten(treedef, [jnp.stack(leaf) if isinstance(leaf, list) else leaf
+                                                          for leaf in hoisted])
 
 
 def _sample_token(logits: jax.Array, key: jax.Array, options: _Options) -> tuple[jax.Array, jax.Array]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxpt.models.attention import (
@@ -320,15 +321,16 @@ class GemmaModel(nnx.Module):
         rope = self.rope_by_layer_type(positions)
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
 
-        # The stacked cache rides in the scan's carry; each layer writes only its new slots (kv_cache.cached_attention).
+        # The cache rides in the layer loop's carry; each layer writes only its new slots (kv_cache.cached_attention).
+        # A per-layer cache (a decode loop's, KVCache.split_layers) runs the layers unrolled, at static indices.
         def run_layer(layer, carry, index, layer_type):
             x, layer_caches = carry
             return layer.call_with_cache(x, *rope[layer_type], layer_caches, step._replace(layer=index),
                                          sliding_window=self.sliding_window(layer_type)), None
 
-        layer_indices = jnp.arange(len(self.config.layer_types), dtype=jnp.int32)
+        layer_indices = np.arange(len(self.config.layer_types), dtype=np.int32)
         (x, layer_caches), _ = scan_layers(self.layers, run_layer, (x, cache.layers), layer_indices,
-                                           options=self.config.layer_types)
+                                           options=self.config.layer_types, unroll=cache.per_layer)
         return self.norm(x), cache.replace(layers=layer_caches)
 
     def sliding_window(self, layer_type: str) -> int | None:

@@ -1,9 +1,10 @@
 """Generation with a preallocated key/value cache.
 
 `KVCache` holds every layer's keys and values (`LayerCache`, stacked along a leading layer axis and scanned
-with the stacked decoder layers); `begin_prefill` / `begin_decode` say where a call's tokens go and what they
-attend to (`CacheStep`); `cached_attention` writes a layer's new keys and values and attends: a prefill runs
-the training kernel `attention.attention` over the prompt, a decode step attends over the whole cache.
+with the stacked decoder layers, or, for a decode loop, one array per layer: `KVCache.split_layers`);
+`begin_prefill` / `begin_decode` say where a call's tokens go and what they attend to (`CacheStep`);
+`cached_attention` writes a layer's new keys and values and attends: a prefill runs the training kernel
+`attention.attention` over the prompt, a decode step attends over the whole cache.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class KVCache(flax.struct.PyTreeNode):
     `jit` (`dynamic_update_slice` clamps): size the cache `prompt_len + max_new_tokens`.
     """
 
-    layers: LayerCache  # keys [num_layers, batch, kv_heads, head_dim, max_length], values [..., max_length, head_dim]
+    # Stacked: keys [num_layers, batch, kv_heads, head_dim, max_length], values [..., max_length, head_dim]; or, after
+    # `split_layers`, a tuple of one LayerCache per layer (keys [batch, kv_heads, head_dim, max_length], ...).
+    layers: LayerCache | tuple[LayerCache, ...]
     mask: jax.Array  # [batch, max_length] bool
     length: jax.Array  # [] int32
 
@@ -59,15 +62,44 @@ class KVCache(flax.struct.PyTreeNode):
     def max_length(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def per_layer(self) -> bool:
+        """Whether `layers` holds one cache per layer (`split_layers`) rather than one stacked cache."""
+        return isinstance(self.layers, tuple)
+
+    def split_layers(self) -> KVCache:
+        """The same cache with one `LayerCache` per layer instead of the stacked one, for a decode loop.
+
+        A decoder layer reads a stacked cache (and stacked weights) through a slice at a traced layer index, which
+        XLA (on CPU) copies before each matmul: every generated token copied every layer's whole cache and weights.
+        With one array per layer, the decode step runs its layers unrolled (`layers.scan_layers(unroll=True)`):
+        each layer updates its own cache in place and attends over it as it is, and its weights, sliced at a fixed
+        index, are the same every token (XLA slices them once, outside the decode loop).
+        """
+        if self.per_layer:
+            return self
+        count = self.layers.key.shape[0]
+        layers = tuple(
+            LayerCache(key=constrain(self.layers.key[i], BATCH_AXES, "tensor", None, None),
+                       value=constrain(self.layers.value[i], BATCH_AXES, "tensor", None, None))
+            for i in range(count)
+        )
+        return self.replace(layers=layers)
+
     def repeat_rows(self, repeats: int) -> KVCache:
         """Each row repeated `repeats` times in a row (`[b0, b0, ..., b1, b1, ...]`, like `jnp.repeat`): a prompt
         prefilled once serves `repeats` completions, whose decode steps then write their own slots."""
         if repeats == 1:
             return self
-        layers = LayerCache(
-            key=constrain(jnp.repeat(self.layers.key, repeats, axis=1), None, BATCH_AXES, "tensor", None, None),
-            value=constrain(jnp.repeat(self.layers.value, repeats, axis=1), None, BATCH_AXES, "tensor", None, None),
-        )
+
+        def repeat(cache: jax.Array, batch_axis: int) -> jax.Array:
+            spec = (None,) * batch_axis + (BATCH_AXES, "tensor", None, None)
+            return constrain(jnp.repeat(cache, repeats, axis=batch_axis), *spec)
+
+        if self.per_layer:
+            layers = tuple(LayerCache(key=repeat(layer.key, 0), value=repeat(layer.value, 0)) for layer in self.layers)
+        else:
+            layers = LayerCache(key=repeat(self.layers.key, 1), value=repeat(self.layers.value, 1))
         mask = constrain(jnp.repeat(self.mask, repeats, axis=0), BATCH_AXES, None)
         return self.replace(layers=layers, mask=mask)
 
@@ -79,7 +111,8 @@ class CacheStep(NamedTuple):
     `start`: slot of the call's first token. `kv_mask` `[batch, max_length]`: slots holding real tokens, this
     call's included. `segment_ids` `[batch, seq]`: set for a prefill, whose queries attend only to each other
     through the training kernel `attention`; None for decoding, whose queries attend over the cache.
-    `layer`: which layer of the stacked cache a layer reads and writes (the scan over layers sets it per layer).
+    `layer`: which layer of the cache a layer reads and writes (the loop over layers sets it per layer; a Python or
+    numpy int for a per-layer cache, `KVCache.split_layers`).
     """
 
     start: jax.Array | int
@@ -123,17 +156,18 @@ def cached_attention(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
-    cache: LayerCache,
+    cache: LayerCache | tuple[LayerCache, ...],
     step: CacheStep,
     *,
     scale: float,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
-) -> tuple[jax.Array, LayerCache]:
+) -> tuple[jax.Array, LayerCache | tuple[LayerCache, ...]]:
     """Attention for generation: write this call's keys/values into layer `step.layer` of the cache, then attend.
 
     query `[batch, seq, q_heads, head_dim]`, key/value `[batch, seq, kv_heads, head_dim]` (rope applied),
-    stored at slots `[step.start, step.start + seq)` of the stacked `cache` (every layer's, `[num_layers, ...]`).
+    stored at slots `[step.start, step.start + seq)` of the stacked `cache` (every layer's, `[num_layers, ...]`), or
+    of `cache[step.layer]` when it holds one cache per layer (`KVCache.split_layers`).
     A prefill (`step.segment_ids` set) runs the training kernel `attention` over the prompt alone; a decode step
     (one or a few tokens) attends over the layer's whole cache: a key is visible when its slot holds a real token
     (`step.kv_mask`), is not after the query's slot, and, with `sliding_window`, is fewer than `sliding_window`
@@ -141,8 +175,12 @@ def cached_attention(
 
     The stacked cache travels in the layer scan's carry and only the new slots are written, at
     `[step.layer, ..., step.start]`, which XLA does in place. Scanning the cache as per-layer inputs and outputs
-    instead copied every layer's whole cache at every decode step (greedy generation ~30% slower on CPU).
+    instead copied every layer's whole cache at every decode step (greedy generation ~30% slower on CPU). A per-layer
+    cache is written in place the same way and attended over without the copy of the layer's slice that a stacked
+    cache still needs.
     """
+    if isinstance(cache, tuple):
+        return _cached_attention_per_layer(query, key, value, cache, step, scale, sliding_window, logit_softcap)
     new_key = key.transpose(0, 2, 3, 1).astype(cache.key.dtype)[None]  # [1, b, kvh, d, s]
     new_value = value.transpose(0, 2, 1, 3).astype(cache.value.dtype)[None]  # [1, b, kvh, s, d]
     cache = LayerCache(
@@ -158,6 +196,25 @@ def cached_attention(
     layer_cache = LayerCache(key=jax.lax.dynamic_index_in_dim(cache.key, step.layer, keepdims=False),
                              value=jax.lax.dynamic_index_in_dim(cache.value, step.layer, keepdims=False))
     return _attention_over_cache(query, layer_cache, step, scale, sliding_window, logit_softcap), cache
+
+
+def _cached_attention_per_layer(query, key, value, caches, step, scale, sliding_window, logit_softcap):
+    layer = int(step.layer)  # static: each layer's cache is its own array
+    cache = caches[layer]
+    new_key = key.transpose(0, 2, 3, 1).astype(cache.key.dtype)  # [b, kvh, d, s]
+    new_value = value.transpose(0, 2, 1, 3).astype(cache.value.dtype)  # [b, kvh, s, d]
+    cache = LayerCache(
+        key=constrain(jax.lax.dynamic_update_slice(cache.key, new_key, (0, 0, 0, step.start)),
+                      BATCH_AXES, "tensor", None, None),
+        value=constrain(jax.lax.dynamic_update_slice(cache.value, new_value, (0, 0, step.start, 0)),
+                        BATCH_AXES, "tensor", None, None),
+    )
+    caches = (*caches[:layer], cache, *caches[layer + 1:])
+    if step.segment_ids is not None:
+        out = attention(query, key, value, segment_ids=step.segment_ids, scale=scale, sliding_window=sliding_window,
+                        logit_softcap=logit_softcap)
+        return out, caches
+    return _attention_over_cache(query, cache, step, scale, sliding_window, logit_softcap), caches
 
 
 def _attention_over_cache(query, cache, step, scale, sliding_window, logit_softcap):

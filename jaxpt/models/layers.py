@@ -264,6 +264,7 @@ def scan_layers(
     options: Sequence[Hashable],
     remat: bool = False,
     partition_rules: Sequence[tuple[str, tuple[str | None, ...]]] = (),
+    unroll: bool = False,
 ) -> tuple[Any, Any]:
     """Run the stacked decoder `layers` (`stack_layers`) in order with `jax.lax.scan`, one traced layer for any
     depth: `x, out[i] = call(layer_i, x, per_layer[i], options[i])`. Returns the last `x` and `out` stacked.
@@ -280,6 +281,11 @@ def scan_layers(
     `partition_rules` (the family's, for one layer): on a mesh, each layer's weights are gathered inside the
     scanned body (`gather_layer_params`), so the backward pass of a checkpointed layer gathers them again
     instead of keeping a gathered copy of every layer alive.
+    `unroll`: a Python loop over the layers instead of the scan (the decode step of generation, which runs inside a
+    loop over tokens): layer i reads its weights at the fixed index i, the same slice every token, which XLA takes
+    once outside the token loop, where a scan's traced index copies every layer's weights at every token.
+    `per_layer`'s leaves are then indexed with Python ints (numpy arrays stay numpy: static layer numbers). Compile
+    time grows with depth, one traced layer per layer.
     """
     graphdef, params = nnx.split(layers)
     compute_dtype = next((module.dtype for _, module in nnx.iter_graph(layers) if isinstance(module, Linear)), None)
@@ -288,12 +294,13 @@ def scan_layers(
     dropout_key = adapter_dropout_key()  # training with LoRA dropout: each layer draws its own masks
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, len(options))
 
-    def body(x, scanned):
+    def body(x, scanned, option):
         layer_params, index, layer_inputs, layer_key = scanned
         layer_params, fsdp_dims = gather_layer_params(layer_params, partition_rules, compute_dtype)
         with adapter_dropout(layer_key):
-            if len(distinct) == 1:
-                return branch(distinct[0], fsdp_dims)(x, layer_params, layer_inputs)
+            if option is not _TRACED_OPTION or len(distinct) == 1:
+                option = distinct[0] if option is _TRACED_OPTION else option
+                return branch(option, fsdp_dims)(x, layer_params, layer_inputs)
             return jax.lax.switch(index, [branch(option, fsdp_dims) for option in distinct], x, layer_params,
                                   layer_inputs)
 
@@ -307,17 +314,29 @@ def scan_layers(
 
         return run
 
+    if unroll:  # generation's decode step (no gradient, so no checkpoint policy): layer i at the static index i
+        outs = []
+        for i, option in enumerate(options):
+            layer_slices = jax.tree.map(lambda leaf, i=i: leaf[i], (params, option_index, per_layer, layer_keys))
+            x, out = body(x, layer_slices, option)
+            outs.append(out)
+        return x, jax.tree.map(lambda *rows: jnp.stack(rows), *outs)
     # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward pass anyway.
     if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+        body = jax.checkpoint(body, prevent_cse=False, static_argnums=(2,))  # the option: a static value
     else:
         # Without checkpointing the backward pass keeps only the weight matmuls' outputs and recomputes the rest
         # (norms, activations, the attention kernel) from them: the scan stacks every saved value along the layer
         # axis in a zero-filled buffer, and on CPU writing and copying those buffers for the MLP's elementwise
         # intermediates `[batch, seq, intermediate]` cost more than recomputing them (CPU seconds per step: GRPO
         # update -17%, forward_backward.py -11%, dpo_step.py -12%). Same values and gradients.
-        body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    return jax.lax.scan(body, x, (params, option_index, per_layer, layer_keys))
+        body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                              static_argnums=(2,))
+    scanned = (params, option_index, per_layer, layer_keys)
+    return jax.lax.scan(lambda x, layer: body(x, layer, _TRACED_OPTION), x, scanned)
+
+
+_TRACED_OPTION = object()  # scan_layers' body: the layer's option is chosen by its traced index
 
 
 def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> tuple[Any, dict]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxpt.models.attention import (
@@ -260,15 +261,16 @@ class Qwen2Model(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.config.rope)  # [batch, seq, head_dim]
         x = constrain(self.embed_tokens(input_ids), BATCH_AXES, None, None)
 
-        # The stacked cache rides in the scan's carry; each layer writes only its new slots (kv_cache.cached_attention).
+        # The cache rides in the layer loop's carry; each layer writes only its new slots (kv_cache.cached_attention).
+        # A per-layer cache (a decode loop's, KVCache.split_layers) runs the layers unrolled, at static indices.
         def run_layer(layer, carry, index, sliding_window):
             x, layer_caches = carry
             return layer.call_with_cache(x, cos, sin, layer_caches, step._replace(layer=index),
                                          sliding_window=sliding_window), None
 
-        layer_indices = jnp.arange(len(self.sliding_windows()), dtype=jnp.int32)
+        layer_indices = np.arange(len(self.sliding_windows()), dtype=np.int32)
         (x, layer_caches), _ = scan_layers(self.layers, run_layer, (x, cache.layers), layer_indices,
-                                           options=self.sliding_windows())
+                                           options=self.sliding_windows(), unroll=cache.per_layer)
         return self.norm(x), cache.replace(layers=layer_caches)
 
     def sliding_windows(self) -> tuple[int | None, ...]:

@@ -65,11 +65,20 @@ def test_decode_steps_match_full_forward(checkpoint):
     logits, cache = model.prefill(jnp.asarray(prompt), cache, attention_mask=jnp.asarray(prompt_mask))
     actual = [logits]
     decode_step = nnx.jit(lambda model, token, cache: model.decode_step(token, cache))
+    # The decode loop's form (sampling.generate): one cache per layer, the layers unrolled; the same numbers up to
+    # float32 rounding (XLA fuses the unrolled layers differently: bit-equal for Llama, ~1e-6 apart with soft-capping).
+    per_layer_cache = cache.split_layers()
     for t in range(NEW_TOKENS - 1):
         logits, cache = decode_step(model, jnp.asarray(continuation[:, t]), cache)
+        per_layer_logits, per_layer_cache = decode_step(model, jnp.asarray(continuation[:, t]), per_layer_cache)
+        np.testing.assert_allclose(per_layer_logits, logits, atol=1e-5, rtol=0)
         actual.append(logits)
     assert int(cache.length) == prompt_len + NEW_TOKENS - 1
     np.testing.assert_allclose(np.stack(actual, axis=1), expected[:, prompt_len - 1 : -1], atol=2e-5, rtol=0)
+    assert per_layer_cache.per_layer and len(per_layer_cache.layers) == model.config.num_hidden_layers
+    for layer, per_layer in enumerate(per_layer_cache.layers):
+        np.testing.assert_allclose(per_layer.key, cache.layers.key[layer], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(per_layer.value, cache.layers.value[layer], atol=1e-5, rtol=0)
 
 
 def test_greedy_generate_matches_transformers(checkpoint):
