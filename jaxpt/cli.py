@@ -14,6 +14,8 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt tpo    ... [TPOConfig fields]        TPO: chosen, rejected and a gold reference completion per prompt
     jaxpt bema   ... [BEMAConfig fields]       DPO whose reference follows the policy's BEMA (bias-corrected EMA)
     jaxpt bco    ... [BCOConfig fields]        BCO: unpaired thumbs-up/down feedback as a binary classifier
+    jaxpt iw_opd ... --teacher_model_name_or_path DIR [IWOPDConfig fields]   importance-weighted on-policy distillation
+    jaxpt async_grpo ... --reward_funcs ... [AsyncGRPOConfig fields]  GRPO whose next rollout overlaps the update
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -303,22 +305,37 @@ def bco_command(argv: list[str]) -> int:
     return _offline_command(bco, bco.BCOConfig, argv)  # reference: a frozen copy of the loaded model
 
 
-def distillation_command(argv: list[str]) -> int:
+def distillation_command(argv: list[str], method_module=None, config_class=None) -> int:
     """`jaxpt distillation`: the student from --model_name_or_path learns from --teacher_model_name_or_path (loaded
-    with the same dtype flags, on the same mesh; it needs the student's tokenizer)."""
+    with the same dtype flags, on the same mesh; it needs the student's tokenizer). `method_module` /
+    `config_class`: a distillation method with the same `train` signature (`jaxpt iw_opd`)."""
     from jaxpt import distillation
 
-    script_args, model_args, config = parse(distillation.DistillationConfig, argv)
+    if method_module is None:
+        method_module, config_class = distillation, distillation.DistillationConfig
+    script_args, model_args, config = parse(config_class, argv)
     join_run(config)
     if not config.teacher_model_name_or_path:
         raise ValueError("jaxpt distillation needs a teacher: --teacher_model_name_or_path DIR_OR_HUB_ID.")
     check_inputs(script_args, model_args, config, ("--teacher_model_name_or_path", config.teacher_model_name_or_path))
     model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
     teacher = load_model(config.teacher_model_name_or_path, model_args, config)
-    result = distillation.train(model, tokenizer, train_set, config, teacher_model=teacher, eval_dataset=eval_set)
+    result = method_module.train(model, tokenizer, train_set, config, teacher_model=teacher, eval_dataset=eval_set)
     print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
           f"{result.model_dir}")
     return 0
+
+
+def iw_opd_command(argv: list[str]) -> int:
+    from jaxpt.experimental import iw_opd
+
+    return distillation_command(argv, iw_opd, iw_opd.IWOPDConfig)  # `jaxpt distillation`'s arguments and loading
+
+
+def async_grpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import async_grpo
+
+    return _online_command(async_grpo, async_grpo.AsyncGRPOConfig, argv)
 
 
 def demo(argv: list[str]) -> int:
@@ -375,7 +392,8 @@ COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "k
             "smoke": smoke, "demo": demo,
             # experimental methods (jaxpt.experimental)
             "orpo": orpo_command, "cpo": cpo_command, "tpo": tpo_command, "bema": bema_command,
-            "bco": bco_command}
+            "bco": bco_command,
+            "iw_opd": iw_opd_command, "async_grpo": async_grpo_command}
 
 
 def main(argv: list[str] | None = None) -> int:
