@@ -11,8 +11,8 @@ Contract:
 - Dependency rules: an experimental module may use the stable helpers (`jaxpt.data`, `jaxpt.loop`,
   `jaxpt.sharding`, `jaxpt.train_state`, `jaxpt.losses.logprobs`, ...), never another experimental module; it
   imports a stable method module only when it extends that method (`bema` is DPO with another reference and uses
-  `jaxpt.dpo`'s data and step). Stable code never imports `jaxpt.experimental` (`jaxpt.cli` reaches the commands
-  lazily, as it does every method).
+  `jaxpt.dpo`'s data and step; `iw_opd` extends `jaxpt.distillation`, `async_grpo` `jaxpt.grpo`). Stable code
+  never imports `jaxpt.experimental` (`jaxpt.cli` reaches the commands lazily, as it does every method).
 - Importing this package imports no method: `from jaxpt.experimental import orpo`.
 
 Methods:
@@ -22,4 +22,8 @@ Methods:
 - `tpo`: TPO (arXiv:2405.16681) on (prompt, chosen, rejected, gold reference) triples, TRL's `trl.experimental.tpo`.
 - `bema`: DPO with a BEMA reference (arXiv:2508.00180), TRL's `trl.experimental.bema_for_ref_model`.
 - `bco`: BCO (arXiv:2404.04656) on unpaired feedback (TRL 1.16 no longer has it: tested against the paper).
+- `iw_opd`: Importance-Weighted On-Policy Distillation (arXiv:2606.22600), TRL's `trl.experimental.iw_opd`;
+  extends `jaxpt.distillation`.
+- `async_grpo`: GRPO with the next rollout overlapping the update (bounded staleness, importance correction),
+  TRL's `trl.experimental.async_grpo`; extends `jaxpt.grpo`.
 """

@@ -11,7 +11,8 @@ from tests.test_dependency_rules import METHODS, imported_modules
 
 PACKAGE = Path(__file__).resolve().parents[2] / "jaxpt"
 EXPERIMENTAL = sorted(p for p in (PACKAGE / "experimental").glob("*.py") if p.name != "__init__.py")
-EXTENDS = {"bema": {"jaxpt.dpo"}}  # BEMA is DPO with a moving reference
+EXTENDS = {"bema": {"jaxpt.dpo"},  # BEMA is DPO with a moving reference
+           "iw_opd": {"jaxpt.distillation"}, "async_grpo": {"jaxpt.grpo"}}
 
 
 def test_stable_code_never_imports_experimental():
