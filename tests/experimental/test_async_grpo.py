@@ -133,6 +133,5 @@ def test_stale_pipeline_respects_the_bound_and_raises_the_reward(tmp_path):
     assert [r["sample/staleness_max"] for r in records] == [min(k, 2) for k in steps]
     assert {"loss", "reward", "clip_ratio/region_mean", "sample/staleness_mean", "perf/rollout_wait_s"} <= set(
         records[0])
-    assert any(r["clip_ratio/region_mean"] > 0 or r["loss"] != 0 for r in records[2:])
     rewards = [r["reward"] for r in records]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
