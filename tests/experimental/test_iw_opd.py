@@ -1,6 +1,6 @@
 """IW-OPD: the loss against TRL 1.16's own `IWOPDTrainer._compute_iw_opd_loss` (loss, gradient, metrics), the step
 against the loss on both models' full logits (and accumulated equal to one batch), a student that gets closer to
-its teacher, and the command."""
+its teacher, and the JSD objective."""
 
 import json
 from collections import defaultdict
@@ -16,11 +16,11 @@ import torch
 from flax import nnx
 from trl.experimental.iw_opd import IWOPDTrainer  # a test dependency: parity must fail, never skip, without it
 
-from jaxpt import cli, distillation
+from jaxpt import distillation
 from jaxpt.experimental import iw_opd
 from jaxpt.losses.logprobs import token_logps
 from jaxpt.train_state import TrainState
-from tests.experimental.helpers import TOKENIZER, VOCAB, save_tiny_model
+from tests.experimental.helpers import TOKENIZER, VOCAB
 from tests.helpers import tiny_llama
 
 PAIRS = [("ab", "cd"), ("e", "fgh"), ("ij", "k"), ("lmn", "op")] * 4
@@ -173,23 +173,23 @@ def test_student_gets_closer_to_the_teacher(tmp_path, teacher):
     assert records[0]["iw_opd/max_weight"] == pytest.approx(1.5)  # every completion's first token: 1 + gamma
 
 
-def test_command_and_bad_inputs(tmp_path, teacher):
+def test_jsd_objective_and_bad_inputs(tmp_path, teacher):
+    """`distillation_objective="jsd"` is `jaxpt.distillation`'s loss itself (metrics and all); bad values fail early.
+    (`jaxpt iw_opd` is `jaxpt distillation`'s command with this module: its help is checked with every experimental
+    command's in test_dependency_rules.)"""
     with pytest.raises(ValueError, match="distillation_objective='kl'"):
-        config(tmp_path, distillation_objective="kl").validate()
+        config(tmp_path, distillation_objective="kl")
     with pytest.raises(ValueError, match="iw_opd_gamma=-1"):
-        config(tmp_path, iw_opd_gamma=-1).validate()
+        config(tmp_path, iw_opd_gamma=-1)
     with pytest.raises(ValueError, match="iw_opd_epsilon=0"):
-        config(tmp_path, iw_opd_epsilon=0).validate()
-    save_tiny_model(tmp_path / "student")
-    teacher_dir = tmp_path / "teacher"
-    import jaxpt.models
-    jaxpt.models.save_pretrained(teacher, teacher_dir)
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p, _ in PAIRS[:8]))
-    assert cli.main(["iw_opd", "--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path",
-                     str(teacher_dir), "--dataset_name", str(tmp_path / "prompts.jsonl"), "--output_dir",
-                     str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "8",
-                     "--max_completion_length", "4", "--mesh_fsdp", "1", "--disable_tqdm", "true",
-                     "--save_steps", "0", "--distillation_objective", "jsd", "--beta", "0.5"]) == 0
-    record = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
-    assert record["loss"] > 0 and "entropy" in record and "iw_opd/mean_weight" not in record
-    assert (tmp_path / "out" / "final" / "config.json").exists()
+        config(tmp_path, iw_opd_epsilon=0)
+    cfg = config(tmp_path, distillation_objective="jsd", beta=0.5, logits_chunk_size=8)
+    graphdef, params = nnx.split(tiny_llama(VOCAB, seed=0), nnx.Param)
+    teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+    batch = {k: v[0] for k, v in fixed_batch().items()}
+    loss, (pairs, extremes) = iw_opd.loss_fn(params, graphdef, teacher_params, teacher_graphdef, batch, cfg, 30.0)
+    expected_loss, expected_pairs = distillation.loss_fn(params, graphdef, teacher_params, teacher_graphdef, batch,
+                                                         cfg, 30.0)
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-6) and float(loss) > 0
+    assert set(pairs) == {"entropy"} and extremes == {}
+    np.testing.assert_allclose(np.asarray(pairs["entropy"]), np.asarray(expected_pairs["entropy"]), rtol=1e-6)
