@@ -1,5 +1,5 @@
 """IW-OPD: the loss against TRL 1.16's own `IWOPDTrainer._compute_iw_opd_loss` (loss, gradient, metrics), the step
-against the loss on both models' full logits (and accumulated equal to one batch), a student that gets closer to
+(accumulated) against the loss on both models' full logits, a student that gets closer to
 its teacher, and the JSD objective."""
 
 import json
@@ -117,15 +117,15 @@ def fixed_batch(count=8, accumulation=1):
     return {k: v.reshape(accumulation, count // accumulation, *v.shape[1:]) for k, v in arrays.items()}
 
 
-def test_step_equals_the_logits_loss_and_accumulates(tmp_path, teacher):
+def test_step_equals_the_logits_loss(tmp_path, teacher):
+    """The jitted step over two micro-batches (chunked log-probs, the step's token count, extremes over the
+    micro-batches) equals the loss on both models' full logits of the whole batch."""
     cfg = config(tmp_path, logits_chunk_size=8, temperature=0.8, iw_opd_gamma=1.0)
     graphdef, teacher_params = nnx.split(teacher, nnx.Param)
     step = iw_opd.make_train_step(cfg, teacher_graphdef=graphdef)
-    results = []
-    for accumulation in (1, 4):
-        state = TrainState.create(tiny_llama(VOCAB, seed=0), optax.sgd(1.0))
-        state, metrics = step(state, fixed_batch(accumulation=accumulation), teacher_params)
-        results.append((jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}))
+    state = TrainState.create(tiny_llama(VOCAB, seed=0), optax.sgd(1.0))
+    _, metrics = step(state, fixed_batch(accumulation=2), teacher_params)
+    metrics = {k: float(v) for k, v in metrics.items()}
 
     flat = {k: v[0] for k, v in fixed_batch().items()}
     ids = np.concatenate([flat["prompt_ids"], flat["completion_ids"]], 1)
@@ -134,15 +134,10 @@ def test_step_equals_the_logits_loss_and_accumulates(tmp_path, teacher):
     logps = [token_logps(model(ids, attention_mask=attention)[:, window], flat["completion_ids"], temperature=0.8)
              for model in (tiny_llama(VOCAB, seed=0), teacher)]
     expected, expected_metrics = iw_opd.iw_opd_loss(*logps, flat["completion_mask"], gamma=1.0)
-    (params, metrics), (accumulated_params, accumulated_metrics) = results
     np.testing.assert_allclose(metrics["loss"], float(expected), rtol=1e-5)
     for name, value in expected_metrics.items():
         np.testing.assert_allclose(metrics[name], float(value), rtol=1e-5, err_msg=name)
-        np.testing.assert_allclose(accumulated_metrics[name], float(value), rtol=1e-5, err_msg=name)
-    np.testing.assert_allclose(accumulated_metrics["loss"], metrics["loss"], rtol=1e-5)
-    assert metrics["grad_norm"] > 0
-    for a, b in zip(jax.tree.leaves(accumulated_params), jax.tree.leaves(params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    assert metrics["grad_norm"] > 0 and metrics["iw_opd/max_weight"] == pytest.approx(2.0)
 
 
 def test_student_gets_closer_to_the_teacher(tmp_path, teacher):
