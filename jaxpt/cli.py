@@ -26,6 +26,8 @@ Experimental methods (jaxpt.experimental: no stability promise), same arguments 
     jaxpt gold   ... --teacher_model_name_or_path DIR [GOLDConfig fields: use_uld_loss, ...]   GOLD (cross-tokenizer)
     jaxpt gmpo   ... [GMPOConfig fields]       GMPO: GRPO with the geometric mean of the token ratios (--reward_funcs)
     jaxpt a2po   ... [A2POConfig fields]       A*-PO: V* from reference samples, then optimal-advantage regression
+    jaxpt iw_opd ... --teacher_model_name_or_path DIR [IWOPDConfig fields]   importance-weighted on-policy distillation
+    jaxpt async_grpo ... --reward_funcs ... [AsyncGRPOConfig fields]  GRPO whose next rollout overlaps the update
 
 Arguments are the fields of the method's config dataclass with TRL's names (`jaxpt sft --help` lists them),
 parsed by `transformers.HfArgumentParser`; `--config file.yaml` supplies defaults that command-line flags
@@ -426,6 +428,8 @@ def sdft_command(argv: list[str]) -> int:
     from jaxpt.experimental import sdft
 
     return _offline_command(sdft, sdft.SDFTConfig, argv)  # teacher: the loaded model reading privileged_context
+
+
 def gmpo_command(argv: list[str]) -> int:
     from jaxpt.experimental import gmpo
 
@@ -438,19 +442,22 @@ def a2po_command(argv: list[str]) -> int:
     return _online_command(a2po, a2po.A2POConfig, argv)  # reference: the loaded model's initial parameters
 
 
-def distillation_command(argv: list[str]) -> int:
+def distillation_command(argv: list[str], method_module=None, config_class=None) -> int:
     """`jaxpt distillation`: the student from --model_name_or_path learns from --teacher_model_name_or_path (loaded
-    with the same dtype flags, on the same mesh; it needs the student's tokenizer)."""
+    with the same dtype flags, on the same mesh; it needs the student's tokenizer). `method_module` /
+    `config_class`: a distillation method with the same `train` signature (`jaxpt iw_opd`)."""
     from jaxpt import distillation
 
-    script_args, model_args, config = parse(distillation.DistillationConfig, argv)
+    if method_module is None:
+        method_module, config_class = distillation, distillation.DistillationConfig
+    script_args, model_args, config = parse(config_class, argv)
     join_run(config)
     if not config.teacher_model_name_or_path:
         raise ValueError("jaxpt distillation needs a teacher: --teacher_model_name_or_path DIR_OR_HUB_ID.")
     check_inputs(script_args, model_args, config, ("--teacher_model_name_or_path", config.teacher_model_name_or_path))
     model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
     teacher = load_model(config.teacher_model_name_or_path, model_args, config)
-    result = distillation.train(model, tokenizer, train_set, config, teacher_model=teacher, eval_dataset=eval_set)
+    result = method_module.train(model, tokenizer, train_set, config, teacher_model=teacher, eval_dataset=eval_set)
     print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
           f"{result.model_dir}")
     return 0
@@ -494,6 +501,16 @@ def gold_command(argv: list[str]) -> int:
     print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
           f"{result.model_dir}")
     return 0
+def iw_opd_command(argv: list[str]) -> int:
+    from jaxpt.experimental import iw_opd
+
+    return distillation_command(argv, iw_opd, iw_opd.IWOPDConfig)  # `jaxpt distillation`'s arguments and loading
+
+
+def async_grpo_command(argv: list[str]) -> int:
+    from jaxpt.experimental import async_grpo
+
+    return _online_command(async_grpo, async_grpo.AsyncGRPOConfig, argv)
 
 
 def demo(argv: list[str]) -> int:
@@ -553,7 +570,8 @@ COMMANDS = {"sft": sft_command, "dpo": dpo_command, "reward": reward_command, "k
             "bco": bco_command, "prm": prm_command, "ppo": ppo_command,
             "online_dpo": online_dpo_command, "xpo": xpo_command, "nash_md": nash_md_command,
             "sdpo": sdpo_command, "sdft": sdft_command, "gkd": gkd_command, "gold": gold_command,
-            "gmpo": gmpo_command, "a2po": a2po_command}
+            "gmpo": gmpo_command, "a2po": a2po_command,
+            "iw_opd": iw_opd_command, "async_grpo": async_grpo_command}
 
 
 def main(argv: list[str] | None = None) -> int:

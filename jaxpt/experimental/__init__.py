@@ -11,9 +11,9 @@ Contract:
 - Dependency rules: an experimental module may use the stable helpers (`jaxpt.data`, `jaxpt.loop`,
   `jaxpt.sharding`, `jaxpt.train_state`, `jaxpt.losses.logprobs`, ...), never another experimental module; it
   imports a stable method module only when it extends that method (`bema` is DPO with another reference and uses
-  `jaxpt.dpo`'s data and step; `gmpo` is GRPO with another loss and uses `jaxpt.grpo`'s config and rollout).
-  Stable code never imports `jaxpt.experimental` (`jaxpt.cli` reaches the commands lazily, as it does every
-  method).
+  `jaxpt.dpo`'s data and step; `gmpo` is GRPO with another loss and uses `jaxpt.grpo`'s config and rollout;
+  `gkd`, `gold` and `iw_opd` extend `jaxpt.distillation`, `async_grpo` `jaxpt.grpo`). Stable code never
+  imports `jaxpt.experimental` (`jaxpt.cli` reaches the commands lazily, as it does every method).
 - Importing this package imports no method: `from jaxpt.experimental import orpo`.
 
 Methods:
@@ -41,4 +41,8 @@ Methods:
   and step) with GKD's deltas.
 - `gold`: GOLD, TRL's `trl.experimental.gold`: extends `jaxpt.distillation` to a teacher with another tokenizer
   (ULD, arXiv:2402.12030, on byte-aligned token groups).
+- `iw_opd`: Importance-Weighted On-Policy Distillation (arXiv:2606.22600), TRL's `trl.experimental.iw_opd`;
+  extends `jaxpt.distillation`.
+- `async_grpo`: GRPO with the next rollout overlapping the update (bounded staleness, importance correction),
+  TRL's `trl.experimental.async_grpo`; extends `jaxpt.grpo`.
 """

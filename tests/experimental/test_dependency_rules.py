@@ -14,7 +14,8 @@ EXPERIMENTAL = sorted(p for p in (PACKAGE / "experimental").glob("*.py") if p.na
 # Methods that are a stable method plus a small delta may import it (never another experimental module)
 EXTENDS = {"bema": {"jaxpt.dpo"},  # BEMA is DPO with a moving reference
            "gmpo": {"jaxpt.grpo"},  # GMPO is GRPO with another loss
-           "gkd": {"jaxpt.distillation"}, "gold": {"jaxpt.distillation"}}  # distillation with deltas
+           "gkd": {"jaxpt.distillation"}, "gold": {"jaxpt.distillation"},  # distillation with deltas
+           "iw_opd": {"jaxpt.distillation"}, "async_grpo": {"jaxpt.grpo"}}
 
 
 def test_stable_code_never_imports_experimental():
