@@ -521,11 +521,14 @@ def demo(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sft_steps", type=int, default=700)
     parser.add_argument("--grpo_steps", type=int, default=400)
+    parser.add_argument("--use_peft", action="store_true",
+                        help="GRPO trains LoRA adapters on the frozen SFT model (written as a PEFT adapter)")
     args = parser.parse_args(argv)
 
     from jaxpt import demo as demo_module
 
-    demo_module.run(args.output_dir, seed=args.seed, sft_steps=args.sft_steps, grpo_steps=args.grpo_steps)
+    demo_module.run(args.output_dir, seed=args.seed, sft_steps=args.sft_steps, grpo_steps=args.grpo_steps,
+                    use_peft=args.use_peft)
     return 0
 
 

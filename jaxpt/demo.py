@@ -157,10 +157,18 @@ def write_summary_and_plot(output, summary: dict, grpo_metrics: list[dict], *, p
         plot_rewards(grpo_metrics, plot_path)
 
 
+# GRPO with LoRA adapters (`use_peft=True`): peft's rank/alpha on every linear layer, and a learning rate 10x the
+# full fine-tune's, as is usual for adapters (the adapters start at zero: B = 0).
+DEMO_LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_target_modules": ["all-linear"]}
+DEMO_LORA_LEARNING_RATE = 2e-3
+
+
 def run(output_dir: str = "jaxpt_demo", *, seed: int = 0, sft_steps: int = 700, grpo_steps: int = 400,
-        disable_tqdm: bool = False) -> dict:
+        disable_tqdm: bool = False, use_peft: bool = False) -> dict:
     """The end-to-end demo; returns (and writes to `output_dir/demo_summary.json`) the summary. Without matplotlib
-    (the `demo` extra) it warns up front, runs, writes the summary and skips the reward plot."""
+    (the `demo` extra) it warns up front, runs, writes the summary and skips the reward plot. `use_peft=True` runs
+    the GRPO stage on LoRA adapters (`DEMO_LORA`) over the frozen SFT model, sampling with the adapters applied; the
+    summary then names the PEFT adapter (`adapter_dir`) and the merged checkpoint (`model_dir`)."""
     import json
     import time
     import warnings
@@ -168,7 +176,7 @@ def run(output_dir: str = "jaxpt_demo", *, seed: int = 0, sft_steps: int = 700, 
 
     import datasets
 
-    from jaxpt import grpo, sft
+    from jaxpt import grpo, lora, sft
     from jaxpt.rewards import accuracy_reward
 
     started = time.perf_counter()
@@ -193,12 +201,17 @@ def run(output_dir: str = "jaxpt_demo", *, seed: int = 0, sft_steps: int = 700, 
     before = heldout_accuracy(sft_result.state, tokenizer, heldout)
     print(f"      held-out accuracy after SFT (greedy, {len(heldout)} unseen problems): {before:.0%}")
 
-    print("[2/3] GRPO with an exact-answer reward (8 completions per prompt, 16 prompts per step)")
+    policy = sft_result.state.model()
+    if use_peft:
+        lora.apply_lora(policy, lora.LoraConfig(use_peft=True, **DEMO_LORA), seed=seed)
+    print("[2/3] GRPO with an exact-answer reward (8 completions per prompt, 16 prompts per step)"
+          + (f", training LoRA adapters only (r={DEMO_LORA['lora_r']}, all linear layers)" if use_peft else ""))
     grpo_config = grpo.GRPOConfig(output_dir=str(output / "grpo"), num_generations=8, per_device_train_batch_size=128,
-                                  max_completion_length=4, learning_rate=2e-4, lr_scheduler_type="constant",
-                                  max_steps=grpo_steps, logging_steps=10, beta=0.0, **quiet)
+                                  max_completion_length=4, learning_rate=DEMO_LORA_LEARNING_RATE if use_peft else 2e-4,
+                                  lr_scheduler_type="constant", max_steps=grpo_steps, logging_steps=10, beta=0.0,
+                                  merge_adapter_on_save=use_peft, **quiet)
     prompts = [{"prompt": f"{a}+{b}=", "solution": str(a + b)} for a, b in train_problems]
-    grpo_result = grpo.train(sft_result.state.model(), tokenizer, datasets.Dataset.from_list(prompts), grpo_config,
+    grpo_result = grpo.train(policy, tokenizer, datasets.Dataset.from_list(prompts), grpo_config,
                              reward_funcs=[accuracy_reward])
     after = heldout_accuracy(grpo_result.state, tokenizer, heldout)
     print(f"      held-out accuracy after GRPO: {after:.0%}  ({before:.0%} -> {after:.0%})")
@@ -209,11 +222,15 @@ def run(output_dir: str = "jaxpt_demo", *, seed: int = 0, sft_steps: int = 700, 
     summary = {
         "accuracy_before_grpo": before,
         "accuracy_after_grpo": after,
-        "model_dir": str(Path(grpo_result.model_dir).absolute()),
+        # with LoRA, `final/` is the PEFT adapter and `final_merged/` the full checkpoint with it merged in
+        "model_dir": str((Path(grpo_result.model_dir).parent / "final_merged" if use_peft
+                          else Path(grpo_result.model_dir)).absolute()),
+        "adapter_dir": str(Path(grpo_result.model_dir).absolute()) if use_peft else None,
         "reward_plot": str(plot_path.absolute()) if plot_path is not None else None,
         "sft_metrics": str((output / "sft" / "metrics.jsonl").absolute()),
         "grpo_metrics": str((output / "grpo" / "metrics.jsonl").absolute()),
         "heldout_problems": len(heldout),
+        "use_peft": use_peft,
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 1),
     }

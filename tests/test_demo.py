@@ -23,6 +23,23 @@ def test_demo_raises_heldout_accuracy_and_writes_its_outputs(tmp_path):
     assert Image.open(summary["reward_plot"]).size[0] > 100
 
 
+def test_demo_with_lora_adapters_raises_heldout_accuracy(tmp_path):
+    """`jaxpt demo --use_peft`: GRPO trains only LoRA adapters on the frozen SFT model, sampling with the adapters
+    applied (no merge), and still raises the demo task's reward and held-out accuracy; the adapter is written in
+    peft's format beside the merged checkpoint."""
+    assert cli.main(["demo", "--use_peft", "--grpo_steps", "200", "--output_dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert summary["use_peft"] is True
+    assert summary["accuracy_after_grpo"] >= summary["accuracy_before_grpo"] + 0.15
+    rewards = [json.loads(line)["reward"] for line in Path(summary["grpo_metrics"]).read_text().splitlines()]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    adapter_config = json.loads((Path(summary["adapter_dir"]) / "adapter_config.json").read_text())
+    assert adapter_config["r"] == demo.DEMO_LORA["lora_r"] and adapter_config["peft_type"] == "LORA"
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_pretrained(summary["model_dir"])
+
+
 def test_heldout_problems_are_unseen_and_demonstrations_are_noisy():
     train, heldout = demo.arithmetic_split(0)
     assert len(heldout) == demo.HELD_OUT and not set(train) & set(heldout)

@@ -43,3 +43,10 @@ def test_every_experimental_method_has_a_command_listed_in_the_help(path, capsys
         cli.main([path.stem, "--help"])
     assert exit_info.value.code == 0
     assert "--output_dir" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", EXPERIMENTAL, ids=lambda p: p.stem)
+def test_every_experimental_method_is_in_the_readme_table_as_experimental(path):
+    readme = (PACKAGE.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if f"`jaxpt.experimental.{path.stem}`" in line]
+    assert rows and all("| experimental |" in row and f"`jaxpt {path.stem}`" in row for row in rows), path.stem
