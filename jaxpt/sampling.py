@@ -207,7 +207,8 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
     logits, cache = model.prefill(prompt_ids, cache, attention_mask=prompt_mask)  # [prompts, vocab]
     # One cache array per layer for the decode loop: each token's layers then read their weights and caches in place
     # (kv_cache.KVCache.split_layers); a stacked cache and weights were copied layer by layer at every token.
-    cache = cache.split_layers()
+    # (a model whose cache has no `split_layers`, e.g. a wrapper of other models' caches, decodes on its own cache)
+    cache = cache.split_layers() if hasattr(cache, "split_layers") else cache
     if repeats > 1:  # each prompt's completions start from its one prefill: same logits, same cache rows
         logits = constrain(jnp.repeat(logits, repeats, axis=0), BATCH_AXES, None)
         cache = cache.repeat_rows(repeats)
@@ -245,7 +246,8 @@ def _generate_loop(graphdef, params, prompt_ids, prompt_mask, key, options: _Opt
     def keep_going(state: _LoopState) -> jax.Array:
         return (state.step < steps) & ~jnp.all(state.done)
 
-    decode_params = _hoisted_layer_params(params, len(cache.layers))
+    per_layer = getattr(cache, "per_layer", False)  # a jaxpt model's cache, split above
+    decode_params = _hoisted_layer_params(params, len(cache.layers)) if per_layer else (lambda: params)
 
     def decode(state: _LoopState) -> _LoopState:
         logits, cache = nnx.merge(graphdef, decode_params()).decode_step(state.token, state.cache)

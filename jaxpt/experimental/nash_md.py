@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +188,20 @@ def nash_md_loss(
 # --------------------------------------------------------------------------------------------------------------
 
 
+class MixtureCache(NamedTuple):
+    """The two models' KV caches; passes on what `jaxpt.sampling.generate` asks of a cache."""
+
+    policy: Any
+    reference: Any
+
+    def split_layers(self) -> MixtureCache:
+        return MixtureCache(*(cache.split_layers() if hasattr(cache, "split_layers") else cache
+                              for cache in (self.policy, self.reference)))
+
+    def repeat_rows(self, repeats: int) -> MixtureCache:
+        return MixtureCache(self.policy.repeat_rows(repeats), self.reference.repeat_rows(repeats))
+
+
 class GeometricMixture(nnx.Module):
     """A causal LM for `jaxpt.sampling.generate` whose next-token distribution is the geometric mixture of two
     models', π_mix ∝ π^(1-m) π_ref^m: its logits are (1-m) log_softmax(policy logits) + m log_softmax(reference
@@ -203,18 +217,18 @@ class GeometricMixture(nnx.Module):
                 + m * jax.nn.log_softmax(reference_logits.astype(jnp.float32)))
 
     def init_cache(self, batch_size: int, max_length: int, *, dtype: Any = None):
-        return (self.policy.init_cache(batch_size, max_length, dtype=dtype),
-                self.reference.init_cache(batch_size, max_length, dtype=dtype))
+        return MixtureCache(self.policy.init_cache(batch_size, max_length, dtype=dtype),
+                            self.reference.init_cache(batch_size, max_length, dtype=dtype))
 
     def prefill(self, input_ids: jax.Array, cache, *, attention_mask: jax.Array | None = None):
         policy_logits, policy_cache = self.policy.prefill(input_ids, cache[0], attention_mask=attention_mask)
         reference_logits, reference_cache = self.reference.prefill(input_ids, cache[1], attention_mask=attention_mask)
-        return self._mix(policy_logits, reference_logits), (policy_cache, reference_cache)
+        return self._mix(policy_logits, reference_logits), MixtureCache(policy_cache, reference_cache)
 
     def decode_step(self, token_ids: jax.Array, cache):
         policy_logits, policy_cache = self.policy.decode_step(token_ids, cache[0])
         reference_logits, reference_cache = self.reference.decode_step(token_ids, cache[1])
-        return self._mix(policy_logits, reference_logits), (policy_cache, reference_cache)
+        return self._mix(policy_logits, reference_logits), MixtureCache(policy_cache, reference_cache)
 
 
 @dataclass(frozen=True)
