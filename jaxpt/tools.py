@@ -30,8 +30,11 @@ What TRL does, jaxpt does too:
 `environment_factory`: a callable returning an environment object; every completion gets its own instance (pooled
 and reused across rollouts), whose `reset(**row)` is called with the prompt's dataset row before sampling, and
 whose public methods (other than `reset` and `get_reward`) are tools of that completion, next to the plain `tools`.
-An environment with a `get_reward()` method owns a reward: it is scored once per completion, after the last turn,
-as an extra reward function named after its class (weight 1). Reward functions get the environments as the keyword
+Or, as TRL's, a dict `{name: factory}`: each dataset row's `environment` column names its environment (checked
+before training; that column is not passed to `reset`), so one run mixes tasks, each row seeing only its own
+environment's tools. An environment with a `get_reward()` method owns a reward: it is scored once per completion,
+after the last turn, as an extra reward function named after its class (weight 1; one per class, None, so
+ignored, for rows of other environments). Reward functions get the environments as the keyword
 `environments`. Unlike TRL, a string returned by `reset` is not appended to the prompt: jaxpt raises instead
 (put the observation in the dataset's prompt).
 
@@ -199,7 +202,8 @@ class Toolbox:
     """The tools of a run, checked once: plain `tools` (callables, named by `__name__`), an optional
     `environment_factory`, how calls look (`tool_format`) and the round limit (`max_tool_calling_iterations`)."""
 
-    def __init__(self, tools: Sequence[Callable] | None = None, *, environment_factory: Callable | None = None,
+    def __init__(self, tools: Sequence[Callable] | None = None, *,
+                 environment_factory: Callable | dict[str, Callable] | None = None,
                  tool_format: ToolFormat | None = None, max_tool_calling_iterations: int | None = None):
         tools = list(tools or [])
         self.tools: dict[str, Callable] = {}
@@ -212,9 +216,7 @@ class Toolbox:
                 raise ValueError(f"tools has two tools named {name!r}: the model calls tools by name, so names must "
                                  "be unique.")
             self.tools[name] = tool
-        if environment_factory is not None and not callable(environment_factory):
-            raise ValueError(f"environment_factory={environment_factory!r} must be callable (it returns a new "
-                             "environment instance).")
+        factories = _environment_factories(environment_factory)
         if max_tool_calling_iterations is not None and (isinstance(max_tool_calling_iterations, bool) or not isinstance(
                 max_tool_calling_iterations, int) or max_tool_calling_iterations < 0):
             raise ValueError(f"max_tool_calling_iterations={max_tool_calling_iterations!r} must be None (no limit) or "
@@ -224,35 +226,64 @@ class Toolbox:
         self.environment_factory = environment_factory
         self.tool_format = tool_format or ToolFormat()
         self.max_tool_calling_iterations = max_tool_calling_iterations
-        self._pool: list = []
-        self.environment_reward = None
-        if environment_factory is not None:
-            probe = self._instance(0)
+        self.environment_factories = factories  # {name: factory}; one unnamed (None) for a single factory
+        self._pools: dict[str | None, list] = {}
+        self.environment_rewards: list[Callable] = []  # one per environment class with get_reward (TRL)
+        for name, factory in (factories or {}).items():
+            probe = factory()
+            where = "environment_factory" if name is None else f"environment_factory[{name!r}]"
+            if isinstance(probe, dict):
+                raise ValueError(f"{where} returned a dict ({probe!r}); it must return an environment instance (an "
+                                 "object with reset() whose methods are the tools). For several environments, pass "
+                                 "the dict itself: environment_factory={name: factory}, with an `environment` "
+                                 "column naming each row's environment.")
             if not callable(getattr(probe, "reset", None)):
-                raise ValueError(f"environment_factory returned a {type(probe).__name__}, which has no callable "
-                                 "reset(): every environment needs reset(**row) (called before each rollout).")
+                raise ValueError(f"{where} returned a {type(probe).__name__}, which has no callable reset(): every "
+                                 "environment needs reset(**row) (called before each rollout).")
             clashes = sorted(set(_environment_tools(probe)) & set(self.tools))
             if clashes:
-                raise ValueError(f"The environment's methods {clashes} have the names of tools in `tools`: rename "
-                                 "one of them (the model calls tools by name).")
-            if callable(getattr(probe, "get_reward", None)):
-                self.environment_reward = _environment_reward_function(type(probe).__name__)
+                raise ValueError(f"The methods {clashes} of {where}'s environment have the names of tools in `tools`: "
+                                 "rename one of them (the model calls tools by name).")
+            self._pools[name] = [probe]  # the probe is the pool's first instance
+            reward_types = [getattr(reward, "environment_type", None) for reward in self.environment_rewards]
+            if callable(getattr(probe, "get_reward", None)) and type(probe) not in reward_types:
+                self.environment_rewards.append(_environment_reward_function(type(probe)))
         if not self.tools and environment_factory is None:
             raise ValueError("A Toolbox needs tools or an environment_factory.")
 
-    def _instance(self, index: int):
-        while len(self._pool) <= index:
-            self._pool.append(self.environment_factory())
-        return self._pool[index]
+    @property
+    def multi_environment(self) -> bool:
+        """A dict `environment_factory`: each row's `environment` column picks its environment (TRL)."""
+        return self.environment_factories is not None and None not in self.environment_factories
+
+    def check_rows(self, rows: Sequence[dict], *, where: str = "the prompts") -> None:
+        """With a dict `environment_factory`, every row (dataset columns) names a known environment in its
+        `environment` column. Raises ValueError otherwise; nothing to check for a single factory."""
+        if not self.multi_environment:
+            return
+        for index, row in enumerate(rows):
+            if row.get("environment") not in self.environment_factories:
+                raise ValueError(f"Row {index} of {where} has environment={row.get('environment')!r}: with a dict "
+                                 "environment_factory every row needs an `environment` column naming one of "
+                                 f"{sorted(self.environment_factories)}.")
 
     def environments(self, rows: Sequence[dict]) -> list | None:
-        """One reset environment per completion (`rows`: the dataset row of each), or None without a factory."""
-        if self.environment_factory is None:
+        """One reset environment per completion (`rows`: the dataset row of each), or None without a factory. With a
+        dict factory each row's `environment` picks the pool, and is not passed to `reset` (TRL)."""
+        if self.environment_factories is None:
             return None
+        self.check_rows(rows)
         environments = []
-        for index, row in enumerate(rows):
-            environment = self._instance(index)
-            observation = environment.reset(**row)
+        handed_out: dict[str | None, int] = {}  # instances of each pool given to this rollout so far
+        for row in rows:
+            name = row["environment"] if self.multi_environment else None
+            pool, index = self._pools[name], handed_out.get(name, 0)
+            if index == len(pool):
+                pool.append(self.environment_factories[name]())
+            handed_out[name] = index + 1
+            environment = pool[index]
+            arguments = {k: v for k, v in row.items() if k != "environment"} if self.multi_environment else row
+            observation = environment.reset(**arguments)
             if observation is not None:
                 raise ValueError(f"{type(environment).__name__}.reset returned {observation!r}: jaxpt does not append "
                                  "observations to the prompt (TRL does); put that text in the dataset's prompt and "
@@ -293,11 +324,36 @@ class Toolbox:
         return result if isinstance(result, str) else json.dumps(result, default=str)
 
 
-def _environment_reward_function(name: str) -> Callable:
-    def reward(environments, **kwargs):
-        return [environment.get_reward() for environment in environments]
+def _environment_factories(environment_factory) -> dict | None:
+    """`environment_factory` as `{name: factory}` (None: the single factory's key), checked."""
+    if environment_factory is None:
+        return None
+    if isinstance(environment_factory, dict):
+        if not environment_factory:
+            raise ValueError("environment_factory={} is empty: pass {name: factory, ...} with at least one "
+                             "environment, a single factory, or None.")
+        for name, factory in environment_factory.items():
+            if not isinstance(name, str) or not callable(factory):
+                raise ValueError(f"environment_factory has {name!r}: {factory!r}; a dict environment_factory maps "
+                                 "environment names (strings, the values of the `environment` column) to callables "
+                                 "returning a new environment.")
+        return dict(environment_factory)
+    if not callable(environment_factory):
+        raise ValueError(f"environment_factory={environment_factory!r} must be callable (it returns a new "
+                         "environment instance) or a dict {name: such a callable}.")
+    return {None: environment_factory}
 
-    reward.__name__ = name
+
+def _environment_reward_function(environment_type: type) -> Callable:
+    """The reward an environment class owns (`get_reward`), named after it; None for rows whose environment is
+    another class (NaN: ignored), as TRL's, so environments with and without rewards mix."""
+
+    def reward(environments, **kwargs):
+        return [environment.get_reward() if type(environment) is environment_type else None
+                for environment in environments]
+
+    reward.__name__ = environment_type.__name__
+    reward.environment_type = environment_type
     return reward
 
 

@@ -302,6 +302,87 @@ def test_turn_loop_runs_a_list_of_calls_from_one_block():
     assert (out.tool_call_count, out.tool_failure_count) == (2, 0)
 
 
+class MultiplyEnv:
+    def reset(self, **row):
+        self.row, self.results = row, []
+
+    def calculator(self, expression: str) -> str:
+        self.results.append(calculator(expression))
+        return self.results[-1]
+
+    def get_reward(self):
+        return float(self.row["solution"] in self.results)
+
+
+class EchoEnv:
+    def reset(self, **row):
+        self.row = row
+
+    def echo(self, text: str) -> str:
+        return text
+
+
+def test_dict_environment_factory_routes_rows_to_their_environment():
+    """TRL's dict `environment_factory`: each row's `environment` picks its environment (and only its tools), the
+    column is not passed to `reset`, instances are pooled per environment, and `get_reward` is one reward per class
+    (None for rows of other environments)."""
+    toolbox = Toolbox(environment_factory={"multiply": MultiplyEnv, "echo": EchoEnv, "times": MultiplyEnv},
+                      tool_format=ToolFormat(response_template="<tool_response>{content}</tool_response>"))
+    assert toolbox.multi_environment and [f.__name__ for f in toolbox.environment_rewards] == ["MultiplyEnv"]
+    rows = [{"prompt": "q", "environment": "multiply", "solution": "6"}] * 2 + [
+        {"prompt": "r", "environment": "echo", "solution": "-"}] * 2
+    environments = toolbox.environments(rows)
+    assert [type(e) for e in environments] == [MultiplyEnv, MultiplyEnv, EchoEnv, EchoEnv]
+    assert len({id(e) for e in environments}) == 4 and environments[0].row == {"prompt": "q", "solution": "6"}
+    multiply = '<tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}</tool_call>'
+    echo = '<tool_call>{"name": "echo", "arguments": {"text": "hi"}}</tool_call>'
+    script = [[multiply, echo, echo, multiply], ["</s>"] * 4]
+    out = run_tool_turns(ScriptedSampler(script, 128), np.asarray([encode("q"), encode("r")], np.int32),
+                         np.ones((2, 1), np.int32), key=jax.random.key(0), toolbox=toolbox, tokenizer=TOKENIZER,
+                         max_new_tokens=128, eos_token_ids=[EOS], pad_token_id=PAD, num_return_sequences=2,
+                         environments=environments)
+    assert [[m["content"] for m in segment if m["role"] == "tool"] for segment in out.segments] == [
+        ["6"], ['{"error": "Tool \'echo\' not found; the tools are [\'calculator\']."}'], ["hi"],
+        ['{"error": "Tool \'calculator\' not found; the tools are [\'echo\']."}']]
+    assert (out.tool_call_count, out.tool_failure_count) == (4, 2)
+    assert toolbox.environment_rewards[0](environments=environments) == [1.0, 0.0, None, None]
+    # the pools are reused, and grow when a rollout needs more instances of one environment
+    again = toolbox.environments([rows[0]] * 3 + [rows[2]])
+    assert [id(e) for e in again[:2]] == [id(e) for e in environments[:2]] and again[3] is environments[2]
+    assert again[2] not in environments and again[1].results == []  # reset
+    with pytest.raises(ValueError, match=r"Row 1 of the prompts has environment='chess'.*\['echo', 'multiply', "
+                                         r"'times'\]"):
+        toolbox.environments([rows[0], {"prompt": "q", "environment": "chess"}])
+    with pytest.raises(ValueError, match="Row 0 of the prompts has environment=None"):
+        toolbox.check_rows([{"prompt": "q"}])
+    Toolbox(environment_factory=MultiplyEnv).check_rows([{"prompt": "q"}])  # one factory: no column needed
+
+
+def test_environment_factory_fails_early_on_what_trl_does_not_support(tmp_path):
+    with pytest.raises(ValueError, match="environment_factory=42 must be callable .* or a dict"):
+        Toolbox(environment_factory=42)
+    with pytest.raises(ValueError, match="environment_factory={} is empty"):
+        Toolbox(environment_factory={})
+    with pytest.raises(ValueError, match="environment_factory has 'echo': 'EchoEnv'"):
+        Toolbox(environment_factory={"echo": "EchoEnv"})
+    with pytest.raises(ValueError, match="environment_factory has 1: "):
+        Toolbox(environment_factory={1: EchoEnv})
+    with pytest.raises(ValueError, match=r"environment_factory returned a dict .* pass the dict itself"):
+        Toolbox(environment_factory=lambda: {"multiply": MultiplyEnv()})
+    with pytest.raises(ValueError, match=r"environment_factory\['bad'\] returned a object, which has no callable"):
+        Toolbox(environment_factory={"echo": EchoEnv, "bad": object})
+    with pytest.raises(ValueError, match=r"The methods \['calculator'\] of environment_factory\['multiply'\]"):
+        Toolbox([calculator], environment_factory={"multiply": MultiplyEnv})
+    # before anything compiles or the model is used: a train row without a known `environment`
+    prompts = datasets.Dataset.from_list([{"prompt": "a", "environment": "echo"}] * 3 + [{"prompt": "b",
+                                                                                          "environment": "chess"}])
+    config = grpo.GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4,
+                             max_steps=1, mesh_fsdp=1, disable_tqdm=True, save_steps=0)
+    with pytest.raises(ValueError, match="Row 3 of the train prompts has environment='chess'"):
+        grpo.train(None, TOKENIZER, prompts, config, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                   environment_factory={"echo": EchoEnv, "multiply": MultiplyEnv})
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The sampler's per-row limits
 # --------------------------------------------------------------------------------------------------------------
