@@ -200,7 +200,8 @@ def _environment_tools(environment) -> dict[str, Callable]:
 
 class Toolbox:
     """The tools of a run, checked once: plain `tools` (callables, named by `__name__`), an optional
-    `environment_factory`, how calls look (`tool_format`) and the round limit (`max_tool_calling_iterations`)."""
+    `environment_factory` (a callable, or TRL's dict `{name: callable}`), how calls look (`tool_format`) and the
+    round limit (`max_tool_calling_iterations`)."""
 
     def __init__(self, tools: Sequence[Callable] | None = None, *,
                  environment_factory: Callable | dict[str, Callable] | None = None,
