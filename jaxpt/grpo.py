@@ -462,7 +462,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     reward_funcs = [resolve_reward_function(f) for f in reward_funcs]
     toolbox = toolbox_from(config, tools=tools, environment_factory=environment_factory, tool_format=tool_format,
                            method="GRPO")
-    if not reward_funcs and (toolbox is None or toolbox.environment_reward is None):
+    if not reward_funcs and (toolbox is None or not toolbox.environment_rewards):
         raise ValueError("reward_funcs is empty: GRPO needs at least one reward function.")
     if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
         raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {len(reward_funcs)} reward "

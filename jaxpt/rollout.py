@@ -169,12 +169,15 @@ def rollout_shape(config, devices: int) -> tuple[int, int, int]:
 def check_rollout_inputs(reward_funcs: Sequence[Callable], models: Sequence, prompts: Sequence[dict],
                          eval_prompts: Sequence[dict] | None, tokenizer, config, *, method: str, tools=None) -> None:
     """Before anything compiles: every reward function finds the columns it needs in the train (and eval) prompts
-    (and `environments` with a `tools.environment_factory`), and each model (`None` entries skipped) fits the
+    (and `environments` with a `tools.environment_factory`; with a dict one, every row names a known `environment`),
+    and each model (`None` entries skipped) fits the
     prompts plus `max_completion_length` tokens."""
     extra = ["environments"] if tools is not None and tools.environment_factory is not None else []
-    for checked_prompts in (prompts, eval_prompts or []):
+    for checked_prompts, where in ((prompts, "the train prompts"), (eval_prompts or [], "the eval prompts")):
         if checked_prompts:
             check_reward_functions(reward_funcs, columns=[*checked_prompts[0]["columns"], *extra])
+        if tools is not None:  # a dict environment_factory: every row names its environment
+            tools.check_rows([p["columns"] for p in checked_prompts], where=where)
     for model in models:
         if model is not None:
             data.check_model_fits(model, list(prompts) + list(eval_prompts or []), ("prompt_ids",), method=method,
@@ -262,8 +265,7 @@ def sample_and_score_with_tools(state, prompts: Sequence[dict], reward_funcs: Se
     columns = {name: [p["columns"][name] for p in repeated] for name in repeated[0]["columns"]}
     if environments is not None:
         columns["environments"] = environments
-    if toolbox.environment_reward is not None:
-        reward_funcs = [*reward_funcs, toolbox.environment_reward]
+    reward_funcs = [*reward_funcs, *toolbox.environment_rewards]
     prompt_texts = [p["prompt"] for p in repeated]
     rewards = score_own_groups(reward_funcs, prompts=prompt_texts, completions=completions, completion_ids=id_lists,
                                columns=columns, group_size=group)

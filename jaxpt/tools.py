@@ -30,13 +30,20 @@ What TRL does, jaxpt does too:
 `environment_factory`: a callable returning an environment object; every completion gets its own instance (pooled
 and reused across rollouts), whose `reset(**row)` is called with the prompt's dataset row before sampling, and
 whose public methods (other than `reset` and `get_reward`) are tools of that completion, next to the plain `tools`.
-An environment with a `get_reward()` method owns a reward: it is scored once per completion, after the last turn,
-as an extra reward function named after its class (weight 1). Reward functions get the environments as the keyword
+Or, as TRL's, a dict `{name: factory}`: each dataset row's `environment` column names its environment (checked
+before training; that column is not passed to `reset`), so one run mixes tasks, each row seeing only its own
+environment's tools. An environment with a `get_reward()` method owns a reward: it is scored once per completion,
+after the last turn, as an extra reward function named after its class (weight 1; one per class, None, so
+ignored, for rows of other environments). Reward functions get the environments as the keyword
 `environments`. Unlike TRL, a string returned by `reset` is not appended to the prompt: jaxpt raises instead
 (put the observation in the dataset's prompt).
 
-One call per turn: the sampler stops at the first complete call. On several processes every process runs every
-call of the rollout (it holds the whole rollout), so tools must be deterministic.
+Several calls per turn, as TRL: a call body may hold several calls (`parse_call` returns a list: a JSON array,
+or `[f(1), g(2)]`), and with `ToolFormat(parallel_calls=True)` a turn runs to EOS and may hold several call blocks
+(a chat model's `<tool_call>...</tool_call><tool_call>...</tool_call><|im_end|>`). All run in order, each counts
+in the metrics, and their results follow the turn in order; when they do not all fit, none is appended.
+On several processes every process runs every call of the rollout (it holds the whole rollout), so tools must be
+deterministic.
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["ToolCall", "ToolFormat", "Toolbox", "ToolRollout", "find_tool_call", "parse_function_call",
+__all__ = ["ToolCall", "ToolFormat", "Toolbox", "ToolRollout", "find_tool_call", "find_tool_calls",
+           "parse_function_call",
            "parse_json_call", "run_tool_turns", "tool_metrics"]
 
 
@@ -64,13 +72,22 @@ class ToolCall:
     positional: tuple = ()
 
 
-def parse_json_call(body: str) -> ToolCall:
+def parse_json_call(body: str) -> ToolCall | list[ToolCall]:
     """`{"name": "multiply", "arguments": {"a": 3, "b": 4}}` (Hermes / Qwen's `<tool_call>` body; `arguments` may
-    also be a JSON string, as OpenAI's). Raises ValueError when the body is not such an object."""
+    also be a JSON string, as OpenAI's), or a JSON array of such objects (several calls in one body, as Mistral's
+    `[TOOL_CALLS]`), which gives a list. Raises ValueError when the body is neither."""
     try:
         call = json.loads(body)
     except json.JSONDecodeError as error:
         raise ValueError(f"tool call is not valid JSON ({error.msg}): {body!r}") from None
+    if isinstance(call, list):
+        if not call:
+            raise ValueError(f"tool call is an empty JSON array: {body!r}")
+        return [_json_call(item, body) for item in call]
+    return _json_call(call, body)
+
+
+def _json_call(call, body: str) -> ToolCall:
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         raise ValueError(f'tool call must be a JSON object with a string "name": {body!r}')
     arguments = call.get("arguments", {})
@@ -84,13 +101,22 @@ def parse_json_call(body: str) -> ToolCall:
     return ToolCall(call["name"], arguments)
 
 
-def parse_function_call(body: str) -> ToolCall:
+def parse_function_call(body: str) -> ToolCall | list[ToolCall]:
     """`multiply(3, b=4)`: a Python call whose arguments are literals (read with `ast.literal_eval`, never
-    executed). Raises ValueError otherwise."""
+    executed), or a list of such calls, `[multiply(3, 4), add(a=1, b=2)]` (Llama 3.2's pythonic form: several calls
+    in one body), which gives a list. Raises ValueError otherwise."""
     try:
         tree = ast.parse(body.strip(), mode="eval").body
     except SyntaxError:
         raise ValueError(f"tool call is not of the form name(arguments): {body!r}") from None
+    if isinstance(tree, ast.List):
+        if not tree.elts:
+            raise ValueError(f"tool call is an empty list: {body!r}")
+        return [_function_call(element, body) for element in tree.elts]
+    return _function_call(tree, body)
+
+
+def _function_call(tree: ast.expr, body: str) -> ToolCall:
     if not isinstance(tree, ast.Call) or not isinstance(tree.func, ast.Name):
         raise ValueError(f"tool call is not of the form name(arguments): {body!r}")
     try:
@@ -109,12 +135,20 @@ class ToolFormat:
     `</tool_call>`); pick markers that are single tokens of your tokenizer when you can (the sampler then stops on
     the end marker itself instead of being cut after it). `response_template` formats a result with `{name}` (the
     tool's name) and `{content}` (the result: a string as is, anything else as JSON); for a chat model, make it the
-    chat template's text between an assistant turn that ends in a call and the next assistant turn."""
+    chat template's text between an assistant turn that ends in a call and the next assistant turn.
+
+    `parse_call` returns a ToolCall, or a list of them for a body holding several calls. `parallel_calls`: False
+    (default), the sampler stops at the first complete call block, so a turn has one block; True, a turn runs until
+    EOS (a chat model's end-of-turn token, e.g. Qwen's `<|im_end|>`), as TRL's turns do, and every call block in it
+    runs, in order: that is how a chat model writes several `<tool_call>` blocks in one turn. Either way, all the
+    calls of a turn run in order and their results (each rendered with `response_template`) follow the turn in that
+    order; the EOS ending a turn with calls stays in the completion (the model's token, in the loss)."""
 
     call_start: str = "<tool_call>"
     call_end: str = "</tool_call>"
     response_template: str = "<tool_response>\n{content}\n</tool_response>\n"
-    parse_call: Callable[[str], ToolCall] = parse_json_call
+    parse_call: Callable[[str], ToolCall | list[ToolCall]] = parse_json_call
+    parallel_calls: bool = False
 
     def __post_init__(self):
         if not self.call_start or not self.call_end:
@@ -126,6 +160,9 @@ class ToolFormat:
         if not callable(self.parse_call):
             raise ValueError(f"ToolFormat parse_call={self.parse_call!r} must be callable (body -> ToolCall), e.g. "
                              "jaxpt.tools.parse_json_call.")
+        if not isinstance(self.parallel_calls, bool):
+            raise ValueError(f"ToolFormat parallel_calls={self.parallel_calls!r} must be True (a turn runs to EOS and "
+                             "all its call blocks run) or False (the sampler stops at the first call block).")
 
 
 def find_tool_call(text: str, tool_format: ToolFormat) -> tuple[str, int] | None:
@@ -141,6 +178,15 @@ def find_tool_call(text: str, tool_format: ToolFormat) -> tuple[str, int] | None
     return text[body_start:end], end + len(tool_format.call_end)
 
 
+def find_tool_calls(text: str, tool_format: ToolFormat) -> list[str]:
+    """The bodies of every complete call in `text`, in order (an unfinished last one is left out)."""
+    bodies = []
+    while (found := find_tool_call(text, tool_format)) is not None:
+        bodies.append(found[0])
+        text = text[found[1]:]
+    return bodies
+
+
 def _tool_name(tool: Callable) -> str:
     return getattr(tool, "__name__", type(tool).__name__)
 
@@ -154,9 +200,11 @@ def _environment_tools(environment) -> dict[str, Callable]:
 
 class Toolbox:
     """The tools of a run, checked once: plain `tools` (callables, named by `__name__`), an optional
-    `environment_factory`, how calls look (`tool_format`) and the round limit (`max_tool_calling_iterations`)."""
+    `environment_factory` (a callable, or TRL's dict `{name: callable}`), how calls look (`tool_format`) and the
+    round limit (`max_tool_calling_iterations`)."""
 
-    def __init__(self, tools: Sequence[Callable] | None = None, *, environment_factory: Callable | None = None,
+    def __init__(self, tools: Sequence[Callable] | None = None, *,
+                 environment_factory: Callable | dict[str, Callable] | None = None,
                  tool_format: ToolFormat | None = None, max_tool_calling_iterations: int | None = None):
         tools = list(tools or [])
         self.tools: dict[str, Callable] = {}
@@ -169,9 +217,7 @@ class Toolbox:
                 raise ValueError(f"tools has two tools named {name!r}: the model calls tools by name, so names must "
                                  "be unique.")
             self.tools[name] = tool
-        if environment_factory is not None and not callable(environment_factory):
-            raise ValueError(f"environment_factory={environment_factory!r} must be callable (it returns a new "
-                             "environment instance).")
+        factories = _environment_factories(environment_factory)
         if max_tool_calling_iterations is not None and (isinstance(max_tool_calling_iterations, bool) or not isinstance(
                 max_tool_calling_iterations, int) or max_tool_calling_iterations < 0):
             raise ValueError(f"max_tool_calling_iterations={max_tool_calling_iterations!r} must be None (no limit) or "
@@ -181,35 +227,64 @@ class Toolbox:
         self.environment_factory = environment_factory
         self.tool_format = tool_format or ToolFormat()
         self.max_tool_calling_iterations = max_tool_calling_iterations
-        self._pool: list = []
-        self.environment_reward = None
-        if environment_factory is not None:
-            probe = self._instance(0)
+        self.environment_factories = factories  # {name: factory}; one unnamed (None) for a single factory
+        self._pools: dict[str | None, list] = {}
+        self.environment_rewards: list[Callable] = []  # one per environment class with get_reward (TRL)
+        for name, factory in (factories or {}).items():
+            probe = factory()
+            where = "environment_factory" if name is None else f"environment_factory[{name!r}]"
+            if isinstance(probe, dict):
+                raise ValueError(f"{where} returned a dict ({probe!r}); it must return an environment instance (an "
+                                 "object with reset() whose methods are the tools). For several environments, pass "
+                                 "the dict itself: environment_factory={name: factory}, with an `environment` "
+                                 "column naming each row's environment.")
             if not callable(getattr(probe, "reset", None)):
-                raise ValueError(f"environment_factory returned a {type(probe).__name__}, which has no callable "
-                                 "reset(): every environment needs reset(**row) (called before each rollout).")
+                raise ValueError(f"{where} returned a {type(probe).__name__}, which has no callable reset(): every "
+                                 "environment needs reset(**row) (called before each rollout).")
             clashes = sorted(set(_environment_tools(probe)) & set(self.tools))
             if clashes:
-                raise ValueError(f"The environment's methods {clashes} have the names of tools in `tools`: rename "
-                                 "one of them (the model calls tools by name).")
-            if callable(getattr(probe, "get_reward", None)):
-                self.environment_reward = _environment_reward_function(type(probe).__name__)
+                raise ValueError(f"The methods {clashes} of {where}'s environment have the names of tools in `tools`: "
+                                 "rename one of them (the model calls tools by name).")
+            self._pools[name] = [probe]  # the probe is the pool's first instance
+            reward_types = [getattr(reward, "environment_type", None) for reward in self.environment_rewards]
+            if callable(getattr(probe, "get_reward", None)) and type(probe) not in reward_types:
+                self.environment_rewards.append(_environment_reward_function(type(probe)))
         if not self.tools and environment_factory is None:
             raise ValueError("A Toolbox needs tools or an environment_factory.")
 
-    def _instance(self, index: int):
-        while len(self._pool) <= index:
-            self._pool.append(self.environment_factory())
-        return self._pool[index]
+    @property
+    def multi_environment(self) -> bool:
+        """A dict `environment_factory`: each row's `environment` column picks its environment (TRL)."""
+        return self.environment_factories is not None and None not in self.environment_factories
+
+    def check_rows(self, rows: Sequence[dict], *, where: str = "the prompts") -> None:
+        """With a dict `environment_factory`, every row (dataset columns) names a known environment in its
+        `environment` column. Raises ValueError otherwise; nothing to check for a single factory."""
+        if not self.multi_environment:
+            return
+        for index, row in enumerate(rows):
+            if row.get("environment") not in self.environment_factories:
+                raise ValueError(f"Row {index} of {where} has environment={row.get('environment')!r}: with a dict "
+                                 "environment_factory every row needs an `environment` column naming one of "
+                                 f"{sorted(self.environment_factories)}.")
 
     def environments(self, rows: Sequence[dict]) -> list | None:
-        """One reset environment per completion (`rows`: the dataset row of each), or None without a factory."""
-        if self.environment_factory is None:
+        """One reset environment per completion (`rows`: the dataset row of each), or None without a factory. With a
+        dict factory each row's `environment` picks the pool, and is not passed to `reset` (TRL)."""
+        if self.environment_factories is None:
             return None
+        self.check_rows(rows)
         environments = []
-        for index, row in enumerate(rows):
-            environment = self._instance(index)
-            observation = environment.reset(**row)
+        handed_out: dict[str | None, int] = {}  # instances of each pool given to this rollout so far
+        for row in rows:
+            name = row["environment"] if self.multi_environment else None
+            pool, index = self._pools[name], handed_out.get(name, 0)
+            if index == len(pool):
+                pool.append(self.environment_factories[name]())
+            handed_out[name] = index + 1
+            environment = pool[index]
+            arguments = {k: v for k, v in row.items() if k != "environment"} if self.multi_environment else row
+            observation = environment.reset(**arguments)
             if observation is not None:
                 raise ValueError(f"{type(environment).__name__}.reset returned {observation!r}: jaxpt does not append "
                                  "observations to the prompt (TRL does); put that text in the dataset's prompt and "
@@ -220,13 +295,23 @@ class Toolbox:
     def tools_for(self, environment) -> dict[str, Callable]:
         return self.tools if environment is None else {**self.tools, **_environment_tools(environment)}
 
-    def call(self, body: str, tools: dict[str, Callable]) -> tuple[str, Any, bool]:
-        """Run the call in `body`: `(tool name, result, failed)`. An unknown name, a body that does not parse or a
-        tool that raises gives `{"error": ...}` and failed=True."""
+    def calls(self, body: str, tools: dict[str, Callable]) -> list[tuple[str, Any, bool]]:
+        """Run the calls in `body` (one, or several when `parse_call` returns a list), in order: one
+        `(tool name, result, failed)` each. A body that does not parse is one failed call; an unknown name or a tool
+        that raises gives `{"error": ...}` and failed=True."""
         try:
-            call = self.tool_format.parse_call(body)
+            parsed = self.tool_format.parse_call(body)
         except Exception as error:  # the model wrote it: its mistakes are results, not crashes
-            return "unknown", {"error": str(error)}, True
+            return [("unknown", {"error": str(error)}, True)]
+        parsed = parsed if isinstance(parsed, list | tuple) else [parsed]
+        for call in parsed:
+            if not isinstance(call, ToolCall):  # the parser is the user's code: a wrong type is a bug, not a result
+                raise ValueError(f"ToolFormat parse_call={self.tool_format.parse_call!r} returned {call!r} for "
+                                 f"{body!r}: it must return a jaxpt.tools.ToolCall or a list of them.")
+        return [self._run(call, tools) for call in parsed]
+
+    @staticmethod
+    def _run(call: ToolCall, tools: dict[str, Callable]) -> tuple[str, Any, bool]:
         if call.name not in tools:
             return call.name, {"error": f"Tool {call.name!r} not found; the tools are {sorted(tools)}."}, True
         try:
@@ -240,11 +325,36 @@ class Toolbox:
         return result if isinstance(result, str) else json.dumps(result, default=str)
 
 
-def _environment_reward_function(name: str) -> Callable:
-    def reward(environments, **kwargs):
-        return [environment.get_reward() for environment in environments]
+def _environment_factories(environment_factory) -> dict | None:
+    """`environment_factory` as `{name: factory}` (None: the single factory's key), checked."""
+    if environment_factory is None:
+        return None
+    if isinstance(environment_factory, dict):
+        if not environment_factory:
+            raise ValueError("environment_factory={} is empty: pass {name: factory, ...} with at least one "
+                             "environment, a single factory, or None.")
+        for name, factory in environment_factory.items():
+            if not isinstance(name, str) or not callable(factory):
+                raise ValueError(f"environment_factory has {name!r}: {factory!r}; a dict environment_factory maps "
+                                 "environment names (strings, the values of the `environment` column) to callables "
+                                 "returning a new environment.")
+        return dict(environment_factory)
+    if not callable(environment_factory):
+        raise ValueError(f"environment_factory={environment_factory!r} must be callable (it returns a new "
+                         "environment instance) or a dict {name: such a callable}.")
+    return {None: environment_factory}
 
-    reward.__name__ = name
+
+def _environment_reward_function(environment_type: type) -> Callable:
+    """The reward an environment class owns (`get_reward`), named after it; None for rows whose environment is
+    another class (NaN: ignored), as TRL's, so environments with and without rewards mix."""
+
+    def reward(environments, **kwargs):
+        return [environment.get_reward() if type(environment) is environment_type else None
+                for environment in environments]
+
+    reward.__name__ = environment_type.__name__
+    reward.environment_type = environment_type
     return reward
 
 
@@ -275,7 +385,8 @@ def run_tool_turns(generate_fn: Callable, prompt_ids: np.ndarray, prompt_mask: n
     tool_format = toolbox.tool_format
     eos = [int(i) for i in eos_token_ids]
     end_ids = tokenizer.encode(tool_format.call_end, add_special_tokens=False)
-    stop_ids = eos + ([end_ids[0]] if len(end_ids) == 1 else [])
+    stops_at_call = not tool_format.parallel_calls and len(end_ids) == 1
+    stop_ids = eos + ([end_ids[0]] if stops_at_call else [])
     group = num_return_sequences
     real_prompts = [row[mask.astype(bool)].tolist() for row, mask in zip(prompt_ids, prompt_mask, strict=True)]
     rows = len(real_prompts) * group
@@ -290,13 +401,18 @@ def run_tool_turns(generate_fn: Callable, prompt_ids: np.ndarray, prompt_mask: n
     active = list(range(rows))
     rounds = 0
     while True:
-        pending = []  # (row, call body)
+        pending = []  # (row, the turn's call bodies)
         for row in active:
             new = out["completion_ids"][row, :int(out["lengths"][row])].tolist()
             new_logps = out["completion_logps"][row, :len(new)].tolist()
-            cut = _cut_at_call(new, tokenizer, tool_format)
-            if cut is not None:
-                new, new_logps = new[:cut[0]], new_logps[:cut[0]]
+            if tool_format.parallel_calls:  # the whole turn, to EOS; a turn cut by the budget has no room left
+                bodies = find_tool_calls(tokenizer.decode(new), tool_format) if new and new[-1] in eos else []
+                cut = (len(new), bodies) if bodies else None
+            else:
+                cut = _cut_at_call(new, tokenizer, tool_format)
+                if cut is not None:
+                    new, new_logps = new[:cut[0]], new_logps[:cut[0]]
+                    cut = (cut[0], [cut[1]])
             tokens[row] += new
             logps[row] += new_logps
             is_model[row] += [1] * len(new)
@@ -309,20 +425,24 @@ def run_tool_turns(generate_fn: Callable, prompt_ids: np.ndarray, prompt_mask: n
         if not pending or (limit is not None and rounds >= limit):
             break
         continuing = []
-        for row, body in pending:
+        for row, bodies in pending:
             environment = environments[row] if environments is not None else None
-            name, result, failed = toolbox.call(body, toolbox.tools_for(environment))
-            calls += 1
-            failures += int(failed)
-            content = toolbox.content(result)
-            text = toolbox.tool_format.response_template.format(name=name, content=content)
-            response = tokenizer.encode(text, add_special_tokens=False)
+            tools = toolbox.tools_for(environment)
+            results = [result for body in bodies for result in toolbox.calls(body, tools)]  # in order (TRL)
+            calls += len(results)
+            failures += sum(failed for _, _, failed in results)
+            messages = []
+            for name, result, _ in results:
+                content = toolbox.content(result)
+                messages.append({"role": "tool", "name": name, "content": content,
+                                 "text": tool_format.response_template.format(name=name, content=content)})
+            response = tokenizer.encode("".join(m["text"] for m in messages), add_special_tokens=False)
             if len(tokens[row]) + len(response) >= max_new_tokens:
-                continue  # no room for the result and a reply to it: the completion ends with its call (TRL)
+                continue  # no room for the results and a reply: the completion ends with its calls (TRL drops all)
             tokens[row] += response
             logps[row] += [0.0] * len(response)
             is_model[row] += [0] * len(response)
-            segments[row].append({"role": "tool", "name": name, "content": content, "text": text})
+            segments[row] += messages
             continuing.append(row)
         if not continuing:
             break

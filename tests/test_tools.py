@@ -21,6 +21,7 @@ from jaxpt.tools import (
     ToolCall,
     ToolFormat,
     find_tool_call,
+    find_tool_calls,
     parse_function_call,
     parse_json_call,
     run_tool_turns,
@@ -99,13 +100,13 @@ def test_toolbox_fails_early_on_bad_tools_and_survives_bad_calls():
         ToolFormat(response_template="<r></r>")
     toolbox = Toolbox([calculator])
     tools = toolbox.tools_for(None)
-    assert toolbox.call('{"name": "calculator", "arguments": {"expression": "6*7"}}', tools) == ("calculator", "42",
-                                                                                                  False)
-    name, result, failed = toolbox.call('{"name": "search", "arguments": {}}', tools)  # unknown tool: a result
+    assert toolbox.calls('{"name": "calculator", "arguments": {"expression": "6*7"}}', tools) == [("calculator", "42",
+                                                                                                    False)]
+    [(name, result, failed)] = toolbox.calls('{"name": "search", "arguments": {}}', tools)  # unknown tool: a result
     assert (name, failed) == ("search", True) and "Tool 'search' not found" in result["error"]
-    name, result, failed = toolbox.call('{"name": "calculator", "arguments": {"expression": "6+7"}}', tools)
+    [(name, result, failed)] = toolbox.calls('{"name": "calculator", "arguments": {"expression": "6+7"}}', tools)
     assert failed and result == {"error": "ValueError: not enough values to unpack (expected 2, got 1)"}
-    assert toolbox.call("{oops", tools)[2] is True
+    assert [failed for _, _, failed in toolbox.calls("{oops", tools)] == [True]
     assert tool_metrics(4, 1, 8) == {"tools/call_frequency": 0.5, "tools/failure_frequency": 0.25}
     assert tool_metrics(0, 0, 8)["tools/failure_frequency"] == 0.0
 
@@ -215,6 +216,171 @@ def test_turn_loop_stops_at_the_round_limit_and_cuts_a_multi_token_end_marker():
     # the text after the first call is dropped; the second round's call is not run (max_tool_calling_iterations=1)
     assert TOKENIZER.decode(out.completion_ids[0, :out.lengths[0]]) == "[[calculator('2*3')]]=6;[[calculator('6*6')]]"
     assert len(sampler.calls) == 2 and out.tool_call_count == 1 and not out.finished[0]
+
+
+def test_several_calls_in_one_body_are_parsed_in_order():
+    assert parse_json_call('[{"name": "add", "arguments": {"a": 1}}, {"name": "now"}]') == [
+        ToolCall("add", {"a": 1}), ToolCall("now", {})]
+    assert parse_function_call("[add(1, b=2), now()]") == [ToolCall("add", {"b": 2}, (1,)), ToolCall("now", {})]
+    for bad in ["[]", '[{"name": "add"}, 3]']:
+        with pytest.raises(ValueError):
+            parse_json_call(bad)
+    for bad in ["[]", "[add(1), 2]"]:
+        with pytest.raises(ValueError):
+            parse_function_call(bad)
+    text = "<tool_call>a</tool_call> x <tool_call>b</tool_call><tool_call>c"
+    assert find_tool_calls(text, ToolFormat()) == ["a", "b"]
+    toolbox = Toolbox([calculator], tool_format=ToolFormat(parse_call=parse_function_call))
+    assert toolbox.calls("[calculator('2*3'), search(1), calculator('4*5')]", toolbox.tools_for(None)) == [
+        ("calculator", "6", False),
+        ("search", {"error": "Tool 'search' not found; the tools are ['calculator']."}, True),
+        ("calculator", "20", False)]
+    with pytest.raises(ValueError, match="must be True .* or False"):
+        ToolFormat(parallel_calls=1)
+    wrong = Toolbox([calculator], tool_format=ToolFormat(parse_call=lambda body: ("calculator", {})))
+    with pytest.raises(ValueError, match="must return a jaxpt.tools.ToolCall or a list of them"):
+        wrong.calls("x", wrong.tools_for(None))
+
+
+def test_turn_loop_runs_every_call_of_a_turn_in_order():
+    """`parallel_calls=True`: a turn runs to EOS, all its call blocks run in order, their results follow it in
+    order (all masked), each call counts in the metrics; results that do not all fit are all dropped."""
+    fmt = ToolFormat(response_template="<tool_response>{content}</tool_response>", parallel_calls=True,
+                     parse_call=lambda body: ToolCall("calculator" if "*" in body else "search", {"expression": body}))
+    max_new = 96
+    first_turn = "<tool_call>2*3</tool_call><tool_call>x</tool_call><tool_call>4*5</tool_call></s>"
+    script = [[first_turn,                                  # three calls, one failing
+               "<tool_call>7*7</tool_call>",                # no EOS: the turn was cut by the budget, no call runs
+               "<tool_call>9*9</tool_call>ok</s>",          # one call, text after it kept (part of the turn)
+               "<tool_call>3*3</tool_call><tool_call>8*8</tool_call></s>"],  # results too long together
+              ["6 20</s>", "", "81</s>", ""]]
+    sampler = ScriptedSampler(script, max_new)
+
+    def calculator_or_long(expression):
+        return "7" * 45 if expression in ("3*3", "8*8") else calculator(expression)
+
+    toolbox = Toolbox([calculator_or_long], tool_format=fmt)
+    toolbox.tools = {"calculator": calculator_or_long}
+    out = run_tool_turns(sampler, np.asarray([encode("q"), encode("r")], np.int32), np.ones((2, 1), np.int32),
+                         key=jax.random.key(0), toolbox=toolbox, tokenizer=TOKENIZER, max_new_tokens=max_new,
+                         eos_token_ids=[EOS], pad_token_id=PAD, num_return_sequences=2)
+    assert sampler.calls[0]["stop"] == [EOS]  # the sampler does not stop at a call: the turn runs to EOS
+    error = '{"error": "Tool \'search\' not found; the tools are [\'calculator\']."}'
+    results = "".join(f"<tool_response>{r}</tool_response>" for r in ["6", error, "20"])
+    turn, answer = encode(first_turn), encode("6 20</s>")
+    assert out.completion_ids[0, :out.lengths[0]].tolist() == turn + encode(results) + answer
+    assert out.tool_mask[0, :out.lengths[0]].tolist() == [1] * len(turn) + [0] * len(encode(results)) + [1] * len(
+        answer)
+    np.testing.assert_array_equal(out.sampler_logps[0, len(turn):len(turn) + len(encode(results))], 0.0)
+    assert [(m["role"], m.get("name"), m["content"]) for m in out.segments[0]] == [
+        ("assistant", None, first_turn[:-4]), ("tool", "calculator", "6"), ("tool", "search", error),
+        ("tool", "calculator", "20"), ("assistant", None, "6 20")]
+    assert out.completion_ids[1, :out.lengths[1]].tolist() == encode("<tool_call>7*7</tool_call>")
+    third = encode("<tool_call>9*9</tool_call>ok</s>") + encode("<tool_response>81</tool_response>")
+    assert out.completion_ids[2, :out.lengths[2]].tolist() == third + encode("81</s>")
+    # row 3: each 47-token result would fit alone, not both: both are dropped and the completion ends with its calls
+    assert out.completion_ids[3, :out.lengths[3]].tolist() == encode(script[0][3])
+    assert out.tool_mask[3].all() and out.tool_mask[1].all()
+    assert (out.tool_call_count, out.tool_failure_count) == (6, 1)  # 3 + 0 + 1 + 2 (dropped ones count, as TRL's)
+    assert tool_metrics(out.tool_call_count, out.tool_failure_count, 4) == {
+        "tools/call_frequency": 1.5, "tools/failure_frequency": 1 / 6}
+    assert sampler.calls[1]["limits"].tolist() == [max_new - len(turn) - len(encode(results)), 0,
+                                                   max_new - len(third), 0]
+
+
+def test_turn_loop_runs_a_list_of_calls_from_one_block():
+    """The default format stops at the first call block; a block holding a list of calls runs them all."""
+    fmt = ToolFormat(response_template="<tool_response>{content}</tool_response>", parse_call=parse_function_call)
+    script = [["<tool_call>[calculator('2*3'), calculator('5*5')]</tool_call>"], ["31</s>"]]
+    sampler = ScriptedSampler(script, 64)
+    out = run_tool_turns(sampler, np.asarray([encode("q")], np.int32), np.ones((1, 1), np.int32),
+                         key=jax.random.key(0), toolbox=Toolbox([calculator], tool_format=fmt), tokenizer=TOKENIZER,
+                         max_new_tokens=64, eos_token_ids=[EOS], pad_token_id=PAD, num_return_sequences=1)
+    call, results = encode(script[0][0]), encode("<tool_response>6</tool_response><tool_response>25</tool_response>")
+    assert out.completion_ids[0, :out.lengths[0]].tolist() == call + results + encode("31</s>")
+    assert out.tool_mask[0, :out.lengths[0]].tolist() == [1] * len(call) + [0] * len(results) + [1] * 3
+    assert (out.tool_call_count, out.tool_failure_count) == (2, 0)
+
+
+class MultiplyEnv:
+    def reset(self, **row):
+        self.row, self.results = row, []
+
+    def calculator(self, expression: str) -> str:
+        self.results.append(calculator(expression))
+        return self.results[-1]
+
+    def get_reward(self):
+        return float(self.row["solution"] in self.results)
+
+
+class EchoEnv:
+    def reset(self, **row):
+        self.row = row
+
+    def echo(self, text: str) -> str:
+        return text
+
+
+def test_dict_environment_factory_routes_rows_to_their_environment():
+    """TRL's dict `environment_factory`: each row's `environment` picks its environment (and only its tools), the
+    column is not passed to `reset`, instances are pooled per environment, and `get_reward` is one reward per class
+    (None for rows of other environments)."""
+    toolbox = Toolbox(environment_factory={"multiply": MultiplyEnv, "echo": EchoEnv, "times": MultiplyEnv},
+                      tool_format=ToolFormat(response_template="<tool_response>{content}</tool_response>"))
+    assert toolbox.multi_environment and [f.__name__ for f in toolbox.environment_rewards] == ["MultiplyEnv"]
+    rows = [{"prompt": "q", "environment": "multiply", "solution": "6"}] * 2 + [
+        {"prompt": "r", "environment": "echo", "solution": "-"}] * 2
+    environments = toolbox.environments(rows)
+    assert [type(e) for e in environments] == [MultiplyEnv, MultiplyEnv, EchoEnv, EchoEnv]
+    assert len({id(e) for e in environments}) == 4 and environments[0].row == {"prompt": "q", "solution": "6"}
+    multiply = '<tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}</tool_call>'
+    echo = '<tool_call>{"name": "echo", "arguments": {"text": "hi"}}</tool_call>'
+    script = [[multiply, echo, echo, multiply], ["</s>"] * 4]
+    out = run_tool_turns(ScriptedSampler(script, 128), np.asarray([encode("q"), encode("r")], np.int32),
+                         np.ones((2, 1), np.int32), key=jax.random.key(0), toolbox=toolbox, tokenizer=TOKENIZER,
+                         max_new_tokens=128, eos_token_ids=[EOS], pad_token_id=PAD, num_return_sequences=2,
+                         environments=environments)
+    assert [[m["content"] for m in segment if m["role"] == "tool"] for segment in out.segments] == [
+        ["6"], ['{"error": "Tool \'echo\' not found; the tools are [\'calculator\']."}'], ["hi"],
+        ['{"error": "Tool \'calculator\' not found; the tools are [\'echo\']."}']]
+    assert (out.tool_call_count, out.tool_failure_count) == (4, 2)
+    assert toolbox.environment_rewards[0](environments=environments) == [1.0, 0.0, None, None]
+    # the pools are reused, and grow when a rollout needs more instances of one environment
+    again = toolbox.environments([rows[0]] * 3 + [rows[2]])
+    assert [id(e) for e in again[:2]] == [id(e) for e in environments[:2]] and again[3] is environments[2]
+    assert again[2] not in environments and again[1].results == []  # reset
+    with pytest.raises(ValueError, match=r"Row 1 of the prompts has environment='chess'.*\['echo', 'multiply', "
+                                         r"'times'\]"):
+        toolbox.environments([rows[0], {"prompt": "q", "environment": "chess"}])
+    with pytest.raises(ValueError, match="Row 0 of the prompts has environment=None"):
+        toolbox.check_rows([{"prompt": "q"}])
+    Toolbox(environment_factory=MultiplyEnv).check_rows([{"prompt": "q"}])  # one factory: no column needed
+
+
+def test_environment_factory_fails_early_on_what_trl_does_not_support(tmp_path):
+    with pytest.raises(ValueError, match="environment_factory=42 must be callable .* or a dict"):
+        Toolbox(environment_factory=42)
+    with pytest.raises(ValueError, match="environment_factory={} is empty"):
+        Toolbox(environment_factory={})
+    with pytest.raises(ValueError, match="environment_factory has 'echo': 'EchoEnv'"):
+        Toolbox(environment_factory={"echo": "EchoEnv"})
+    with pytest.raises(ValueError, match="environment_factory has 1: "):
+        Toolbox(environment_factory={1: EchoEnv})
+    with pytest.raises(ValueError, match=r"environment_factory returned a dict .* pass the dict itself"):
+        Toolbox(environment_factory=lambda: {"multiply": MultiplyEnv()})
+    with pytest.raises(ValueError, match=r"environment_factory\['bad'\] returned a object, which has no callable"):
+        Toolbox(environment_factory={"echo": EchoEnv, "bad": object})
+    with pytest.raises(ValueError, match=r"The methods \['calculator'\] of environment_factory\['multiply'\]"):
+        Toolbox([calculator], environment_factory={"multiply": MultiplyEnv})
+    # before anything compiles or the model is used: a train row without a known `environment`
+    prompts = datasets.Dataset.from_list([{"prompt": "a", "environment": "echo"}] * 3 + [{"prompt": "b",
+                                                                                          "environment": "chess"}])
+    config = grpo.GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4,
+                             max_steps=1, mesh_fsdp=1, disable_tqdm=True, save_steps=0)
+    with pytest.raises(ValueError, match="Row 3 of the train prompts has environment='chess'"):
+        grpo.train(None, TOKENIZER, prompts, config, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                   environment_factory={"echo": EchoEnv, "multiply": MultiplyEnv})
 
 
 # --------------------------------------------------------------------------------------------------------------
