@@ -481,3 +481,57 @@ def test_packed_share_gives_the_rows_one_process_packs(strategy):
     for row, index in zip(ours, share.needed, strict=True):
         for key in ("input_ids", "loss_mask", "segment_ids"):
             np.testing.assert_array_equal(row[key], expected[index][key])
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_eval_share_gives_each_process_its_rows_of_the_global_eval_batches(method, monkeypatch):
+    """Two processes simulated in this one (`process_rows` patched: rows 0-3, then 4-7 of each eval batch of 8):
+    each prepares only its rows' examples (and example 0, whose fields give the filler rows), and its eval batches
+    hold exactly the rows of the one-process batches at its rows, padded to the one-process length though its own
+    rows are shorter (the long example is process 1's); the last batch's missing rows are no-loss fillers."""
+    import datasets
+
+    from jaxpt import data, dpo, sft, sharding
+
+    tokenizer = char_tokenizer()
+    if method == "sft":
+        module, config = sft, SFTConfig(output_dir="unused")
+        rows = arithmetic_texts(13)
+        rows[5] = {"prompt": "1+2+3+4+5+6+7+8=", "completion": "36 is the sum of the first eight"}
+        measure = lambda example: len(example["input_ids"])  # noqa: E731
+    else:
+        module, config = dpo, dpo.DPOConfig(output_dir="unused")
+        rows = [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(13)]
+        rows[5] = {"prompt": "1+2+3+4+5+6+7+8=", "chosen": "36 is the sum", "rejected": "37 or so, I think"}
+        measure = dpo._longest
+    dataset = datasets.Dataset.from_list(rows)
+    buckets = data.length_buckets(64)
+    everything = module.prepare_dataset(dataset, tokenizer, config)
+    whole = distributed.EvalShare(13, 8, mesh=None, whole=True)
+    expected = list(module.eval_batches(everything, whole, buckets, 0))
+    assert len(expected) == 2 and expected[0]["input_ids"].shape[1] == 8
+
+    shares, prepared, local = [], [], []
+    for process in range(2):
+        own = np.arange(8) // 4 == process
+        monkeypatch.setattr(sharding, "process_rows", lambda mesh, rows, own=own: (own, own))
+        share = distributed.EvalShare(13, 8, mesh=sharding.make_mesh(), whole=False)
+        examples = module.prepare_dataset(share.select(dataset), tokenizer, config)
+        share.agree(examples, measure)  # one process: its own lengths; two: their max (simulated below)
+        shares.append(share), prepared.append(examples), local.append(share.lengths)
+    assert shares[0].needed.tolist() == [0, 1, 2, 3, 8, 9, 10, 11] and shares[1].needed.tolist() == [0, 4, 5, 6, 7, 12]
+    agreed = np.maximum(*local)  # what `agree`'s collective gives every process
+    assert local[0][0] < agreed[0] == measure(everything[5])  # process 0 alone would pad batch 0 shorter
+    for process, (share, examples) in enumerate(zip(shares, prepared, strict=True)):
+        share.lengths = agreed
+        rows_of = np.arange(8) // 4 == process
+        batches = list(module.eval_batches(examples, share, buckets, 0))
+        assert len(batches) == 2
+        for batch, reference in zip(batches, expected, strict=True):
+            assert sorted(batch) == sorted(reference)
+            for key, value in batch.items():
+                assert value.shape == reference[key].shape, (process, key)
+                np.testing.assert_array_equal(value[:, rows_of], reference[key][:, rows_of])
+    last = expected[1]
+    mask = last["loss_mask"] if method == "sft" else last["completion_mask"]
+    assert mask[0, :5].sum() > 0 and mask[0, 5:].sum() == 0  # 5 real rows, 3 fillers without loss
