@@ -535,3 +535,16 @@ def test_eval_share_gives_each_process_its_rows_of_the_global_eval_batches(metho
     last = expected[1]
     mask = last["loss_mask"] if method == "sft" else last["completion_mask"]
     assert mask[0, :5].sum() > 0 and mask[0, 5:].sum() == 0  # 5 real rows, 3 fillers without loss
+
+
+def test_eval_share_of_a_process_without_eval_rows(monkeypatch):
+    """An eval set of 3 examples in batches of 8: process 1 (rows 4-7) feeds none of them; it still prepares
+    example 0 (the filler's fields) and feeds a batch of fillers, measured 0 so the others' length wins."""
+    from jaxpt import sharding
+
+    monkeypatch.setattr(sharding, "process_rows", lambda mesh, rows: (np.arange(rows) >= 4,) * 2)
+    share = distributed.EvalShare(3, 8, mesh=sharding.make_mesh(), whole=False)
+    assert share.needed.tolist() == [0] and share.num_batches == 1
+    examples = [{"index": 0}]
+    assert share.measure(examples, lambda example: 100).tolist() == [0]
+    assert share.batch_rows(0, examples, "filler") == (["filler"] * 8, None)
