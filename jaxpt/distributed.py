@@ -276,6 +276,76 @@ class DataShare:
         return rows, counted
 
 
+class EvalShare:
+    """The rows of the eval batches one process feeds, for the offline methods' `evaluate`.
+
+    The eval set runs in order, in batches of `batch_size` examples (the last one filled with no-loss rows). Each
+    process prepares, and tokenizes, only the examples at its rows of every batch (`needed`: about 1/N of the eval
+    set), plus example 0, whose fields give the no-loss filler rows (a process may own no example of the set). Rows
+    a process does not feed hold the filler (never placed: `shard_batch(global_batch=True)` copies only a process's
+    own rows); all processes pad each batch to the length they agreed on (`agree`: one collective for the whole
+    eval set, before the first evaluation). Metrics are computed on the global batches, so they are those of one
+    process.
+
+    On one process (`whole=True`) nothing changes: every example is prepared and every row is its own."""
+
+    def __init__(self, num_examples: int, batch_size: int, *, mesh, whole: bool | None = None):
+        import jax
+        import numpy as np
+
+        from jaxpt.sharding import process_rows
+
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.num_batches = -(-num_examples // batch_size)
+        self.lengths = None  # agree
+        self.whole = jax.process_count() == 1 or mesh is None if whole is None else whole
+        if self.whole:
+            self.positions, self.needed = np.arange(batch_size), np.arange(num_examples)
+            return
+        self.positions = np.flatnonzero(process_rows(mesh, batch_size)[0])  # this process's rows of a batch
+        indices = (np.arange(self.num_batches)[:, None] * batch_size + self.positions).reshape(-1)
+        self.needed = np.union1d(indices[indices < num_examples], [0] if num_examples else [])
+        logger.info("Process %d prepares %d of the %d eval examples: the rows it feeds", jax.process_index(),
+                    len(self.needed), num_examples)
+
+    def select(self, dataset):
+        """The eval dataset rows this process prepares (all of them on one process), in dataset order."""
+        return dataset if self.whole else select_rows(dataset, self.needed)
+
+    def measure(self, examples: list, measure):
+        """This process's longest row of every batch (`measure(example)`, 0 where it feeds no example)."""
+        import numpy as np
+
+        longest = np.zeros(self.num_batches, np.int64)
+        for batch in range(self.num_batches):
+            rows, _ = self.batch_rows(batch, examples, None)
+            longest[batch] = max((measure(row) for row in rows if row is not None), default=0)
+        return longest
+
+    def agree(self, examples: list, measure) -> None:
+        """Agree on every eval batch's longest row (`measure(example)`: the padded length of its global batch) in one
+        collective; every process must call it at the same point. On a whole share nothing is computed ahead
+        (`batch_rows` gives no length: the batch's own rows tell it)."""
+        if self.whole:
+            return
+        local = self.measure(examples, measure)
+        self.lengths = gather_rows(local).reshape(-1, self.num_batches).max(axis=0)
+
+    def batch_rows(self, batch: int, examples: list, filler) -> tuple[list, int | None]:
+        """`(rows, longest)` of eval batch `batch` from this process's prepared `examples` (aligned with `needed`):
+        `batch_size` rows, the batch's examples at this process's rows and `filler` elsewhere (past the end of the
+        set too), and the agreed longest row of the global batch (`agree`; None on a whole share)."""
+        import numpy as np
+
+        first = batch * self.batch_size
+        rows = [filler] * self.batch_size
+        for position in self.positions:
+            index = first + int(position)
+            if index < self.num_examples:
+                rows[position] = examples[index if self.whole else int(np.searchsorted(self.needed, index))]
+        return rows, None if self.lengths is None else int(self.lengths[batch])
+
+
 def select_rows(dataset, indices):
     """Rows `indices` of a `datasets.Dataset`, a list of rows or a dict of columns (same kind out)."""
     if hasattr(dataset, "select") and hasattr(dataset, "column_names"):

@@ -537,9 +537,24 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
 
     examples = distributed.on_every_process(prepare_share, what="DPO dataset") if share else \
         prepare_dataset(dataset, tokenizer, config)
-    eval_examples = None
+    eval_examples, eval_share = None, None
     if eval_dataset is not None and config.eval_strategy != "no":
-        eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+        eval_batch = config.per_device_eval_batch_size * batch_divisor(mesh)
+        if jax.process_count() > 1 and not config.precompute_ref_log_probs:
+            # Each process tokenizes only its rows of the eval batches, and all agree on their padded lengths.
+            data.require_format(eval_dataset, ("preference", "implicit_preference"), method="DPO")
+            eval_share = distributed.EvalShare(len(eval_dataset), eval_batch, mesh=mesh)
+
+            def prepare_eval_share():
+                own = prepare_dataset(eval_share.select(eval_dataset), tokenizer, config)
+                check_fits(own)
+                return own
+
+            eval_examples = distributed.on_every_process(prepare_eval_share, what="DPO eval dataset")
+            eval_share.agree(eval_examples, _longest)  # every eval batch's padded length, up front
+        else:
+            eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+            eval_share = distributed.EvalShare(len(eval_examples), eval_batch, mesh=mesh, whole=True)
     if share is None:
         distributed.check_same_data(examples, what="DPO examples")  # every process builds the same global batches
         steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="DPO")
@@ -549,7 +564,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
                                       total_steps=total_steps, whole=True)
     longest = max(map(_longest, examples))
     buckets = data.length_buckets(config.max_length or (longest if share.whole else agreed_max(longest)))
-    check_fits((examples if share.whole else []) + (eval_examples or []))
+    check_fits((examples if share.whole else []) + (eval_examples if eval_share and eval_share.whole else []))
 
     if config.precompute_ref_log_probs:  # before the first step donates the model's parameters
         reference = ref_model if ref_model is not None else model
@@ -599,9 +614,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
             ref_params = sync_reference(ref_params, state.params, config, step=done)  # TR-DPO, after the step
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
-            if eval_examples and loop.should_evaluate(config, done, steps_in_epoch):
+            if eval_share and eval_share.num_examples and loop.should_evaluate(config, done, steps_in_epoch):
                 log.write({"step": done, **evaluate(eval_step, state, ref_params, eval_examples, config, mesh,
-                                                    buckets, pad_id)})
+                                                    buckets, pad_id, share=eval_share)})
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()  # a checkpoint is written only after its losses were checked finite
                 checkpoints.save(done, state, {"num_tokens": num_tokens})
@@ -612,17 +627,27 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
 
 
-def evaluate(eval_step, state, ref_params, examples, config, mesh, buckets, pad_token_id) -> dict:
+def eval_batches(examples, share: distributed.EvalShare, buckets, pad_token_id):
+    """The eval batches (`collate`d, micro-batch `[1, batch]`) this process feeds, in order: its rows of each global
+    batch (`share`), padded to the batch's agreed length; pairs past the end of the set count in no metric."""
+    # padding pairs have no completion tokens: they count in no metric
+    filler = {k: np.zeros_like(v[:1]) if np.ndim(v) else np.float32(0.0) for k, v in examples[0].items()}
+    for index in range(share.num_batches):
+        rows, longest = share.batch_rows(index, examples, filler)
+        yield collate(rows, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id, longest=longest)
+
+
+def evaluate(eval_step, state, ref_params, examples, config, mesh, buckets, pad_token_id, *,
+             share: distributed.EvalShare | None = None) -> dict:
     """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix): pair metrics averaged over
-    pairs, token metrics over their tokens (`eval_step` returns `(sum, count)` pairs: `return_counts=True`)."""
-    batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
+    pairs, token metrics over their tokens (`eval_step` returns `(sum, count)` pairs: `return_counts=True`).
+    `share`: this process's rows of the eval batches (default: every example prepared, all rows its own)."""
+    if share is None:
+        share = distributed.EvalShare(len(examples), config.per_device_eval_batch_size * batch_divisor(mesh),
+                                      mesh=mesh, whole=True)
     totals = None
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        # padding pairs have no completion tokens: they count in no metric
-        padding = {k: np.zeros_like(v[:1]) if np.ndim(v) else np.float32(0.0) for k, v in chunk[0].items()}
-        chunk += [padding] * (batch_size - len(chunk))
-        batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+    for batch in eval_batches(examples, share, buckets, pad_token_id):
+        # several processes agreed on every batch's length (`EvalShare.agree`): no shape check per batch
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=share.whole)
         totals = add_metrics(totals, jax.device_get(eval_step(state, placed, ref_params)))
     return {f"eval_{key}": float(value) for key, value in mean_metrics(totals).items()}

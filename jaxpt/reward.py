@@ -282,19 +282,7 @@ def _prepare_share(model, dataset, tokenizer, config: RewardConfig, *, examples_
     data.require_format(dataset, ("preference", "implicit_preference"), method="Reward")
     distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
                                 what="reward-model datasets")
-    block = np.array_split(np.arange(len(dataset)), jax.process_count())[jax.process_index()]
-    measured = distributed.on_every_process(
-        lambda: [_longest(e) for e in prepare_dataset(distributed.select_rows(dataset, block), tokenizer, config,
-                                                      drop_too_long=False)] if len(block) else [],
-        what="reward dataset")
-    lengths = distributed.gather_rows(np.asarray(measured, np.int64))  # every row's, in dataset order
-    kept = np.arange(len(lengths)) if config.max_length is None else np.flatnonzero(lengths <= config.max_length)
-    if len(kept) < len(lengths):
-        logger.warning("Dropped %d of %d preference pairs longer than max_length=%d tokens (as TRL does).",
-                       len(lengths) - len(kept), len(lengths), config.max_length)
-    if not len(kept):
-        raise ValueError(f"Every one of the {len(lengths)} preference pairs is longer than max_length="
-                         f"{config.max_length} tokens, so none is left: raise max_length (or set it to None).")
+    kept = _kept_pairs(dataset, tokenizer, config, what="reward dataset")
     steps_in_epoch = data.steps_per_epoch(len(kept), examples_per_step, method="Reward")
     share = distributed.DataShare(len(kept), examples_per_step, micro_batch=micro_batch, mesh=mesh, seed=config.seed,
                                   shuffle=True, start_step=loop.planned_start_step(config),
@@ -307,6 +295,67 @@ def _prepare_share(model, dataset, tokenizer, config: RewardConfig, *, examples_
         return own
 
     return distributed.on_every_process(prepare, what="reward dataset"), share
+
+
+def _kept_pairs(dataset, tokenizer, config: RewardConfig, *, what: str) -> np.ndarray:
+    """On several processes: the dataset rows within `max_length` (the pairs one process keeps), in order. Each
+    process tokenizes a contiguous block of the dataset (every row is checked by one process) and the blocks'
+    lengths are gathered."""
+    block = np.array_split(np.arange(len(dataset)), jax.process_count())[jax.process_index()]
+    measured = distributed.on_every_process(
+        lambda: [_longest(e) for e in prepare_dataset(distributed.select_rows(dataset, block), tokenizer, config,
+                                                      drop_too_long=False)] if len(block) else [],
+        what=what)
+    lengths = distributed.gather_rows(np.asarray(measured, np.int64))  # every row's, in dataset order
+    kept = np.arange(len(lengths)) if config.max_length is None else np.flatnonzero(lengths <= config.max_length)
+    if len(kept) < len(lengths):
+        logger.warning("Dropped %d of %d preference pairs longer than max_length=%d tokens (as TRL does).",
+                       len(lengths) - len(kept), len(lengths), config.max_length)
+    if not len(kept):
+        raise ValueError(f"Every one of the {len(lengths)} preference pairs is longer than max_length="
+                         f"{config.max_length} tokens, so none is left: raise max_length (or set it to None).")
+    return kept
+
+
+def _prepare_eval(model, eval_dataset, tokenizer, config: RewardConfig, *, mesh, pad_id: int):
+    """`(examples, share, margins)` of the eval set. On several processes each tokenizes only the kept pairs at its
+    rows of the eval batches (`distributed.EvalShare`; which pairs are kept is measured as for training), all agree
+    on each batch's padded length, and every pair's margin is gathered (the loss takes them all at once; None
+    without a margin column). On one process: everything, and margins None (read from the examples)."""
+    batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
+    if jax.process_count() == 1:
+        examples = prepare_dataset(eval_dataset, tokenizer, config)
+        return examples, distributed.EvalShare(len(examples), batch_size, mesh=mesh, whole=True), None
+    data.require_format(eval_dataset, ("preference", "implicit_preference"), method="Reward")
+    kept = _kept_pairs(eval_dataset, tokenizer, config, what="reward eval dataset")
+    share = distributed.EvalShare(len(kept), batch_size, mesh=mesh)
+
+    def prepare():
+        own = prepare_dataset(distributed.select_rows(eval_dataset, kept[share.needed]), tokenizer, config)
+        data.check_model_fits(model, own, ("chosen_ids", "rejected_ids"), method="Reward", length_fields="max_length",
+                              extra_ids=(pad_id,))
+        return own
+
+    examples = distributed.on_every_process(prepare, what="reward eval dataset")
+    share.agree(examples, _longest)  # every eval batch's padded length, up front
+    margins = None
+    if "margin" in examples[0]:
+        # each process knows the margins of the pairs it prepared; together they cover the set
+        margins = np.zeros(len(kept), np.float32)
+        margins[distributed.gather_rows(share.needed)] = distributed.gather_rows(
+            np.asarray([e["margin"] for e in examples], np.float32))
+    return examples, share, margins
+
+
+def eval_batches(examples, share: distributed.EvalShare, buckets, pad_token_id):
+    """`(batch, real)` for each eval batch this process feeds, in order: its rows of the global batch (`share`),
+    padded to the batch's agreed length, and how many of the batch's rows are pairs of the set (the others are
+    one-token fillers, whose rewards are dropped)."""
+    filler = {k: v[:1] if np.ndim(v) else np.float32(0.0) for k, v in examples[0].items()}
+    for index in range(share.num_batches):
+        rows, longest = share.batch_rows(index, examples, filler)
+        real = min(share.batch_size, share.num_examples - index * share.batch_size)
+        yield collate(rows, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id, longest=longest), real
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -333,9 +382,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     else:
         examples = prepare_dataset(dataset, tokenizer, config)
         steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="Reward")
-    eval_examples = None
+    eval_examples, eval_share, eval_margins = None, None, None
     if eval_dataset is not None and config.eval_strategy != "no":
-        eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+        eval_examples, eval_share, eval_margins = _prepare_eval(model, eval_dataset, tokenizer, config, mesh=mesh,
+                                                                pad_id=pad_id)
     total_steps = data.total_steps(config, steps_in_epoch)
     if jax.process_count() == 1:
         share = distributed.DataShare(len(examples), examples_per_step, micro_batch=micro_batch, mesh=mesh,
@@ -343,7 +393,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
                                       whole=True)
     longest = max(map(_longest, examples + (eval_examples or [])))
     buckets = data.length_buckets(config.max_length or (longest if share.whole else agreed_max(longest)))
-    data.check_model_fits(model, (examples if share.whole else []) + (eval_examples or []),
+    data.check_model_fits(model, (examples if share.whole else []) + (eval_examples if eval_share and
+                                                                    eval_share.whole else []),
                           ("chosen_ids", "rejected_ids"), method="Reward", length_fields="max_length",
                           extra_ids=(pad_id,))
     if pad_id == tokenizer.eos_token_id:
@@ -384,8 +435,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
-            if eval_examples and loop.should_evaluate(config, done, steps_in_epoch):
-                log.write({"step": done, **evaluate(eval_step, state, eval_examples, config, mesh, buckets, pad_id)})
+            if eval_share and eval_share.num_examples and loop.should_evaluate(config, done, steps_in_epoch):
+                log.write({"step": done, **evaluate(eval_step, state, eval_examples, config, mesh, buckets, pad_id,
+                                                    share=eval_share, margins=eval_margins)})
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()  # a checkpoint is written only after its losses were checked finite
                 checkpoints.save(done, state, {"num_tokens": num_tokens})
@@ -411,20 +463,24 @@ def _set_pad_token_id(model_dir: str, pad_token_id: int) -> None:
         path.write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) -> dict:
+def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id, *,
+             share: distributed.EvalShare | None = None, margins: np.ndarray | None = None) -> dict:
     """Loss and metrics over the whole eval set as one big batch (TRL's names with an `eval_` prefix): the
-    rewards of every pair are gathered and `reward_loss` is applied to all of them at once."""
-    batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
+    rewards of every pair are gathered and `reward_loss` is applied to all of them at once. `share`, `margins`:
+    this process's rows of the eval batches and every pair's margin (`_prepare_eval`; default: every example
+    prepared, all rows its own, margins from the examples)."""
+    if share is None:
+        share = distributed.EvalShare(len(examples), config.per_device_eval_batch_size * batch_divisor(mesh),
+                                      mesh=mesh, whole=True)
     chosen, rejected = [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        real = len(chunk)
-        chunk += [chunk[0]] * (batch_size - real)  # fixed shape; the copies' rewards are dropped below
-        batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        out = jax.device_get(eval_step(state, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
-        chosen.append(out["chosen_rewards"][:real])
+    for batch, real in eval_batches(examples, share, buckets, pad_token_id):
+        # several processes agreed on every batch's length (`EvalShare.agree`): no shape check per batch
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=share.whole)
+        out = jax.device_get(eval_step(state, placed))
+        chosen.append(out["chosen_rewards"][:real])  # the fillers' rewards are dropped
         rejected.append(out["rejected_rewards"][:real])
-    margin = np.asarray([e["margin"] for e in examples], np.float32) if "margin" in examples[0] else None
+    if margins is None and "margin" in examples[0]:
+        margins = np.asarray([e["margin"] for e in examples], np.float32)
     loss, metrics = reward_loss(jnp.asarray(np.concatenate(chosen)), jnp.asarray(np.concatenate(rejected)),
-                                margin=margin, center_rewards_coefficient=config.center_rewards_coefficient)
+                                margin=margins, center_rewards_coefficient=config.center_rewards_coefficient)
     return {f"eval_{key}": float(value) for key, value in {"loss": loss, **metrics}.items()}

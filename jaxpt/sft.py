@@ -434,11 +434,12 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
                                      length_fields="max_length", extra_ids=(pad_id,), what="SFT dataset")
     else:
         examples = prepare_dataset(dataset, tokenizer, config)
-    eval_examples = None
+    eval_examples, eval_share = None, None
     if eval_dataset is not None and config.eval_strategy != "no":
         # Unless eval_packing says otherwise, the eval set is prepared as the training set (padding_free packs).
         eval_packing = config.eval_packing if config.eval_packing is not None else config.packing or config.padding_free
-        eval_examples = prepare_dataset(eval_dataset, tokenizer, config, packing=eval_packing)
+        eval_examples, eval_share = _prepare_eval(model, tokenizer, eval_dataset, config, mesh, pad_id,
+                                                  packing=eval_packing)
     if share is None:
         distributed.check_same_data(examples, what="SFT examples")  # every process builds the same global batches
         steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="SFT")
@@ -448,7 +449,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
                                       total_steps=total_steps, whole=True)
     longest = max((len(e["input_ids"]) for e in examples), default=1)
     buckets = data.length_buckets(config.max_length or (longest if share.whole else agreed_max(longest)))
-    data.check_model_fits(model, (examples if share.whole else []) + (eval_examples or []), ("input_ids",),
+    data.check_model_fits(model, (examples if share.whole else []) + (eval_examples if eval_share and
+                                                                    eval_share.whole else []), ("input_ids",),
                           method="SFT", length_fields="max_length", extra_ids=(pad_id,))
 
     tx, schedule = make_optimizer(config, total_steps)
@@ -483,8 +485,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
-            if eval_examples and loop.should_evaluate(config, done, steps_in_epoch):
-                log.write({"step": done, **evaluate(eval_step, state, eval_examples, config, mesh, buckets, pad_id)})
+            if eval_share and eval_share.num_examples and loop.should_evaluate(config, done, steps_in_epoch):
+                log.write({"step": done, **evaluate(eval_step, state, eval_examples, config, mesh, buckets, pad_id,
+                                                    share=eval_share)})
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()  # a checkpoint is written only after its losses were checked finite
                 checkpoints.save(done, state, {"num_tokens": num_tokens})
@@ -540,15 +543,49 @@ def _num_tokens(example: dict) -> int:
     return len(example["input_ids"])
 
 
-def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id) -> dict:
-    """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix), token-weighted: `eval_step`
-    returns `(sum, count)` pairs (`make_eval_step(return_counts=True)`)."""
+def _prepare_eval(model, tokenizer, eval_dataset, config: SFTConfig, mesh, pad_id: int, *, packing: bool):
+    """`(examples, share)` of the eval set: on several processes (unpacked) each prepares only the examples of its
+    rows of the eval batches and all agree on each batch's padded length (`distributed.EvalShare`); a packed eval
+    set (its rows need every example's length) and a single process prepare everything."""
     batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
+    if jax.process_count() == 1 or packing:
+        examples = prepare_dataset(eval_dataset, tokenizer, config, packing=packing)
+        return examples, distributed.EvalShare(len(examples), batch_size, mesh=mesh, whole=True)
+    data.require_format(eval_dataset, ("language_modeling", "prompt_completion"), method="SFT",
+                        text_field=config.dataset_text_field)
+    share = distributed.EvalShare(len(eval_dataset), batch_size, mesh=mesh)
+
+    def prepare_share():
+        own = prepare_dataset(share.select(eval_dataset), tokenizer, config, packing=False)
+        data.check_model_fits(model, own, ("input_ids",), method="SFT", length_fields="max_length",
+                              extra_ids=(pad_id,))
+        return own
+
+    examples = distributed.on_every_process(prepare_share, what="SFT eval dataset")
+    share.agree(examples, lambda example: len(example["input_ids"]))  # every batch's padded length, up front
+    return examples, share
+
+
+def eval_batches(examples, share: distributed.EvalShare, buckets, pad_token_id):
+    """The eval batches (`collate`d, `[1, batch, length]`) this process feeds, in order: its rows of each global
+    batch (`share`), padded to the batch's agreed length; rows past the end of the set have no loss."""
+    filler = {k: np.zeros_like(v[:1]) for k, v in examples[0].items()}  # no loss token: counts in no metric
+    for index in range(share.num_batches):
+        rows, longest = share.batch_rows(index, examples, filler)
+        yield collate(rows, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id, longest=longest)
+
+
+def evaluate(eval_step, state, examples, config, mesh, buckets, pad_token_id, *,
+             share: distributed.EvalShare | None = None) -> dict:
+    """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix), token-weighted: `eval_step`
+    returns `(sum, count)` pairs (`make_eval_step(return_counts=True)`). `share`: this process's rows of the eval
+    batches (`_prepare_eval`; default: every example prepared, all rows its own)."""
+    if share is None:
+        share = distributed.EvalShare(len(examples), config.per_device_eval_batch_size * batch_divisor(mesh),
+                                      mesh=mesh, whole=True)
     totals = None
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        chunk += [{k: np.zeros_like(v[:1]) for k, v in chunk[0].items()}] * (batch_size - len(chunk))  # no loss
-        batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+    for batch in eval_batches(examples, share, buckets, pad_token_id):
+        # several processes agreed on every batch's length (`EvalShare.agree`): no shape check per batch
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=share.whole)
         totals = add_metrics(totals, jax.device_get(eval_step(state, placed)))
     return {f"eval_{key}": float(value) for key, value in mean_metrics(totals).items()}

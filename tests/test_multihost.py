@@ -481,3 +481,87 @@ def test_packed_share_gives_the_rows_one_process_packs(strategy):
     for row, index in zip(ours, share.needed, strict=True):
         for key in ("input_ids", "loss_mask", "segment_ids"):
             np.testing.assert_array_equal(row[key], expected[index][key])
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "reward"])
+def test_eval_share_gives_each_process_its_rows_of_the_global_eval_batches(method, monkeypatch):
+    """Two processes simulated in this one (`process_rows` patched: rows 0-3, then 4-7 of each eval batch of 8):
+    each prepares only its rows' examples (and example 0, whose fields give the filler rows), and its eval batches
+    hold exactly the rows of the one-process batches at its rows, padded to the one-process length though its own
+    rows are shorter (the long example is process 1's); the last batch's missing rows are no-loss fillers. The
+    reward model keeps the pairs within max_length first (row 13 is dropped) and gathers every pair's margin."""
+    import datasets
+
+    from jaxpt import data, dpo, reward, sft, sharding
+
+    tokenizer = char_tokenizer()
+    long_pair = {"prompt": "1+2+3+4+5+6+7+8=", "chosen": "36 is the sum", "rejected": "37 or so, I think"}
+    if method == "sft":
+        module, config = sft, SFTConfig(output_dir="unused")
+        rows = arithmetic_texts(13)
+        rows[5] = {"prompt": "1+2+3+4+5+6+7+8=", "completion": "36 is the sum of the first eight"}
+        measure = lambda example: len(example["input_ids"])  # noqa: E731
+    else:
+        rows = [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(13)]
+        rows[5] = long_pair
+        module, config, measure = dpo, dpo.DPOConfig(output_dir="unused"), dpo._longest
+        if method == "reward":
+            rows = [{**row, "margin": float(i)} for i, row in enumerate(rows + [{**long_pair, "rejected": "x" * 60}])]
+            module, config, measure = reward, reward.RewardConfig(output_dir="unused", max_length=40), reward._longest
+    dataset = datasets.Dataset.from_list(rows)
+    kept = np.arange(13)
+    if method == "reward":
+        kept = reward._kept_pairs(dataset, tokenizer, config, what="reward eval dataset")
+        assert kept.tolist() == list(range(13))
+
+    def batches_of(examples, share):
+        return [batch[0] if method == "reward" else batch
+                for batch in module.eval_batches(examples, share, data.length_buckets(64), 0)]
+
+    everything = module.prepare_dataset(dataset, tokenizer, config)
+    expected = batches_of(everything, distributed.EvalShare(13, 8, mesh=None, whole=True))
+    assert len(expected) == 2 and expected[0]["input_ids"].shape[1] == 8
+
+    shares, prepared, local = [], [], []
+    for process in range(2):
+        own = np.arange(8) // 4 == process
+        monkeypatch.setattr(sharding, "process_rows", lambda mesh, rows, own=own: (own, own))
+        share = distributed.EvalShare(13, 8, mesh=sharding.make_mesh(), whole=False)
+        examples = module.prepare_dataset(distributed.select_rows(dataset, kept[share.needed]), tokenizer, config)
+        share.agree(examples, measure)  # one process: its own lengths; two: their max (simulated below)
+        shares.append(share), prepared.append(examples), local.append(share.lengths)
+    assert shares[0].needed.tolist() == [0, 1, 2, 3, 8, 9, 10, 11] and shares[1].needed.tolist() == [0, 4, 5, 6, 7, 12]
+    agreed = np.maximum(*local)  # what `agree`'s collective gives every process
+    assert local[0][0] < agreed[0] == measure(everything[5])  # process 0 alone would pad batch 0 shorter
+    for process, (share, examples) in enumerate(zip(shares, prepared, strict=True)):
+        share.lengths = agreed
+        rows_of = np.arange(8) // 4 == process
+        batches = batches_of(examples, share)
+        assert len(batches) == 2
+        for batch, reference in zip(batches, expected, strict=True):
+            assert sorted(batch) == sorted(reference)
+            for key, value in batch.items():
+                assert value.shape == reference[key].shape, (process, key)
+                np.testing.assert_array_equal(value[:, rows_of], reference[key][:, rows_of])
+    last = expected[1]
+    mask = {"sft": "loss_mask", "dpo": "completion_mask", "reward": "attention_mask"}[method]
+    assert last[mask][0, :5, ..., 1:].sum() > 0 and last[mask][0, 5:, ..., 1:].sum() == 0  # 3 fillers: no loss
+    if method == "reward":  # `_prepare_eval` gathers each process's margins: together, every pair's
+        margins = np.zeros(13, np.float32)
+        for share, examples in zip(shares, prepared, strict=True):
+            margins[share.needed] = [e["margin"] for e in examples]
+        np.testing.assert_array_equal(margins, [e["margin"] for e in everything])
+        assert [real for _, real in reward.eval_batches(everything, shares[0], data.length_buckets(64), 0)] == [8, 5]
+
+
+def test_eval_share_of_a_process_without_eval_rows(monkeypatch):
+    """An eval set of 3 examples in batches of 8: process 1 (rows 4-7) feeds none of them; it still prepares
+    example 0 (the filler's fields) and feeds a batch of fillers, measured 0 so the others' length wins."""
+    from jaxpt import sharding
+
+    monkeypatch.setattr(sharding, "process_rows", lambda mesh, rows: (np.arange(rows) >= 4,) * 2)
+    share = distributed.EvalShare(3, 8, mesh=sharding.make_mesh(), whole=False)
+    assert share.needed.tolist() == [0] and share.num_batches == 1
+    examples = [{"index": 0}]
+    assert share.measure(examples, lambda example: 100).tolist() == [0]
+    assert share.batch_rows(0, examples, "filler") == (["filler"] * 8, None)
