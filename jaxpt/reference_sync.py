@@ -65,8 +65,9 @@ def sync_reference(reference, params, config, *, step: int):
 
 def checkpoint_extra(config, reference) -> dict | None:
     """What a checkpoint saves beside the train state: the synced reference (`{"reference": ...}`), or None
-    without `sync_ref_model` (the reference is then the initial one, rebuilt on resume)."""
-    return {"reference": reference} if config.sync_ref_model else None
+    without `sync_ref_model` (the reference is then the initial one, rebuilt on resume) or without a reference
+    (None: e.g. GRPO with beta=0)."""
+    return {"reference": reference} if config.sync_ref_model and reference is not None else None
 
 
 def resumed_reference(config, reference, progress: dict, start_step: int, *, method: str):
