@@ -5,6 +5,8 @@ Layout under `output_dir`:
     checkpoints/<step>/state        orbax PyTree checkpoint of the TrainState leaves (under LoRA the adapters and
                                     their optimizer state only: the frozen base is the model the run starts from)
     checkpoints/<step>/progress     JSON: {"step": ..., "num_tokens": ..., "fingerprint": {...}}
+    checkpoints/<step>/extra        optional orbax PyTree of arrays outside the TrainState that the run moves and
+                                    needs to continue exactly (e.g. the TR-DPO reference: `{"reference": ...}`)
     final/                          config.json + model.safetensors (+ tokenizer files)
 
 Resuming restores the state into the shardings the caller asks for and returns the step to continue from;
@@ -91,16 +93,19 @@ class Checkpointer:
     def step_directory(self, step: int) -> Path:
         return self.directory / str(step)
 
-    def save(self, step: int, state: Any, progress: dict) -> Path:
-        """Write checkpoint `step`; raise `RuntimeError` if it was not written (orbax skips, without an error,
-        any step not above the newest checkpoint in the directory)."""
+    def save(self, step: int, state: Any, progress: dict, *, extra: dict | None = None) -> Path:
+        """Write checkpoint `step` (with `extra`, a dict of array pytrees outside the state, when given); raise
+        `RuntimeError` if it was not written (orbax skips, without an error, any step not above the newest
+        checkpoint in the directory)."""
         record = {"step": step, **progress}
         if self.fingerprint is not None:
             record["fingerprint"] = {**self.fingerprint, "parameters": parameter_shapes(state)}
         if getattr(state, "frozen", None) is not None:  # LoRA: the frozen base is the model the run starts from
             state = state.replace(frozen=None)
-        saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                progress=ocp.args.JsonSave(record)))
+        items = {"state": ocp.args.StandardSave(state), "progress": ocp.args.JsonSave(record)}
+        if extra is not None:
+            items["extra"] = ocp.args.StandardSave(extra)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items))
         self.manager.wait_until_finished()
         path = self.step_directory(step)
         if not saved:
@@ -137,9 +142,12 @@ class Checkpointer:
             raise DamagedCheckpointError(path, f"its progress JSON is {progress!r}, not the record of step {step}")
         return dict(progress)
 
-    def restore(self, step: int, state_like: Any, shardings: Any = None) -> tuple[Any, dict]:
+    def restore(self, step: int, state_like: Any, shardings: Any = None, *,
+                extra_like: dict | None = None) -> tuple[Any, dict]:
         """Restore checkpoint `step` into the structure of `state_like` (arrays or ShapeDtypeStructs), placed by
         `shardings` (a matching pytree of shardings) or like `state_like`'s arrays. Returns `(state, progress)`.
+        With `extra_like` (arrays, as given to `save(extra=)`), `progress["extra"]` holds the saved extra arrays,
+        placed like `extra_like`'s, or is None when the checkpoint has none (written without them).
 
         Raises `ValueError` naming the field when the checkpoint's fingerprint differs from this run's, and
         `DamagedCheckpointError` when the checkpoint cannot be read."""
@@ -160,12 +168,18 @@ class Checkpointer:
             shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), state_like)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like,
                                 shardings)
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if extra_like is not None and (path / "extra").is_dir():
+            items["extra"] = ocp.args.StandardRestore(jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), extra_like))
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # TensorStore raises a bare Exception for a truncated or missing array file
             raise DamagedCheckpointError(path, f"its arrays cannot be read ({type(error).__name__}: "
                                                f"{_first_line(error)})") from error
         restored_state = restored["state"]
+        if extra_like is not None:
+            progress["extra"] = restored["extra"] if "extra" in items else None
         return (restored_state if frozen is None else restored_state.replace(frozen=frozen)), progress
 
     def close(self) -> None:

@@ -56,7 +56,7 @@ from jaxpt.losses.dpo import (
 from jaxpt.losses.logprobs import chunked_token_logps, chunked_token_logps_and_stats, next_token_targets
 from jaxpt.losses.metrics import add_metrics, mean_metrics, total_metrics
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.reference_sync import check_reference_sync, check_resume, sync_reference
+from jaxpt.reference_sync import check_reference_sync, checkpoint_extra, resumed_reference, sync_reference
 from jaxpt.sharding import (
     agreed_max,
     batch_divisor,
@@ -587,9 +587,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding, return_counts=True)
     checkpoints = loop.checkpointer(config, method="dpo", model=model)
-    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
+                                              extra=checkpoint_extra(config, ref_params))
     loop.check_planned_start(share, start_step)  # the data share was prepared from the planned step
-    check_resume(config, start_step, method="DPO")
+    ref_params = resumed_reference(config, ref_params, progress, start_step, method="DPO")  # TR-DPO: saved one
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
@@ -619,7 +620,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
                                                     buckets, pad_id, share=eval_share)})
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()  # a checkpoint is written only after its losses were checked finite
-                checkpoints.save(done, state, {"num_tokens": num_tokens})
+                checkpoints.save(done, state, {"num_tokens": num_tokens}, extra=checkpoint_extra(config, ref_params))
         log.flush(total_steps, epoch=total_steps / steps_in_epoch)
     finally:
         log.close()

@@ -74,7 +74,7 @@ from jaxpt.losses.sampler_mismatch import (
     sampler_mismatch_metrics,
 )
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.reference_sync import check_reference_sync, check_resume, sync_reference
+from jaxpt.reference_sync import check_reference_sync, checkpoint_extra, resumed_reference, sync_reference
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     GENERATION_KWARGS,
@@ -496,7 +496,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     # Old and reference log-probs: the train step's log-prob function, jitted once (exact ratios in every dtype).
     logps_fn = make_logps_fn(state.graphdef, temperature=config.temperature, chunk_size=config.logits_chunk_size,
                              micro_batch=micro_batch, mesh=mesh)
-    ref_logps_fn = None
+    ref_logps_fn, reference = None, None  # a reference only with a KL term (beta != 0)
     if config.beta != 0.0:
         if ref_model is None:
             check_reference_without_adapters(model, method="GRPO with beta > 0")
@@ -511,11 +511,18 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
                                          logps_fn=logps_fn)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     checkpoints = loop.checkpointer(config, method="grpo", model=model)
-    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
+                                              extra=checkpoint_extra(config, reference))
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
-    check_resume(config, start_step, method="GRPO")
+    if reference is not None:  # TR-DPO: continue from the checkpoint's synced reference
+        restored = resumed_reference(config, reference, progress, start_step, method="GRPO")
+        if restored is not reference:
+            reference = restored
+            ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
+                                             chunk_size=config.logits_chunk_size, micro_batch=micro_batch,
+                                             mesh=mesh, logps_fn=logps_fn)
     num_tokens = progress.get("num_tokens", 0)
     # Adaptive entropy control's state: the coefficient and the last step's entropy (inf: no bonus before the first
     # measurement, as TRL), saved with the checkpoints.
@@ -578,7 +585,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
                 checkpoints.save(step, state, {"num_tokens": num_tokens, "entropy_coef": entropy_coef,
-                                               "last_entropy": None if math.isinf(last_entropy) else last_entropy})
+                                               "last_entropy": None if math.isinf(last_entropy) else last_entropy},
+                                 extra=checkpoint_extra(config, reference))
         log.flush(step, epoch=step / steps_in_epoch)
     finally:
         log.close()

@@ -84,9 +84,12 @@ def checkpointer(config, *, method: str, model) -> Checkpointer:
                         fingerprint=run_fingerprint(config, method=method, model=model))
 
 
-def resume(config, state, state_sharding, checkpoints: Checkpointer) -> tuple[object, int, dict]:
+def resume(config, state, state_sharding, checkpoints: Checkpointer, *,
+           extra: dict | None = None) -> tuple[object, int, dict]:
     """`(state, start_step, progress)`: the restored checkpoint named by `config.resume_from_checkpoint`
-    (`'latest'` or a path), or the fresh state at step 0. `'latest'` skips damaged checkpoints (with a warning,
+    (`'latest'` or a path), or the fresh state at step 0. With `extra` (the run's arrays outside the state, as
+    given to `Checkpointer.save(extra=)`), a restored `progress["extra"]` holds their saved values (None when the
+    checkpoint has none). `'latest'` skips damaged checkpoints (with a warning,
     moving them to `output_dir/damaged_checkpoints`); a damaged explicit one is an error. After a resume,
     `metrics.jsonl` (and `completions.jsonl`) are cut back to the restored step, so replayed steps are logged
     once."""
@@ -94,14 +97,14 @@ def resume(config, state, state_sharding, checkpoints: Checkpointer) -> tuple[ob
     if not request:
         return state, 0, {}
     if str(request).lower() in ("latest", "true"):
-        restored = _restore_latest(config, state, state_sharding, checkpoints)
+        restored = _restore_latest(config, state, state_sharding, checkpoints, extra)
         if restored is None:
             return state, 0, {}
         state, step, progress = restored
         run_dir = Path(config.output_dir)
     else:
         run_dir, step = parse_checkpoint_path(request)
-        state, progress = _restore_path(run_dir, step, state, state_sharding, checkpoints)
+        state, progress = _restore_path(run_dir, step, state, state_sharding, checkpoints, extra)
     truncate_logs(config.output_dir, step)
     logger.info("Resumed from %s/%s/%d", run_dir, CHECKPOINT_DIR, step)
     return state, step, progress
@@ -130,7 +133,7 @@ def check_planned_start(share, start_step: int) -> None:
                          f"{DAMAGED_DIR}/): run the same command again to resume from step {start_step}.")
 
 
-def _restore_latest(config, state, state_sharding, checkpoints: Checkpointer):
+def _restore_latest(config, state, state_sharding, checkpoints: Checkpointer, extra=None):
     steps = checkpoints.all_steps()
     if not steps:
         logger.warning("resume_from_checkpoint=%r, but %s holds no checkpoint: training starts from scratch (step 0).",
@@ -139,7 +142,7 @@ def _restore_latest(config, state, state_sharding, checkpoints: Checkpointer):
     damaged = []
     for step in reversed(steps):
         try:
-            restored, progress = checkpoints.restore(step, state, state_sharding)
+            restored, progress = checkpoints.restore(step, state, state_sharding, extra_like=extra)
         except DamagedCheckpointError as error:
             logger.warning("%s Trying the next older checkpoint.", error)
             damaged.append(error.directory)
@@ -170,7 +173,7 @@ def _set_aside(damaged: list[Path], output_dir: Path, checkpoints: Checkpointer)
     checkpoints.reload()
 
 
-def _restore_path(run_dir: Path, step: int, state, state_sharding, checkpoints: Checkpointer):
+def _restore_path(run_dir: Path, step: int, state, state_sharding, checkpoints: Checkpointer, extra=None):
     same_run = run_dir.absolute() == checkpoints.directory.parent
     # This run saves into checkpoints.directory: orbax would refuse (or mix in) steps beside existing ones.
     conflicting = [s for s in checkpoints.all_steps() if s > step or not same_run]
@@ -181,7 +184,7 @@ def _restore_path(run_dir: Path, step: int, state, state_sharding, checkpoints: 
                          "would collide with. Move them away, or resume into another output_dir.")
     source = checkpoints if same_run else Checkpointer(run_dir, fingerprint=checkpoints.fingerprint)
     try:
-        return source.restore(step, state, state_sharding)
+        return source.restore(step, state, state_sharding, extra_like=extra)
     except DamagedCheckpointError as error:
         older = [s for s in source.all_steps() if s < step and _looks_complete(source, s)]
         hint = (f" The newest older checkpoint that looks complete is {source.step_directory(older[-1])}: resume "

@@ -7,7 +7,9 @@ every `ref_model_sync_steps` optimizer steps (after the step, as TRL's `SyncRefM
 
 computed per parameter in the reference's dtype. The reference is never trained: only this update moves it.
 Each method declares the three fields in its own config (TRL's names and defaults: False, 0.6, 512) and calls
-`check_reference_sync` up front and `sync_reference` after each step.
+`check_reference_sync` up front and `sync_reference` after each step. The moving reference is saved with every
+checkpoint (`checkpoint_extra`, the `extra` item of `jaxpt.checkpoint`) and restored on resume
+(`resumed_reference`), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -61,10 +63,32 @@ def sync_reference(reference, params, config, *, step: int):
     return mix_reference(reference, params, config.ref_model_mixup_alpha)
 
 
+def checkpoint_extra(config, reference) -> dict | None:
+    """What a checkpoint saves beside the train state: the synced reference (`{"reference": ...}`), or None
+    without `sync_ref_model` (the reference is then the initial one, rebuilt on resume) or without a reference
+    (None: e.g. GRPO with beta=0)."""
+    return {"reference": reference} if config.sync_ref_model and reference is not None else None
+
+
+def resumed_reference(config, reference, progress: dict, start_step: int, *, method: str):
+    """The reference to continue from after `loop.resume(..., extra=checkpoint_extra(config, reference))`: the
+    checkpoint's synced reference; the initial `reference` for a fresh run, or a checkpoint from before the first
+    synchronisation written without one. A checkpoint without a reference after a synchronisation fails."""
+    saved = (progress.get("extra") or {}).get("reference")
+    if not config.sync_ref_model or start_step == 0:
+        return reference
+    if saved is not None:
+        return saved
+    check_resume(config, start_step, method=method)  # no reference saved: only before the first sync is exact
+    return reference
+
+
 def check_resume(config, start_step: int, *, method: str) -> None:
-    """A synced reference is not checkpointed: resuming after the first synchronisation would silently train
-    against the initial reference, so it fails instead."""
+    """For a checkpoint without the synced reference (a method that does not save it, or a checkpoint written
+    without sync_ref_model): resuming after the first synchronisation would silently train against the initial
+    reference, so it fails instead."""
     if config.sync_ref_model and start_step >= config.ref_model_sync_steps:
-        raise ValueError(f"{method}: resuming at step {start_step} with sync_ref_model=True is not supported: the "
-                         f"reference synchronised every {config.ref_model_sync_steps} steps is not saved in "
-                         "checkpoints. Restart the run, or resume with sync_ref_model=False.")
+        raise ValueError(f"{method}: resuming at step {start_step} with sync_ref_model=True needs the reference "
+                         f"synchronised every {config.ref_model_sync_steps} steps, but the checkpoint does not hold "
+                         "it (written without sync_ref_model, or by a method that does not save it). Restart the "
+                         "run, or resume with sync_ref_model=False.")

@@ -54,7 +54,7 @@ from jaxpt.losses.rloo import penalized_rewards, rloo_advantages, rloo_loss
 from jaxpt.losses.sampled_rewards import nanstd, reward_metrics
 from jaxpt.losses.sampler_mismatch import combine_extremes, sampler_mismatch_metrics
 from jaxpt.models import set_gradient_checkpointing
-from jaxpt.reference_sync import check_reference_sync, check_resume, sync_reference
+from jaxpt.reference_sync import check_reference_sync, checkpoint_extra, resumed_reference, sync_reference
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     GENERATION_KWARGS,
@@ -327,7 +327,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     # Old and reference log-probs: the train step's log-prob function, jitted once (exact ratios in every dtype).
     logps_fn = make_logps_fn(state.graphdef, temperature=config.temperature, chunk_size=config.logits_chunk_size,
                              micro_batch=micro_batch, mesh=mesh)
-    ref_logps_fn = None
+    ref_logps_fn, reference = None, None  # a reference only with a KL term (beta != 0)
     if config.beta != 0.0:
         if ref_model is None:
             check_reference_without_adapters(model, method="RLOO with beta > 0")
@@ -342,11 +342,18 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                                          logps_fn=logps_fn)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     checkpoints = loop.checkpointer(config, method="rloo", model=model)
-    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
+                                              extra=checkpoint_extra(config, reference))
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
-    check_resume(config, start_step, method="RLOO")
+    if reference is not None:  # TR-DPO: continue from the checkpoint's synced reference
+        restored = resumed_reference(config, reference, progress, start_step, method="RLOO")
+        if restored is not reference:
+            reference = restored
+            ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
+                                             chunk_size=config.logits_chunk_size, micro_batch=micro_batch,
+                                             mesh=mesh, logps_fn=logps_fn)
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
@@ -401,7 +408,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                                                              policy_logps_fn=logps_fn, tools=toolbox)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
-                checkpoints.save(step, state, {"num_tokens": num_tokens})
+                checkpoints.save(step, state, {"num_tokens": num_tokens}, extra=checkpoint_extra(config, reference))
         log.flush(step, epoch=step / steps_in_epoch)
     finally:
         log.close()

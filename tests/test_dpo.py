@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import tempfile
 
 import datasets
@@ -329,6 +330,32 @@ def test_tr_dpo_reference_moves_toward_the_policy_every_sync_steps(tmp_path, mon
     assert moved > 1e-2  # the update is visible, not a comparison of equal trees
     for name, value in nnx.to_flat_state(nnx.state(ref_model, nnx.Param)):
         np.testing.assert_array_equal(np.asarray(value, np.float64), initial_ref[name])
+
+
+def test_tr_dpo_resumed_after_a_sync_continues_exactly(tmp_path):
+    """A checkpoint after the step-2 synchronisation holds the synced reference: resuming from step 3 (the
+    reference syncs again at step 4) ends with the uninterrupted run's parameters and logs its metrics."""
+    rows = datasets.Dataset.from_list(preference_rows(20))
+    cfg = config(tmp_path, max_steps=5, save_steps=3, sync_ref_model=True, ref_model_mixup_alpha=0.6,
+                 ref_model_sync_steps=2, learning_rate=1e-2)
+    full = dpo.train(tiny_llama(VOCAB), TOKENIZER, rows, cfg)
+    full_params = {k: np.asarray(v) for k, v in nnx.to_flat_state(full.state.params)}
+    full_records = [r for r in full.metrics if "loss" in r]
+    # The same output_dir again from its step-3 checkpoint (the model given is the same initial one)
+    resumed = dpo.train(tiny_llama(VOCAB), TOKENIZER, rows, cfg.replace(resume_from_checkpoint="latest"))
+    resumed_records = [r for r in resumed.metrics if "loss" in r]
+    assert [r["step"] for r in resumed_records] == [4, 5]
+    for before, after in zip(full_records[3:], resumed_records, strict=True):
+        for name in ("loss", "rewards/margins", "rewards/chosen"):
+            assert after[name] == pytest.approx(before[name], rel=1e-5, abs=1e-7), (after["step"], name)
+    for name, value in nnx.to_flat_state(resumed.state.params):
+        np.testing.assert_allclose(np.asarray(value), full_params[name], rtol=1e-5, atol=1e-7, err_msg=str(name))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5]  # replayed steps logged once
+    # A checkpoint after a sync without the reference (written without sync_ref_model) cannot resume exactly
+    shutil.rmtree(tmp_path / "checkpoints" / "3" / "extra")
+    with pytest.raises(ValueError, match="resuming at step 3 with sync_ref_model=True needs the reference"):
+        dpo.train(tiny_llama(VOCAB), TOKENIZER, rows, cfg.replace(resume_from_checkpoint="latest"))
 
 
 def test_tr_dpo_bad_configurations_fail_early(tmp_path):

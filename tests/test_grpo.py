@@ -168,8 +168,10 @@ def test_grpo_raises_the_mean_reward(tmp_path):
 
 def test_kl_iterations_and_resume(tmp_path, monkeypatch):
     """beta > 0 (reference log-probs, `kl` logged), two iterations per rollout (off-policy ratios), and a crash
-    after the checkpoint of step 2 resumed to reproduce the uninterrupted run."""
-    cfg = config(tmp_path / "full", beta=0.1, num_iterations=2, max_steps=4)
+    after the checkpoint of step 2 resumed to reproduce the uninterrupted run, whose reference (TR-DPO) moved
+    toward the policy after step 2: the checkpoint holds the synced reference."""
+    cfg = config(tmp_path / "full", beta=0.1, num_iterations=2, max_steps=4, sync_ref_model=True,
+                 ref_model_mixup_alpha=0.6, ref_model_sync_steps=2)
     grpo.train(tiny_llama(VOCAB), TOKENIZER, PROMPTS, cfg, reward_funcs=[digits_reward])
     full = read_metrics(tmp_path / "full")
     # Step 1 trains the reference itself on its own samples: no KL, no clipping. The second pass over each

@@ -274,11 +274,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: BCOConfig, *, ref_model
           eval_dataset=None) -> loop.TrainResult:
     """Train `model` with BCO on unpaired feedback against `ref_model` (default: a frozen copy of `model`):
     progress bar, `metrics.jsonl`, orbax checkpoints every `save_steps`, and the final model exported in Hugging Face
-    format. The running reward shift is not checkpointed: a BCO run cannot resume exactly, and refuses to."""
+    format. The running reward shift δ is saved with the checkpoints, so a resumed run continues exactly."""
     config.validate()
-    if config.resume_from_checkpoint:
-        raise ValueError(f"resume_from_checkpoint={config.resume_from_checkpoint!r}: BCO's running reward shift is "
-                         "not checkpointed, so a BCO run cannot resume exactly; start it over.")
     if config.eval_strategy != "no" and eval_dataset is not None:
         raise ValueError(f"eval_strategy={config.eval_strategy!r}: BCO has no evaluation loop yet; use 'no'.")
     loop.prepare_output_dir(config)
@@ -312,15 +309,26 @@ def train(model: nnx.Module, tokenizer, dataset, config: BCOConfig, *, ref_model
             ref_params = put_global(ref_params, state_sharding.params)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     running = init_running()
+    if mesh is not None:
+        running = put_global(running, replicated(mesh))
     checkpoints = loop.checkpointer(config, method="bco", model=model)
+    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
+                                              extra={"running": running})
+    if start_step:  # the running reward shift continues from the checkpoint's
+        if progress.get("extra") is None:
+            raise ValueError(f"resume_from_checkpoint={config.resume_from_checkpoint!r}: the checkpoint of step "
+                             f"{start_step} has no running reward shift (written by an older jaxpt), so the BCO run "
+                             "cannot resume exactly; start it over.")
+        running = progress["extra"]["running"]
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
-                        description="bco", start_step=0, config=config.to_dict())
+                        description="bco", start_step=start_step, config=config.to_dict())
     note_shape = loop.ShapeNotes()
-    order = data.step_indices(len(examples), examples_per_step, seed=config.seed, shuffle=True)
-    num_tokens = 0
+    order = data.step_indices(len(examples), examples_per_step, seed=config.seed, shuffle=True,
+                              start_step=start_step)
+    num_tokens = progress.get("num_tokens", 0)
     try:
-        for step in range(total_steps):
+        for step in range(start_step, total_steps):
             _, indices = next(order)
             batch = collate([examples[i] for i in indices], accumulation_steps=config.gradient_accumulation_steps,
                             buckets=buckets, pad_token_id=pad_id)
@@ -333,7 +341,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: BCOConfig, *, ref_model
                     epoch=done / steps_in_epoch)
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()
-                checkpoints.save(done, state, {"num_tokens": num_tokens})
+                checkpoints.save(done, state, {"num_tokens": num_tokens}, extra={"running": running})
         log.flush(total_steps, epoch=total_steps / steps_in_epoch)
     finally:
         log.close()

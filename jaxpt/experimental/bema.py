@@ -16,7 +16,8 @@ with ρ = `lag`, γ = `multiplier`, κ = `ema_power`, η = `bias_power`, updated
 
 BEMA extends `jaxpt.dpo` (config, data, step): the step takes the reference parameters as an argument, so the loop
 passes θ' in their place. Precomputed reference log-probs cannot follow a moving reference, LoRA is not supported
-yet (TRL moves the base weights under the adapters), and the BEMA buffers are not checkpointed (no resume).
+yet (TRL moves the base weights under the adapters). The BEMA buffers and the current reference are saved with
+the checkpoints, so a resumed run continues exactly.
 
 ```python
 config = BEMAConfig(output_dir="out", max_steps=1000, ref_model_update_freq=100, update_freq=100)
@@ -133,6 +134,13 @@ def bema_update(state: BEMAState, params: nnx.State, step: int, config: BEMAConf
     return state
 
 
+def checkpoint_extra(bema: BEMAState, ref_params: nnx.State | None) -> dict:
+    """What a checkpoint saves beside the train state: the BEMA buffers and the reference (when not precomputed),
+    which has been θ' of the last replacing step."""
+    extra = {"theta0": bema.theta0, "ema": bema.ema, "bema": bema.bema}
+    return extra if ref_params is None else {**extra, "reference": ref_params}
+
+
 def replaces_reference(step: int, config: BEMAConfig) -> bool:
     """Whether the reference becomes θ' after optimizer step `step`."""
     return (config.update_ref_model and step >= config.ref_model_update_after
@@ -154,9 +162,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: BEMAConfig, *, eval_dat
     `model` and becomes the BEMA weights on `ref_model_update_freq` steps. Logs `metrics.jsonl` like `jaxpt.dpo`,
     evaluates, checkpoints and exports the trained policy; the BEMA weights come back as `bema_params`."""
     config.validate()
-    if config.resume_from_checkpoint:
-        raise ValueError(f"resume_from_checkpoint={config.resume_from_checkpoint!r}: BEMA's buffers (θ₀, EMA) are not "
-                         "checkpointed, so a BEMA run cannot resume exactly; start it over.")
     loop.prepare_output_dir(config)
     if getattr(model, "lora_settings", None) is not None:
         raise ValueError("BEMA with LoRA is not supported: the BEMA reference would have to move the base weights "
@@ -190,14 +195,25 @@ def train(model: nnx.Module, tokenizer, dataset, config: BEMAConfig, *, eval_dat
     train_step = dpo.make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     eval_step = dpo.make_eval_step(config, mesh=mesh, state_sharding=state_sharding, return_counts=True)
     checkpoints = loop.checkpointer(config, method="bema", model=model)
+    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
+                                              extra=checkpoint_extra(bema, ref_params))
+    if start_step:  # the BEMA buffers and the reference continue from the checkpoint's
+        saved = progress.get("extra")
+        if saved is None:
+            raise ValueError(f"resume_from_checkpoint={config.resume_from_checkpoint!r}: the checkpoint of step "
+                             f"{start_step} has no BEMA buffers (written by an older jaxpt), so the BEMA run cannot "
+                             "resume exactly; start it over.")
+        bema = BEMAState(saved["theta0"], saved["ema"], saved["bema"])
+        ref_params = saved.get("reference", ref_params)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
-                        description="bema", start_step=0, config=config.to_dict())
+                        description="bema", start_step=start_step, config=config.to_dict())
     note_shape = loop.ShapeNotes()
-    order = data.step_indices(len(examples), examples_per_step, seed=config.seed, shuffle=config.shuffle_dataset)
-    num_tokens = 0
+    order = data.step_indices(len(examples), examples_per_step, seed=config.seed, shuffle=config.shuffle_dataset,
+                              start_step=start_step)
+    num_tokens = progress.get("num_tokens", 0)
     try:
-        for step in range(total_steps):
+        for step in range(start_step, total_steps):
             _, indices = next(order)
             batch = dpo.collate([examples[i] for i in indices], accumulation_steps=config.gradient_accumulation_steps,
                                 buckets=buckets, pad_token_id=pad_id)
@@ -215,7 +231,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: BEMAConfig, *, eval_dat
                                                         buckets, pad_id)})
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()
-                checkpoints.save(done, state, {"num_tokens": num_tokens})
+                checkpoints.save(done, state, {"num_tokens": num_tokens}, extra=checkpoint_extra(bema, ref_params))
         log.flush(total_steps, epoch=total_steps / steps_in_epoch)
     finally:
         log.close()

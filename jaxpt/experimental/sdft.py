@@ -617,14 +617,19 @@ def train(model: nnx.Module, tokenizer, dataset, config: SDFTConfig, *, eval_dat
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding, teacher_sharding=teacher_sharding)
     eval_step = make_eval_step(config, mesh=mesh, state_sharding=state_sharding, teacher_sharding=teacher_sharding)
     checkpoints = loop.checkpointer(config, method="sdft", model=model)
-    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
+    # The EMA teacher moves with training: it is saved with each checkpoint and restored on resume
+    ema_teacher = config.teacher_model_kind == "ema"
+    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
+                                              extra={"teacher": kept} if ema_teacher else None)
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
-    if config.teacher_model_kind == "ema" and start_step >= config.teacher_sync_steps:
-        raise ValueError(f"SDFT: resuming at step {start_step} with teacher_model_kind='ema' is not supported: the "
-                         "EMA teacher is not saved in checkpoints. Restart the run, or use teacher_model_kind='base' "
-                         "or 'live'.")
+    if ema_teacher and progress.get("extra") is not None:
+        kept = progress["extra"]["teacher"]
+    elif ema_teacher and start_step >= config.teacher_sync_steps:
+        raise ValueError(f"SDFT: resuming at step {start_step} with teacher_model_kind='ema' needs the EMA teacher, "
+                         "but the checkpoint does not hold it (written by an older jaxpt). Restart the run, or use "
+                         "teacher_model_kind='base' or 'live'.")
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
@@ -666,7 +671,8 @@ def train(model: nnx.Module, tokenizer, dataset, config: SDFTConfig, *, eval_dat
                                                     prompt_buckets=prompt_buckets)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()
-                checkpoints.save(step, state, {"num_tokens": num_tokens})
+                checkpoints.save(step, state, {"num_tokens": num_tokens},
+                                 extra={"teacher": kept} if ema_teacher else None)
         log.flush(step, epoch=step / steps_in_epoch)
     finally:
         log.close()

@@ -108,3 +108,19 @@ def test_train_separates_desirable_from_undesirable(tmp_path):
     margin = lambda record: record["rewards/chosen"] - record["rewards/rejected"]
     assert margin(last) > margin(first) + 0.5
     assert int(result.state.step) == 24
+
+
+def test_resume_continues_the_running_reward_shift(tmp_path):
+    """A run resumed from its step-2 checkpoint continues with the saved running shift δ: the same later metrics
+    (δ included) and final parameters as the uninterrupted run."""
+    rows = datasets.Dataset.from_list(feedback_rows(16))
+    cfg = config(tmp_path, beta=0.5, max_steps=3, save_steps=2, learning_rate=1e-2)
+    full = bco.train(tiny_llama(VOCAB), TOKENIZER, rows, cfg)
+    full_params = {k: np.asarray(v) for k, v in nnx.to_flat_state(full.state.params)}
+    resumed = bco.train(tiny_llama(VOCAB), TOKENIZER, rows, cfg.replace(resume_from_checkpoint="latest"))
+    assert [r["step"] for r in resumed.metrics] == [3]
+    # δ is the mean over steps 1-3 (a fresh shift after the resume would be step 3's mean alone)
+    for key in ("loss", "delta", "rewards/chosen", "rewards/rejected"):
+        assert resumed.metrics[0][key] == pytest.approx(full.metrics[2][key], rel=1e-5, abs=1e-7), key
+    for name, value in nnx.to_flat_state(resumed.state.params):
+        np.testing.assert_allclose(np.asarray(value), full_params[name], rtol=1e-5, atol=1e-7, err_msg=str(name))

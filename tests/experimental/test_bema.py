@@ -111,3 +111,23 @@ def _params(model):
     from flax import nnx
 
     return nnx.state(model, nnx.Param)
+
+
+def test_resume_continues_the_bema_buffers_and_reference(tmp_path):
+    """Resumed from its step-3 checkpoint (θ₀ taken at step 1, the reference replaced at step 2), a run ends with
+    the uninterrupted run's metrics, parameters and BEMA weights."""
+    config = bema.BEMAConfig(output_dir=str(tmp_path), max_length=32, per_device_train_batch_size=4, logging_steps=1,
+                             learning_rate=1e-2, beta=0.5, max_steps=5, save_steps=3, mesh_fsdp=1,
+                             disable_tqdm=True, save_final_model=False, seed=0, update_freq=1, update_after=1,
+                             ref_model_update_freq=2)
+    rows = datasets.Dataset.from_list(preference_rows(20))
+    full = bema.train(tiny_llama(VOCAB), TOKENIZER, rows, config)
+    full_params = [np.asarray(leaf) for leaf in jax.tree.leaves((full.state.params, full.bema_params))]
+    resumed = bema.train(tiny_llama(VOCAB), TOKENIZER, rows, config.replace(resume_from_checkpoint="latest"))
+    assert [r["step"] for r in resumed.metrics] == [4, 5]
+    for before, after in zip(full.metrics[3:], resumed.metrics, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/chosen"):
+            assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-7), (after["step"], key)
+    for expected, leaf in zip(full_params, jax.tree.leaves((resumed.state.params, resumed.bema_params)),
+                              strict=True):
+        np.testing.assert_allclose(np.asarray(leaf), expected, rtol=1e-5, atol=1e-7)

@@ -177,3 +177,23 @@ def test_training_lowers_the_divergence(tmp_path):
     assert len(evals) == 1 and 0 < evals[0]["eval_loss"] < losses[0]
     assert result.state.step == 6
     assert dataclasses.is_dataclass(config)
+
+
+def test_ema_teacher_resumes_exactly(tmp_path):
+    """The EMA teacher (moved after every step) is saved with the checkpoints: a run resumed from step 2 logs the
+    uninterrupted run's step-3 losses and ends with its parameters."""
+    rows = datasets.Dataset.from_list([{"prompt": f"{a}+{b}=", "privileged_context": f"answer {a + b}"}
+                                       for a, b in ((3, 4), (5, 1))])
+    config = sdft.SDFTConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,
+                             max_completion_length=6, learning_rate=3e-2, distillation_topk=20, mesh_fsdp=1,
+                             max_steps=3, logging_steps=1, save_steps=2, disable_tqdm=True, save_final_model=False,
+                             teacher_model_kind="ema", teacher_update_rate=0.5)
+    full = sdft.train(tiny_llama(VOCAB), TOKENIZER, rows, config)
+    full_params = [np.asarray(leaf) for leaf in jax.tree.leaves(full.state.params)]
+    resumed = sdft.train(tiny_llama(VOCAB), TOKENIZER, rows, dataclasses.replace(config,
+                                                                                 resume_from_checkpoint="latest"))
+    assert [r["step"] for r in resumed.metrics] == [3]
+    for key in ("loss", "sdft/distillation_loss"):
+        assert resumed.metrics[0][key] == pytest.approx(full.metrics[2][key], rel=1e-5, abs=1e-7), key
+    for expected, leaf in zip(full_params, jax.tree.leaves(resumed.state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(leaf), expected, rtol=1e-5, atol=1e-7)
