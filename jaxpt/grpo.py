@@ -506,9 +506,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
         check_reference_sync(config, lora=state.frozen is not None, method="GRPO")
         if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
             reference = jax.tree.map(jnp.copy, reference)
-        ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
-                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
-                                         logps_fn=logps_fn)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     checkpoints = loop.checkpointer(config, method="grpo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
@@ -517,12 +514,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
     if reference is not None:  # TR-DPO: continue from the checkpoint's synced reference
-        restored = resumed_reference(config, reference, progress, start_step, method="GRPO")
-        if restored is not reference:
-            reference = restored
-            ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
-                                             chunk_size=config.logits_chunk_size, micro_batch=micro_batch,
-                                             mesh=mesh, logps_fn=logps_fn)
+        reference = resumed_reference(config, reference, progress, start_step, method="GRPO")
+        ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
+                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
+                                         logps_fn=logps_fn)
     num_tokens = progress.get("num_tokens", 0)
     # Adaptive entropy control's state: the coefficient and the last step's entropy (inf: no bonus before the first
     # measurement, as TRL), saved with the checkpoints.

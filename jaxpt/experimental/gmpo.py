@@ -271,9 +271,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: GMPOConfig, *, reward_f
         check_reference_sync(config, lora=state.frozen is not None, method="GMPO")
         if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
             reference = jax.tree.map(jnp.copy, reference)
-        ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
-                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
-                                         logps_fn=logps_fn)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     checkpoints = loop.checkpointer(config, method="gmpo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
@@ -282,12 +279,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: GMPOConfig, *, reward_f
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
     if reference is not None:  # TR-DPO: continue from the checkpoint's synced reference
-        restored = resumed_reference(config, reference, progress, start_step, method="GMPO")
-        if restored is not reference:
-            reference = restored
-            ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
-                                             chunk_size=config.logits_chunk_size, micro_batch=micro_batch,
-                                             mesh=mesh, logps_fn=logps_fn)
+        reference = resumed_reference(config, reference, progress, start_step, method="GMPO")
+        ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
+                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
+                                         logps_fn=logps_fn)
     num_tokens = progress.get("num_tokens", 0)
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
