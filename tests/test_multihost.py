@@ -30,9 +30,15 @@ from tests.conftest import TEST_XLA_FLAGS
 from tests.helpers import arithmetic_texts, char_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 420  # seconds for one run (all its processes); a hang fails the test instead of blocking the suite
+# Seconds for one run (all its processes): a hang fails the test instead of blocking the suite. Generous, since the
+# first pair runs six commands while the other test worker and this process's 1-process runs share the CPUs (on a
+# loaded 2-core CI machine it took over 420 s).
+TIMEOUT = 1200
 KILL_AT_CALL = "JAXPT_TEST_KILL_AT_REWARD_CALL"
 _reward_calls = 0
+# One test worker runs this module: its tests share one (expensive) module fixture of process pairs, and each worker
+# would start its own (`--dist loadgroup`, set in pyproject.toml, honours this group).
+pytestmark = pytest.mark.xdist_group("multihost")
 
 
 def digits_or_kill(completions, **kwargs):
