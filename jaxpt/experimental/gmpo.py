@@ -14,7 +14,8 @@ with `KL_it = exp(ref - logp) - (ref - logp) - 1` (k3; GMPO has no bias correcti
 `(exp(-epsilon), exp(epsilon_high))`, `epsilon = epsilon_high = 0.4` by default (the paper's, and TRL's
 `GMPOConfig`). `top_entropy_quantile < 1` keeps only the high-entropy tokens in the geometric mean (the KL stays
 on every token), as TRL. Everything else is GRPO's and comes from `jaxpt.grpo`: the config (`GMPOConfig` extends
-`GRPOConfig`), the rollout (sampling, rewards, group advantages, old and reference log-probs) and the loop's pieces;
+`GRPOConfig`), the rollout (sampling, rewards, group advantages, old and reference log-probs) and the loop
+(`jaxpt.grpo.train`, given GMPO's `make_train_step`);
 `grpo_loss`'s own options (`loss_type`, `importance_sampling_level`, `delta`, the SAPO/VESPO parameters,
 `off_policy_mask_threshold`, the entropy bonus, the sampler correction, `use_bias_correction_kl`) have no meaning
 for GMPO: TRL's `GMPOTrainer` ignores them, jaxpt refuses them when set.
