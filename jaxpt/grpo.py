@@ -450,20 +450,22 @@ def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None
 
 def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_funcs: Sequence[Callable | str],
           ref_model: nnx.Module | None = None, eval_dataset=None, tools: Sequence[Callable] | None = None,
-          environment_factory: Callable | None = None, tool_format=None) -> loop.TrainResult:
+          environment_factory: Callable | None = None, tool_format=None, method: str = "GRPO",
+          make_train_step: Callable = make_train_step) -> loop.TrainResult:
     """GRPO on the prompts of `dataset` (TRL prompt-only format; other columns go to the reward functions):
     progress bar, `metrics.jsonl` with TRL's names, evaluation (sampled rewards on `eval_dataset`), orbax
     checkpoints at rollout boundaries, exact resume, HF export. `reward_funcs`: callables with TRL's signature,
     names from `jaxpt.rewards.REWARD_FUNCTIONS`, or `jaxpt.rewards.model_reward(...)`. `tools` (Python callables),
     `environment_factory` and `tool_format` (`jaxpt.tools.ToolFormat`): tool-using multi-turn rollouts, TRL's
-    `tools` / `environment_factory` (see `jaxpt/tools.py`)."""
+    `tools` / `environment_factory` (see `jaxpt/tools.py`). `method` and `make_train_step`: for a method that is
+    GRPO with another step (`jaxpt.experimental.gmpo`), its name (messages, checkpoints, progress) and its step."""
     config.validate()  # again: fields may have been changed since the config was built
     loop.prepare_output_dir(config)
     reward_funcs = [resolve_reward_function(f) for f in reward_funcs]
     toolbox = toolbox_from(config, tools=tools, environment_factory=environment_factory, tool_format=tool_format,
-                           method="GRPO")
+                           method=method)
     if not reward_funcs and (toolbox is None or not toolbox.environment_rewards):
-        raise ValueError("reward_funcs is empty: GRPO needs at least one reward function.")
+        raise ValueError(f"reward_funcs is empty: {method} needs at least one reward function.")
     if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
         raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {len(reward_funcs)} reward "
                          "functions.")
@@ -471,20 +473,20 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     micro_batch, steps_per_generation, prompts_per_rollout = rollout_shape(config, batch_divisor(mesh))
     accumulation = config.gradient_accumulation_steps
     steps_per_rollout = config.num_iterations * steps_per_generation // accumulation
-    prompts = data.prepare_prompts(dataset, tokenizer, method="GRPO", max_prompt_length=config.max_prompt_length,
+    prompts = data.prepare_prompts(dataset, tokenizer, method=method, max_prompt_length=config.max_prompt_length,
                                    chat_template_kwargs=config.chat_template_kwargs)
     eval_prompts = None
     if eval_dataset is not None and config.eval_strategy != "no":
-        eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="GRPO",
+        eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method=method,
                                             max_prompt_length=config.max_prompt_length,
                                             chat_template_kwargs=config.chat_template_kwargs)
     evaluation_config = eval_config(config, prompts_per_rollout=prompts_per_rollout, micro_batch=micro_batch)
-    distributed.check_same_data(prompts, what="GRPO prompts")  # every process builds the same global batches
-    rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method="GRPO")
+    distributed.check_same_data(prompts, what=f"{method} prompts")  # every process builds the same global batches
+    rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method=method)
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
     prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
-    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="GRPO",
+    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method=method,
                          tools=toolbox)
     if ref_model is not None and config.beta != 0.0:
         check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
@@ -499,22 +501,22 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     ref_logps_fn, reference = None, None  # a reference only with a KL term (beta != 0)
     if config.beta != 0.0:
         if ref_model is None:
-            check_reference_without_adapters(model, method="GRPO with beta > 0")
+            check_reference_without_adapters(model, method=f"{method} with beta > 0")
         # under LoRA the default is the base with the adapters off; a ref_model runs with zero adapters
         reference = (lora.with_adapters_off(nnx.state(ref_model, nnx.Param), state) if ref_model is not None
                      else reference_params(state))
-        check_reference_sync(config, lora=state.frozen is not None, method="GRPO")
+        check_reference_sync(config, lora=state.frozen is not None, method=method)
         if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
             reference = jax.tree.map(jnp.copy, reference)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
-    checkpoints = loop.checkpointer(config, method="grpo", model=model)
+    checkpoints = loop.checkpointer(config, method=method.lower(), model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
                                               extra=checkpoint_extra(config, reference))
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
     if reference is not None:  # TR-DPO: continue from the checkpoint's synced reference
-        reference = resumed_reference(config, reference, progress, start_step, method="GRPO")
+        reference = resumed_reference(config, reference, progress, start_step, method=method)
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
                                          chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
                                          logps_fn=logps_fn)
@@ -525,7 +527,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     last_entropy = progress.get("last_entropy") if progress.get("last_entropy") is not None else math.inf
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
-                        description="grpo", start_step=start_step, config=config.to_dict())
+                        description=method.lower(), start_step=start_step, config=config.to_dict())
     order = data.step_indices(len(prompts), prompts_per_rollout, seed=config.seed, shuffle=config.shuffle_dataset,
                               start_step=start_step // steps_per_rollout)
     base_key = jax.random.key(config.seed)

@@ -14,7 +14,8 @@ with `KL_it = exp(ref - logp) - (ref - logp) - 1` (k3; GMPO has no bias correcti
 `(exp(-epsilon), exp(epsilon_high))`, `epsilon = epsilon_high = 0.4` by default (the paper's, and TRL's
 `GMPOConfig`). `top_entropy_quantile < 1` keeps only the high-entropy tokens in the geometric mean (the KL stays
 on every token), as TRL. Everything else is GRPO's and comes from `jaxpt.grpo`: the config (`GMPOConfig` extends
-`GRPOConfig`), the rollout (sampling, rewards, group advantages, old and reference log-probs) and the loop's pieces;
+`GRPOConfig`), the rollout (sampling, rewards, group advantages, old and reference log-probs) and the loop
+(`jaxpt.grpo.train`, given GMPO's `make_train_step`);
 `grpo_loss`'s own options (`loss_type`, `importance_sampling_level`, `delta`, the SAPO/VESPO parameters,
 `off_policy_mask_threshold`, the entropy bonus, the sampler correction, `use_bias_correction_kl`) have no meaning
 for GMPO: TRL's `GMPOTrainer` ignores them, jaxpt refuses them when set.
@@ -33,10 +34,8 @@ result = jaxpt.experimental.gmpo.train(model, tokenizer, prompts_dataset, config
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -44,32 +43,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, grpo, loop, lora
-from jaxpt.logging import MetricsLogger
-from jaxpt.lora import check_reference_without_adapters
+from jaxpt import grpo, loop, lora
 from jaxpt.losses.grpo import high_entropy_mask
 from jaxpt.losses.metrics import MetricPairs, mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.sampler_mismatch import combine_extremes, sampler_mismatch_metrics
-from jaxpt.models import set_gradient_checkpointing
-from jaxpt.reference_sync import check_reference_sync, checkpoint_extra, resumed_reference, sync_reference
-from jaxpt.rewards import resolve_reward_function
-from jaxpt.rollout import (
-    append_jsonl,
-    check_reference_dtypes,
-    check_rollout_inputs,
-    completion_logps,
-    eval_config,
-    evaluate_rollouts,
-    make_logps_fn,
-    make_ref_logps_fn,
-    reference_params,
-    rollout_shape,
-    toolbox_from,
-)
-from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
-from jaxpt.train_state import TrainState, jit_step, make_optimizer
-
-logger = logging.getLogger("jaxpt")
+from jaxpt.rollout import completion_logps
+from jaxpt.train_state import TrainState, jit_step
 
 # GRPOConfig fields that only `grpo_loss` reads: GMPO's loss has no use for them (TRL's GMPOTrainer ignores them).
 GRPO_LOSS_ONLY_FIELDS = ("loss_type", "importance_sampling_level", "delta", "use_bias_correction_kl",
@@ -223,118 +202,6 @@ def train(model: nnx.Module, tokenizer, dataset, config: GMPOConfig, *, reward_f
     """GMPO on the prompts of `dataset` (TRL prompt-only format; other columns go to the reward functions): GRPO's
     loop (`jaxpt.grpo.train`: rollouts by `jaxpt.grpo.rollout`, `metrics.jsonl` with TRL's names, evaluation,
     checkpoints at rollout boundaries, exact resume, TR-DPO reference sync, tools, HF export) with GMPO's step."""
-    config.validate()  # again: fields may have been changed since the config was built
-    loop.prepare_output_dir(config)
-    reward_funcs = [resolve_reward_function(f) for f in reward_funcs]
-    toolbox = toolbox_from(config, tools=tools, environment_factory=environment_factory, tool_format=tool_format,
-                           method="GMPO")
-    if not reward_funcs and (toolbox is None or not toolbox.environment_rewards):
-        raise ValueError("reward_funcs is empty: GMPO needs at least one reward function.")
-    if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
-        raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {len(reward_funcs)} reward "
-                         "functions.")
-    mesh = mesh_from_config(config)
-    micro_batch, steps_per_generation, prompts_per_rollout = rollout_shape(config, batch_divisor(mesh))
-    accumulation = config.gradient_accumulation_steps
-    steps_per_rollout = config.num_iterations * steps_per_generation // accumulation
-    prompts = data.prepare_prompts(dataset, tokenizer, method="GMPO", max_prompt_length=config.max_prompt_length,
-                                   chat_template_kwargs=config.chat_template_kwargs)
-    eval_prompts = None
-    if eval_dataset is not None and config.eval_strategy != "no":
-        eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="GMPO",
-                                            max_prompt_length=config.max_prompt_length,
-                                            chat_template_kwargs=config.chat_template_kwargs)
-    evaluation_config = eval_config(config, prompts_per_rollout=prompts_per_rollout, micro_batch=micro_batch)
-    distributed.check_same_data(prompts, what="GMPO prompts")  # every process builds the same global batches
-    rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method="GMPO")
-    steps_in_epoch = rollouts_per_epoch * steps_per_rollout
-    total_steps = data.total_steps(config, steps_in_epoch)
-    prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
-    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="GMPO",
-                         tools=toolbox)
-    if ref_model is not None and config.beta != 0.0:
-        check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
-
-    tx, schedule = make_optimizer(config, total_steps)
-    set_gradient_checkpointing(model, config.gradient_checkpointing)
-    state = TrainState.create(model, tx, mesh=mesh)
-    state_sharding = state.shardings(mesh)
-    # Old and reference log-probs: the train step's log-prob function, jitted once (exact ratios in every dtype).
-    logps_fn = make_logps_fn(state.graphdef, temperature=config.temperature, chunk_size=config.logits_chunk_size,
-                             micro_batch=micro_batch, mesh=mesh)
-    ref_logps_fn, reference = None, None  # a reference only with a KL term (beta != 0)
-    if config.beta != 0.0:
-        if ref_model is None:
-            check_reference_without_adapters(model, method="GMPO with beta > 0")
-        reference = (lora.with_adapters_off(nnx.state(ref_model, nnx.Param), state) if ref_model is not None
-                     else reference_params(state))
-        check_reference_sync(config, lora=state.frozen is not None, method="GMPO")
-        if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
-            reference = jax.tree.map(jnp.copy, reference)
-    train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
-    checkpoints = loop.checkpointer(config, method="gmpo", model=model)
-    state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
-                                              extra=checkpoint_extra(config, reference))
-    if start_step % steps_per_rollout:
-        raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
-                         "rollout).")
-    if reference is not None:  # TR-DPO: continue from the checkpoint's synced reference
-        reference = resumed_reference(config, reference, progress, start_step, method="GMPO")
-        ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
-                                         chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
-                                         logps_fn=logps_fn)
-    num_tokens = progress.get("num_tokens", 0)
-    log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
-                        report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
-                        description="gmpo", start_step=start_step, config=config.to_dict())
-    order = data.step_indices(len(prompts), prompts_per_rollout, seed=config.seed, shuffle=config.shuffle_dataset,
-                              start_step=start_step // steps_per_rollout)
-    base_key = jax.random.key(config.seed)
-    step = start_step
-    try:
-        while step < total_steps:
-            rollout_index = step // steps_per_rollout
-            _, indices = next(order)
-            arrays, rollout_metrics, records = grpo.rollout(
-                state, [prompts[i] for i in indices], reward_funcs, tokenizer, config,
-                key=jax.random.fold_in(base_key, rollout_index), mesh=mesh, prompt_buckets=prompt_buckets,
-                ref_logps_fn=ref_logps_fn, policy_logps_fn=logps_fn if steps_per_rollout > 1 else None,
-                tools=toolbox)
-            if config.log_completions:
-                append_jsonl(Path(config.output_dir) / "completions.jsonl", [{"step": step, **r} for r in records])
-            micro_batches = {k: v.reshape(steps_per_generation, micro_batch, *v.shape[1:]) for k, v in arrays.items()}
-            rollout_tokens = int(arrays["prompt_mask"].sum() + arrays["attention_mask"].sum())
-            for iteration in range(config.num_iterations):
-                for first in range(0, steps_per_generation, accumulation):
-                    if step >= total_steps:
-                        break
-                    batch = {k: v[first:first + accumulation] for k, v in micro_batches.items()}
-                    placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True,
-                                         check_shapes=False)  # the whole rollout is on every process: same shapes
-                    state, metrics = train_step(state, placed)
-                    if ref_logps_fn is not None and config.sync_ref_model:  # TR-DPO: for the next rollouts
-                        synced = sync_reference(reference, state.full_params(), config, step=step + 1)
-                        if synced is not reference:
-                            reference = synced
-                            ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
-                                                             chunk_size=config.logits_chunk_size,
-                                                             micro_batch=micro_batch, mesh=mesh, logps_fn=logps_fn)
-                    if iteration == 0:
-                        num_tokens += rollout_tokens * accumulation // steps_per_generation
-                    step += 1
-                    log.log(step, {**metrics, **rollout_metrics, "learning_rate": schedule(step - 1),
-                                   "num_tokens": num_tokens}, epoch=step / steps_in_epoch)
-            if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
-                log.write({"step": step, **evaluate_rollouts(grpo.rollout, state, eval_prompts, reward_funcs,
-                                                             tokenizer, evaluation_config, mesh=mesh,
-                                                             prompt_buckets=prompt_buckets,
-                                                             prompts_per_rollout=prompts_per_rollout,
-                                                             tools=toolbox)})
-            if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
-                log.sync()
-                checkpoints.save(step, state, {"num_tokens": num_tokens}, extra=checkpoint_extra(config, reference))
-        log.flush(step, epoch=step / steps_in_epoch)
-    finally:
-        log.close()
-        checkpoints.close()
-    return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
+    return grpo.train(model, tokenizer, dataset, config, reward_funcs=reward_funcs, ref_model=ref_model,
+                      eval_dataset=eval_dataset, tools=tools, environment_factory=environment_factory,
+                      tool_format=tool_format, method="GMPO", make_train_step=make_train_step)

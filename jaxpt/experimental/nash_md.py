@@ -121,6 +121,7 @@ class NashMDConfig(TrainingConfig):
             raise ValueError(f"logits_chunk_size={self.logits_chunk_size} must be >= 1.")
 
 
+# Copied from jaxpt.experimental.online_dpo.value_for_epoch
 def value_for_epoch(values: Sequence[float], epoch: int) -> float:
     """TRL's per-epoch schedule of a list option: `values[epoch]`, the last value once the list ends."""
     return float(values[min(epoch, len(values) - 1)])
@@ -255,6 +256,7 @@ class MixtureSampler:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Copied from jaxpt.experimental.xpo.sampling_options with XPOConfig->NashMDConfig
 def sampling_options(config: NashMDConfig) -> SimpleNamespace:
     """What `jaxpt.rollout.sample_and_score` reads of a config: one completion per prompt, TRL's options."""
     return SimpleNamespace(num_generations=1, max_completion_length=config.max_new_tokens,
@@ -263,6 +265,7 @@ def sampling_options(config: NashMDConfig) -> SimpleNamespace:
                            log_completions=config.log_completions)
 
 
+# Copied from jaxpt.experimental.online_dpo.combined_scores
 def combined_scores(rewards: np.ndarray, finished: np.ndarray, *, reward_weights: Sequence[float] | None,
                     missing_eos_penalty: float | None) -> np.ndarray:
     """`[n]` scores from the rewards `[n, functions]` (NaN: not scored): the weighted sum with NaN counting as 0

@@ -119,6 +119,7 @@ class XPOConfig(TrainingConfig):
             raise ValueError(f"logits_chunk_size={self.logits_chunk_size} must be >= 1.")
 
 
+# Copied from jaxpt.experimental.online_dpo.value_for_epoch
 def value_for_epoch(values: Sequence[float], epoch: int) -> float:
     """TRL's per-epoch schedule of a list option: `values[epoch]`, the last value once the list ends."""
     return float(values[min(epoch, len(values) - 1)])
@@ -214,6 +215,7 @@ def sampling_options(config: XPOConfig) -> SimpleNamespace:
                            log_completions=config.log_completions)
 
 
+# Copied from jaxpt.experimental.online_dpo.combined_scores
 def combined_scores(rewards: np.ndarray, finished: np.ndarray, *, reward_weights: Sequence[float] | None,
                     missing_eos_penalty: float | None) -> np.ndarray:
     """`[n]` scores from the rewards `[n, functions]` (NaN: not scored): the weighted sum with NaN counting as 0

@@ -162,3 +162,10 @@ def test_gmpo_raises_the_mean_reward(tmp_path):
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss", "grad_norm", "reward", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
             "clip_ratio/region_mean", "completions/mean_length"} <= set(record)
+
+
+def test_train_is_grpos_loop_under_gmpos_name(tmp_path):
+    """gmpo.train is grpo.train with GMPO's step: its messages (and checkpoints) name GMPO, not GRPO."""
+    config = gmpo.GMPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8)
+    with pytest.raises(ValueError, match="reward_funcs is empty: GMPO needs"):
+        gmpo.train(tiny_llama(len(TOKENIZER)), TOKENIZER, PROMPTS, config, reward_funcs=[])
