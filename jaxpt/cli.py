@@ -389,8 +389,10 @@ def ppo_command(argv: list[str]) -> int:
     reward_funcs = [rewards.resolve_reward_function(name) for name in reward_args.reward_funcs or []]
     if not reward_funcs and not reward_model:
         raise ValueError("Pass --reward_model_name_or_path (and/or --reward_funcs): nothing scores the completions.")
-    if model_args.use_peft:
-        raise ValueError("jaxpt ppo trains full models: --use_peft (LoRA) is not supported by the experimental PPO.")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise ValueError("jaxpt ppo: --load_in_4bit / --load_in_8bit (QLoRA) are not supported by the experimental "
+                         "PPO yet; --use_peft alone trains LoRA adapters on the policy (the value model in full, "
+                         "as TRL's PPO).")
     model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
     if reward_model:
         reward_funcs.append(rewards.model_reward(load_model(reward_model, model_args, config, num_labels=1),
