@@ -238,7 +238,8 @@ def test_lora_step_trains_only_adapters_and_value_head(tmp_path):
 def test_lora_train_reference_is_the_base_and_adapter_is_exported(tmp_path):
     """`train` with adapters on the policy (the value model in full, as TRL's PPO with peft): the first update's KL
     to the reference (the base, adapters off) is 0, the policy's base is unchanged, the value model trains, and the
-    policy is exported as a peft adapter that loads back onto the base to the trained model's log-probs."""
+    policy is exported as a peft adapter (and merged, merge_adapter_on_save), each loading back to the trained
+    model's log-probs."""
     from jaxpt.lora import load_adapter
 
     policy, value_model = _lora(tiny_llama(VOCAB, seed=0)), tiny_llama(VOCAB, seed=1, num_labels=1)
@@ -247,7 +248,8 @@ def test_lora_train_reference_is_the_base_and_adapter_is_exported(tmp_path):
     prompts = [{"prompt": f"{a}+{b}="} for a in range(4) for b in range(2)]
     config = ppo.PPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8,
                            num_ppo_epochs=1, response_length=4, temperature=1.0, learning_rate=3e-2, kl_coef=0.01,
-                           mesh_fsdp=1, logging_steps=1, save_steps=0, disable_tqdm=True, seed=0)
+                           mesh_fsdp=1, logging_steps=1, save_steps=0, disable_tqdm=True, seed=0,
+                           merge_adapter_on_save=True)
     result = ppo.train(policy, TOKENIZER, prompts, config, value_model=value_model, reward_funcs=[digit_reward])
     rows = [r for r in result.metrics if "objective/kl" in r]
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["objective/kl"] != 0.0
@@ -259,10 +261,11 @@ def test_lora_train_reference_is_the_base_and_adapter_is_exported(tmp_path):
                                                    strict=True))
     out = tmp_path / "out"
     assert (out / "final" / "adapter_config.json").exists() and (out / "value_model" / "config.json").exists()
-    loaded = load_adapter(tiny_llama(VOCAB, seed=0), out / "final")
+    assert not (out / "value_model_merged").exists()  # the value model has no adapter to merge
     batch = {"prompt_ids": np.array([[5, 6, 7]], np.int32), "prompt_mask": np.ones((1, 3), np.int32),
              "completion_ids": np.array([[8, 9]], np.int32), "attention_mask": np.ones((1, 2), np.int32)}
     options = dict(temperature=1.0, chunk_size=4)
-    np.testing.assert_allclose(ppo.policy_logprobs(loaded, batch, **options)[0],
-                               ppo.policy_logprobs(result.state.model().policy, batch, **options)[0], rtol=1e-5,
-                               atol=1e-6)
+    trained = ppo.policy_logprobs(result.state.model().policy, batch, **options)[0]
+    for exported in (load_adapter(tiny_llama(VOCAB, seed=0), out / "final"),
+                     jaxpt.models.from_pretrained(out / "final_merged")):
+        np.testing.assert_allclose(ppo.policy_logprobs(exported, batch, **options)[0], trained, rtol=1e-5, atol=1e-5)
