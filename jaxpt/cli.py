@@ -389,8 +389,10 @@ def ppo_command(argv: list[str]) -> int:
     reward_funcs = [rewards.resolve_reward_function(name) for name in reward_args.reward_funcs or []]
     if not reward_funcs and not reward_model:
         raise ValueError("Pass --reward_model_name_or_path (and/or --reward_funcs): nothing scores the completions.")
-    if model_args.use_peft:
-        raise ValueError("jaxpt ppo trains full models: --use_peft (LoRA) is not supported by the experimental PPO.")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise ValueError("jaxpt ppo: --load_in_4bit / --load_in_8bit (QLoRA) are not supported by the experimental "
+                         "PPO yet; --use_peft alone trains LoRA adapters on the policy (the value model in full, "
+                         "as TRL's PPO).")
     model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
     if reward_model:
         reward_funcs.append(rewards.model_reward(load_model(reward_model, model_args, config, num_labels=1),
@@ -491,13 +493,14 @@ def gold_command(argv: list[str]) -> int:
         raise ValueError("jaxpt gold needs a teacher: --teacher_model_name_or_path DIR_OR_HUB_ID.")
     check_inputs(script_args, model_args, config, ("--teacher_model_name_or_path", config.teacher_model_name_or_path),
                  ("--teacher_tokenizer_name_or_path", config.teacher_tokenizer_name_or_path))
-    model, tokenizer, train_set, _ = load_model_and_data(script_args, model_args, config)
+    model, tokenizer, train_set, eval_set = load_model_and_data(script_args, model_args, config)
     teacher = load_model(config.teacher_model_name_or_path, model_args, config)
     teacher_tokenizer = None
     if config.use_uld_loss:
         teacher_tokenizer = load_tokenizer(config.teacher_tokenizer_name_or_path or config.teacher_model_name_or_path,
                                            flag="--teacher_tokenizer_name_or_path")
-    result = gold.train(model, tokenizer, train_set, config, teacher_model=teacher, teacher_tokenizer=teacher_tokenizer)
+    result = gold.train(model, tokenizer, train_set, config, teacher_model=teacher, teacher_tokenizer=teacher_tokenizer,
+                        eval_dataset=eval_set)
     print(f"Trained {result.state.step} steps; metrics in {config.output_dir}/metrics.jsonl; model in "
           f"{result.model_dir}")
     return 0

@@ -219,7 +219,11 @@ def _module_to_save_filter(names: tuple[str, ...]):
 
 def trainable_filter(model: nnx.Module):
     """The nnx filter of the parameters a `TrainState` trains: every `nnx.Param`, or with adapters only the
-    `LoRAParam`s and the parameters of `modules_to_save`."""
+    `LoRAParam`s and the parameters of `modules_to_save`. A module made of several models (PPO's policy and value
+    model) gives its own filter through a `trainable_parameters()` method (each model's part by these rules)."""
+    own = getattr(model, "trainable_parameters", None)
+    if callable(own):
+        return own()
     settings = getattr(model, "lora_settings", None)
     if settings is None:
         return nnx.Param

@@ -21,7 +21,14 @@ Two stages, with a (binary) reward r and the reference policy pi_ref (the initia
 TRL 1.16: `trl.experimental.a2po.A2POTrainer` (its `compute_loss` and `_estimate_optimal_values`), same config names
 and defaults and the same metrics (`reward`, `v_star`, `implicit_reward`, `advantage`). Differences: V* is kept per
 prompt row rather than per prompt text (duplicate prompts get one estimate each); a completion no reward function
-scored fails (A*-PO needs every reward); evaluation is not implemented yet (`eval_strategy` must be "no").
+scored fails (A*-PO needs every reward).
+
+Evaluation (`eval_dataset`, `eval_strategy`/`eval_steps`), as TRL's `prediction_step`: Stage 1 also estimates V* of
+the eval prompts (with the initial policy; they are never filtered), then at each evaluation one completion per eval
+prompt from the current policy, scored, and the loss above without an update. Logged with TRL's names
+`eval_loss`, `eval_reward`, `eval_v_star`, `eval_implicit_reward`, `eval_advantage`: means over all eval prompts
+(TRL averages per-batch means; equal when the batches are equal), in batches of `per_device_eval_batch_size x
+devices` prompts (the last filled up with its last prompt, whose copies do not count).
 
 ```python
 config = A2POConfig(output_dir="out", num_value_samples=8, max_completion_length=64, max_steps=100)
@@ -48,7 +55,7 @@ from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.lora import check_reference_without_adapters
-from jaxpt.losses.metrics import MetricPairs, mean_metrics, sum_and_count, total_metrics
+from jaxpt.losses.metrics import MetricPairs, add_metrics, mean_metrics, sum_and_count, total_metrics
 from jaxpt.losses.sampled_rewards import combine_rewards
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
@@ -103,9 +110,6 @@ class A2POConfig(TrainingConfig):
             raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be > 0 (KL temperatures).")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0.")
-        if self.eval_strategy != "no":
-            raise ValueError(f"eval_strategy={self.eval_strategy!r}: A2PO's evaluation is not implemented yet in "
-                             "jaxpt; use eval_strategy='no'.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,11 +267,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: A2POConfig, *, reward_f
     with the initial policy (TRL's reference), then Stage 2 steps of `per_device_train_batch_size x devices x
     gradient_accumulation_steps` prompts, one completion each; progress, `metrics.jsonl` (TRL's names), checkpoints,
     exact resume (Stage 1 is recomputed, deterministically), HF export. `ref_model`: the reference of the implicit
-    reward (default: the initial policy; under LoRA the base with the adapters off). `eval_dataset`: not supported
-    yet (must be None)."""
+    reward (default: the initial policy; under LoRA the base with the adapters off). `eval_dataset` (prompts, like
+    `dataset`): evaluated every `eval_steps` (module docstring)."""
     config.validate()
-    if eval_dataset is not None:
-        raise ValueError("A2PO's evaluation is not implemented yet in jaxpt: pass eval_dataset=None.")
     loop.prepare_output_dir(config)
     reward_funcs = [resolve_reward_function(f) for f in reward_funcs]
     if not reward_funcs:
@@ -279,9 +281,14 @@ def train(model: nnx.Module, tokenizer, dataset, config: A2POConfig, *, reward_f
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     accumulation = config.gradient_accumulation_steps
     prompts = data.prepare_prompts(dataset, tokenizer, method="A2PO", max_prompt_length=config.max_prompt_length)
+    eval_prompts = None
+    if eval_dataset is not None and config.eval_strategy != "no":
+        eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="A2PO",
+                                            max_prompt_length=config.max_prompt_length)
     distributed.check_same_data(prompts, what="A2PO prompts")  # every process builds the same global batches
-    prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
-    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, None, tokenizer, config, method="A2PO")
+    longest = max(len(p["prompt_ids"]) for p in prompts + (eval_prompts or []))
+    prompt_buckets = data.length_buckets(max(longest, 16), min_length=16)
+    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="A2PO")
     if ref_model is not None:
         check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
 
@@ -298,6 +305,11 @@ def train(model: nnx.Module, tokenizer, dataset, config: A2POConfig, *, reward_f
         prompt_buckets=prompt_buckets, prompts_per_batch=micro_batch)
     logger.info("A2PO stage 1: V* of %d prompts (mean %.4f); %d with all reference samples incorrect.", len(prompts),
                 float(v_star.mean()), int(all_incorrect.sum()))
+    eval_batch = config.per_device_eval_batch_size * batch_divisor(mesh)
+    if eval_prompts:  # TRL estimates the eval prompts' V* too, and keeps them all
+        eval_v_star, _, _ = estimate_optimal_values(
+            state, eval_prompts, reward_funcs, tokenizer, config, key=jax.random.fold_in(base_key, (1 << 20) + 1),
+            mesh=mesh, prompt_buckets=prompt_buckets, prompts_per_batch=eval_batch)
     if config.filter_all_incorrect:
         keep = np.flatnonzero(~all_incorrect)
         if keep.size == 0:
@@ -317,6 +329,13 @@ def train(model: nnx.Module, tokenizer, dataset, config: A2POConfig, *, reward_f
     ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=1.0, chunk_size=config.logits_chunk_size,
                                      micro_batch=micro_batch, mesh=mesh, logps_fn=logps_fn)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
+    eval_logps_fn, eval_ref_logps_fn = logps_fn, ref_logps_fn
+    if eval_prompts and eval_batch != micro_batch:  # the forward passes of eval batches (their own shape)
+        eval_logps_fn = make_logps_fn(state.graphdef, temperature=1.0, chunk_size=config.logits_chunk_size,
+                                      micro_batch=eval_batch, mesh=mesh)
+        eval_ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=1.0,
+                                              chunk_size=config.logits_chunk_size, micro_batch=eval_batch, mesh=mesh,
+                                              logps_fn=eval_logps_fn)
     checkpoints = loop.checkpointer(config, method="a2po", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     num_tokens = progress.get("num_tokens", 0)
@@ -340,6 +359,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: A2POConfig, *, reward_f
             step += 1
             log.log(step, {**metrics, **rollout_metrics, **value_metrics, "learning_rate": schedule(step - 1),
                            "num_tokens": num_tokens}, epoch=step / steps_in_epoch)
+            if eval_prompts and loop.should_evaluate(config, step, steps_in_epoch):
+                log.write({"step": step, **evaluate(state, eval_prompts, eval_v_star, reward_funcs, tokenizer, config,
+                                                    mesh=mesh, prompt_buckets=prompt_buckets, batch_size=eval_batch,
+                                                    logps_fn=eval_logps_fn, ref_logps_fn=eval_ref_logps_fn)})
             if config.save_steps and step % config.save_steps == 0:
                 log.sync()
                 checkpoints.save(step, state, {"num_tokens": num_tokens})
@@ -348,3 +371,31 @@ def train(model: nnx.Module, tokenizer, dataset, config: A2POConfig, *, reward_f
         log.close()
         checkpoints.close()
     return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
+
+
+def evaluate(state: TrainState, prompts: Sequence[dict], v_star: np.ndarray, reward_funcs: Sequence[Callable],
+             tokenizer, config: A2POConfig, *, mesh, prompt_buckets: Sequence[int], batch_size: int,
+             logps_fn: Callable, ref_logps_fn: Callable) -> dict[str, float]:
+    """The A*-PO loss and TRL's metrics on one completion per eval prompt from `state`'s policy, without an update:
+    `eval_loss`, `eval_reward`, `eval_v_star`, `eval_implicit_reward`, `eval_advantage`, means over the prompts.
+    Batches of `batch_size` prompts (`logps_fn` / `ref_logps_fn` built for that many rows), the last filled up with
+    its last prompt (the copies left out)."""
+    key = jax.random.key(config.seed + 1)
+    totals: MetricPairs | None = None
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = list(prompts[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)
+        values = np.asarray(v_star[start:start + batch_size], np.float32)
+        values = np.concatenate([values, np.full(batch_size - real, values[-1], np.float32)])
+        arrays, _ = rollout(state, chunk, values, reward_funcs, tokenizer, config,
+                            key=jax.random.fold_in(key, index), mesh=mesh, prompt_buckets=prompt_buckets,
+                            ref_logps_fn=ref_logps_fn)
+        policy_logps = (logps_fn(state.full_params(), arrays) * arrays["completion_mask"]).sum(-1)
+        rows = slice(0, real)
+        loss, pairs = a2po_loss(policy_logps[rows], arrays["ref_logps"][rows], arrays["rewards"][rows],
+                                arrays["v_star"][rows], beta2=config.beta2, num_sequences=1.0, return_counts=True)
+        pairs = {**pairs, "loss": (loss, real), "reward": sum_and_count(arrays["rewards"][rows]),
+                 "v_star": sum_and_count(arrays["v_star"][rows])}
+        totals = add_metrics(totals, jax.device_get(pairs))
+    return {f"eval_{name}": float(value) for name, value in mean_metrics(totals).items()}

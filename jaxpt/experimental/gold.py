@@ -32,10 +32,21 @@ Deltas from TRL, each deliberate: token byte spans come from decoding prefixes o
 only ByteLevel BPE); the completion text the teacher tokenizes is the student's completion decoded without special
 tokens; the teacher sees the student's rendered prompt text (as TRL); `matched_loss`/`unmatched_loss` are the batch
 means (TRL logs its last example's); the on/off-policy choice is drawn per optimizer step from the seed (exact resume);
-with gradient accumulation the step averages over all its examples. Not implemented: evaluation (`eval_strategy`
-must be "no"), `num_generations`, `generation_batch_size`, vLLM, vision-language models. The ULD path computes
-the completions' full logits of both models (it sorts whole distributions), so it does not chunk over the
-vocabulary as `jaxpt.distillation` does.
+with gradient accumulation the step averages over all its examples. Not implemented: `num_generations`,
+`generation_batch_size`, vLLM, vision-language models.
+
+Evaluation (`eval_dataset`, `eval_strategy`/`eval_steps`), as TRL's GOLD `prediction_step`: off-policy, no sampling,
+the training loss on the eval dataset's own prompts and completions (prompt-completion or `messages` data), logged
+as `eval_loss`. Over the whole eval set it is the loss one step over all of it would have (ULD: the distance summed
+over the examples / their number, plus the cross-entropy summed over the tokens / their number; same tokenizer: the
+JSD summed over the tokens / their number); TRL averages per-batch losses, equal when the batches are alike. Batches
+of `per_device_eval_batch_size x devices` examples, the last filled up with its last example (the copies count 0).
+
+Memory: the ULD path builds the completions' full logits `[batch, completion, vocab]` of both models (it sorts whole
+distributions, and a sort over the vocabulary cannot be split into chunks of it), so unlike `jaxpt.distillation` it
+does not chunk over the vocabulary: its activation memory grows with batch x completion length x vocabulary. On a
+mesh those logits are split over the batch (data / fsdp) like every activation (the sharded step equals the
+unsharded one, tests/experimental/test_gold.py).
 
 ```python
 config = GOLDConfig(output_dir="out", use_uld_loss=True, max_completion_length=64, max_steps=100)
@@ -63,6 +74,7 @@ from jaxpt import data, distillation, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.logprobs import token_logps
+from jaxpt.losses.metrics import add_metrics, mean_metrics
 from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rollout import completion_metrics, eos_token_ids
 from jaxpt.sampling import generate
@@ -154,9 +166,6 @@ class GOLDConfig(TrainingConfig):
         if weights[0] is not None and min(weights) < 0:
             raise ValueError(f"uld_hybrid_matched_weight={weights[0]} and uld_hybrid_unmatched_weight={weights[1]} "
                              "must be >= 0.")
-        if self.eval_strategy != "no":
-            raise ValueError(f"eval_strategy={self.eval_strategy!r}: jaxpt's GOLD has no evaluation yet; set "
-                             "eval_strategy='no' (or evaluate the exported student with jaxpt.distillation).")
         if self.use_uld_loss and self.seq_kd:
             raise ValueError("seq_kd=True with use_uld_loss=True: the teacher's samples would be in the teacher's "
                              "tokenization, which the student cannot train on; set one of them to false.")
@@ -482,13 +491,19 @@ def uld_loss_fn(params: nnx.State, graphdef: nnx.GraphDef, teacher_params: nnx.S
     micro_batch = jnp.asarray(batch["completion_ids"].shape[0], jnp.float32)
     pairs = {name: (value * num_examples, micro_batch) for name, value in metrics.items()}
     if config.uld_crossentropy_weight > 0:
-        predicting = student_rows if shift == 1 else _answer_logits(
-            student, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["attention_mask"],
-            shift=1)
-        mask = batch["completion_mask"].astype(jnp.float32)
-        cross_entropy = -jnp.sum(token_logps(predicting, batch["completion_ids"]) * mask) / num_tokens
+        cross_entropy = _cross_entropy_sum(student, batch, student_rows if shift == 1 else None) / num_tokens
         loss = loss + config.uld_crossentropy_weight * cross_entropy
     return loss, pairs
+
+
+def _cross_entropy_sum(student: nnx.Module, batch: dict, predicting: jax.Array | None = None) -> jax.Array:
+    """The student's next-token cross-entropy summed over the completion tokens (`predicting`: the logit rows that
+    predict them, when already computed)."""
+    if predicting is None:
+        predicting = _answer_logits(student, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                                    batch["attention_mask"], shift=1)
+    mask = batch["completion_mask"].astype(jnp.float32)
+    return -jnp.sum(token_logps(predicting, batch["completion_ids"]) * mask)
 
 
 def make_uld_train_step(config: GOLDConfig, *, teacher_graphdef: nnx.GraphDef, hybrid: HybridVocabulary | None = None,
@@ -521,18 +536,75 @@ def make_uld_train_step(config: GOLDConfig, *, teacher_graphdef: nnx.GraphDef, h
     return jit_step(step, mesh=mesh, state_sharding=state_sharding, extra_in_shardings=(teacher_sharding,))
 
 
+def make_uld_eval_step(config: GOLDConfig, *, teacher_graphdef: nnx.GraphDef, hybrid: HybridVocabulary | None = None,
+                       mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
+                       teacher_sharding: Any = None):
+    """`metrics = eval_step(state, batch, teacher_params)`: the ULD loss's parts summed over a batch shaped
+    `[micro_batches, micro_batch, ...]` without updating, as `(sum, count)` pairs that add up over batches:
+    `distance` (`uld_distillation_weight` x the examples' distances; counted on the host) and `cross_entropy`
+    (over the completion tokens)."""
+    distance_config = dataclasses.replace(config, uld_crossentropy_weight=0.0)
+
+    def eval_step(state: TrainState, batch: dict, teacher_params: nnx.State):
+        def micro_step(_, micro_batch):
+            params = state.full_params()
+            distance, _ = uld_loss_fn(params, state.graphdef, teacher_params, teacher_graphdef, micro_batch,
+                                      distance_config, hybrid, jnp.float32(1.0), jnp.float32(1.0))
+            cross_entropy = jnp.float32(0.0)
+            if config.uld_crossentropy_weight > 0:
+                cross_entropy = _cross_entropy_sum(nnx.merge(state.graphdef, params), micro_batch)
+            return None, (distance, cross_entropy)
+
+        _, (distances, cross_entropies) = jax.lax.scan(micro_step, None, batch)
+        tokens = jnp.sum(batch["completion_mask"].astype(jnp.float32))
+        return {"distance": (jnp.sum(distances), jnp.float32(0.0)), "cross_entropy": (jnp.sum(cross_entropies), tokens)}
+
+    return jit_step(eval_step, mesh=mesh, state_sharding=state_sharding, train=False,
+                    extra_in_shardings=(teacher_sharding,))
+
+
+def evaluate(eval_step, state: TrainState, teacher_params: nnx.State, examples: Sequence[dict], tokenizer,
+             teacher_tokenizer, config: GOLDConfig, *, mesh, prompt_buckets: Sequence[int],
+             completion_buckets: Sequence[int]) -> dict[str, float]:
+    """`eval_loss`: the training loss on the eval examples' own completions (off-policy, as TRL's GOLD evaluates),
+    over the whole eval set (module docstring), in batches of `per_device_eval_batch_size x devices` examples, the
+    last filled up with its last example (counted 0). `eval_step`: `make_uld_eval_step`'s, or with the same
+    tokenizer `jaxpt.distillation.make_eval_step`'s."""
+    batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
+    totals = None
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)
+        arrays, _ = distillation.dataset_completions(chunk, tokenizer, prompt_buckets=prompt_buckets,
+                                                     completion_buckets=completion_buckets)
+        if config.use_uld_loss:
+            arrays = uld_batch(arrays, [e["teacher_prompt_ids"] for e in chunk], tokenizer, teacher_tokenizer, config)
+            arrays["group_mask"][real:] = 0  # the fill-up rows' distances count 0
+        arrays["completion_mask"][real:] = 0
+        batch = {k: v[None] for k, v in arrays.items()}
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+        totals = add_metrics(totals, jax.device_get(eval_step(state, placed, teacher_params)))
+    if not config.use_uld_loss:
+        return {"eval_loss": float(mean_metrics(totals)["loss"])}
+    distance = float(totals["distance"][0]) / len(examples)
+    cross_entropy, tokens = (float(x) for x in totals["cross_entropy"])
+    return {"eval_loss": distance + config.uld_crossentropy_weight * cross_entropy / max(tokens, 1.0)}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loop
 # --------------------------------------------------------------------------------------------------------------
 
 
 def train(model: nnx.Module, tokenizer, dataset, config: GOLDConfig, *, teacher_model: nnx.Module,
-          teacher_tokenizer=None) -> loop.TrainResult:
+          teacher_tokenizer=None, eval_dataset=None) -> loop.TrainResult:
     """Distil `teacher_model` into `model` with GOLD on `dataset` (TRL prompt-only — with `lmbda=1` or `seq_kd` —,
     prompt-completion or `messages` data). `use_uld_loss=True` takes the teacher's tokenizer (`teacher_tokenizer`,
     default the student's). `metrics.jsonl` has `loss`, `on_policy_loss` / `off_policy_loss` (each averaged over
-    the steps of its kind), `matched_loss` / `unmatched_loss` (hybrid ULD), `completions/*`; checkpoints, exact
-    resume and HF export of the student."""
+    the steps of its kind), `matched_loss` / `unmatched_loss` (hybrid ULD), `completions/*`; evaluation (`eval_loss`
+    on `eval_dataset`'s own completions, prompt-completion or `messages` data); checkpoints, exact resume and HF
+    export of the student."""
     config.validate()
     loop.prepare_output_dir(config)
     sampling_config = distillation_config(config)
@@ -544,9 +616,18 @@ def train(model: nnx.Module, tokenizer, dataset, config: GOLDConfig, *, teacher_
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
     examples = distillation.prepare_dataset(dataset, tokenizer, data_config)
+    eval_examples = None
+    if eval_dataset is not None and config.eval_strategy != "no":
+        fmt = data.require_format(eval_dataset, ("prompt_only", "prompt_completion", "language_modeling"),
+                                  method="GOLD")
+        if fmt.kind == "prompt_only":
+            raise ValueError("GOLD evaluates off-policy on the eval dataset's own completions (as TRL's), but "
+                             "eval_dataset is prompt-only: use prompt-completion or messages data, or "
+                             "eval_strategy='no'.")
+        eval_examples = distillation.prepare_dataset(eval_dataset, tokenizer, sampling_config.replace(lmbda=0.0))
     distributed.check_same_data(examples, what="GOLD examples")
     if config.use_uld_loss:
-        for example in examples:
+        for example in examples + (eval_examples or []):
             example["teacher_prompt_ids"] = teacher_prompt_ids(example.get("completion_prompt_ids",
                                                                            example["prompt_ids"]),
                                                                tokenizer, teacher_tokenizer)
@@ -556,7 +637,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GOLDConfig, *, teacher_
     total_steps = data.total_steps(config, steps_in_epoch)
     longest_prompt = max(max(len(e["prompt_ids"]), len(e.get("completion_prompt_ids", ())),
                              len(e.get("teacher_prompt_ids", ())), len(e.get("teacher_sampling_prompt_ids", ())))
-                         for e in examples)
+                         for e in examples + (eval_examples or []))
     prompt_buckets = data.length_buckets(max(longest_prompt, 16), min_length=16)
     completion_buckets = data.length_buckets(config.max_completion_length, min_length=16)
     keys = ("prompt_ids", "completion_prompt_ids", "completion_ids") if data_config.lmbda < 1.0 else ("prompt_ids",)
@@ -569,6 +650,14 @@ def train(model: nnx.Module, tokenizer, dataset, config: GOLDConfig, *, teacher_
                           length_fields="max_prompt_length + max_completion_length",
                           extra_length=config.max_completion_length,  # with ULD an estimate: the teacher's own count
                           extra_ids=(teacher_tokenizer.eos_token_id, data.pad_token_id(teacher_tokenizer)))
+    if eval_examples:
+        eval_keys = ("completion_prompt_ids", "completion_ids")
+        for checked, keys_checked, eos_tokenizer in ((model, eval_keys, tokenizer), (
+                teacher_model, ("teacher_prompt_ids",) if config.use_uld_loss else eval_keys, teacher_tokenizer)):
+            data.check_model_fits(checked, eval_examples, keys_checked, method="GOLD", longest=longest_prompt,
+                                  length_fields="max_prompt_length + max_completion_length",
+                                  extra_length=config.max_completion_length,
+                                  extra_ids=(eos_tokenizer.eos_token_id, data.pad_token_id(eos_tokenizer)))
 
     tx, schedule = make_optimizer(config, total_steps)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
@@ -586,9 +675,13 @@ def train(model: nnx.Module, tokenizer, dataset, config: GOLDConfig, *, teacher_
                                        teacher_vocab_size=teacher_model.lm_head_weight().shape[0])
         train_step = make_uld_train_step(config, teacher_graphdef=teacher_graphdef, hybrid=hybrid, mesh=mesh,
                                          state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+        eval_step = make_uld_eval_step(config, teacher_graphdef=teacher_graphdef, hybrid=hybrid, mesh=mesh,
+                                       state_sharding=state_sharding, teacher_sharding=teacher_sharding)
     else:
         train_step = distillation.make_train_step(sampling_config, teacher_graphdef=teacher_graphdef, mesh=mesh,
                                                   state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+        eval_step = distillation.make_eval_step(sampling_config, teacher_graphdef=teacher_graphdef, mesh=mesh,
+                                                state_sharding=state_sharding, teacher_sharding=teacher_sharding)
     checkpoints = loop.checkpointer(config, method="gold", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     num_tokens = progress.get("num_tokens", 0)
@@ -630,6 +723,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: GOLDConfig, *, teacher_
             metrics = {**metrics, ("on_policy_loss" if on_policy else "off_policy_loss"): metrics["loss"]}
             log.log(done, {**metrics, **completion_stats, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
+            if eval_examples and loop.should_evaluate(config, done, steps_in_epoch):
+                log.write({"step": done, **evaluate(eval_step, state, teacher_params, eval_examples, tokenizer,
+                                                    teacher_tokenizer, config, mesh=mesh, prompt_buckets=prompt_buckets,
+                                                    completion_buckets=completion_buckets)})
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()
                 checkpoints.save(done, state, {"num_tokens": num_tokens})

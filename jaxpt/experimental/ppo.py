@@ -26,6 +26,16 @@ holds a `PolicyAndValue` module. The value model is a sequence classifier with o
 num_labels=1)`, usually the reward model's checkpoint) whose `score` head is applied to every token. The reference
 is a frozen copy of the initial policy (or `ref_model`).
 
+LoRA (`--use_peft`, `jaxpt.lora.apply_lora`): each model trains what its own adapters say. As TRL's PPOTrainer
+with a `peft_config` (adapters on the policy only, `PolicyAndValueWrapper` training the value model whole), a
+policy with adapters trains only them (dropout as every method's step, `jaxpt.lora.value_and_grad`) and its base
+stays frozen; the reference is then that base with the adapters off (no second copy), unless `ref_model` is given,
+and the policy is exported as its adapter in peft's format (`final/adapter_config.json`, merged too with
+`merge_adapter_on_save`). The value model trains in full, as TRL's, unless it has adapters of its own
+(`apply_lora` on it: its adapters and its `score` head, peft's SEQ_CLS `modules_to_save`), then exported as its
+adapter to `value_model/`. `jaxpt ppo --use_peft` puts adapters on the policy (TRL's choice). A quantized base
+(QLoRA) is not supported here yet.
+
 ```python
 config = PPOConfig(output_dir="out", max_steps=100, response_length=32)
 value_model = jaxpt.models.from_pretrained("reward_dir", num_labels=1)
@@ -56,7 +66,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpt import data, distributed, loop
+from jaxpt import data, distributed, loop, lora
 from jaxpt.config import TrainingConfig
 from jaxpt.logging import MetricsLogger
 from jaxpt.losses.logprobs import chunked_token_logps
@@ -261,12 +271,40 @@ class PolicyAndValue(nnx.Module):
         # each family's rules match the parameter names under either attribute (regexes search the dotted name)
         self.partition_rules = (*getattr(policy, "partition_rules", ()), *getattr(value_model, "partition_rules", ()))
 
+    def trainable_parameters(self):
+        """The nnx filter of what trains (read by `jaxpt.lora.trainable_filter`): each model's own part, all of its
+        parameters, or with LoRA adapters its adapters and `modules_to_save`."""
+        from jaxpt.lora import trainable_filter
+
+        parts = {name: nnx.filterlib.to_predicate(trainable_filter(getattr(self, name)))
+                 for name in ("policy", "value_model")}
+
+        def trains(path, value) -> bool:
+            part = parts.get(str(path[0])) if path else None
+            return part is not None and part(path[1:], value)
+
+        return trains
+
 
 def check_value_model(value_model: nnx.Module) -> None:
     if getattr(value_model, "num_labels", None) != 1 or not hasattr(value_model, "score"):
         raise ValueError(f"PPO's value model must be a sequence classifier with one output, but it is a "
                          f"{type(value_model).__name__} (num_labels={getattr(value_model, 'num_labels', None)}): "
                          "load it with jaxpt.models.from_pretrained(path, num_labels=1) (usually the reward model).")
+
+
+def reference_params(state: TrainState, ref_model: nnx.Module | None = None) -> nnx.State:
+    """The reference policy's parameters (the policy's graph): `ref_model`'s, or a copy of the initial policy; under
+    LoRA the policy's base with its adapters off (zeros of `lora_b`, copies of `lora_a`; the frozen base itself, no
+    copy) or `ref_model` joined with them. Copies of what trains: the step donates `state.params`."""
+    trained = state.params["policy"]
+    frozen = state.frozen["policy"] if state.frozen is not None and "policy" in state.frozen else None
+    if frozen is None:  # the policy trains in full
+        return nnx.state(ref_model, nnx.Param) if ref_model is not None else jax.tree.map(jnp.copy, trained)
+    adapters_off = jax.tree.map(jnp.copy, lora.without_adapters(nnx.filter_state(trained, lora.LoRAParam)))
+    if ref_model is not None:
+        return nnx.merge_state(adapters_off, nnx.state(ref_model, nnx.Param))
+    return nnx.merge_state(frozen, adapters_off)
 
 
 def _sequence(batch: dict) -> tuple[jax.Array, jax.Array, int, int]:
@@ -362,7 +400,7 @@ def rollout(state: TrainState, policy_graphdef: nnx.GraphDef, ref_params: nnx.St
     """Sample and score one completion per prompt, then steps 2-4 of an update (module docstring). Returns the
     arrays the optimizer steps consume (`prompt_ids`, `prompt_mask`, `completion_ids`, `attention_mask`,
     `logprobs`, `values`, `advantages`, `returns`, `response_mask`, `value_mask`) and the rollout's metrics."""
-    policy = _PolicyView(policy_graphdef, state.params["policy"])
+    policy = _PolicyView(policy_graphdef, state.full_params()["policy"])
     sampling = _Sampling(max_completion_length=config.response_length, temperature=config.temperature)
     sampled = sample_and_score(policy, prompts, reward_funcs, tokenizer, sampling, key=key, mesh=mesh,
                                prompt_buckets=prompt_buckets)
@@ -373,7 +411,7 @@ def rollout(state: TrainState, policy_graphdef: nnx.GraphDef, ref_params: nnx.St
     if config.missing_eos_penalty is not None:
         scores = scores - np.float32(config.missing_eos_penalty) * (~finished)
     arrays = {k: sampled.arrays[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")}
-    logprobs, ref_logprobs, values = forward(state.params, ref_params, arrays)
+    logprobs, ref_logprobs, values = forward(state.full_params(), ref_params, arrays)
     lengths = arrays["attention_mask"].sum(1)
     advantages, returns, rollout_metrics, masks = _advantages(scores, logprobs, ref_logprobs, values, lengths, config)
     arrays.update(logprobs=logprobs, values=np.asarray(values * masks[1]), advantages=advantages, returns=returns,
@@ -440,14 +478,18 @@ def make_train_step(config: PPOConfig, *, mesh: jax.sharding.Mesh | None = None,
     def step(state: TrainState, batch: dict):
         totals = {"response": jnp.sum(batch["response_mask"].astype(jnp.float32)),
                   "value": jnp.sum(batch["value_mask"].astype(jnp.float32))}
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # the trained parameters only (under LoRA the adapters, with their dropout; the frozen base joins them here)
+        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
 
-        def micro_step(grads, micro_batch):
-            (loss, pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals)
+        def micro_step(grads, inputs):
+            micro_batch, micro_index = inputs
+            (loss, pairs), micro_grads = grad_fn(state.params, state.graphdef, micro_batch, config, totals,
+                                                 micro_index=micro_index)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, pairs)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, pairs) = jax.lax.scan(micro_step, zeros, batch)
+        micro_indices = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+        grads, (losses, pairs) = jax.lax.scan(micro_step, zeros, (batch, micro_indices))
         metrics = mean_metrics(total_metrics(pairs))
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -479,14 +521,18 @@ def train(model: nnx.Module, tokenizer, dataset, config: PPOConfig, *, value_mod
     Progress bar, `metrics.jsonl` (one line per update, TRL's names), evaluation (`eval_objective/scores`: mean
     score of sampled completions on `eval_dataset`), orbax checkpoints at update boundaries, exact resume, and the
     policy exported in Hugging Face format to `output_dir/final` (the value model to `output_dir/value_model`)."""
-    from jaxpt.lora import has_adapters
+    from jaxpt.quantize import is_quantized
 
     config.validate()
     loop.prepare_output_dir(config)
     check_value_model(value_model)
-    if has_adapters(model) or has_adapters(value_model):
-        raise ValueError("PPO trains full models here: LoRA adapters (use_peft) are not supported by "
-                         "jaxpt.experimental.ppo yet; train without --use_peft.")
+    for name, part in (("policy", model), ("value model", value_model)):
+        if is_quantized(part):
+            raise ValueError(f"PPO's {name} has a quantized base (load_in_4bit / load_in_8bit): QLoRA is not "
+                             "supported by jaxpt.experimental.ppo yet; load it unquantized (--use_peft alone "
+                             "trains LoRA adapters).")
+    if ref_model is None:
+        lora.check_reference_without_adapters(model, method="PPO")
     reward_funcs = [resolve_reward_function(f) for f in reward_funcs]
     if not reward_funcs:
         raise ValueError("reward_funcs is empty: PPO needs a reward model (jaxpt.rewards.model_reward) or function.")
@@ -520,8 +566,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: PPOConfig, *, value_mod
     joint = PolicyAndValue(model, value_model)
     state = TrainState.create(joint, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
-    ref_params = (nnx.state(ref_model, nnx.Param) if ref_model is not None
-                  else jax.tree.map(jnp.copy, state.params["policy"]))  # a copy: the step donates state.params
+    ref_params = reference_params(state, ref_model)
     forward = make_rollout_forward(state.graphdef, policy_graphdef, config, micro_batch=micro_batch, mesh=mesh)
     train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
     checkpoints = loop.checkpointer(config, method="ppo", model=joint)
@@ -577,7 +622,7 @@ def evaluate(state, policy_graphdef, prompts, reward_funcs, tokenizer, config: P
     """`eval_objective/scores`: the mean score (with `missing_eos_penalty`) of one sampled completion per eval
     prompt, in rollouts of `batch_size` prompts (`per_device_eval_batch_size x devices`; the last filled up with its
     last prompt, whose copies do not count)."""
-    policy = _PolicyView(policy_graphdef, state.params["policy"])
+    policy = _PolicyView(policy_graphdef, state.full_params()["policy"])
     sampling = _Sampling(max_completion_length=config.response_length, temperature=config.temperature)
     scores = []
     for index, start in enumerate(range(0, len(prompts), batch_size)):
@@ -595,15 +640,27 @@ def evaluate(state, policy_graphdef, prompts, reward_funcs, tokenizer, config: P
 
 def export(state: TrainState, tokenizer, config: PPOConfig) -> str | None:
     """The trained policy to `output_dir/final` (what TRL saves) and the value model to `output_dir/value_model`,
-    in Hugging Face format, with the tokenizer."""
+    in Hugging Face format, with the tokenizer; a model with LoRA adapters as its adapter in peft's format, and with
+    `merge_adapter_on_save` also merged into a full checkpoint in `<directory>_merged`."""
     if not config.save_final_model:
         return None
     model = state.model()
     directory = Path(config.output_dir) / "final"
-    save_pretrained(model.policy, directory)
-    save_pretrained(model.value_model, Path(config.output_dir) / "value_model")
+    written = []
+    for part, path in ((model.policy, directory), (model.value_model, Path(config.output_dir) / "value_model")):
+        written.append(path)
+        if not lora.has_adapters(part):
+            save_pretrained(part, path)
+            continue
+        lora.save_adapter(part, path)
+        if getattr(config, "merge_adapter_on_save", False):
+            # a model of its own (new variables): merging in place would change the train state's model
+            graphdef, params = nnx.split(part, nnx.Param)
+            merged = lora.merge_adapter(nnx.merge(graphdef, jax.tree.map(lambda x: x, params)))
+            save_pretrained(merged, path.with_name(path.name + "_merged"))
+            written.append(path.with_name(path.name + "_merged"))
     if tokenizer is not None and jax.process_index() == 0:
-        tokenizer.save_pretrained(directory)
-        tokenizer.save_pretrained(Path(config.output_dir) / "value_model")
+        for path in written:
+            tokenizer.save_pretrained(path)
     return str(directory)
 

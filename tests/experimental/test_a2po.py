@@ -16,12 +16,17 @@ import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
+from flax import nnx
 from trl.experimental.a2po import A2POConfig as TRLA2POConfig  # a test dependency: parity fails, never skips
 from trl.experimental.a2po import A2POTrainer
 
+from jaxpt import data
 from jaxpt.experimental import a2po
+from jaxpt.rollout import make_logps_fn, make_ref_logps_fn
+from jaxpt.train_state import TrainState
 from tests.helpers import char_tokenizer, tiny_llama
 
 BATCH = 6
@@ -129,8 +134,7 @@ def test_config_defaults_are_trls_and_bad_values_fail(tmp_path):
     for name in ("max_prompt_length", "max_completion_length", "temperature", "top_p", "top_k", "num_value_samples",
                  "beta1", "filter_all_incorrect", "beta2", "reward_weights", "learning_rate"):
         assert defaults[name] == trl_defaults[name], name
-    for overrides, message in (({"beta1": 0.0}, "beta1=0.0"), ({"num_value_samples": 0}, "num_value_samples=0"),
-                               ({"eval_strategy": "steps"}, "evaluation is not implemented")):
+    for overrides, message in (({"beta1": 0.0}, "beta1=0.0"), ({"num_value_samples": 0}, "num_value_samples=0")):
         with pytest.raises(ValueError, match=message):
             a2po.A2POConfig(output_dir=str(tmp_path), **overrides)
 
@@ -153,8 +157,16 @@ def test_a2po_raises_the_mean_reward(tmp_path):
                              num_value_samples=4, beta2=0.1, learning_rate=5e-2, max_steps=20, logging_steps=1,
                              mesh_fsdp=1, disable_tqdm=True, save_steps=0, save_final_model=False, seed=0,
                              filter_all_incorrect=False)  # 16 prompts: filtered, too few for a batch of 8
-    result = a2po.train(tiny_llama(len(TOKENIZER)), TOKENIZER, PROMPTS, config, reward_funcs=[has_a_digit])
-    rewards = [r["reward"] for r in result.metrics]
+    eval_config = config.replace(eval_strategy="steps", eval_steps=20, per_device_eval_batch_size=8)
+    result = a2po.train(tiny_llama(len(TOKENIZER)), TOKENIZER, PROMPTS, eval_config, reward_funcs=[has_a_digit],
+                        eval_dataset=PROMPTS.select(range(5)))
+    evaluations = [r for r in result.metrics if "eval_loss" in r]
+    assert [r["step"] for r in evaluations] == [20]  # TRL's names, on 5 prompts filled up to a batch of 8
+    assert {"eval_loss", "eval_reward", "eval_v_star", "eval_implicit_reward", "eval_advantage"} <= set(evaluations[0])
+    assert 0 < evaluations[0]["eval_v_star"] < 1
+    assert evaluations[0]["eval_advantage"] == pytest.approx(evaluations[0]["eval_reward"]
+                                                             - evaluations[0]["eval_v_star"], abs=1e-6)
+    rewards = [r["reward"] for r in result.metrics if "reward" in r]
     # against the initial policy's rate measured in stage 1 (64 reference samples: less noisy than a first step)
     initial = result.metrics[0]["value_estimation/reward"]
     assert np.mean(rewards[-4:]) > initial + 0.25, (initial, rewards)
@@ -167,3 +179,53 @@ def test_a2po_raises_the_mean_reward(tmp_path):
     with pytest.raises(ValueError, match="leaves no prompt to train on"):
         a2po.train(tiny_llama(len(TOKENIZER)), TOKENIZER, PROMPTS, config.replace(
             filter_all_incorrect=True, output_dir=str(tmp_path / "filtered")), reward_funcs=[never_right])
+
+
+def sequence_logps(model, arrays):
+    """Sum of the completion tokens' log-probs, from the model's full logits in float64."""
+    ids = np.concatenate([arrays["prompt_ids"], arrays["completion_ids"]], 1)
+    mask = np.concatenate([arrays["prompt_mask"], arrays["attention_mask"]], 1)
+    logits = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float64)
+    prompt_length, length = arrays["prompt_ids"].shape[1], arrays["completion_ids"].shape[1]
+    rows = logits[:, prompt_length - 1:prompt_length + length - 1]
+    top = rows.max(-1, keepdims=True)
+    log_probs = rows - top - np.log(np.exp(rows - top).sum(-1, keepdims=True))
+    token = np.take_along_axis(log_probs, arrays["completion_ids"][..., None], -1)[..., 0]
+    return (token * arrays["completion_mask"]).sum(1)
+
+
+def test_evaluation_is_the_loss_on_fresh_samples(tmp_path):
+    """`evaluate`: one completion per eval prompt from the policy (3 prompts in batches of 2, the fill-up left out),
+    and the loss and TRL's metrics recomputed here in float64 from those completions, the policy's and a separate
+    reference's full logits, the rewards and V*."""
+    policy, reference = tiny_llama(len(TOKENIZER), seed=0), tiny_llama(len(TOKENIZER), seed=1)
+    config = a2po.A2POConfig(output_dir=str(tmp_path), max_completion_length=4, beta2=0.1, seed=3, mesh_fsdp=1,
+                             logits_chunk_size=4)
+    state = TrainState.create(policy, optax.identity())
+    prompts = data.prepare_prompts(datasets.Dataset.from_list([{"prompt": p} for p in ["ab", "cde", "f"]]), TOKENIZER,
+                                   method="A2PO", max_prompt_length=None)
+    v_star = np.array([0.2, 0.5, 0.7], np.float32)
+    logps_fn = make_logps_fn(state.graphdef, temperature=1.0, chunk_size=4, micro_batch=2)
+    ref_logps_fn = make_ref_logps_fn(nnx.state(reference, nnx.Param), state.graphdef, temperature=1.0, chunk_size=4,
+                                     micro_batch=2, logps_fn=logps_fn)
+    metrics = a2po.evaluate(state, prompts, v_star, [has_a_digit], TOKENIZER, config, mesh=None, prompt_buckets=[16],
+                            batch_size=2, logps_fn=logps_fn, ref_logps_fn=ref_logps_fn)
+
+    implicit, target, rewards, values = [], [], [], []
+    key = jax.random.key(config.seed + 1)
+    for index, (rows, chunk_v) in enumerate((([0, 1], [0.2, 0.5]), ([2, 2], [0.7, 0.7]))):
+        arrays, _ = a2po.rollout(state, [prompts[i] for i in rows], np.float32(chunk_v), [has_a_digit], TOKENIZER,
+                                 config, key=jax.random.fold_in(key, index), mesh=None, prompt_buckets=[16],
+                                 ref_logps_fn=ref_logps_fn)  # the very draws `evaluate` made
+        real = slice(0, 2 if index == 0 else 1)
+        implicit.extend((0.1 * (sequence_logps(policy, arrays) - sequence_logps(reference, arrays)))[real])
+        target.extend((arrays["rewards"] - np.asarray(chunk_v))[real])
+        rewards.extend(arrays["rewards"][real])
+        values.extend(np.asarray(chunk_v)[real])
+    implicit, target = np.asarray(implicit), np.asarray(target)
+    expected = {"eval_loss": np.mean((implicit - target) ** 2), "eval_implicit_reward": implicit.mean(),
+                "eval_advantage": target.mean(), "eval_reward": np.mean(rewards), "eval_v_star": np.mean(values)}
+    assert abs(implicit).max() > 0.05  # a reference unlike the policy
+    assert set(metrics) == set(expected)
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name

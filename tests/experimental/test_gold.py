@@ -21,6 +21,7 @@ from trl.experimental.gold.gold_trainer import GOLDTrainer, ULDLoss  # parity mu
 import jaxpt.models
 from jaxpt import cli, distillation
 from jaxpt.experimental import gold
+from jaxpt.sharding import make_mesh, shard_batch
 from jaxpt.train_state import TrainState
 from tests.experimental.helpers import TOKENIZER, VOCAB
 from tests.helpers import tiny_llama
@@ -231,28 +232,75 @@ def fixed_uld_batch(config, count=8):
     return gold.uld_batch(arrays, teacher_prompts, TOKENIZER, TEACHER_TOKENIZER, config)
 
 
-def test_uld_step_accumulated_equals_one_big_batch(tmp_path):
-    """4 examples as 1 x 4 or 2 x 2 micro-batches (hybrid ULD + cross-entropy): the same loss, metrics and update."""
+def test_uld_step_accumulated_and_sharded_equals_one_big_batch(tmp_path):
+    """8 examples as 1 x 8 or 2 x 4 micro-batches, or 1 x 8 on an 8-device fsdp mesh (student, teacher and the full
+    logits of both split over it; hybrid ULD + cross-entropy): the same loss, metrics and update."""
     config = gold.GOLDConfig(output_dir=str(tmp_path), use_uld_loss=True, uld_use_hybrid_loss=True,
                              uld_crossentropy_weight=0.5, lmbda=0.0, max_completion_length=8, max_grad_norm=0.0)
-    batch = fixed_uld_batch(config, count=4)
+    batch = fixed_uld_batch(config, count=8)
     teacher = tiny_llama(TEACHER_VOCAB, seed=7, initializer_range=0.3)
     graphdef, teacher_params = nnx.split(teacher, nnx.Param)
     hybrid = gold.hybrid_vocabulary(TOKENIZER, TEACHER_TOKENIZER, student_vocab_size=VOCAB,
                                     teacher_vocab_size=TEACHER_VOCAB)
     results = []
-    for accumulation in (1, 2):
-        step = gold.make_uld_train_step(config, teacher_graphdef=graphdef, hybrid=hybrid)
-        state = TrainState.create(tiny_llama(VOCAB, seed=0), optax.sgd(1.0))
-        shaped = {k: v.reshape(accumulation, 4 // accumulation, *v.shape[1:]) for k, v in batch.items()}
-        state, metrics = step(state, shaped, teacher_params)
+    for accumulation, mesh in ((1, None), (2, None), (1, make_mesh(data=1, fsdp=8, tensor=1))):
+        state = TrainState.create(tiny_llama(VOCAB, seed=0), optax.sgd(1.0), mesh=mesh)
+        teacher_sharding = distillation.teacher_shardings(teacher_params, teacher, mesh)
+        placed_teacher = teacher_params if mesh is None else jax.device_put(teacher_params, teacher_sharding)
+        step = gold.make_uld_train_step(config, teacher_graphdef=graphdef, hybrid=hybrid, mesh=mesh,
+                                        state_sharding=state.shardings(mesh), teacher_sharding=teacher_sharding)
+        shaped = {k: v.reshape(accumulation, 8 // accumulation, *v.shape[1:]) for k, v in batch.items()}
+        state, metrics = step(state, shard_batch(shaped, mesh, batch_axis=1, global_batch=True), placed_teacher)
+        if mesh is not None:  # the student really is split over the 8 devices
+            assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+                       for leaf in jax.tree.leaves(state.params))
         results.append((jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}))
-    (params, metrics), (accumulated_params, accumulated_metrics) = results
+    (params, metrics), *others = results
     assert metrics["loss"] > 0.1 and metrics["matched_loss"] > 0 and metrics["unmatched_loss"] > 0
-    for name in ("loss", "matched_loss", "unmatched_loss", "grad_norm"):
-        np.testing.assert_allclose(accumulated_metrics[name], metrics[name], rtol=2e-5)
-    for a, b in zip(jax.tree.leaves(accumulated_params), jax.tree.leaves(params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    for other_params, other_metrics in others:
+        for name in ("loss", "matched_loss", "unmatched_loss", "grad_norm"):
+            np.testing.assert_allclose(other_metrics[name], metrics[name], rtol=2e-5)
+        for a, b in zip(jax.tree.leaves(other_params), jax.tree.leaves(params), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+@pytest.mark.parametrize("use_uld_loss", [True, False])
+def test_evaluation_logs_the_loss_on_the_eval_completions(tmp_path, use_uld_loss):
+    """`train(..., eval_dataset=...)`: `eval_loss` after the step is the training loss of the final student on all
+    the eval rows' own completions at once (3 rows in batches of 2: the fill-up row counts for nothing)."""
+    teacher_tokenizer = TEACHER_TOKENIZER if use_uld_loss else TOKENIZER
+    teacher_vocab = TEACHER_VOCAB if use_uld_loss else VOCAB
+    teacher = tiny_llama(teacher_vocab, seed=7, initializer_range=0.3)
+    config = gold.GOLDConfig(output_dir=str(tmp_path), use_uld_loss=use_uld_loss, uld_crossentropy_weight=0.5,
+                             lmbda=0.0, max_completion_length=8, max_steps=1, per_device_train_batch_size=8,
+                             per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=1, learning_rate=0.05,
+                             mesh_fsdp=1, disable_tqdm=True, save_steps=0, save_final_model=False, logging_steps=1)
+    rows = lambda pairs: datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])  # noqa: E731
+    result = gold.train(tiny_llama(VOCAB, seed=0), TOKENIZER, rows(PAIRS), config, teacher_model=teacher,
+                        teacher_tokenizer=teacher_tokenizer, eval_dataset=rows(PAIRS[1:4]))
+    evaluations = [r for r in result.metrics if "eval_loss" in r]
+    assert [r["step"] for r in evaluations] == [1]
+
+    sampling_config = gold.distillation_config(config)
+    examples = distillation.prepare_dataset(rows(PAIRS[1:4]), TOKENIZER, sampling_config.replace(lmbda=0.0))
+    arrays, _ = distillation.dataset_completions(examples, TOKENIZER, prompt_buckets=[16], completion_buckets=[16])
+    graphdef, params = result.state.graphdef, result.state.full_params()
+    teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+    tokens = float(arrays["completion_mask"].sum())
+    if use_uld_loss:
+        teacher_prompts = [gold.teacher_prompt_ids(e["completion_prompt_ids"], TOKENIZER, TEACHER_TOKENIZER)
+                           for e in examples]
+        batch = gold.uld_batch(arrays, teacher_prompts, TOKENIZER, TEACHER_TOKENIZER, config)
+        expected, _ = gold.uld_loss_fn(params, graphdef, teacher_params, teacher_graphdef,
+                                       {k: jnp.asarray(v) for k, v in batch.items()}, config, None, 3.0, tokens)
+    else:
+        expected, _ = distillation.loss_fn(params, graphdef, teacher_params, teacher_graphdef,
+                                           {k: jnp.asarray(v) for k, v in arrays.items()}, sampling_config, tokens)
+    assert float(expected) > 0.05
+    np.testing.assert_allclose(evaluations[0]["eval_loss"], float(expected), rtol=1e-5)
+    with pytest.raises(ValueError, match="eval_dataset is prompt-only"):
+        gold.train(tiny_llama(VOCAB, seed=0), TOKENIZER, rows(PAIRS), config, teacher_model=teacher,
+                   teacher_tokenizer=teacher_tokenizer, eval_dataset=datasets.Dataset.from_list([{"prompt": "ab"}]))
 
 
 def test_gold_command_brings_a_student_closer_to_a_teacher_with_another_tokenizer(tmp_path):

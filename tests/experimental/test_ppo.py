@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jaxpt.models
 from jaxpt import cli
 from jaxpt.experimental import ppo
-from jaxpt.sharding import make_mesh, shard_batch
+from jaxpt.sharding import make_mesh, path_name, shard_batch
 from jaxpt.train_state import TrainState
 from tests.experimental.helpers import TOKENIZER, VOCAB
 from tests.helpers import tiny_llama
@@ -185,3 +186,86 @@ def test_command_score_rises(tmp_path):
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the initial policy
     assert rows[-1]["objective/kl"] > 0.0
     assert (out / "final" / "config.json").exists() and (out / "value_model" / "config.json").exists()
+
+
+def _lora(model, **options):
+    from jaxpt.lora import LoraConfig, apply_lora
+
+    return apply_lora(model, LoraConfig(use_peft=True, lora_r=4, lora_dropout=0.0, **options))
+
+
+def _host_tree(tree):
+    return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
+
+
+def test_lora_step_trains_only_adapters_and_value_head(tmp_path):
+    """With adapters on the policy and the value model, a step trains the adapters and the value model's `score`
+    head only (the bases come back bit for bit), and at B = 0 its loss is the full models' loss."""
+    from jaxpt.lora import LoRAParam
+
+    config = ppo.PPOConfig(output_dir=str(tmp_path), logits_chunk_size=4)
+    n, prompt_length = 4, 3
+    rng = np.random.default_rng(1)
+    batch = {"prompt_ids": rng.integers(3, VOCAB, (1, n, prompt_length)).astype(np.int32),
+             "prompt_mask": np.ones((1, n, prompt_length), np.int32),
+             "completion_ids": rng.integers(3, VOCAB, (1, n, T)).astype(np.int32),
+             "attention_mask": RESPONSE_MASK[None].astype(np.int32), "logprobs": np.float32(LOGPROBS[None]),
+             "values": np.float32(rng.normal(size=(1, n, T)) * VALUE_MASK),
+             "advantages": np.float32(rng.normal(size=(1, n, T)) * RESPONSE_MASK),
+             "returns": np.float32(rng.normal(size=(1, n, T))), "response_mask": RESPONSE_MASK[None].astype(np.int32),
+             "value_mask": VALUE_MASK[None].astype(np.int32)}
+    step = ppo.make_train_step(config)
+    full = TrainState.create(ppo.PolicyAndValue(tiny_llama(VOCAB, seed=0), tiny_llama(VOCAB, seed=1, num_labels=1)),
+                             optax.sgd(0.1))
+    _, full_metrics = step(full, batch)
+    joint = ppo.PolicyAndValue(_lora(tiny_llama(VOCAB, seed=0)), _lora(tiny_llama(VOCAB, seed=1, num_labels=1)))
+    state = TrainState.create(joint, optax.sgd(0.1))
+    trained = {path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    assert trained and all(".lora_" in name or name.startswith("value_model.score.") for name in trained), trained
+    assert any(name.startswith("policy.") for name in trained) and "value_model.score.weight" in trained
+    is_lora = lambda x: isinstance(x, LoRAParam)  # noqa: E731
+    assert not any(is_lora(v) for v in jax.tree.leaves(state.frozen, is_leaf=is_lora))
+    frozen_before, trained_before = _host_tree(state.frozen), _host_tree(state.params)
+    state, metrics = step(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(float(full_metrics["loss"]), rel=1e-5)
+    assert float(metrics["grad_norm"]) > 0
+    for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(_host_tree(state.frozen)), strict=True):
+        np.testing.assert_array_equal(before, after)  # the bases are bit-identical
+    changed = jax.tree.map(lambda a, b: bool((a != b).any()), trained_before, _host_tree(state.params))
+    assert any(jax.tree.leaves(changed["policy"])) and all(jax.tree.leaves(changed["value_model"]["score"]))
+
+
+def test_lora_train_reference_is_the_base_and_adapter_is_exported(tmp_path):
+    """`train` with adapters on the policy (the value model in full, as TRL's PPO with peft): the first update's KL
+    to the reference (the base, adapters off) is 0, the policy's base is unchanged, the value model trains, and the
+    policy is exported as a peft adapter (and merged, merge_adapter_on_save), each loading back to the trained
+    model's log-probs."""
+    from jaxpt.lora import load_adapter
+
+    policy, value_model = _lora(tiny_llama(VOCAB, seed=0)), tiny_llama(VOCAB, seed=1, num_labels=1)
+    base = _host_tree(nnx.state(tiny_llama(VOCAB, seed=0)))
+    value_before = _host_tree(nnx.state(value_model))
+    prompts = [{"prompt": f"{a}+{b}="} for a in range(4) for b in range(2)]
+    config = ppo.PPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8,
+                           num_ppo_epochs=1, response_length=4, temperature=1.0, learning_rate=3e-2, kl_coef=0.01,
+                           mesh_fsdp=1, logging_steps=1, save_steps=0, disable_tqdm=True, seed=0,
+                           merge_adapter_on_save=True)
+    result = ppo.train(policy, TOKENIZER, prompts, config, value_model=value_model, reward_funcs=[digit_reward])
+    rows = [r for r in result.metrics if "objective/kl" in r]
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["objective/kl"] != 0.0
+    frozen = _host_tree(result.state.frozen["policy"])
+    for before, after in zip(jax.tree.leaves(base), jax.tree.leaves(frozen), strict=True):
+        np.testing.assert_array_equal(before, after)
+    value_after = _host_tree(result.state.params["value_model"])
+    assert any(bool((a != b).any()) for a, b in zip(jax.tree.leaves(value_before), jax.tree.leaves(value_after),
+                                                   strict=True))
+    out = tmp_path / "out"
+    assert (out / "final" / "adapter_config.json").exists() and (out / "value_model" / "config.json").exists()
+    assert not (out / "value_model_merged").exists()  # the value model has no adapter to merge
+    batch = {"prompt_ids": np.array([[5, 6, 7]], np.int32), "prompt_mask": np.ones((1, 3), np.int32),
+             "completion_ids": np.array([[8, 9]], np.int32), "attention_mask": np.ones((1, 2), np.int32)}
+    options = dict(temperature=1.0, chunk_size=4)
+    trained = ppo.policy_logprobs(result.state.model().policy, batch, **options)[0]
+    for exported in (load_adapter(tiny_llama(VOCAB, seed=0), out / "final"),
+                     jaxpt.models.from_pretrained(out / "final_merged")):
+        np.testing.assert_allclose(ppo.policy_logprobs(exported, batch, **options)[0], trained, rtol=1e-5, atol=1e-5)
