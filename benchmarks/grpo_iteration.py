@@ -23,8 +23,10 @@ advantages, forward/backward and the optimizer step; logging happens after `on_s
 iterations of each side are excluded (jaxpt compiles there). Prints each side's median seconds per iteration,
 completions/s, the ratio of throughputs jaxpt / TRL (> 1: jaxpt faster), and one JSON line. Also reported: the
 median rollout part of an iteration (jaxpt: `grpo.rollout`; TRL: `_generate_and_score_completions`, timed by
-wrapping it; the rest is the update), the mean completion length over all iterations, and the first iteration's
-mean reward and token entropy (a check that both sides run the same model: the entropies should agree).
+wrapping it; the rest is the update), jaxpt's median CPU seconds (`time.process_time`, all threads) of the
+rollout and of the update (less sensitive to a loaded machine than wall time), the mean completion length over
+all iterations, and the first iteration's mean reward and token entropy (a check that both sides run the same
+model: the entropies should agree).
 
     python benchmarks/grpo_iteration.py
     python benchmarks/grpo_iteration.py --steps 5 --num_generations 4 --max_completion_length 128
@@ -137,6 +139,11 @@ def main():
                        f"{side}_first_reward": round(stats["reward"], 4),
                        f"{side}_first_entropy": round(stats["entropy"], 4),
                        f"{side}_iteration_s": [round(s, 3) for s in seconds]})
+        if "rollout_cpu_s" in stats:
+            print(f"{side:5s}: median CPU seconds (all threads) per iteration: rollout {stats['rollout_cpu_s']:.3f}, "
+                  f"update {stats['update_cpu_s']:.3f}")
+            result.update({f"{side}_rollout_cpu_s": round(stats["rollout_cpu_s"], 4),
+                           f"{side}_update_cpu_s": round(stats["update_cpu_s"], 4)})
     if trl_seconds:
         ratio = statistics.median(trl_seconds) / statistics.median(jax_seconds)
         print(f"ratio jaxpt / TRL (completions/s): {ratio:.2f}x")
@@ -176,22 +183,27 @@ def time_jaxpt(args, checkpoint, tokenizer, dataset):
     prompts = data.prepare_prompts(dataset, tokenizer, method="GRPO")
     key = jax.random.key(config.seed)
     seconds, rollout_seconds, lengths, stats = [], [], [], None
+    cpu_seconds = {"rollout": [], "update": []}  # this process's CPU seconds (all threads): less load-sensitive
     for i in range(total):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         arrays, metrics, _ = grpo.rollout(state, prompts[i * args.prompts:(i + 1) * args.prompts], [vowel_reward],
                                           tokenizer, config, key=jax.random.fold_in(key, i), mesh=None,
                                           prompt_buckets=[args.prompt_len])
-        rollout_done = time.perf_counter()  # rollout returns numpy arrays: the sampling has finished
+        rollout_done, cpu_rollout_done = time.perf_counter(), time.process_time()  # numpy arrays: sampling done
         batch = {k: v.reshape(1, micro_batch, *v.shape[1:]) for k, v in arrays.items()}
         state, step_metrics = train_step(state, shard_batch(batch, None, batch_axis=1))
         entropy = float(jax.block_until_ready(step_metrics["entropy"]))
         if i >= args.warmup:
             seconds.append(time.perf_counter() - start)
             rollout_seconds.append(rollout_done - start)
+            cpu_seconds["rollout"].append(cpu_rollout_done - cpu_start)
+            cpu_seconds["update"].append(time.process_time() - cpu_rollout_done)
         if stats is None:
             stats = {"reward": metrics["reward"], "entropy": entropy}
         lengths.append(metrics["completions/mean_length"])
-    stats.update(mean_length=statistics.mean(lengths), rollout_s=statistics.median(rollout_seconds))
+    stats.update(mean_length=statistics.mean(lengths), rollout_s=statistics.median(rollout_seconds),
+                 rollout_cpu_s=statistics.median(cpu_seconds["rollout"]),
+                 update_cpu_s=statistics.median(cpu_seconds["update"]))
     return seconds, stats
 
 
