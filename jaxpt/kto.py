@@ -521,9 +521,19 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     else:
         examples = prepare_dataset(dataset, tokenizer, config)
         _check_weights(examples, config)
-    eval_examples = None
+    eval_examples, eval_share = None, None
     if eval_dataset is not None and config.eval_strategy != "no":
-        eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+        eval_format = data.require_format(eval_dataset, ("unpaired_preference", "preference", "implicit_preference"),
+                                          method="KTO")
+        if jax.process_count() > 1 and eval_format.kind == "unpaired_preference" \
+                and not config.precompute_ref_log_probs:
+            # Each process tokenizes only its rows of the eval batches and the one before each (its KL partner).
+            eval_share = distributed.EvalShare(len(eval_dataset), eval_batch, mesh=mesh, with_previous=with_kl)
+            eval_examples = distributed.on_every_process(
+                lambda: prepare_dataset(eval_share.select(eval_dataset), tokenizer, config), what="KTO eval dataset")
+        else:
+            eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+            eval_share = distributed.EvalShare(len(eval_examples), eval_batch, mesh=mesh, whole=True)
     if share is None:
         distributed.check_same_data(examples, what="KTO examples")  # every process builds the same global batches
         steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="KTO")
@@ -534,7 +544,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     everything = examples + (eval_examples or [])  # a KL sequence joins one example's prompt to another's completion
     longest_prompt = max(len(e["prompt_ids"]) for e in everything)
     longest_completion = max(len(e["completion_ids"]) for e in everything)
-    if not share.whole:
+    if not share.whole or (eval_share and not eval_share.whole):
         longest_prompt, longest_completion = agreed_max(longest_prompt), agreed_max(longest_completion)
     longest = longest_prompt + longest_completion
     buckets = data.length_buckets(min(config.max_length or longest, longest))
@@ -544,6 +554,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
                                          method="KTO", length_fields="max_length", extra_ids=(pad_id,),
                                          longest=min(config.max_length or longest, longest), what="KTO dataset")
     batch_args = dict(buckets=buckets, pad_token_id=pad_id, max_length=config.max_length, with_kl=with_kl)
+    if eval_share and not eval_share.whole:  # every eval batch's padded length, up front (one collective)
+        eval_share.agree_lengths(_eval_longest(eval_examples, eval_share, max_length=config.max_length,
+                                               with_kl=with_kl))
 
     # Under LoRA the default reference is the base model: the adapters switched off, no copy of the base.
     adapters_off_reference = ref_model is None and has_adapters(model)
@@ -613,9 +626,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
-            if eval_examples and loop.should_evaluate(config, done, steps_in_epoch):
+            if eval_share and eval_share.num_examples and loop.should_evaluate(config, done, steps_in_epoch):
                 log.write({"step": done, **evaluate(eval_step, state, ref_params, eval_examples, config, mesh,
-                                                    batch_args)})
+                                                    batch_args, share=eval_share)})
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()  # a checkpoint is written only after its losses were checked finite
                 checkpoints.save(done, state, {"num_tokens": num_tokens})
@@ -626,16 +639,39 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
 
 
-def evaluate(eval_step, state, ref_params, examples, config, mesh, batch_args) -> dict:
+def eval_batches(examples, share: distributed.EvalShare, batch_args: dict):
+    """The eval batches (`collate`d, micro-batch `[1, batch]`) this process feeds, in order: consecutive batches of
+    the set (KL pairs within each batch), its rows of each (`share`; the other rows None, and on several processes
+    the rows before its own, their KL partners, never placed), padded to the batch's agreed length."""
+    for index in range(share.num_batches):
+        rows, longest = share.batch_rows(index, examples, None)
+        yield collate(rows, accumulation_steps=1, longest=longest, **batch_args)
+
+
+def _eval_longest(examples, share: distributed.EvalShare, *, max_length: int | None, with_kl: bool):
+    """This process's longest sequence (of either kind) of every eval batch, 0 where it feeds none."""
+    longest = np.zeros(share.num_batches, np.int64)
+    for index in range(share.num_batches):
+        rows, _ = share.batch_rows(index, examples, None)
+        # the batch's examples come first, so row j's KL partner is row j - 1 of them (the first's: the last)
+        longest[index] = max(_sequence_lengths(rows[:share.batch_examples(index)], share.own_positions(index),
+                                               max_length=max_length, with_kl=with_kl), default=0)
+    return longest
+
+
+def evaluate(eval_step, state, ref_params, examples, config, mesh, batch_args, *,
+             share: distributed.EvalShare | None = None) -> dict:
     """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix), in consecutive batches of
     `per_device_eval_batch_size` (KL pairs within each batch): the loss weighted by examples, the other metrics
-    averaged over the batches where they are defined (as TRL averages its per-batch values)."""
-    batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
+    averaged over the batches where they are defined (as TRL averages its per-batch values). `share`: this
+    process's rows of the eval batches (default: every example prepared, all rows its own)."""
+    if share is None:
+        share = distributed.EvalShare(len(examples), config.per_device_eval_batch_size * batch_divisor(mesh),
+                                      mesh=mesh, whole=True)
     loss_sum, count, values = 0.0, 0.0, {}
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        batch = collate(chunk + [None] * (batch_size - len(chunk)), accumulation_steps=1, **batch_args)
-        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+    for batch in eval_batches(examples, share, batch_args):
+        # several processes agreed on every batch's length (`EvalShare.agree_lengths`): no shape check per batch
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=share.whole)
         metrics = jax.device_get(eval_step(state, placed, ref_params))
         examples_in_batch = float(metrics.pop("num_examples"))
         loss_sum += float(metrics.pop("loss")) * examples_in_batch

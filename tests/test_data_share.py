@@ -1,0 +1,79 @@
+"""Each process prepares only its share of the data: two processes simulated in this one (`sharding.process_rows`
+patched: rows 0-3, then 4-7 of each batch of 8). Each simulated process prepares only the examples of its rows (and
+what they need: KTO's KL partners, the filler row), and its batches equal the one-process batches at its rows, so
+the global batch the processes place together, and every metric computed on it, is the one-process one."""
+
+import datasets
+import numpy as np
+
+from jaxpt import data, distributed, sharding
+from tests.helpers import char_tokenizer
+
+
+def simulate_two_processes(monkeypatch, make_share):
+    """`make_share()` as process 0, then as process 1 (its rows: 0-3, then 4-7 of a batch of 8)."""
+    shares = []
+    for process in range(2):
+        own = np.arange(8) // 4 == process
+        monkeypatch.setattr(sharding, "process_rows", lambda mesh, rows, own=own: (own, own))
+        shares.append(make_share())
+    return shares
+
+
+def assert_rows_match(batches, expected, process):
+    """Process `process`'s batches hold the one-process batches' arrays at its rows (same shapes: same length)."""
+    rows_of = np.arange(8) // 4 == process
+    assert len(batches) == len(expected)
+    for batch, reference in zip(batches, expected, strict=True):
+        assert sorted(batch) == sorted(reference)
+        for key, value in batch.items():
+            assert value.shape == reference[key].shape, (process, key)
+            np.testing.assert_array_equal(value[:, rows_of], reference[key][:, rows_of], err_msg=f"{process} {key}")
+
+
+def test_kto_eval_share_prepares_its_rows_and_their_kl_partners(monkeypatch):
+    """KTO's eval set in batches of 8 (13 examples: the last batch holds 5): each process prepares the examples of
+    its rows and the one before each (its KL partner; the first row's is the batch's last example), and its eval
+    batches equal the one-process batches at its rows, KL sequences included, padded to the one-process length
+    though its own rows are shorter: the longest sequence is the KL pair of process 1's row 5 (example 5's long
+    prompt with example 4's long completion)."""
+    from jaxpt import kto
+
+    tokenizer = char_tokenizer()
+    rows = [{"prompt": f"{i}+{i}=", "completion": str(2 * i), "label": i % 2 == 0} for i in range(13)]
+    rows[4]["completion"] = "8, as everyone knows"
+    rows[5]["prompt"] = "1+2+3+4+5+6+7+8+9+10="
+    dataset = datasets.Dataset.from_list(rows)
+    config = kto.KTOConfig(output_dir="unused")
+    batch_args = dict(buckets=data.length_buckets(64), pad_token_id=0, max_length=None, with_kl=True)
+    everything = kto.prepare_dataset(dataset, tokenizer, config)
+    whole = distributed.EvalShare(13, 8, mesh=None, whole=True)
+    expected = list(kto.eval_batches(everything, whole, batch_args))
+    assert len(expected) == 2
+    longest = kto._eval_longest(everything, whole, max_length=None, with_kl=True)
+    assert longest[0] == len(everything[5]["prompt_ids"]) + len(everything[4]["completion_ids"])
+    assert expected[0]["kl_input_ids"].shape[-1] == data.bucket_length(int(longest[0]), batch_args["buckets"])
+
+    shares = simulate_two_processes(
+        monkeypatch, lambda: distributed.EvalShare(13, 8, mesh=sharding.make_mesh(), whole=False, with_previous=True))
+    # process 0: rows 0-3 of each batch and their partners (7 in batch 0; 12, the last, in batch 1); process 1:
+    # rows 4-7 and their partners (3; 11), and example 0 (the filler's fields)
+    assert shares[0].needed.tolist() == [0, 1, 2, 3, 7, 8, 9, 10, 11, 12]
+    assert shares[1].needed.tolist() == [0, 3, 4, 5, 6, 7, 11, 12]
+    prepared = [kto.prepare_dataset(distributed.select_rows(dataset, share.needed), tokenizer, config)
+                for share in shares]
+    local = [kto._eval_longest(examples, share, max_length=None, with_kl=True)
+             for share, examples in zip(shares, prepared, strict=True)]
+    np.testing.assert_array_equal(np.maximum(*local), longest)  # what `agree_lengths`' collective gives
+    assert local[0][0] < longest[0]  # process 0 alone would pad batch 0 shorter
+    placed = {key: np.zeros_like(value) for key, value in expected[0].items()}
+    for process, (share, examples) in enumerate(zip(shares, prepared, strict=True)):
+        share.agree_lengths(np.maximum(*local))  # one process: gather_rows is the identity
+        batches = list(kto.eval_batches(examples, share, batch_args))
+        assert_rows_match(batches, expected, process)
+        rows_of = np.arange(8) // 4 == process
+        for key, value in batches[0].items():  # what the two processes place together
+            placed[key][:, rows_of] = value[:, rows_of]
+    for key, value in expected[0].items():
+        np.testing.assert_array_equal(placed[key], value)
+
