@@ -5,9 +5,10 @@ the global batch the processes place together, and every metric computed on it, 
 
 import datasets
 import numpy as np
+import pytest
 
 from jaxpt import data, distributed, sharding
-from tests.helpers import char_tokenizer
+from tests.helpers import arithmetic_texts, char_tokenizer
 
 
 def simulate_two_processes(monkeypatch, make_share):
@@ -77,3 +78,35 @@ def test_kto_eval_share_prepares_its_rows_and_their_kl_partners(monkeypatch):
     for key, value in expected[0].items():
         np.testing.assert_array_equal(placed[key], value)
 
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "bfd_split"])
+def test_packed_sft_eval_share_gives_the_rows_one_process_packs(strategy, monkeypatch):
+    """A packed SFT eval set (eval_packing=True, training unpacked): each process tokenizes a block of the eval set
+    (to measure it) and the examples of its packed rows of the eval batches, and its eval batches equal the
+    one-process batches at its rows; every packed row is max_length long, so the padded length needs no
+    agreement (`_prepare_eval` sets it). bfd_split keeps the long example's tokens (packed, not truncated)."""
+    from jaxpt import sft
+
+    tokenizer = char_tokenizer()
+    rows = arithmetic_texts(30) + [{"prompt": "1+2+3+4+5=", "completion": "15 and more digits"}]
+    dataset = datasets.Dataset.from_list(rows)
+    config = sft.SFTConfig(output_dir="unused", max_length=12, eval_packing=True, packing_strategy=strategy)
+    buckets = data.length_buckets(12)
+    everything = sft.prepare_dataset(dataset, tokenizer, config, packing=True)
+    expected = list(sft.eval_batches(everything, distributed.EvalShare(len(everything), 8, mesh=None, whole=True),
+                                     buckets, 0))
+    assert len(everything) % 8 and len(expected) == -(-len(everything) // 8)  # the last batch has filler rows
+
+    def make_share(num_rows):
+        share = distributed.EvalShare(num_rows, 8, mesh=sharding.make_mesh(), whole=False)
+        share.lengths = np.full(share.num_batches, config.max_length)  # as `_prepare_eval`
+        return share
+
+    for process, (examples, share) in enumerate(simulate_two_processes(
+            monkeypatch, lambda: sft._pack_share(dataset, tokenizer, config, make_share, what="SFT eval dataset"))):
+        assert share.num_examples == len(everything) and len(examples) == len(share.needed)
+        rows_of = np.arange(8) // 4 == process
+        mine = np.flatnonzero(rows_of[np.arange(len(everything)) % 8])
+        assert share.needed.tolist() == sorted({0, *mine.tolist()})  # its rows, and row 0 (the filler's fields)
+        assert_rows_match(list(sft.eval_batches(examples, share, buckets, 0)), expected, process)
