@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxpt import data, distributed, sharding
-from tests.helpers import arithmetic_texts, char_tokenizer
+from tests.helpers import arithmetic_texts, char_tokenizer, tiny_llama
 
 
 def simulate_two_processes(monkeypatch, make_share):
@@ -110,3 +110,42 @@ def test_packed_sft_eval_share_gives_the_rows_one_process_packs(strategy, monkey
         mine = np.flatnonzero(rows_of[np.arange(len(everything)) % 8])
         assert share.needed.tolist() == sorted({0, *mine.tolist()})  # its rows, and row 0 (the filler's fields)
         assert_rows_match(list(sft.eval_batches(examples, share, buckets, 0)), expected, process)
+
+
+def test_dpo_precomputed_reference_share_gives_the_one_process_log_probs(monkeypatch):
+    """precompute_ref_log_probs on several processes: the reference log-probs are computed in the batches one
+    process computes them in (8 pairs, in order), each process feeding its rows (`EvalShare`), padded to the
+    agreed length (the long pair is process 1's); every row's log-probs equal the one-process ones to the bit,
+    though the padding rows differ (one process: copies of the batch's first pair; here: empty rows)."""
+    from jaxpt import dpo
+
+    tokenizer = char_tokenizer()
+    rows = [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(13)]
+    rows[5] = {"prompt": "1+2+3+4+5+6+7+8=", "chosen": "36 is the sum", "rejected": "37 or so, I think"}
+    dataset = datasets.Dataset.from_list(rows)
+    config = dpo.DPOConfig(output_dir="unused", per_device_train_batch_size=1)
+    mesh = sharding.make_mesh()
+    assert dpo.precompute_batch(config, mesh) == 8
+    reference = tiny_llama(len(tokenizer), seed=1, num_hidden_layers=1)
+    buckets = [48]  # one length for both batches: one compilation per call
+    everything = dpo.prepare_dataset(dataset, tokenizer, config)
+    expected = dpo.precompute_ref_logps(reference, everything, config, mesh=mesh, buckets=buckets)
+    expected = {key: np.asarray([e[key] for e in expected]) for key in ("ref_chosen_logps", "ref_rejected_logps")}
+
+    shares = simulate_two_processes(
+        monkeypatch, lambda: distributed.EvalShare(13, 8, mesh=mesh, whole=False))
+    prepared = [dpo.prepare_dataset(distributed.select_rows(dataset, share.needed), tokenizer, config)
+                for share in shares]
+    local = [share.measure(examples, dpo._longest) for share, examples in zip(shares, prepared, strict=True)]
+    np.testing.assert_array_equal(np.maximum(*local), [max(map(dpo._longest, everything[i:i + 8])) for i in (0, 8)])
+    assert local[0][0] < np.maximum(*local)[0]  # process 0 alone would pad batch 0 shorter
+    compiled = dpo._reference_fn(reference, config, mesh)  # one jitted function for both simulated processes
+    for process, (share, examples) in enumerate(zip(shares, prepared, strict=True)):
+        share.agree_lengths(np.maximum(*local))  # what `agree`'s collective gives every process
+        chosen, rejected = dpo.shared_ref_logps(compiled, examples, share, mesh=mesh, buckets=buckets,
+                                                pad_token_id=0)
+        own = np.concatenate([batch * 8 + share.own_positions(batch) for batch in range(share.num_batches)])
+        assert own.tolist() == [i for i in range(13) if i % 8 // 4 == process]
+        # on several processes the results are replicated: every process gets every row; here each its own
+        np.testing.assert_array_equal(chosen[own], expected["ref_chosen_logps"][own])
+        np.testing.assert_array_equal(rejected[own], expected["ref_rejected_logps"][own])
