@@ -566,34 +566,38 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
         if config.precompute_ref_log_probs:
             ref_share = distributed.EvalShare(len(dataset), precompute_batch(config, mesh), mesh=mesh)
 
-    def prepare_share():
-        needed = share.needed if ref_share is None else np.union1d(share.needed, ref_share.needed)
-        own = prepare_dataset(distributed.select_rows(dataset, needed), tokenizer, config)
-        check_fits(own)
-        return needed, own
+    def prepare_rows(source, shares, what):  # this process's examples for each share, each tokenized once
+        needed = np.unique(np.concatenate([share.needed for share in shares]))
+
+        def prepare():
+            own = prepare_dataset(distributed.select_rows(source, needed), tokenizer, config)
+            check_fits(own)
+            return own
+
+        prepared = distributed.on_every_process(prepare, what=what)
+        return [[prepared[i] for i in np.searchsorted(needed, share.needed)] for share in shares]
 
     ref_examples = []  # several processes, precomputed reference: this process's rows of the reference's batches
     if share:
-        needed, prepared = distributed.on_every_process(prepare_share, what="DPO dataset")
-        examples = [prepared[i] for i in np.searchsorted(needed, share.needed)]
-        if ref_share is not None:
-            ref_examples = [prepared[i] for i in np.searchsorted(needed, ref_share.needed)]
+        examples, *ref_examples = prepare_rows(dataset, [share] + ([ref_share] if ref_share else []), "DPO dataset")
+        ref_examples = ref_examples[0] if ref_examples else []
     else:
         examples = prepare_dataset(dataset, tokenizer, config)
-    eval_examples, eval_share = None, None
+    eval_examples, eval_share, eval_ref_share, eval_ref_examples = None, None, None, None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_batch = config.per_device_eval_batch_size * batch_divisor(mesh)
-        if jax.process_count() > 1 and not config.precompute_ref_log_probs:
-            # Each process tokenizes only its rows of the eval batches, and all agree on their padded lengths.
+        if jax.process_count() > 1:
+            # Each process tokenizes only its rows of the eval batches (and of the reference's batches), and all
+            # agree on their padded lengths.
             data.require_format(eval_dataset, ("preference", "implicit_preference"), method="DPO")
             eval_share = distributed.EvalShare(len(eval_dataset), eval_batch, mesh=mesh)
-
-            def prepare_eval_share():
-                own = prepare_dataset(eval_share.select(eval_dataset), tokenizer, config)
-                check_fits(own)
-                return own
-
-            eval_examples = distributed.on_every_process(prepare_eval_share, what="DPO eval dataset")
+            shares = [eval_share]
+            if config.precompute_ref_log_probs:
+                eval_ref_share = distributed.EvalShare(len(eval_dataset), precompute_batch(
+                    config, mesh, config.precompute_ref_batch_size or config.per_device_eval_batch_size), mesh=mesh)
+                shares.append(eval_ref_share)
+            eval_examples, *eval_ref_examples = prepare_rows(eval_dataset, shares, "DPO eval dataset")
+            eval_ref_examples = eval_ref_examples[0] if eval_ref_examples else None
             eval_share.agree(eval_examples, _longest)  # every eval batch's padded length, up front
         else:
             eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
@@ -617,13 +621,18 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
             examples = precompute_ref_logps(reference, examples, config, mesh=mesh, buckets=buckets,
                                             pad_token_id=pad_id)
         else:  # every process gets every pair's log-probs, computed as one process does; it keeps its own
-            ref_share.agree(ref_examples, _longest)  # every batch's padded length, up front
-            chosen, rejected = shared_ref_logps(_reference_fn(reference, config, mesh), ref_examples, ref_share,
-                                                mesh=mesh, buckets=buckets, pad_token_id=pad_id)
-            examples = [{**e, "ref_chosen_logps": chosen[i], "ref_rejected_logps": rejected[i]}
-                        for e, i in zip(examples, share.needed, strict=True)]
-            ref_examples = None
-        if eval_examples:
+            compiled = _reference_fn(reference, config, mesh)
+            for kept, computed, shared, indices in ((examples, ref_examples, ref_share, share.needed),
+                                                    (eval_examples, eval_ref_examples, eval_ref_share,
+                                                     eval_share.needed if eval_share else None)):
+                if shared is None:
+                    continue
+                shared.agree(computed, _longest)  # every batch's padded length, up front
+                chosen, rejected = shared_ref_logps(compiled, computed, shared, mesh=mesh, buckets=buckets,
+                                                    pad_token_id=pad_id)
+                kept[:] = [{**e, "ref_chosen_logps": chosen[i], "ref_rejected_logps": rejected[i]}
+                           for e, i in zip(kept, indices, strict=True)]
+        if eval_examples and eval_ref_share is None:
             eval_examples = precompute_ref_logps(reference, eval_examples, config, mesh=mesh, buckets=buckets,
                                                  pad_token_id=pad_id, batch_size=config.precompute_ref_batch_size
                                                  or config.per_device_eval_batch_size)
