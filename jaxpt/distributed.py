@@ -290,10 +290,12 @@ class EvalShare:
     On one process (`whole=True`) nothing changes: every example is prepared and every row is its own.
 
     `with_previous`: a process also prepares, for each of its rows, the example before it in the batch (cyclically
-    over the batch's examples: the first row's is the batch's last example), which KTO pairs with it."""
+    over the batch's examples: the first row's is the batch's last example), which KTO pairs with it. `micro_batch`:
+    a batch laid out `[accumulation, micro_batch]` (row `j` is micro-batch row `j % micro_batch`; default one
+    micro-batch of `batch_size`)."""
 
     def __init__(self, num_examples: int, batch_size: int, *, mesh, whole: bool | None = None,
-                 with_previous: bool = False):
+                 with_previous: bool = False, micro_batch: int | None = None):
         import jax
         import numpy as np
 
@@ -307,7 +309,9 @@ class EvalShare:
         if self.whole:
             self.positions, self.needed = np.arange(batch_size), np.arange(num_examples)
             return
-        self.positions = np.flatnonzero(process_rows(mesh, batch_size)[0])  # this process's rows of a batch
+        micro_batch = micro_batch or batch_size
+        own = process_rows(mesh, micro_batch)[0]
+        self.positions = np.flatnonzero(own[np.arange(batch_size) % micro_batch])  # this process's rows of a batch
         indices = [batch * batch_size + self.read_positions(batch) for batch in range(self.num_batches)]
         self.needed = np.union1d(np.concatenate(indices or [np.zeros(0, np.int64)]), [0] if num_examples else [])
         logger.info("Process %d prepares %d of the %d eval examples: the rows it feeds", jax.process_index(),

@@ -149,3 +149,41 @@ def test_dpo_precomputed_reference_share_gives_the_one_process_log_probs(monkeyp
         # on several processes the results are replicated: every process gets every row; here each its own
         np.testing.assert_array_equal(chosen[own], expected["ref_chosen_logps"][own])
         np.testing.assert_array_equal(rejected[own], expected["ref_rejected_logps"][own])
+
+
+def test_kto_precomputed_reference_share_gives_the_one_process_log_probs(monkeypatch):
+    """KTO's precompute_ref_log_probs on several processes: the reference log-probs of every example and of its KL
+    pair are computed in the groups one process computes them in (consecutive steps of 16 examples, laid out
+    [2 accumulation, 8 rows]: a process's rows are 0-3, then 4-7, of each micro-batch), each process feeding its
+    rows and their KL partners, padded to the agreed length; its rows' values equal the one-process ones to the
+    bit, the last, partial group (5 examples) too."""
+    from jaxpt import kto
+
+    tokenizer = char_tokenizer()
+    rows = [{"prompt": f"{i}+{i}=", "completion": str(2 * i), "label": i % 2 == 0} for i in range(21)]
+    rows[12]["completion"] = "24, as everyone knows"
+    rows[13]["prompt"] = "1+2+3+4+5+6+7+8+9+10="
+    dataset = datasets.Dataset.from_list(rows)
+    config = kto.KTOConfig(output_dir="unused", gradient_accumulation_steps=2)
+    graphdef, params, _ = kto.reference_params(tiny_llama(len(tokenizer), seed=1, num_hidden_layers=1))
+    args = dict(buckets=[48], pad_token_id=0, mesh=None, ref_sharding=None)  # one length: one compilation
+    everything = kto.prepare_dataset(dataset, tokenizer, config)
+    expected = kto.precompute_ref_logps(everything, graphdef, params, config, group_size=16, accumulation_steps=2,
+                                        **args)
+
+    shares = simulate_two_processes(monkeypatch, lambda: distributed.EvalShare(
+        21, 16, mesh=sharding.make_mesh(), whole=False, with_previous=True, micro_batch=8))
+    # process 1: rows 4-7 and 12-15 of group 0 and their partners (3, 11), row 4 of group 1 (20) and its partner
+    assert shares[1].needed.tolist() == [0, 3, 4, 5, 6, 7, 11, 12, 13, 14, 15, 19, 20]
+    prepared = [kto.prepare_dataset(distributed.select_rows(dataset, share.needed), tokenizer, config)
+                for share in shares]
+    local = [kto._eval_longest(examples, share, max_length=None, with_kl=True)
+             for share, examples in zip(shares, prepared, strict=True)]
+    assert local[0][0] < np.maximum(*local)[0]  # process 0 alone would pad group 0 shorter (13's prompt, 12's answer)
+    for process, (share, examples) in enumerate(zip(shares, prepared, strict=True)):
+        share.agree_lengths(np.maximum(*local))  # what the collective gives every process
+        values = kto.shared_ref_logps(examples, share, graphdef, params, config, accumulation_steps=2, **args)
+        own = np.concatenate([batch * 16 + share.own_positions(batch) for batch in range(share.num_batches)])
+        assert own.tolist() == [i for i in range(21) if i % 8 // 4 == process]
+        for key in ("ref_logps", "ref_kl_logps"):
+            np.testing.assert_array_equal(values[key][own], np.float32([expected[i][key] for i in own]), err_msg=key)
