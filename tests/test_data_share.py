@@ -123,8 +123,8 @@ def test_dpo_precomputed_reference_share_gives_the_one_process_log_probs(monkeyp
     rows = [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(13)]
     rows[5] = {"prompt": "1+2+3+4+5+6+7+8=", "chosen": "36 is the sum", "rejected": "37 or so, I think"}
     dataset = datasets.Dataset.from_list(rows)
-    config = dpo.DPOConfig(output_dir="unused", per_device_train_batch_size=1)
-    mesh = sharding.make_mesh()
+    config = dpo.DPOConfig(output_dir="unused", per_device_train_batch_size=8)
+    mesh = None  # (the processes' rows are patched; a mesh would only add compilation time)
     assert dpo.precompute_batch(config, mesh) == 8
     reference = tiny_llama(len(tokenizer), seed=1, num_hidden_layers=1)
     buckets = [48]  # one length for both batches: one compilation per call
@@ -133,7 +133,7 @@ def test_dpo_precomputed_reference_share_gives_the_one_process_log_probs(monkeyp
     expected = {key: np.asarray([e[key] for e in expected]) for key in ("ref_chosen_logps", "ref_rejected_logps")}
 
     shares = simulate_two_processes(
-        monkeypatch, lambda: distributed.EvalShare(13, 8, mesh=mesh, whole=False))
+        monkeypatch, lambda: distributed.EvalShare(13, 8, mesh=sharding.make_mesh(), whole=False))
     prepared = [dpo.prepare_dataset(distributed.select_rows(dataset, share.needed), tokenizer, config)
                 for share in shares]
     local = [share.measure(examples, dpo._longest) for share, examples in zip(shares, prepared, strict=True)]
