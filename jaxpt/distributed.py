@@ -287,9 +287,15 @@ class EvalShare:
     eval set, before the first evaluation). Metrics are computed on the global batches, so they are those of one
     process.
 
-    On one process (`whole=True`) nothing changes: every example is prepared and every row is its own."""
+    On one process (`whole=True`) nothing changes: every example is prepared and every row is its own.
 
-    def __init__(self, num_examples: int, batch_size: int, *, mesh, whole: bool | None = None):
+    `with_previous`: a process also prepares, for each of its rows, the example before it in the batch (cyclically
+    over the batch's examples: the first row's is the batch's last example), which KTO pairs with it. `micro_batch`:
+    a batch laid out `[accumulation, micro_batch]` (row `j` is micro-batch row `j % micro_batch`; default one
+    micro-batch of `batch_size`)."""
+
+    def __init__(self, num_examples: int, batch_size: int, *, mesh, whole: bool | None = None,
+                 with_previous: bool = False, micro_batch: int | None = None):
         import jax
         import numpy as np
 
@@ -298,15 +304,36 @@ class EvalShare:
         self.num_examples, self.batch_size = num_examples, batch_size
         self.num_batches = -(-num_examples // batch_size)
         self.lengths = None  # agree
+        self.with_previous = with_previous
         self.whole = jax.process_count() == 1 or mesh is None if whole is None else whole
         if self.whole:
             self.positions, self.needed = np.arange(batch_size), np.arange(num_examples)
             return
-        self.positions = np.flatnonzero(process_rows(mesh, batch_size)[0])  # this process's rows of a batch
-        indices = (np.arange(self.num_batches)[:, None] * batch_size + self.positions).reshape(-1)
-        self.needed = np.union1d(indices[indices < num_examples], [0] if num_examples else [])
+        micro_batch = micro_batch or batch_size
+        own = process_rows(mesh, micro_batch)[0]
+        self.positions = np.flatnonzero(own[np.arange(batch_size) % micro_batch])  # this process's rows of a batch
+        indices = [batch * batch_size + self.read_positions(batch) for batch in range(self.num_batches)]
+        self.needed = np.union1d(np.concatenate(indices or [np.zeros(0, np.int64)]), [0] if num_examples else [])
         logger.info("Process %d prepares %d of the %d eval examples: the rows it feeds", jax.process_index(),
                     len(self.needed), num_examples)
+
+    def batch_examples(self, batch: int) -> int:
+        """How many examples of the set eval batch `batch` holds (`batch_size`, fewer in the last one)."""
+        return min(self.batch_size, self.num_examples - batch * self.batch_size)
+
+    def own_positions(self, batch: int):
+        """This process's rows of eval batch `batch` that hold an example of the set."""
+        return self.positions[self.positions < self.batch_examples(batch)]
+
+    def read_positions(self, batch: int):
+        """The rows of eval batch `batch` whose examples this process reads: its own, and with `with_previous` the
+        row before each (the batch's last example before its first row)."""
+        import numpy as np
+
+        positions = self.own_positions(batch)
+        if self.with_previous and len(positions):
+            positions = np.union1d(positions, (positions - 1) % self.batch_examples(batch))
+        return positions
 
     def select(self, dataset):
         """The eval dataset rows this process prepares (all of them on one process), in dataset order."""
@@ -319,7 +346,7 @@ class EvalShare:
         longest = np.zeros(self.num_batches, np.int64)
         for batch in range(self.num_batches):
             rows, _ = self.batch_rows(batch, examples, None)
-            longest[batch] = max((measure(row) for row in rows if row is not None), default=0)
+            longest[batch] = max((measure(rows[p]) for p in self.own_positions(batch)), default=0)
         return longest
 
     def agree(self, examples: list, measure) -> None:
@@ -328,21 +355,25 @@ class EvalShare:
         (`batch_rows` gives no length: the batch's own rows tell it)."""
         if self.whole:
             return
-        local = self.measure(examples, measure)
-        self.lengths = gather_rows(local).reshape(-1, self.num_batches).max(axis=0)
+        self.agree_lengths(self.measure(examples, measure))
+
+    def agree_lengths(self, longest) -> None:
+        """`agree` from this process's longest row of every batch (`longest`, 0 where it feeds none), measured by
+        the caller (KTO: a row's length depends on its partner too). One collective; every process calls it."""
+        self.lengths = gather_rows(longest).reshape(-1, self.num_batches).max(axis=0)
 
     def batch_rows(self, batch: int, examples: list, filler) -> tuple[list, int | None]:
         """`(rows, longest)` of eval batch `batch` from this process's prepared `examples` (aligned with `needed`):
-        `batch_size` rows, the batch's examples at this process's rows and `filler` elsewhere (past the end of the
-        set too), and the agreed longest row of the global batch (`agree`; None on a whole share)."""
+        `batch_size` rows, the batch's examples at the rows this process reads (`read_positions`) and `filler`
+        elsewhere (past the end of the set too), and the agreed longest row of the global batch (`agree`; None on a
+        whole share)."""
         import numpy as np
 
         first = batch * self.batch_size
         rows = [filler] * self.batch_size
-        for position in self.positions:
+        for position in self.read_positions(batch):
             index = first + int(position)
-            if index < self.num_examples:
-                rows[position] = examples[index if self.whole else int(np.searchsorted(self.needed, index))]
+            rows[position] = examples[index if self.whole else int(np.searchsorted(self.needed, index))]
         return rows, None if self.lengths is None else int(self.lengths[batch])
 
 

@@ -448,12 +448,56 @@ def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config
     """The examples with `ref_chosen_logps` / `ref_rejected_logps` (float32) added, computed under `ref_model`
     (any architecture) in batches of `batch_size` pairs per data-parallel shard (default
     `precompute_ref_batch_size` or `per_device_train_batch_size`)."""
-    graphdef, params = nnx.split(ref_model, nnx.Param)
-    rules = tuple(getattr(ref_model, "partition_rules", ()))
-    per_device = batch_size or config.precompute_ref_batch_size or config.per_device_train_batch_size
-    size = per_device * batch_divisor(mesh)
+    size = precompute_batch(config, mesh, batch_size)
     if buckets is None:
         buckets = data.length_buckets(config.max_length or max(len(e["chosen_input_ids"]) for e in examples))
+    compute, params = _reference_fn(ref_model, config, mesh)
+    out = []
+    for start in range(0, len(examples), size):
+        chunk = [{k: v for k, v in e.items() if not k.startswith("ref_")} for e in examples[start:start + size]]
+        real = len(chunk)
+        chunk += [chunk[0]] * (size - real)  # the padding's results are dropped
+        batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
+        chosen, rejected = jax.device_get(compute(params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
+        for i in range(real):
+            out.append({**examples[start + i], "ref_chosen_logps": np.float32(chosen[i]),
+                        "ref_rejected_logps": np.float32(rejected[i])})
+    return out
+
+
+def precompute_batch(config: DPOConfig, mesh, batch_size: int | None = None) -> int:
+    """The pairs of one `precompute_ref_logps` batch: `batch_size` (default `precompute_ref_batch_size` or
+    `per_device_train_batch_size`) per data-parallel shard."""
+    per_device = batch_size or config.precompute_ref_batch_size or config.per_device_train_batch_size
+    return per_device * batch_divisor(mesh)
+
+
+def shared_ref_logps(reference: tuple, examples: Sequence[dict], share: distributed.EvalShare, *,
+                     mesh: jax.sharding.Mesh | None, buckets: Sequence[int],
+                     pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`precompute_ref_logps` on several processes: the reference log-probs `(chosen, rejected)` of every pair of
+    the set `[share.num_examples]`, computed in the very batches one process uses (`share`: consecutive batches of
+    `precompute_batch` pairs, padded to their agreed length), each process feeding its rows of them (`examples`:
+    the ones it prepared, aligned with `share.needed`). The results are replicated, so every process gets all of
+    them. Each row's log-probs depend on that row only: the padding rows (one process: copies of the batch's first
+    pair; here: empty rows) change nothing. `reference`: `_reference_fn(ref_model, config, mesh)`."""
+    compute, params = reference
+    chosen, rejected = np.zeros(share.num_examples, np.float32), np.zeros(share.num_examples, np.float32)
+    for index, batch in enumerate(eval_batches(examples, share, buckets, pad_token_id)):
+        # the processes agreed on every batch's length (`EvalShare.agree`): no shape check per batch
+        values = jax.device_get(compute(params, shard_batch(batch, mesh, batch_axis=1, global_batch=True,
+                                                            check_shapes=share.whole)))
+        first, count = index * share.batch_size, share.batch_examples(index)
+        chosen[first:first + count] = np.asarray(values[0])[:count]
+        rejected[first:first + count] = np.asarray(values[1])[:count]
+    return chosen, rejected
+
+
+def _reference_fn(ref_model: nnx.Module, config: DPOConfig, mesh):
+    """`(compute, params)`: `compute(params, batch)` -> the reference's `(chosen, rejected)` log-probs of a
+    `collate`d batch (one micro-batch), jitted (on a mesh: replicated results), and `ref_model`'s parameters, placed."""
+    graphdef, params = nnx.split(ref_model, nnx.Param)
+    rules = tuple(getattr(ref_model, "partition_rules", ()))
 
     def compute(params, batch):
         batch = {k: v[0] for k, v in batch.items()}
@@ -469,17 +513,7 @@ def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config
         params = put_global(params, params_sharding)
         compute = jax.jit(compute, in_shardings=(params_sharding, batch_sharding(mesh, batch_axis=1)),
                           out_shardings=replicated(mesh))
-    out = []
-    for start in range(0, len(examples), size):
-        chunk = [{k: v for k, v in e.items() if not k.startswith("ref_")} for e in examples[start:start + size]]
-        real = len(chunk)
-        chunk += [chunk[0]] * (size - real)  # the padding's results are dropped
-        batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        chosen, rejected = jax.device_get(compute(params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
-        for i in range(real):
-            out.append({**examples[start + i], "ref_chosen_logps": np.float32(chosen[i]),
-                        "ref_rejected_logps": np.float32(rejected[i])})
-    return out
+    return compute, params
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -517,10 +551,10 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
                 data.check_model_fits(checked, checked_examples, ("chosen_input_ids", "rejected_input_ids"),
                                       method="DPO", length_fields="max_length", extra_ids=(pad_id,))
 
-    share = None
-    if jax.process_count() > 1 and not config.precompute_ref_log_probs:
-        # Each process tokenizes only the pairs it feeds (the examples are the dataset's rows, one to one). The
-        # precomputed reference runs over every example on the whole mesh, so it prepares everything everywhere.
+    share, ref_share = None, None
+    if jax.process_count() > 1:
+        # Each process tokenizes only the pairs it feeds (the examples are the dataset's rows, one to one), and for
+        # precomputed reference log-probs its rows of the batches one process computes them in (`ref_share`).
         data.require_format(dataset, ("preference", "implicit_preference"), method="DPO")
         distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
                                     what="DPO datasets")
@@ -529,28 +563,41 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
         share = distributed.DataShare(len(dataset), examples_per_step, micro_batch=micro_batch, mesh=mesh,
                                       seed=config.seed, shuffle=config.shuffle_dataset,
                                       start_step=loop.planned_start_step(config), total_steps=total_steps)
+        if config.precompute_ref_log_probs:
+            ref_share = distributed.EvalShare(len(dataset), precompute_batch(config, mesh), mesh=mesh)
 
-    def prepare_share():
-        own = prepare_dataset(share.select(dataset), tokenizer, config)
-        check_fits(own)
-        return own
+    def prepare_rows(source, shares, what):  # this process's examples for each share, each tokenized once
+        needed = np.unique(np.concatenate([share.needed for share in shares]))
 
-    examples = distributed.on_every_process(prepare_share, what="DPO dataset") if share else \
-        prepare_dataset(dataset, tokenizer, config)
-    eval_examples, eval_share = None, None
+        def prepare():
+            own = prepare_dataset(distributed.select_rows(source, needed), tokenizer, config)
+            check_fits(own)
+            return own
+
+        prepared = distributed.on_every_process(prepare, what=what)
+        return [[prepared[i] for i in np.searchsorted(needed, share.needed)] for share in shares]
+
+    ref_examples = []  # several processes, precomputed reference: this process's rows of the reference's batches
+    if share:
+        examples, *ref_examples = prepare_rows(dataset, [share] + ([ref_share] if ref_share else []), "DPO dataset")
+        ref_examples = ref_examples[0] if ref_examples else []
+    else:
+        examples = prepare_dataset(dataset, tokenizer, config)
+    eval_examples, eval_share, eval_ref_share, eval_ref_examples = None, None, None, None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_batch = config.per_device_eval_batch_size * batch_divisor(mesh)
-        if jax.process_count() > 1 and not config.precompute_ref_log_probs:
-            # Each process tokenizes only its rows of the eval batches, and all agree on their padded lengths.
+        if jax.process_count() > 1:
+            # Each process tokenizes only its rows of the eval batches (and of the reference's batches), and all
+            # agree on their padded lengths.
             data.require_format(eval_dataset, ("preference", "implicit_preference"), method="DPO")
             eval_share = distributed.EvalShare(len(eval_dataset), eval_batch, mesh=mesh)
-
-            def prepare_eval_share():
-                own = prepare_dataset(eval_share.select(eval_dataset), tokenizer, config)
-                check_fits(own)
-                return own
-
-            eval_examples = distributed.on_every_process(prepare_eval_share, what="DPO eval dataset")
+            shares = [eval_share]
+            if config.precompute_ref_log_probs:
+                eval_ref_share = distributed.EvalShare(len(eval_dataset), precompute_batch(
+                    config, mesh, config.precompute_ref_batch_size or config.per_device_eval_batch_size), mesh=mesh)
+                shares.append(eval_ref_share)
+            eval_examples, *eval_ref_examples = prepare_rows(eval_dataset, shares, "DPO eval dataset")
+            eval_ref_examples = eval_ref_examples[0] if eval_ref_examples else None
             eval_share.agree(eval_examples, _longest)  # every eval batch's padded length, up front
         else:
             eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
@@ -562,7 +609,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
         share = distributed.DataShare(len(examples), examples_per_step, micro_batch=micro_batch, mesh=mesh,
                                       seed=config.seed, shuffle=config.shuffle_dataset, start_step=0,
                                       total_steps=total_steps, whole=True)
-    longest = max(map(_longest, examples))
+    longest = max(map(_longest, examples + ref_examples))  # (the reference's batches: every pair, over processes)
     buckets = data.length_buckets(config.max_length or (longest if share.whole else agreed_max(longest)))
     check_fits((examples if share.whole else []) + (eval_examples if eval_share and eval_share.whole else []))
 
@@ -570,9 +617,22 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
         reference = ref_model if ref_model is not None else model
         if ref_model is None and has_adapters(model):  # the base model: the adapters switched off (no copy)
             reference = nnx.merge(nnx.graphdef(model), without_adapters(nnx.state(model, nnx.Param)))
-        examples = precompute_ref_logps(reference, examples, config, mesh=mesh, buckets=buckets,
-                                        pad_token_id=pad_id)
-        if eval_examples:
+        if ref_share is None:
+            examples = precompute_ref_logps(reference, examples, config, mesh=mesh, buckets=buckets,
+                                            pad_token_id=pad_id)
+        else:  # every process gets every pair's log-probs, computed as one process does; it keeps its own
+            compiled = _reference_fn(reference, config, mesh)
+            for kept, computed, shared, indices in ((examples, ref_examples, ref_share, share.needed),
+                                                    (eval_examples, eval_ref_examples, eval_ref_share,
+                                                     eval_share.needed if eval_share else None)):
+                if shared is None:
+                    continue
+                shared.agree(computed, _longest)  # every batch's padded length, up front
+                chosen, rejected = shared_ref_logps(compiled, computed, shared, mesh=mesh, buckets=buckets,
+                                                    pad_token_id=pad_id)
+                kept[:] = [{**e, "ref_chosen_logps": chosen[i], "ref_rejected_logps": rejected[i]}
+                           for e, i in zip(kept, indices, strict=True)]
+        if eval_examples and eval_ref_share is None:
             eval_examples = precompute_ref_logps(reference, eval_examples, config, mesh=mesh, buckets=buckets,
                                                  pad_token_id=pad_id, batch_size=config.precompute_ref_batch_size
                                                  or config.per_device_eval_batch_size)

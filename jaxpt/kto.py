@@ -447,6 +447,48 @@ def precompute_ref_logps(examples: Sequence[dict], ref_graphdef: nnx.GraphDef, r
     consecutive groups of `group_size` examples: the groups a sequential order makes into steps (or eval batches),
     so the KL pairs are the ones `collate` will build."""
     with_kl = config.loss_type == "kto"
+    reference = _reference_fn(ref_graphdef, config, mesh=mesh, ref_sharding=ref_sharding)
+    out = []
+    for start in range(0, len(examples), group_size):
+        group = list(examples[start:start + group_size])
+        batch = collate(group + [None] * (group_size - len(group)), accumulation_steps=accumulation_steps,
+                        buckets=buckets, pad_token_id=pad_token_id, max_length=config.max_length, with_kl=with_kl)
+        values = jax.device_get(reference(ref_params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
+        values = {k: np.asarray(v).reshape(-1) for k, v in values.items()}
+        for i, example in enumerate(group):
+            out.append({**example, **{k: float(v[i]) for k, v in values.items()}})
+    return out
+
+
+def shared_ref_logps(examples: Sequence[dict], share: distributed.EvalShare, ref_graphdef: nnx.GraphDef,
+                     ref_params: nnx.State, config: KTOConfig, *, accumulation_steps: int = 1,
+                     buckets: Sequence[int], pad_token_id: int = 0, mesh: jax.sharding.Mesh | None = None,
+                     ref_sharding: Any = None) -> dict[str, np.ndarray]:
+    """`precompute_ref_logps` on several processes: `ref_logps` (and for `kto` `ref_kl_logps`) of every example of
+    the set `[share.num_examples]`, computed in the very groups one process uses (`share`: consecutive groups,
+    `with_previous` for the KL pairs, padded to their agreed length), each process feeding its rows of them and
+    their KL partners (`examples`: the ones it prepared, aligned with `share.needed`). The results are replicated,
+    so every process gets all of them."""
+    reference = _reference_fn(ref_graphdef, config, mesh=mesh, ref_sharding=ref_sharding)
+    out = {}
+    for index in range(share.num_batches):
+        rows, longest = share.batch_rows(index, examples, None)
+        batch = collate(rows, accumulation_steps=accumulation_steps, buckets=buckets, pad_token_id=pad_token_id,
+                        max_length=config.max_length, with_kl=config.loss_type == "kto", longest=longest)
+        # the processes agreed on every group's length (`EvalShare.agree_lengths`): no shape check per group
+        values = jax.device_get(reference(ref_params, shard_batch(batch, mesh, batch_axis=1, global_batch=True,
+                                                                  check_shapes=share.whole)))
+        first, count = index * share.batch_size, share.batch_examples(index)
+        for key, value in values.items():
+            out.setdefault(key, np.zeros(share.num_examples, np.float32))[first:first + count] = \
+                np.asarray(value).reshape(-1)[:count]
+    return out
+
+
+def _reference_fn(ref_graphdef: nnx.GraphDef, config: KTOConfig, *, mesh, ref_sharding):
+    """`reference(ref_params, batch)` -> `{"ref_logps"[, "ref_kl_logps"]}` `[accumulation, micro_batch]` of a
+    `collate`d batch, jitted (on a mesh: replicated results)."""
+    with_kl = config.loss_type == "kto"
 
     def reference(params, batch):
         def micro_step(_, micro_batch):
@@ -466,16 +508,7 @@ def precompute_ref_logps(examples: Sequence[dict], ref_graphdef: nnx.GraphDef, r
 
         reference = jax.jit(reference_in_mesh, in_shardings=(ref_sharding, batch_sharding(mesh, batch_axis=1)),
                             out_shardings=replicated(mesh))
-    out = []
-    for start in range(0, len(examples), group_size):
-        group = list(examples[start:start + group_size])
-        batch = collate(group + [None] * (group_size - len(group)), accumulation_steps=accumulation_steps,
-                        buckets=buckets, pad_token_id=pad_token_id, max_length=config.max_length, with_kl=with_kl)
-        values = jax.device_get(reference(ref_params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
-        values = {k: np.asarray(v).reshape(-1) for k, v in values.items()}
-        for i, example in enumerate(group):
-            out.append({**example, **{k: float(v[i]) for k, v in values.items()}})
-    return out
+    return reference
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -501,12 +534,12 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
                          "gradient_accumulation_steps is 1): raise per_device_train_batch_size.")
     pad_id = data.pad_token_id(tokenizer)
     shuffle = config.train_sampling_strategy == "random"
-    share = None
+    share, ref_share, ref_examples = None, None, []
     fmt = data.require_format(dataset, ("unpaired_preference", "preference", "implicit_preference"), method="KTO")
-    if jax.process_count() > 1 and fmt.kind == "unpaired_preference" and not config.precompute_ref_log_probs:
-        # Each process tokenizes only the examples its rows take, and the one before each (its KL partner).
-        # Paired data is unpaired in blocks (TRL's order) and the precomputed reference runs over every example
-        # on the whole mesh: both prepare everything on every process.
+    if jax.process_count() > 1 and fmt.kind == "unpaired_preference":
+        # Each process tokenizes only the examples its rows take, and the one before each (its KL partner); for
+        # precomputed reference log-probs also its rows of the groups one process computes them in (`ref_share`).
+        # Paired data is unpaired in blocks (TRL's order): it prepares everything on every process.
         distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
                                     what="KTO datasets")
         steps_in_epoch = data.steps_per_epoch(len(dataset), examples_per_step, method="KTO")
@@ -514,16 +547,34 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
         share = distributed.DataShare(len(dataset), examples_per_step, micro_batch=micro_batch, mesh=mesh,
                                       seed=config.seed, shuffle=shuffle, start_step=loop.planned_start_step(config),
                                       total_steps=total_steps, with_previous=with_kl)
-        examples = distributed.on_every_process(lambda: prepare_dataset(share.select(dataset), tokenizer, config),
-                                                what="KTO dataset")
+        needed = share.needed
+        if config.precompute_ref_log_probs:
+            ref_share = distributed.EvalShare(len(dataset), examples_per_step, mesh=mesh, with_previous=with_kl,
+                                              micro_batch=micro_batch)
+            needed = np.union1d(needed, ref_share.needed)
+        prepared = distributed.on_every_process(
+            lambda: prepare_dataset(distributed.select_rows(dataset, needed), tokenizer, config), what="KTO dataset")
+        examples = [prepared[i] for i in np.searchsorted(needed, share.needed)]
+        if ref_share is not None:
+            ref_examples = [prepared[i] for i in np.searchsorted(needed, ref_share.needed)]
         labels = dataset["label"] if hasattr(dataset, "column_names") else [row["label"] for row in dataset]
         _check_weights([{"label": bool(label)} for label in labels], config)  # of the whole dataset, untokenized
     else:
         examples = prepare_dataset(dataset, tokenizer, config)
         _check_weights(examples, config)
-    eval_examples = None
+    eval_examples, eval_share = None, None
     if eval_dataset is not None and config.eval_strategy != "no":
-        eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+        eval_format = data.require_format(eval_dataset, ("unpaired_preference", "preference", "implicit_preference"),
+                                          method="KTO")
+        if jax.process_count() > 1 and eval_format.kind == "unpaired_preference":
+            # Each process tokenizes only its rows of the eval batches and the one before each (its KL partner);
+            # precomputed reference log-probs are computed in these batches too.
+            eval_share = distributed.EvalShare(len(eval_dataset), eval_batch, mesh=mesh, with_previous=with_kl)
+            eval_examples = distributed.on_every_process(
+                lambda: prepare_dataset(eval_share.select(eval_dataset), tokenizer, config), what="KTO eval dataset")
+        else:
+            eval_examples = prepare_dataset(eval_dataset, tokenizer, config)
+            eval_share = distributed.EvalShare(len(eval_examples), eval_batch, mesh=mesh, whole=True)
     if share is None:
         distributed.check_same_data(examples, what="KTO examples")  # every process builds the same global batches
         steps_in_epoch = data.steps_per_epoch(len(examples), examples_per_step, method="KTO")
@@ -531,10 +582,11 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
         share = distributed.DataShare(len(examples), examples_per_step, micro_batch=micro_batch, mesh=mesh,
                                       seed=config.seed, shuffle=shuffle, start_step=0, total_steps=total_steps,
                                       whole=True)
-    everything = examples + (eval_examples or [])  # a KL sequence joins one example's prompt to another's completion
+    # a KL sequence joins one example's prompt to another's completion (the reference's groups: every example)
+    everything = examples + ref_examples + (eval_examples or [])
     longest_prompt = max(len(e["prompt_ids"]) for e in everything)
     longest_completion = max(len(e["completion_ids"]) for e in everything)
-    if not share.whole:
+    if not share.whole or (eval_share and not eval_share.whole):
         longest_prompt, longest_completion = agreed_max(longest_prompt), agreed_max(longest_completion)
     longest = longest_prompt + longest_completion
     buckets = data.length_buckets(min(config.max_length or longest, longest))
@@ -544,6 +596,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
                                          method="KTO", length_fields="max_length", extra_ids=(pad_id,),
                                          longest=min(config.max_length or longest, longest), what="KTO dataset")
     batch_args = dict(buckets=buckets, pad_token_id=pad_id, max_length=config.max_length, with_kl=with_kl)
+    if eval_share and not eval_share.whole:  # every eval batch's padded length, up front (one collective)
+        eval_share.agree_lengths(_eval_longest(eval_examples, eval_share, max_length=config.max_length,
+                                               with_kl=with_kl))
 
     # Under LoRA the default reference is the base model: the adapters switched off, no copy of the base.
     adapters_off_reference = ref_model is None and has_adapters(model)
@@ -561,11 +616,23 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
             ref_params = without_adapters(ref_params)  # only new zeros for lora_b; the rest is the model's arrays
     if config.precompute_ref_log_probs:
         common = dict(buckets=buckets, pad_token_id=pad_id, mesh=mesh, ref_sharding=ref_sharding)
-        examples = precompute_ref_logps(examples, ref_graphdef, ref_params, config, group_size=examples_per_step,
-                                        accumulation_steps=config.gradient_accumulation_steps, **common)
-        if eval_examples:
+        if ref_share is None:
+            examples = precompute_ref_logps(examples, ref_graphdef, ref_params, config, group_size=examples_per_step,
+                                            accumulation_steps=config.gradient_accumulation_steps, **common)
+        else:  # every process gets every example's log-probs, computed as one process does; it keeps its own
+            ref_share.agree_lengths(_eval_longest(ref_examples, ref_share, max_length=config.max_length,
+                                                  with_kl=with_kl))
+            values = shared_ref_logps(ref_examples, ref_share, ref_graphdef, ref_params, config,
+                                      accumulation_steps=config.gradient_accumulation_steps, **common)
+            examples = [{**e, **{k: float(v[i]) for k, v in values.items()}}
+                        for e, i in zip(examples, share.needed, strict=True)]
+        if eval_examples and eval_share.whole:
             eval_examples = precompute_ref_logps(eval_examples, ref_graphdef, ref_params, config,
                                                  group_size=eval_batch, **common)
+        elif eval_examples:  # in the eval batches (their lengths agreed above)
+            values = shared_ref_logps(eval_examples, eval_share, ref_graphdef, ref_params, config, **common)
+            eval_examples = [{**e, **{k: float(v[i]) for k, v in values.items()}}
+                             for e, i in zip(eval_examples, eval_share.needed, strict=True)]
         ref_params = None  # the reference is no longer needed: free it
 
     tx, schedule = make_optimizer(config, total_steps)
@@ -613,9 +680,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
             done = step + 1
             log.log(done, {**metrics, "learning_rate": schedule(step), "num_tokens": num_tokens},
                     epoch=done / steps_in_epoch)
-            if eval_examples and loop.should_evaluate(config, done, steps_in_epoch):
+            if eval_share and eval_share.num_examples and loop.should_evaluate(config, done, steps_in_epoch):
                 log.write({"step": done, **evaluate(eval_step, state, ref_params, eval_examples, config, mesh,
-                                                    batch_args)})
+                                                    batch_args, share=eval_share)})
             if config.save_steps and done % config.save_steps == 0:
                 log.sync()  # a checkpoint is written only after its losses were checked finite
                 checkpoints.save(done, state, {"num_tokens": num_tokens})
@@ -626,16 +693,39 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     return loop.TrainResult(state, log.history, loop.export(state, tokenizer, config))
 
 
-def evaluate(eval_step, state, ref_params, examples, config, mesh, batch_args) -> dict:
+def eval_batches(examples, share: distributed.EvalShare, batch_args: dict):
+    """The eval batches (`collate`d, micro-batch `[1, batch]`) this process feeds, in order: consecutive batches of
+    the set (KL pairs within each batch), its rows of each (`share`; the other rows None, and on several processes
+    the rows before its own, their KL partners, never placed), padded to the batch's agreed length."""
+    for index in range(share.num_batches):
+        rows, longest = share.batch_rows(index, examples, None)
+        yield collate(rows, accumulation_steps=1, longest=longest, **batch_args)
+
+
+def _eval_longest(examples, share: distributed.EvalShare, *, max_length: int | None, with_kl: bool):
+    """This process's longest sequence (of either kind) of every eval batch, 0 where it feeds none."""
+    longest = np.zeros(share.num_batches, np.int64)
+    for index in range(share.num_batches):
+        rows, _ = share.batch_rows(index, examples, None)
+        # the batch's examples come first, so row j's KL partner is row j - 1 of them (the first's: the last)
+        longest[index] = max(_sequence_lengths(rows[:share.batch_examples(index)], share.own_positions(index),
+                                               max_length=max_length, with_kl=with_kl), default=0)
+    return longest
+
+
+def evaluate(eval_step, state, ref_params, examples, config, mesh, batch_args, *,
+             share: distributed.EvalShare | None = None) -> dict:
     """Loss and metrics over the whole eval set (TRL's names with an `eval_` prefix), in consecutive batches of
     `per_device_eval_batch_size` (KL pairs within each batch): the loss weighted by examples, the other metrics
-    averaged over the batches where they are defined (as TRL averages its per-batch values)."""
-    batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
+    averaged over the batches where they are defined (as TRL averages its per-batch values). `share`: this
+    process's rows of the eval batches (default: every example prepared, all rows its own)."""
+    if share is None:
+        share = distributed.EvalShare(len(examples), config.per_device_eval_batch_size * batch_divisor(mesh),
+                                      mesh=mesh, whole=True)
     loss_sum, count, values = 0.0, 0.0, {}
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        batch = collate(chunk + [None] * (batch_size - len(chunk)), accumulation_steps=1, **batch_args)
-        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True)
+    for batch in eval_batches(examples, share, batch_args):
+        # several processes agreed on every batch's length (`EvalShare.agree_lengths`): no shape check per batch
+        placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=share.whole)
         metrics = jax.device_get(eval_step(state, placed, ref_params))
         examples_in_batch = float(metrics.pop("num_examples"))
         loss_sum += float(metrics.pop("loss")) * examples_in_batch

@@ -83,6 +83,8 @@ class SFTConfig(TrainingConfig):
                              "deprecated 'keep_end' for SFT).")
         if (self.packing or self.padding_free) and not self.max_length:
             raise ValueError("packing needs max_length (the packed row length); set max_length.")
+        if self.eval_packing and not self.max_length:
+            raise ValueError("eval_packing=True needs max_length (the packed row length); set max_length.")
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ValueError(f"dataset_num_proc={self.dataset_num_proc} must be >= 1 (or None: tokenize in this "
                              "process).")
@@ -507,23 +509,35 @@ def _packed_share(dataset, tokenizer, config: SFTConfig, examples_per_step: int,
 
     Each process holds one int32 per token of the whole dataset while it packs (the row layout), and tokenizes
     about 1/N (its block) plus its rows' examples from the other blocks."""
+
+    def make_share(num_rows: int) -> distributed.DataShare:
+        steps = data.steps_per_epoch(num_rows, examples_per_step, method="SFT")
+        return distributed.DataShare(num_rows, examples_per_step, total_steps=data.total_steps(config, steps),
+                                     **share_args)
+
+    return _pack_share(dataset, tokenizer, config, make_share, what="SFT dataset")
+
+
+def _pack_share(dataset, tokenizer, config: SFTConfig, make_share, *, what: str):
+    """`(rows, share)`: the packed rows `share.needed` of `dataset` (`make_share(number of packed rows)`), exactly
+    as one process packs them, tokenizing only a block of the dataset (to measure it) and the examples of those
+    rows (`_packed_share`)."""
     count, index = jax.process_count(), jax.process_index()
     block = np.array_split(np.arange(len(dataset)), count)[index]
     measured = distributed.on_every_process(
-        lambda: prepare_dataset(distributed.select_rows(dataset, block), tokenizer, config,
+        lambda: prepare_dataset(distributed.select_rows(dataset, block), tokenizer, config, packing=True,
                                 tokens_only=True)[0].lengths if len(block) else np.zeros(0, np.int64),
-        what="SFT dataset")
+        what=what)
     lengths = distributed.gather_rows(measured)  # every example's, after truncation, in dataset order
     owner = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)  # each token: its example's index
     layout = pack_ragged(data.Ragged(owner, lengths), None, config.max_length, strategy=config.packing_strategy)
-    steps = data.steps_per_epoch(len(layout), examples_per_step, method="SFT")
-    share = distributed.DataShare(len(layout), examples_per_step, total_steps=data.total_steps(config, steps),
-                                  **share_args)
+    share = make_share(len(layout))
     needed_rows = [layout[i] for i in share.needed]
     needed = np.unique(np.concatenate([row["input_ids"][row["segment_ids"] > 0] for row in needed_rows]))
     input_ids, loss_mask = distributed.on_every_process(
-        lambda: prepare_dataset(distributed.select_rows(dataset, needed), tokenizer, config, tokens_only=True),
-        what="SFT dataset")
+        lambda: prepare_dataset(distributed.select_rows(dataset, needed), tokenizer, config, packing=True,
+                                tokens_only=True),
+        what=what)
     # The whole dataset's token layout with only the needed examples' tokens filled in, packed as one process
     # packs it: the rows this process feeds are exact, the others (never used) hold zeros.
     starts = np.cumsum(lengths) - lengths
@@ -544,13 +558,21 @@ def _num_tokens(example: dict) -> int:
 
 
 def _prepare_eval(model, tokenizer, eval_dataset, config: SFTConfig, mesh, pad_id: int, *, packing: bool):
-    """`(examples, share)` of the eval set: on several processes (unpacked) each prepares only the examples of its
-    rows of the eval batches and all agree on each batch's padded length (`distributed.EvalShare`); a packed eval
-    set (its rows need every example's length) and a single process prepare everything."""
+    """`(examples, share)` of the eval set: on several processes each prepares only the examples of its rows of the
+    eval batches (`distributed.EvalShare`) and all agree on each batch's padded length; packed, its packed rows
+    (`_pack_share`: the rows one process packs), all `max_length` long. A single process prepares everything."""
     batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
-    if jax.process_count() == 1 or packing:
+    if jax.process_count() == 1:
         examples = prepare_dataset(eval_dataset, tokenizer, config, packing=packing)
         return examples, distributed.EvalShare(len(examples), batch_size, mesh=mesh, whole=True)
+    if packing:
+        examples, share = _pack_share(eval_dataset, tokenizer, config,
+                                      lambda num_rows: distributed.EvalShare(num_rows, batch_size, mesh=mesh),
+                                      what="SFT eval dataset")
+        distributed.on_every_process(data.check_model_fits, model, examples, ("input_ids",), method="SFT",
+                                     length_fields="max_length", extra_ids=(pad_id,), what="SFT eval dataset")
+        share.lengths = np.full(share.num_batches, config.max_length)  # every packed row's length: nothing to agree
+        return examples, share
     data.require_format(eval_dataset, ("language_modeling", "prompt_completion"), method="SFT",
                         text_field=config.dataset_text_field)
     share = distributed.EvalShare(len(eval_dataset), batch_size, mesh=mesh)
