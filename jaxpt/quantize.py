@@ -41,6 +41,7 @@ The dequantizing linear below is ~150 lines.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 from typing import Any
 
@@ -248,6 +249,15 @@ def _mesh_of(array) -> jax.sharding.Mesh | None:
     return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
+@functools.cache
+def _jitted_quantize(quantization: Quantization, stacked: bool, out_shardings: tuple | None = None):
+    """`quantization.quantize` jitted, one decoder layer at a time over a stacked weight (lax.map over the layer
+    axis: the float temporaries stay one layer's size). Cached, so modules of the same shape (q and o, gate and up,
+    every model quantized alike in this process) compile it once."""
+    run = (lambda w: jax.lax.map(quantization.quantize, w)) if stacked else quantization.quantize
+    return jax.jit(run, out_shardings=out_shardings)
+
+
 def quantize_model(model: nnx.Module, *, kind: str = "nf4", block_size: int | None = None) -> nnx.Module:
     """Store the decoder layers' linear weights of `model` quantized, in place (and return it): `kind` "nf4"
     (`block_size` default 64) or "int8" (`block_size` default None: one scale per output channel).
@@ -263,26 +273,30 @@ def quantize_model(model: nnx.Module, *, kind: str = "nf4", block_size: int | No
         raise ValueError("The model's base is already quantized.")
     quantization = quantization_settings(kind, block_size=block_size)
     modules = quantized_linears(model, quantization)
-    quantize = quantization.quantize
     rules = tuple(getattr(model, "partition_rules", ()))
     for name, module in modules:
         weight = module.weight[...]
         mesh = _mesh_of(weight)
-        # one decoder layer at a time (lax.map over the stacked axis): the float temporaries stay one layer's size
-        run = (lambda w: jax.lax.map(quantize, w)) if weight.ndim == 3 else quantize
+        stacked = weight.ndim == 3
         if mesh is None:
-            stored, scale = jax.jit(run)(weight)
+            stored, scale = _jitted_quantize(quantization, stacked)(weight)
         else:
-            shapes = jax.eval_shape(run, weight)
+            shapes = jax.eval_shape(_jitted_quantize(quantization, stacked), weight)
             shardings = tuple(jax.sharding.NamedSharding(mesh, partition_spec(f"{name}.{suffix}", shape.shape, rules,
                                                                               mesh))
                               for suffix, shape in zip(("weight", "weight_scale"), shapes, strict=True))
-            stored, scale = jax.jit(run, out_shardings=shardings)(weight)
+            stored, scale = _jitted_quantize(quantization, stacked, shardings)(weight)
         del weight
         module.weight = nnx.Param(stored)
         module.weight_scale = nnx.Param(scale)
         module.quantization = quantization
     return model
+
+
+@functools.cache
+def _jitted_dequantize(quantization: Quantization, dtype: Any, out_shardings=None):
+    """`quantization.dequantize` to `dtype`, jitted; cached like `_jitted_quantize`."""
+    return jax.jit(partial(quantization.dequantize, dtype=dtype), out_shardings=out_shardings)
 
 
 def dequantize_model(model: nnx.Module, *, param_dtype: Any = jnp.float32) -> nnx.Module:
@@ -294,13 +308,12 @@ def dequantize_model(model: nnx.Module, *, param_dtype: Any = jnp.float32) -> nn
             continue
         stored, scale = module.weight[...], module.weight_scale[...]
         mesh = _mesh_of(stored)
-        dequantize = partial(module.quantization.dequantize, dtype=param_dtype)
         if mesh is None:
-            weight = jax.jit(dequantize)(stored, scale)
+            weight = _jitted_dequantize(module.quantization, param_dtype)(stored, scale)
         else:
-            shape = jax.eval_shape(dequantize, stored, scale).shape
+            shape = jax.eval_shape(_jitted_dequantize(module.quantization, param_dtype), stored, scale).shape
             sharding = jax.sharding.NamedSharding(mesh, partition_spec(f"{name}.weight", shape, rules, mesh))
-            weight = jax.jit(dequantize, out_shardings=sharding)(stored, scale)
+            weight = _jitted_dequantize(module.quantization, param_dtype, sharding)(stored, scale)
         module.weight = nnx.Param(weight)
         module.weight_scale = nnx.data(None)
         module.quantization = None

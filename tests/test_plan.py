@@ -215,18 +215,25 @@ def test_plan_other_methods_compile_their_collated_batches(tiny_config_dir, meth
     assert result["argument_bytes"] >= 3 * 4 * result["params"] / 8
 
 
-def test_plan_with_lora_counts_adapters_and_holds_one_copy_of_the_base(tiny_config_dir, capsys):
-    """`jaxpt plan --use_peft ...`: the trained parameters are the adapters (the count apply_lora gives a real
-    model), the optimizer state is theirs (AdamW: two moments), and the compiled DPO step takes one copy of the base
-    (the frozen state; the reference is the adapters switched off), where full fine-tuning takes parameters, two
-    moments and a reference copy: four."""
+LORA_DPO_COMMON = dict(method="dpo", mesh_shape="fsdp=2", per_device_train_batch_size=1, max_length=32)
+LORA_OPTIONS = {"lora_r": 2, "lora_target_modules": ["all-linear"]}
+
+
+@pytest.fixture(scope="module")
+def dpo_lora_plan(tiny_config_dir):
+    """The plan of DPO with LoRA adapters on the float base (compiled once: two tests read it)."""
+    return plan.plan(tiny_config_dir, **LORA_DPO_COMMON, lora=LORA_OPTIONS)
+
+
+def test_plan_with_lora_counts_adapters_and_holds_one_copy_of_the_base(tiny_config_dir, dpo_lora_plan):
+    """`plan(..., lora=...)`: the trained parameters are the adapters (the count apply_lora gives a real model),
+    the optimizer state is theirs (AdamW: two moments), and the compiled DPO step takes one copy of the base (the
+    frozen state; the reference is the adapters switched off), where full fine-tuning takes parameters, two moments
+    and a reference copy: four. (`jaxpt plan --use_peft` on the command line: the QLoRA test below.)"""
     from jaxpt import lora
 
-    common = dict(method="dpo", mesh_shape="fsdp=2", per_device_train_batch_size=1, max_length=32)
-    full = plan.plan(tiny_config_dir, **common)
-    options = {"lora_r": 2, "lora_target_modules": ["all-linear"]}
-    adapted = plan.plan(tiny_config_dir, **common, lora=options)
-    model = lora.apply_lora(_tiny_model(), lora.LoraConfig(use_peft=True, **options))
+    full, adapted = plan.plan(tiny_config_dir, **LORA_DPO_COMMON), dpo_lora_plan
+    model = lora.apply_lora(_tiny_model(), lora.LoraConfig(use_peft=True, **LORA_OPTIONS))
     adapters = lora.adapter_parameter_count(model)
     assert adapted["use_peft"] and not full["use_peft"]
     assert adapted["trainable_params"] == adapters and adapted["params"] == full["params"] + adapters
@@ -237,29 +244,27 @@ def test_plan_with_lora_counts_adapters_and_holds_one_copy_of_the_base(tiny_conf
     assert 4 * base_bytes <= per_device(full) < 4.2 * base_bytes
     assert base_bytes <= per_device(adapted) < 1.3 * base_bytes, (per_device(adapted), base_bytes)
 
-    assert plan.main(["--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=2",
-                      "--per_device_train_batch_size", "1", "--max_length", "32", "--use_peft", "--lora_r", "4"]) == 0
-    printed = capsys.readouterr().out
-    result = json.loads(printed.strip().splitlines()[-1])
-    assert result["use_peft"] and result["trainable_params"] < result["params"] / 10
-    assert "(LoRA adapters; the base is frozen)" in printed
     with pytest.raises(ValueError, match="without --use_peft"):
         plan.main(["--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=2",
                    "--per_device_train_batch_size", "1", "--max_length", "32", "--lora_r", "4"])
 
 
-def test_plan_with_qlora_counts_the_quantized_base(tiny_config_dir, capsys):
+def test_plan_with_qlora_counts_the_quantized_base(tiny_config_dir, dpo_lora_plan, capsys):
     """`jaxpt plan --use_peft --load_in_4bit`: the frozen base is the NF4 one (the bytes a real quantized model's
-    state holds), smaller than LoRA's float base; int8 lies in between."""
+    state holds), smaller than LoRA's float base; int8 lies in between. (The float base's plan is the LoRA DPO one:
+    the frozen and trained bytes do not depend on the method.)"""
     from jaxpt import lora, quantize
 
     common = dict(method="sft", mesh_shape="fsdp=2", per_device_train_batch_size=1, max_length=32)
-    options = {"lora_r": 2, "lora_target_modules": ["all-linear"]}
-    float_base = plan.plan(tiny_config_dir, **common, lora=options)
+    options = LORA_OPTIONS
+    float_base = dpo_lora_plan
     assert plan.main(["--model_name_or_path", str(tiny_config_dir), "--method", "sft", "--mesh", "fsdp=2",
                       "--per_device_train_batch_size", "1", "--max_length", "32", "--use_peft", "--lora_r", "2",
                       "--lora_target_modules", "all-linear", "--load_in_4bit"]) == 0
-    nf4 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out
+    nf4 = json.loads(printed.strip().splitlines()[-1])
+    assert nf4["use_peft"] and nf4["trainable_params"] < nf4["params"] / 10
+    assert "(LoRA adapters; the base is frozen)" in printed
     int8 = plan.plan(tiny_config_dir, **common, lora={**options, "load_in_8bit": True})
     real = lora.apply_lora(_tiny_model(), lora.LoraConfig(use_peft=True, load_in_4bit=True, **options))
     assert nf4["frozen_bytes"] == quantize.parameter_bytes(TrainState.create(real, optax.adamw(1e-3)).frozen)
