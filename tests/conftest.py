@@ -37,3 +37,16 @@ def _quiet_transformers():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     yield
+
+
+# The longest tests first, so that the test workers (pytest -n) run them alongside the many short ones instead of
+# one worker finishing them alone at the end: the pairs of processes (minutes), the demo runs, the notebooks.
+LONGEST_FIRST = ("tests/test_multihost.py::test_commands_on_two_processes", "tests/test_demo.py::test_demo_",
+                 "tests/test_notebooks.py::test_notebook_runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the same order on every worker

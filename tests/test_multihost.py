@@ -36,9 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 1200
 KILL_AT_CALL = "JAXPT_TEST_KILL_AT_REWARD_CALL"
 _reward_calls = 0
-# One test worker runs this module: its tests share one (expensive) module fixture of process pairs, and each worker
-# would start its own (`--dist loadgroup`, set in pyproject.toml, honours this group).
-pytestmark = pytest.mark.xdist_group("multihost")
 
 
 def digits_or_kill(completions, **kwargs):
@@ -270,7 +267,7 @@ def runs(inputs, tmp_path_factory):
             "before_resume": before_resume}
 
 
-def test_sft_on_two_processes_matches_one_and_resumes(runs):
+def check_sft_on_two_processes_matches_one_and_resumes(runs):
     """2 processes x 2 devices, each tokenizing only its rows: 2 steps, then a resumed run to step 4, equal to an
     uninterrupted 4-step run of one process with 4 devices. The step-2 checkpoint of 2 processes also resumes on
     1 process (4 devices) with the same metrics."""
@@ -289,7 +286,7 @@ def test_sft_on_two_processes_matches_one_and_resumes(runs):
     assert_same_metrics(read_metrics(root / "two_then_one"), expected)  # resumed on 1 process
 
 
-def test_dpo_kto_reward_and_packed_sft_on_two_processes_match_one(runs):
+def check_dpo_kto_reward_and_packed_sft_on_two_processes_match_one(runs):
     """DPO, KTO (each process also prepares the example before each of its rows: its KL partner), the reward model
     (which drops pairs over max_length) and packed SFT (whose bins need every length: each process first measures
     a block of the dataset, then tokenizes the examples of its rows): 2 processes equal 1."""
@@ -313,7 +310,7 @@ def test_dpo_kto_reward_and_packed_sft_on_two_processes_match_one(runs):
     assert all("| 32/32 [" in first.section(packed, process) for process in (0, 1)), first.output()
 
 
-def test_grpo_on_two_processes_matches_one_and_resumes_after_a_kill(runs):
+def check_grpo_on_two_processes_matches_one_and_resumes_after_a_kill(runs):
     """GRPO: both processes are SIGKILLed while scoring the third rollout; the resumed run continues from the
     step-2 checkpoint and its metrics equal an uninterrupted single-process run."""
     root, codes, resumed = runs["root"], runs["first_codes"], runs["resumed"]
@@ -361,7 +358,7 @@ except ValueError as error:
 """
 
 
-def test_processes_with_different_batch_shapes_get_a_clear_error(runs):
+def check_processes_with_different_batch_shapes_get_a_clear_error(runs):
     """Rows padded to different lengths on the two processes: a ValueError on both naming the field and each
     process's shape (without the check, gloo fails with 'Received data size doesn't match expected size').
     Rollout scoring shared among processes: each scores its own group, all get every reward, and a reward
@@ -377,6 +374,15 @@ def test_processes_with_different_batch_shapes_get_a_clear_error(runs):
         assert "data The processes prepared different SFT examples (process 0: 1 examples, digest" in text
     assert "scoring AssertionError a reward function failed" in first.section("checks", 1)
     assert "scoring RuntimeError Scoring the rollout failed on process(es) [1]" in first.section("checks", 0)
+
+
+def test_commands_on_two_processes(runs):
+    """One test for the checks on the pairs of processes: each test worker (pytest -n) that ran a test using `runs`
+    would start its own pairs (minutes each)."""
+    check_processes_with_different_batch_shapes_get_a_clear_error(runs)
+    check_sft_on_two_processes_matches_one_and_resumes(runs)
+    check_dpo_kto_reward_and_packed_sft_on_two_processes_match_one(runs)
+    check_grpo_on_two_processes_matches_one_and_resumes_after_a_kill(runs)
 
 
 @pytest.mark.parametrize(("fields", "message"), [
