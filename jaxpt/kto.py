@@ -73,6 +73,7 @@ from jaxpt.train_state import TrainState, jit_step, make_optimizer
 logger = logging.getLogger("jaxpt")
 
 SAMPLING_STRATEGIES = ("sequential", "random")
+KTO_FORMATS = ("unpaired_preference", "preference", "implicit_preference")  # TRL's KTO dataset formats
 UNPAIR_BLOCK = 1000  # TRL unpairs with a batched `datasets.map` (1000 rows a batch): chosen rows, then rejected ones
 
 
@@ -135,20 +136,7 @@ def prepare_dataset(dataset, tokenizer, config: KTOConfig) -> list[dict]:
     paired preference data (`prompt`, `chosen`, `rejected`, or implicit-prompt `chosen`, `rejected`) is unpaired
     as TRL does (each pair gives a desirable and an undesirable example). Standard completions get the EOS token;
     conversational ones the chat template. Bad data fails here, before anything compiles."""
-    fmt = data.require_format(dataset, ("unpaired_preference", "preference", "implicit_preference"), method="KTO")
-    data.check_chat_template(tokenizer, fmt, method="KTO")
-    data.check_rows(dataset, fmt, method="KTO", tokenizer=tokenizer)
-    if fmt.kind == "unpaired_preference":
-        unpaired = dataset
-    elif hasattr(dataset, "map") and hasattr(dataset, "select_columns"):  # a datasets.Dataset: stays in Arrow
-        unpaired = dataset.map(_unpair_batch, batched=True, batch_size=UNPAIR_BLOCK,
-                               remove_columns=list(dataset.column_names), desc="Unpairing the KTO dataset",
-                               fn_kwargs={"implicit": fmt.kind == "implicit_preference"})
-    else:
-        rows = list(dataset)
-        if fmt.kind == "implicit_preference":
-            rows = [data.extract_prompt(row) for row in rows]
-        unpaired = unpair_preference(rows)
+    unpaired, fmt = unpair_dataset(dataset, tokenizer)
     tokenized = data.map_columns(unpaired, tokenize_unpaired_batch, columns=("prompt", "completion", "label"),
                                  num_proc=config.dataset_num_proc, desc="Tokenizing the KTO dataset",
                                  fn_kwargs={"tokenizer": tokenizer, "conversational": fmt.conversational})
@@ -169,6 +157,27 @@ def prepare_dataset(dataset, tokenizer, config: KTOConfig) -> list[dict]:
         examples.append({"prompt_ids": ids[:prompt_length].astype(np.int32),
                          "completion_ids": ids[prompt_length:].astype(np.int32), "label": bool(label)})
     return examples
+
+
+def unpair_dataset(dataset, tokenizer) -> tuple[Any, data.DatasetFormat]:
+    """`(unpaired, format)`: a TRL-format KTO dataset checked (format, chat template, every row) and, if paired
+    (`prompt`, `chosen`, `rejected`, or implicit-prompt `chosen`, `rejected`), unpaired in TRL's order
+    (`unpair_preference`: per block of 1000 pairs, the chosen completions, then the rejected ones), untokenized: a
+    `datasets.Dataset` stays in Arrow (a batched `map`), a list gives a list. Unpaired data is returned as is.
+    `format` is the given dataset's."""
+    fmt = data.require_format(dataset, KTO_FORMATS, method="KTO")
+    data.check_chat_template(tokenizer, fmt, method="KTO")
+    data.check_rows(dataset, fmt, method="KTO", tokenizer=tokenizer)
+    if fmt.kind == "unpaired_preference":
+        return dataset, fmt
+    if hasattr(dataset, "map") and hasattr(dataset, "select_columns"):  # a datasets.Dataset: stays in Arrow
+        return dataset.map(_unpair_batch, batched=True, batch_size=UNPAIR_BLOCK,
+                           remove_columns=list(dataset.column_names), desc="Unpairing the KTO dataset",
+                           fn_kwargs={"implicit": fmt.kind == "implicit_preference"}), fmt
+    rows = list(dataset)
+    if fmt.kind == "implicit_preference":
+        rows = [data.extract_prompt(row) for row in rows]
+    return unpair_preference(rows), fmt
 
 
 def tokenize_unpaired_batch(batch: dict[str, list], *, tokenizer, conversational: bool) -> dict[str, list]:
@@ -535,11 +544,13 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     pad_id = data.pad_token_id(tokenizer)
     shuffle = config.train_sampling_strategy == "random"
     share, ref_share, ref_examples = None, None, []
-    fmt = data.require_format(dataset, ("unpaired_preference", "preference", "implicit_preference"), method="KTO")
-    if jax.process_count() > 1 and fmt.kind == "unpaired_preference":
-        # Each process tokenizes only the examples its rows take, and the one before each (its KL partner); for
-        # precomputed reference log-probs also its rows of the groups one process computes them in (`ref_share`).
-        # Paired data is unpaired in blocks (TRL's order): it prepares everything on every process.
+    if jax.process_count() > 1:
+        # Paired data is unpaired first (TRL's order, untokenized: cheap), on every process alike; the examples
+        # are then the unpaired rows, one to one. Each process tokenizes only the examples its rows take, and the
+        # one before each (its KL partner); for precomputed reference log-probs also its rows of the groups one
+        # process computes them in (`ref_share`).
+        if data.require_format(dataset, KTO_FORMATS, method="KTO").kind != "unpaired_preference":
+            dataset = unpair_dataset(dataset, tokenizer)[0]
         distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
                                     what="KTO datasets")
         steps_in_epoch = data.steps_per_epoch(len(dataset), examples_per_step, method="KTO")
@@ -564,11 +575,12 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
         _check_weights(examples, config)
     eval_examples, eval_share = None, None
     if eval_dataset is not None and config.eval_strategy != "no":
-        eval_format = data.require_format(eval_dataset, ("unpaired_preference", "preference", "implicit_preference"),
-                                          method="KTO")
-        if jax.process_count() > 1 and eval_format.kind == "unpaired_preference":
-            # Each process tokenizes only its rows of the eval batches and the one before each (its KL partner);
-            # precomputed reference log-probs are computed in these batches too.
+        if jax.process_count() > 1:
+            # Paired data is unpaired first (untokenized). Each process tokenizes only its rows of the eval
+            # batches and the one before each (its KL partner); precomputed reference log-probs are computed in
+            # these batches too.
+            if data.require_format(eval_dataset, KTO_FORMATS, method="KTO").kind != "unpaired_preference":
+                eval_dataset = unpair_dataset(eval_dataset, tokenizer)[0]
             eval_share = distributed.EvalShare(len(eval_dataset), eval_batch, mesh=mesh, with_previous=with_kl)
             eval_examples = distributed.on_every_process(
                 lambda: prepare_dataset(eval_share.select(eval_dataset), tokenizer, config), what="KTO eval dataset")
