@@ -446,23 +446,18 @@ def precompute_ref_logps(ref_model: nnx.Module, examples: Sequence[dict], config
                          mesh: jax.sharding.Mesh | None = None, batch_size: int | None = None,
                          buckets: Sequence[int] | None = None, pad_token_id: int = 0) -> list[dict]:
     """The examples with `ref_chosen_logps` / `ref_rejected_logps` (float32) added, computed under `ref_model`
-    (any architecture) in batches of `batch_size` pairs per data-parallel shard (default
-    `precompute_ref_batch_size` or `per_device_train_batch_size`)."""
-    size = precompute_batch(config, mesh, batch_size)
+    (any architecture) in consecutive batches of `batch_size` pairs per data-parallel shard (default
+    `precompute_ref_batch_size` or `per_device_train_batch_size`): `shared_ref_logps` with every row this
+    process's own (`EvalShare(whole=True)`)."""
+    if not examples:
+        return []
     if buckets is None:
         buckets = data.length_buckets(config.max_length or max(len(e["chosen_input_ids"]) for e in examples))
-    compute, params = _reference_fn(ref_model, config, mesh)
-    out = []
-    for start in range(0, len(examples), size):
-        chunk = [{k: v for k, v in e.items() if not k.startswith("ref_")} for e in examples[start:start + size]]
-        real = len(chunk)
-        chunk += [chunk[0]] * (size - real)  # the padding's results are dropped
-        batch = collate(chunk, accumulation_steps=1, buckets=buckets, pad_token_id=pad_token_id)
-        chosen, rejected = jax.device_get(compute(params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
-        for i in range(real):
-            out.append({**examples[start + i], "ref_chosen_logps": np.float32(chosen[i]),
-                        "ref_rejected_logps": np.float32(rejected[i])})
-    return out
+    share = distributed.EvalShare(len(examples), precompute_batch(config, mesh, batch_size), mesh=mesh, whole=True)
+    computed = [{k: v for k, v in e.items() if not k.startswith("ref_")} for e in examples]  # (recomputed)
+    chosen, rejected = shared_ref_logps(_reference_fn(ref_model, config, mesh), computed, share, mesh=mesh,
+                                        buckets=buckets, pad_token_id=pad_token_id)
+    return [{**e, "ref_chosen_logps": chosen[i], "ref_rejected_logps": rejected[i]} for i, e in enumerate(examples)]
 
 
 def precompute_batch(config: DPOConfig, mesh, batch_size: int | None = None) -> int:
@@ -475,12 +470,13 @@ def precompute_batch(config: DPOConfig, mesh, batch_size: int | None = None) -> 
 def shared_ref_logps(reference: tuple, examples: Sequence[dict], share: distributed.EvalShare, *,
                      mesh: jax.sharding.Mesh | None, buckets: Sequence[int],
                      pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`precompute_ref_logps` on several processes: the reference log-probs `(chosen, rejected)` of every pair of
-    the set `[share.num_examples]`, computed in the very batches one process uses (`share`: consecutive batches of
-    `precompute_batch` pairs, padded to their agreed length), each process feeding its rows of them (`examples`:
-    the ones it prepared, aligned with `share.needed`). The results are replicated, so every process gets all of
-    them. Each row's log-probs depend on that row only: the padding rows (one process: copies of the batch's first
-    pair; here: empty rows) change nothing. `reference`: `_reference_fn(ref_model, config, mesh)`."""
+    """The reference log-probs `(chosen, rejected)` of every pair of the set `[share.num_examples]`, in consecutive
+    batches of `share.batch_size` pairs (`precompute_batch`; the last one filled with empty pairs, whose results
+    are dropped). On several processes each feeds its rows of every batch (`examples`: the ones it prepared,
+    aligned with `share.needed`), padded to the batch's agreed length (`EvalShare.agree`), so the batches are those
+    of one process; the results are replicated, so every process gets all of them. On one process
+    (`precompute_ref_logps`) the share is whole. Each row's log-probs depend on that row only, so the filler rows
+    change nothing. `reference`: `_reference_fn(ref_model, config, mesh)`."""
     compute, params = reference
     chosen, rejected = np.zeros(share.num_examples, np.float32), np.zeros(share.num_examples, np.float32)
     for index, batch in enumerate(eval_batches(examples, share, buckets, pad_token_id)):

@@ -449,35 +449,29 @@ def reference_params(model: nnx.Module, mesh: jax.sharding.Mesh | None = None, *
 
 
 def precompute_ref_logps(examples: Sequence[dict], ref_graphdef: nnx.GraphDef, ref_params: nnx.State,
-                             config: KTOConfig, *, group_size: int, accumulation_steps: int = 1,
-                             buckets: Sequence[int], pad_token_id: int = 0,
-                             mesh: jax.sharding.Mesh | None = None, ref_sharding: Any = None) -> list[dict]:
+                         config: KTOConfig, *, group_size: int, accumulation_steps: int = 1,
+                         buckets: Sequence[int], pad_token_id: int = 0,
+                         mesh: jax.sharding.Mesh | None = None, ref_sharding: Any = None) -> list[dict]:
     """The examples with their reference log-probs added (`ref_logps`, and for `kto` `ref_kl_logps`), computed in
     consecutive groups of `group_size` examples: the groups a sequential order makes into steps (or eval batches),
-    so the KL pairs are the ones `collate` will build."""
-    with_kl = config.loss_type == "kto"
-    reference = _reference_fn(ref_graphdef, config, mesh=mesh, ref_sharding=ref_sharding)
-    out = []
-    for start in range(0, len(examples), group_size):
-        group = list(examples[start:start + group_size])
-        batch = collate(group + [None] * (group_size - len(group)), accumulation_steps=accumulation_steps,
-                        buckets=buckets, pad_token_id=pad_token_id, max_length=config.max_length, with_kl=with_kl)
-        values = jax.device_get(reference(ref_params, shard_batch(batch, mesh, batch_axis=1, global_batch=True)))
-        values = {k: np.asarray(v).reshape(-1) for k, v in values.items()}
-        for i, example in enumerate(group):
-            out.append({**example, **{k: float(v[i]) for k, v in values.items()}})
-    return out
+    so the KL pairs are the ones `collate` will build. `shared_ref_logps` with every row this process's own
+    (`EvalShare(whole=True)`)."""
+    share = distributed.EvalShare(len(examples), group_size, mesh=mesh, whole=True)
+    values = shared_ref_logps(examples, share, ref_graphdef, ref_params, config, accumulation_steps=accumulation_steps,
+                              buckets=buckets, pad_token_id=pad_token_id, mesh=mesh, ref_sharding=ref_sharding)
+    return [{**e, **{k: float(v[i]) for k, v in values.items()}} for i, e in enumerate(examples)]
 
 
 def shared_ref_logps(examples: Sequence[dict], share: distributed.EvalShare, ref_graphdef: nnx.GraphDef,
                      ref_params: nnx.State, config: KTOConfig, *, accumulation_steps: int = 1,
                      buckets: Sequence[int], pad_token_id: int = 0, mesh: jax.sharding.Mesh | None = None,
                      ref_sharding: Any = None) -> dict[str, np.ndarray]:
-    """`precompute_ref_logps` on several processes: `ref_logps` (and for `kto` `ref_kl_logps`) of every example of
-    the set `[share.num_examples]`, computed in the very groups one process uses (`share`: consecutive groups,
-    `with_previous` for the KL pairs, padded to their agreed length), each process feeding its rows of them and
-    their KL partners (`examples`: the ones it prepared, aligned with `share.needed`). The results are replicated,
-    so every process gets all of them."""
+    """`ref_logps` (and for `kto` `ref_kl_logps`) of every example of the set `[share.num_examples]`, computed in
+    consecutive groups of `share.batch_size` examples (the last one filled with empty rows), the KL pairs formed
+    within each group as `collate` forms them. On several processes each feeds its rows of every group and their
+    KL partners (`examples`: the ones it prepared, aligned with `share.needed`; `share`: `with_previous`, padded
+    to the groups' agreed lengths), so the groups are those of one process; the results are replicated, so every
+    process gets all of them. On one process (`precompute_ref_logps`) the share is whole."""
     reference = _reference_fn(ref_graphdef, config, mesh=mesh, ref_sharding=ref_sharding)
     out = {}
     for index in range(share.num_batches):
