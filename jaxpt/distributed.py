@@ -175,6 +175,15 @@ def check_same_data(examples, *, what: str) -> None:
 FIRST_OWN = object()  # DataShare.step_examples' default stand-in
 
 
+def shares_data() -> bool:
+    """Whether each process prepares only its share of the data: on several processes. The offline methods'
+    `train()` then take their `DataShare` / `EvalShare` branches, and a share is not whole by default. (A test
+    patches it to run those branches on one process, where every row is this process's own.)"""
+    import jax
+
+    return jax.process_count() > 1
+
+
 class DataShare:
     """The part of a run's data one process feeds, for the offline methods' `train()` loops.
 
@@ -205,7 +214,7 @@ class DataShare:
         self.num_examples, self.examples_per_step = num_examples, examples_per_step
         self.seed, self.shuffle = seed, shuffle
         self.first_step, self.totals = start_step, None  # agree_steps
-        self.whole = jax.process_count() == 1 or mesh is None if whole is None else whole
+        self.whole = not shares_data() or mesh is None if whole is None else whole
         rows = np.arange(examples_per_step) % micro_batch
         if self.whole:
             self.positions = self.own_positions = self.counted = np.arange(examples_per_step)
@@ -305,7 +314,7 @@ class EvalShare:
         self.num_batches = -(-num_examples // batch_size)
         self.lengths = None  # agree
         self.with_previous = with_previous
-        self.whole = jax.process_count() == 1 or mesh is None if whole is None else whole
+        self.whole = not shares_data() or mesh is None if whole is None else whole
         if self.whole:
             self.positions, self.needed = np.arange(batch_size), np.arange(num_examples)
             return

@@ -548,7 +548,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
                                       method="DPO", length_fields="max_length", extra_ids=(pad_id,))
 
     share, ref_share = None, None
-    if jax.process_count() > 1:
+    if distributed.shares_data():
         # Each process tokenizes only the pairs it feeds (the examples are the dataset's rows, one to one), and for
         # precomputed reference log-probs its rows of the batches one process computes them in (`ref_share`).
         data.require_format(dataset, ("preference", "implicit_preference"), method="DPO")
@@ -582,7 +582,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: DPOConfig, *, ref_model
     eval_examples, eval_share, eval_ref_share, eval_ref_examples = None, None, None, None
     if eval_dataset is not None and config.eval_strategy != "no":
         eval_batch = config.per_device_eval_batch_size * batch_divisor(mesh)
-        if jax.process_count() > 1:
+        if distributed.shares_data():
             # Each process tokenizes only its rows of the eval batches (and of the reference's batches), and all
             # agree on their padded lengths.
             data.require_format(eval_dataset, ("preference", "implicit_preference"), method="DPO")

@@ -538,7 +538,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
     pad_id = data.pad_token_id(tokenizer)
     shuffle = config.train_sampling_strategy == "random"
     share, ref_share, ref_examples = None, None, []
-    if jax.process_count() > 1:
+    if distributed.shares_data():
         # Paired data is unpaired first (TRL's order, untokenized: cheap), on every process alike; the examples
         # are then the unpaired rows, one to one. Each process tokenizes only the examples its rows take, and the
         # one before each (its KL partner); for precomputed reference log-probs also its rows of the groups one
@@ -569,7 +569,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: KTOConfig, *, ref_model
         _check_weights(examples, config)
     eval_examples, eval_share = None, None
     if eval_dataset is not None and config.eval_strategy != "no":
-        if jax.process_count() > 1:
+        if distributed.shares_data():
             # Paired data is unpaired first (untokenized). Each process tokenizes only its rows of the eval
             # batches and the one before each (its KL partner); precomputed reference log-probs are computed in
             # these batches too.

@@ -323,7 +323,7 @@ def _prepare_eval(model, eval_dataset, tokenizer, config: RewardConfig, *, mesh,
     on each batch's padded length, and every pair's margin is gathered (the loss takes them all at once; None
     without a margin column). On one process: everything, and margins None (read from the examples)."""
     batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
-    if jax.process_count() == 1:
+    if not distributed.shares_data():
         examples = prepare_dataset(eval_dataset, tokenizer, config)
         return examples, distributed.EvalShare(len(examples), batch_size, mesh=mesh, whole=True), None
     data.require_format(eval_dataset, ("preference", "implicit_preference"), method="Reward")
@@ -375,7 +375,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
     micro_batch = config.per_device_train_batch_size * batch_divisor(mesh)
     examples_per_step = micro_batch * config.gradient_accumulation_steps
     pad_id = data.pad_token_id(tokenizer)
-    if jax.process_count() > 1:
+    if distributed.shares_data():
         examples, share = _prepare_share(model, dataset, tokenizer, config, examples_per_step=examples_per_step,
                                          micro_batch=micro_batch, mesh=mesh, pad_id=pad_id)
         steps_in_epoch = data.steps_per_epoch(share.num_examples, examples_per_step, method="Reward")
@@ -387,7 +387,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RewardConfig, *, eval_d
         eval_examples, eval_share, eval_margins = _prepare_eval(model, eval_dataset, tokenizer, config, mesh=mesh,
                                                                 pad_id=pad_id)
     total_steps = data.total_steps(config, steps_in_epoch)
-    if jax.process_count() == 1:
+    if not distributed.shares_data():
         share = distributed.DataShare(len(examples), examples_per_step, micro_batch=micro_batch, mesh=mesh,
                                       seed=config.seed, shuffle=True, start_step=0, total_steps=total_steps,
                                       whole=True)

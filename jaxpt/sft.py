@@ -414,7 +414,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: SFTConfig, *, eval_data
     examples_per_step = micro_batch * config.gradient_accumulation_steps
     pad_id = data.pad_token_id(tokenizer)
     share = None
-    if jax.process_count() > 1:
+    if distributed.shares_data():
         # Each process tokenizes only the examples of the rows it feeds (`DataShare`; packed: `_packed_share`).
         data.require_format(dataset, ("language_modeling", "prompt_completion"), method="SFT",
                             text_field=config.dataset_text_field)
@@ -562,7 +562,7 @@ def _prepare_eval(model, tokenizer, eval_dataset, config: SFTConfig, mesh, pad_i
     eval batches (`distributed.EvalShare`) and all agree on each batch's padded length; packed, its packed rows
     (`_pack_share`: the rows one process packs), all `max_length` long. A single process prepares everything."""
     batch_size = config.per_device_eval_batch_size * batch_divisor(mesh)
-    if jax.process_count() == 1:
+    if not distributed.shares_data():
         examples = prepare_dataset(eval_dataset, tokenizer, config, packing=packing)
         return examples, distributed.EvalShare(len(examples), batch_size, mesh=mesh, whole=True)
     if packing:

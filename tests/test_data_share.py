@@ -1,7 +1,9 @@
 """Each process prepares only its share of the data: two processes simulated in this one (`sharding.process_rows`
 patched: rows 0-3, then 4-7 of each batch of 8). Each simulated process prepares only the examples of its rows (and
 what they need: KTO's KL partners, the filler row), and its batches equal the one-process batches at its rows, so
-the global batch the processes place together, and every metric computed on it, is the one-process one."""
+the global batch the processes place together, and every metric computed on it, is the one-process one. The
+`train()` loops' share branches run on this one process too (`distributed.shares_data` patched; every row its own):
+their metrics equal a one-process run's to the bit."""
 
 import datasets
 import numpy as np
@@ -187,3 +189,118 @@ def test_kto_precomputed_reference_share_gives_the_one_process_log_probs(monkeyp
         assert own.tolist() == [i for i in range(21) if i % 8 // 4 == process]
         for key in ("ref_logps", "ref_kl_logps"):
             np.testing.assert_array_equal(values[key][own], np.float32([expected[i][key] for i in own]), err_msg=key)
+
+
+# The train() loops' several-process branches, run on this one process: `distributed.shares_data` patched, so the
+# shares are not whole, and this process owns every row (`sharding.process_rows` of one process). The run must
+# equal a one-process run to the bit.
+
+
+def run_shared(monkeypatch, train):
+    """`train()` through the share branches; returns the shares it made (recorded)."""
+    made = []
+    for name in ("DataShare", "EvalShare"):
+        original = getattr(distributed, name)
+
+        class Recorded(original):
+            def __init__(self, *args, original=original, **kwargs):
+                original.__init__(self, *args, **kwargs)
+                made.append(self)
+
+        monkeypatch.setattr(distributed, name, Recorded)
+    monkeypatch.setattr(distributed, "shares_data", lambda: True)
+    train()
+    monkeypatch.undo()
+    return made
+
+
+def read_records(output_dir):
+    import json
+
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kto_train_on_shares_equals_one_process(tmp_path, monkeypatch):
+    """kto.train with paired data (unpaired first, then shared), precomputed reference log-probs (in the groups one
+    process uses, with KL partners) and evaluation (a partial last eval batch): the metrics of the share branches
+    equal the one-process run's exactly. The training share prepares only the examples the 2 steps take."""
+    from jaxpt import kto
+
+    tokenizer = char_tokenizer()
+    pairs = [{"prompt": f"{i}+{i % 3}=", "chosen": str(i + i % 3), "rejected": str(i + i % 3 + 1 + i % 2) * (1 + i % 3)}
+             for i in range(10)]  # unpaired: 20 examples, the 10 chosen first
+    dataset, eval_dataset = datasets.Dataset.from_list(pairs), datasets.Dataset.from_list(pairs[:3])
+
+    def train(output_dir):
+        config = kto.KTOConfig(output_dir=str(output_dir), max_length=32, per_device_train_batch_size=4,
+                               learning_rate=1e-2, max_steps=2, logging_steps=1, save_steps=0, mesh_fsdp=1,
+                               disable_tqdm=True, save_final_model=False, seed=0, precompute_ref_log_probs=True,
+                               eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
+        model = tiny_llama(len(tokenizer), seed=0, num_hidden_layers=1)
+        kto.train(model, tokenizer, dataset, config, eval_dataset=eval_dataset)
+
+    train(tmp_path / "one")
+    shares = run_shared(monkeypatch, lambda: train(tmp_path / "shared"))
+    assert [(type(s).__mro__[1].__name__, s.whole) for s in shares] == [
+        ("DataShare", False), ("EvalShare", False), ("EvalShare", False)]  # train, reference groups, eval
+    assert shares[0].needed.tolist() == list(range(8))  # 2 sequential steps of 4 of the 20 examples
+    assert len(shares[1].needed) == 20 and len(shares[2].needed) == 6  # every group of the reference, the eval set
+    expected, records = read_records(tmp_path / "one"), read_records(tmp_path / "shared")
+    assert len(records) == 4 and {"eval_loss", "eval_kl", "kl", "num_tokens"} <= set().union(*records)
+    assert records == expected
+
+
+def test_dpo_train_on_shares_equals_one_process(tmp_path, monkeypatch):
+    """dpo.train with precomputed reference log-probs (training and eval sets, in the batches one process uses)
+    and evaluation (a partial last batch): the metrics of the share branches equal the one-process run's
+    exactly."""
+    from jaxpt import dpo
+
+    tokenizer = char_tokenizer()
+    pairs = [{"prompt": f"{i}+{i % 3}=", "chosen": str(i + i % 3), "rejected": str(i + i % 3 + 1 + i % 2) * (1 + i % 3)}
+             for i in range(10)]
+    dataset, eval_dataset = datasets.Dataset.from_list(pairs), datasets.Dataset.from_list(pairs[:5])
+
+    def train(output_dir):
+        config = dpo.DPOConfig(output_dir=str(output_dir), max_length=32, per_device_train_batch_size=4,
+                               learning_rate=1e-2, max_steps=2, logging_steps=1, save_steps=0, mesh_fsdp=1,
+                               disable_tqdm=True, save_final_model=False, seed=0, precompute_ref_log_probs=True,
+                               eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
+        model = tiny_llama(len(tokenizer), seed=0, num_hidden_layers=1)
+        dpo.train(model, tokenizer, dataset, config, eval_dataset=eval_dataset)
+
+    train(tmp_path / "one")
+    shares = run_shared(monkeypatch, lambda: train(tmp_path / "shared"))
+    assert [(type(s).__mro__[1].__name__, s.whole) for s in shares] == [
+        ("DataShare", False), ("EvalShare", False), ("EvalShare", False), ("EvalShare", False)]
+    expected, records = read_records(tmp_path / "one"), read_records(tmp_path / "shared")
+    assert len(records) == 4 and {"eval_loss", "eval_rewards/margins", "num_tokens"} <= set().union(*records)
+    assert records == expected
+
+
+def test_packed_sft_train_on_shares_equals_one_process(tmp_path, monkeypatch):
+    """sft.train packed (bfd: the training rows and the eval set packed as one process packs them, from the
+    gathered lengths, each process tokenizing its rows' examples): the metrics of the share branches equal the
+    one-process run's exactly."""
+    from jaxpt import sft
+
+    tokenizer = char_tokenizer()
+    dataset = datasets.Dataset.from_list(arithmetic_texts(24))
+    eval_dataset = datasets.Dataset.from_list(arithmetic_texts(10)[3:])
+
+    def train(output_dir):
+        config = sft.SFTConfig(output_dir=str(output_dir), max_length=16, packing=True, eval_packing=True,
+                               per_device_train_batch_size=2, per_device_eval_batch_size=3, learning_rate=1e-2,
+                               max_steps=2, logging_steps=1, save_steps=0, mesh_fsdp=1, disable_tqdm=True,
+                               save_final_model=False, seed=0, eval_strategy="steps", eval_steps=1)
+        sft.train(tiny_llama(len(tokenizer), seed=0, num_hidden_layers=1), tokenizer, dataset, config,
+                  eval_dataset=eval_dataset)
+
+    train(tmp_path / "one")
+    shares = run_shared(monkeypatch, lambda: train(tmp_path / "shared"))
+    assert [(type(s).__mro__[1].__name__, s.whole) for s in shares] == [("DataShare", False), ("EvalShare", False)]
+    assert len(shares[0].needed) == 4 < shares[0].num_examples  # the 2 steps' packed rows
+    assert shares[1].num_examples % 3  # a partial last eval batch
+    expected, records = read_records(tmp_path / "one"), read_records(tmp_path / "shared")
+    assert len(records) == 4 and {"eval_loss", "num_tokens"} <= set().union(*records)
+    assert records == expected
