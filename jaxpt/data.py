@@ -479,16 +479,21 @@ def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int |
     check_rows(dataset, fmt, method=method, tokenizer=tokenizer, columns=("prompt",))
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length={max_prompt_length} must be >= 1 (or None: no truncation).")
-    prompts = []
-    for index, row in enumerate(dataset):
-        ids = tokenize(tokenizer, row["prompt"], add_generation_prompt=fmt.conversational,
+    prompts = prompt_rows(dataset)
+    for index, record in enumerate(prompts):
+        ids = tokenize(tokenizer, record["prompt"], add_generation_prompt=fmt.conversational,
                        chat_template_kwargs=chat_template_kwargs)["input_ids"]
         check_nonempty(ids, what="prompt", index=index)
         if max_prompt_length is not None:
             ids = ids[-max_prompt_length:]
-        prompts.append({"prompt": row["prompt"], "prompt_ids": ids,
-                        "columns": {k: v for k, v in row.items() if k != "prompt"}})
+        record["prompt_ids"] = ids
     return prompts
+
+
+def prompt_rows(dataset) -> list[dict]:
+    """The rows of a prompt dataset as `prepare_prompts` records without their token ids, `{"prompt", "columns"}`:
+    read, not tokenized (what scoring and logging need of the prompts another process feeds)."""
+    return [{"prompt": row["prompt"], "columns": {k: v for k, v in row.items() if k != "prompt"}} for row in dataset]
 
 
 @dataclasses.dataclass(frozen=True)
