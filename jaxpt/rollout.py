@@ -238,9 +238,10 @@ def prepare_rollout_prompts(dataset, tokenizer, config, *, method: str, mesh, pr
                                   seed=config.seed, shuffle=config.shuffle_dataset, start_step=start_rollout,
                                   total_steps=total_rollouts, whole=whole,
                                   replicated=prompts_per_rollout % batch_divisor(mesh) != 0)
-    if not whole:
+    if not whole:  # (none to prepare when resumed at the last step)
         prompts = distributed.on_every_process(
-            lambda: data.prepare_prompts(share.select(dataset), tokenizer, **options), what=f"{method} prompts")
+            lambda: data.prepare_prompts(share.select(dataset), tokenizer, **options) if len(share.needed) else [],
+            what=f"{method} prompts")
     return prompts, share
 
 
