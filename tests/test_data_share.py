@@ -326,3 +326,15 @@ def test_grpo_eval_prompt_share_feeds_its_rows_of_every_evaluation_rollout(monke
             assert [(p["prompt"], p["columns"]) for p in got] == [(p["prompt"], p["columns"]) for p in want]
             assert [got[i]["prompt_ids"] for i in np.flatnonzero(rows_of)] == \
                 [want[i]["prompt_ids"] for i in np.flatnonzero(rows_of)]
+
+
+def test_replicated_share_feeds_every_row_of_its_steps():
+    """`DataShare(replicated=True)`: GRPO/RLOO's generate input when its prompts do not divide the batch axes (2
+    prompts, 8 devices: `generate` replicates them): every process feeds every row, so it prepares the prompts of
+    every rollout of the run (here 3 rollouts, 6 of the 20 prompts), and process 0 counts them."""
+    share = distributed.DataShare(20, 2, micro_batch=2, mesh=sharding.make_mesh(), seed=1, shuffle=True,
+                                  start_step=0, total_steps=3, whole=False, replicated=True)
+    orders = data.step_indices(20, 2, seed=1, shuffle=True)
+    used = np.concatenate([next(orders)[1] for _ in range(3)])
+    assert share.positions.tolist() == share.counted.tolist() == [0, 1]  # (this process is process 0)
+    assert share.needed.tolist() == sorted(used.tolist()) and len(share.needed) == 6
