@@ -465,12 +465,13 @@ def empty_tokens_message(*, what: str, index: int) -> str:
 
 
 def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int | None = None,
-                    chat_template_kwargs: dict | None = None) -> list[dict]:
+                    chat_template_kwargs: dict | None = None, num_proc: int | None = None) -> list[dict]:
     """Prompts of a prompt-only dataset (GRPO, RLOO) as `{"prompt", "prompt_ids", "columns"}`: the original
     prompt (string or messages), its token ids (chat template with the generation prompt for conversational
     data; the last `max_prompt_length` tokens when set, as prompts are cut from the left), and every other
     column (handed to the reward functions). `chat_template_kwargs`: extra chat-template arguments (conversational
-    prompts only)."""
+    prompts only). Tokenized in batches (`map_columns`: `datasets.Dataset.map(batched=True, num_proc=num_proc)`
+    for a `datasets.Dataset`)."""
     fmt = require_format(dataset, ("prompt_only", "prompt_completion"), method=method)
     if chat_template_kwargs and not fmt.conversational:
         raise ValueError(f"chat_template_kwargs={chat_template_kwargs!r} is set but the {method} prompts are plain "
@@ -479,16 +480,32 @@ def prepare_prompts(dataset, tokenizer, *, method: str, max_prompt_length: int |
     check_rows(dataset, fmt, method=method, tokenizer=tokenizer, columns=("prompt",))
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length={max_prompt_length} must be >= 1 (or None: no truncation).")
-    prompts = []
-    for index, row in enumerate(dataset):
-        ids = tokenize(tokenizer, row["prompt"], add_generation_prompt=fmt.conversational,
-                       chat_template_kwargs=chat_template_kwargs)["input_ids"]
-        check_nonempty(ids, what="prompt", index=index)
-        if max_prompt_length is not None:
-            ids = ids[-max_prompt_length:]
-        prompts.append({"prompt": row["prompt"], "prompt_ids": ids,
-                        "columns": {k: v for k, v in row.items() if k != "prompt"}})
+    options = {"tokenizer": tokenizer, "conversational": fmt.conversational,
+               "chat_template_kwargs": chat_template_kwargs}
+    tokenized = map_columns(dataset, _tokenize_prompts_batch, columns=("prompt",), num_proc=num_proc,
+                            fn_kwargs=options, desc=f"Tokenizing the {method} prompts")
+    prompt_ids = tokenized["prompt_ids"]
+    if len(prompt_ids.lengths) and prompt_ids.lengths.min() == 0:
+        check_nonempty([], what="prompt", index=int(np.argmin(prompt_ids.lengths)))
+    prompts = prompt_rows(dataset)
+    for record, ids in zip(prompts, prompt_ids.rows(), strict=True):
+        record["prompt_ids"] = (ids if max_prompt_length is None else ids[-max_prompt_length:]).tolist()
     return prompts
+
+
+def _tokenize_prompts_batch(batch: dict[str, list], *, tokenizer, conversational: bool,
+                            chat_template_kwargs: dict | None) -> dict[str, list]:
+    if not conversational:
+        return {"prompt_ids": tokenize_texts(tokenizer, batch["prompt"])}
+    return {"prompt_ids": [tokenize(tokenizer, prompt, add_generation_prompt=True,
+                                    chat_template_kwargs=chat_template_kwargs)["input_ids"]
+                           for prompt in batch["prompt"]]}
+
+
+def prompt_rows(dataset) -> list[dict]:
+    """The rows of a prompt dataset as `prepare_prompts` records without their token ids, `{"prompt", "columns"}`:
+    read, not tokenized (what scoring and logging need of the prompts another process feeds)."""
+    return [{"prompt": row["prompt"], "columns": {k: v for k, v in row.items() if k != "prompt"}} for row in dataset]
 
 
 @dataclasses.dataclass(frozen=True)

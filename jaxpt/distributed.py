@@ -185,7 +185,8 @@ def shares_data() -> bool:
 
 
 class DataShare:
-    """The part of a run's data one process feeds, for the offline methods' `train()` loops.
+    """The part of a run's data one process feeds, for the offline methods' `train()` loops, and the prompts of
+    GRPO/RLOO's rollouts (a step: the `[prompts_per_rollout, length]` input of `generate`, `jaxpt.rollout`).
 
     Every process draws the same global step order (`data.step_indices`: a seeded permutation per epoch, so the
     global batches are those of one process, whatever the process count), and feeds only its own rows of each
@@ -199,12 +200,14 @@ class DataShare:
 
     `examples_per_step` dataset rows per step, laid out `[accumulation, micro_batch]` (row `j` of a step's index
     list is micro-batch row `j % micro_batch`). `with_previous`: a process also prepares, for each of its rows, the
-    example before it in the step's list (cyclically), which KTO pairs with it.
+    example before it in the step's list (cyclically), which KTO pairs with it. `replicated`: the rows are not split
+    over the batch axes but held by every device (GRPO/RLOO's generate input when its prompts do not divide them):
+    every process feeds every row of the steps, and process 0 counts them.
     """
 
     def __init__(self, num_examples: int, examples_per_step: int, *, micro_batch: int, mesh, seed: int,
                  shuffle: bool, start_step: int, total_steps: int, whole: bool | None = None,
-                 with_previous: bool = False):
+                 with_previous: bool = False, replicated: bool = False):
         import jax
         import numpy as np
 
@@ -220,7 +223,10 @@ class DataShare:
             self.positions = self.own_positions = self.counted = np.arange(examples_per_step)
             self.needed = None
             return
-        own, first_owner = process_rows(mesh, micro_batch)
+        if replicated:
+            own, first_owner = np.ones(micro_batch, bool), np.full(micro_batch, jax.process_index() == 0)
+        else:
+            own, first_owner = process_rows(mesh, micro_batch)
         self.positions = np.flatnonzero(own[rows])  # positions of a step's index list this process feeds
         self.counted = np.flatnonzero(first_owner[rows])  # ... and counts in sums (rows replicated on processes)
         self.own_positions = self.positions
@@ -286,7 +292,8 @@ class DataShare:
 
 
 class EvalShare:
-    """The rows of the eval batches one process feeds, for the offline methods' `evaluate`.
+    """The rows of the eval batches one process feeds, for the offline methods' `evaluate` and GRPO/RLOO's
+    evaluation rollouts (`repeat_last`).
 
     The eval set runs in order, in batches of `batch_size` examples (the last one filled with no-loss rows). Each
     process prepares, and tokenizes, only the examples at its rows of every batch (`needed`: about 1/N of the eval
@@ -301,10 +308,12 @@ class EvalShare:
     `with_previous`: a process also prepares, for each of its rows, the example before it in the batch (cyclically
     over the batch's examples: the first row's is the batch's last example), which KTO pairs with it. `micro_batch`:
     a batch laid out `[accumulation, micro_batch]` (row `j` is micro-batch row `j % micro_batch`; default one
-    micro-batch of `batch_size`)."""
+    micro-batch of `batch_size`). `repeat_last`: the last batch's rows past the end of the set hold the set's last
+    example (GRPO/RLOO's evaluation rollouts repeat it, so every rollout has one shape), which the processes feeding
+    them read too."""
 
     def __init__(self, num_examples: int, batch_size: int, *, mesh, whole: bool | None = None,
-                 with_previous: bool = False, micro_batch: int | None = None):
+                 with_previous: bool = False, micro_batch: int | None = None, repeat_last: bool = False):
         import jax
         import numpy as np
 
@@ -313,7 +322,7 @@ class EvalShare:
         self.num_examples, self.batch_size = num_examples, batch_size
         self.num_batches = -(-num_examples // batch_size)
         self.lengths = None  # agree
-        self.with_previous = with_previous
+        self.with_previous, self.repeat_last = with_previous, repeat_last
         self.whole = not shares_data() or mesh is None if whole is None else whole
         if self.whole:
             self.positions, self.needed = np.arange(batch_size), np.arange(num_examples)
@@ -321,7 +330,7 @@ class EvalShare:
         micro_batch = micro_batch or batch_size
         own = process_rows(mesh, micro_batch)[0]
         self.positions = np.flatnonzero(own[np.arange(batch_size) % micro_batch])  # this process's rows of a batch
-        indices = [batch * batch_size + self.read_positions(batch) for batch in range(self.num_batches)]
+        indices = [self.example_index(batch, self.read_positions(batch)) for batch in range(self.num_batches)]
         self.needed = np.union1d(np.concatenate(indices or [np.zeros(0, np.int64)]), [0] if num_examples else [])
         logger.info("Process %d prepares %d of the %d eval examples: the rows it feeds", jax.process_index(),
                     len(self.needed), num_examples)
@@ -335,14 +344,25 @@ class EvalShare:
         return self.positions[self.positions < self.batch_examples(batch)]
 
     def read_positions(self, batch: int):
-        """The rows of eval batch `batch` whose examples this process reads: its own, and with `with_previous` the
-        row before each (the batch's last example before its first row)."""
+        """The rows of eval batch `batch` whose examples this process reads: its own, with `with_previous` the
+        row before each (the batch's last example before its first row), with `repeat_last` its rows past the end
+        of the set too."""
         import numpy as np
 
+        if self.repeat_last:
+            return self.positions
         positions = self.own_positions(batch)
         if self.with_previous and len(positions):
             positions = np.union1d(positions, (positions - 1) % self.batch_examples(batch))
         return positions
+
+    def example_index(self, batch: int, positions):
+        """The examples of the set at rows `positions` of eval batch `batch` (with `repeat_last`, the set's last
+        example past its end)."""
+        import numpy as np
+
+        indices = batch * self.batch_size + np.asarray(positions, np.int64)
+        return np.minimum(indices, self.num_examples - 1) if self.repeat_last else indices
 
     def select(self, dataset):
         """The eval dataset rows this process prepares (all of them on one process), in dataset order."""
@@ -374,15 +394,14 @@ class EvalShare:
     def batch_rows(self, batch: int, examples: list, filler) -> tuple[list, int | None]:
         """`(rows, longest)` of eval batch `batch` from this process's prepared `examples` (aligned with `needed`):
         `batch_size` rows, the batch's examples at the rows this process reads (`read_positions`) and `filler`
-        elsewhere (past the end of the set too), and the agreed longest row of the global batch (`agree`; None on a
-        whole share)."""
+        elsewhere (past the end of the set too, unless `repeat_last`), and the agreed longest row of the global
+        batch (`agree`; None on a whole share)."""
         import numpy as np
 
-        first = batch * self.batch_size
         rows = [filler] * self.batch_size
-        for position in self.read_positions(batch):
-            index = first + int(position)
-            rows[position] = examples[index if self.whole else int(np.searchsorted(self.needed, index))]
+        positions = self.read_positions(batch)
+        for position, index in zip(positions, self.example_index(batch, positions), strict=True):
+            rows[position] = examples[int(index) if self.whole else int(np.searchsorted(self.needed, index))]
         return rows, None if self.lengths is None else int(self.lengths[batch])
 
 

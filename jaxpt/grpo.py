@@ -78,6 +78,7 @@ from jaxpt.reference_sync import check_reference_sync, checkpoint_extra, resumed
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     GENERATION_KWARGS,
+    agree_prompt_lengths,
     append_jsonl,
     check_generation_options,
     check_reference_dtypes,
@@ -88,7 +89,10 @@ from jaxpt.rollout import (
     evaluate_rollouts,
     make_logps_fn,
     make_ref_logps_fn,
+    prepare_eval_prompts,
+    prepare_rollout_prompts,
     reference_params,
+    rollout_prompts,
     rollout_shape,
     sample_and_score,
     tool_reward_weights,
@@ -295,16 +299,17 @@ class GRPOConfig(TrainingConfig):
 
 def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
             config: GRPOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None,
-            policy_logps_fn=None, tools=None):
+            policy_logps_fn=None, tools=None, longest_prompt: int | None = None):
     """Sample `num_generations` completions per prompt, score them, and compute group-relative advantages.
     Returns `(arrays, metrics, records)`: the rollout's numpy arrays `[n, ...]` for the update, its
     reward/completion metrics (TRL's names) and per-completion records for `log_completions`.
     `policy_logps_fn(params, arrays)` (`rollout.make_logps_fn`): given, the arrays get `old_logps` from the
     training forward pass with `state.full_params()` (for a rollout that feeds several optimizer steps); without it the
     update is on-policy. `ref_logps_fn(arrays)`: the reference's log-probs (`ref_logps`, for beta != 0).
-    `tools` (`jaxpt.tools.Toolbox`): multi-turn rollouts with tool calls (arrays add `tool_mask`)."""
+    `tools` (`jaxpt.tools.Toolbox`): multi-turn rollouts with tool calls (arrays add `tool_mask`).
+    `longest_prompt`: several processes, each holding only its own prompts' ids (`rollout.rollout_prompts`)."""
     sampled = sample_and_score(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
-                               prompt_buckets=prompt_buckets, tools=tools)
+                               prompt_buckets=prompt_buckets, tools=tools, longest_prompt=longest_prompt)
     if np.isnan(sampled.rewards).all(axis=1).any():
         logger.warning("Some completions got no reward from any reward function; their advantage is 0.")
     reward_weights = tool_reward_weights(config.reward_weights, sampled.rewards.shape[1])
@@ -473,21 +478,24 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     micro_batch, steps_per_generation, prompts_per_rollout = rollout_shape(config, batch_divisor(mesh))
     accumulation = config.gradient_accumulation_steps
     steps_per_rollout = config.num_iterations * steps_per_generation // accumulation
-    prompts = data.prepare_prompts(dataset, tokenizer, method=method, max_prompt_length=config.max_prompt_length,
-                                   chat_template_kwargs=config.chat_template_kwargs)
-    eval_prompts = None
-    if eval_dataset is not None and config.eval_strategy != "no":
-        eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method=method,
-                                            max_prompt_length=config.max_prompt_length,
-                                            chat_template_kwargs=config.chat_template_kwargs)
+    # On several processes each tokenizes only the prompts its devices feed to the rollouts' generate input.
+    start_rollout = loop.planned_start_step(config) // steps_per_rollout
+    prompts, share = prepare_rollout_prompts(dataset, tokenizer, config, method=method, mesh=mesh,
+                                             prompts_per_rollout=prompts_per_rollout,
+                                             steps_per_rollout=steps_per_rollout, start_rollout=start_rollout,
+                                             whole=not distributed.shares_data() or toolbox is not None)
+    eval_prompts, eval_share = None, None
+    if eval_dataset is not None and config.eval_strategy != "no":  # several processes: likewise, the eval prompts
+        eval_prompts, eval_share = prepare_eval_prompts(eval_dataset, tokenizer, config, method=method, mesh=mesh,
+                                                        prompts_per_rollout=prompts_per_rollout,
+                                                        whole=not distributed.shares_data() or toolbox is not None)
     evaluation_config = eval_config(config, prompts_per_rollout=prompts_per_rollout, micro_batch=micro_batch)
-    distributed.check_same_data(prompts, what=f"{method} prompts")  # every process builds the same global batches
-    rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method=method)
+    rollouts_per_epoch = data.steps_per_epoch(share.num_examples, prompts_per_rollout, method=method)
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
-    prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
-    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method=method,
-                         tools=toolbox)
+    total_rollouts = -(-total_steps // steps_per_rollout)
+    distributed.on_every_process(check_rollout_inputs, reward_funcs, [model, ref_model], prompts, eval_prompts,
+                                 tokenizer, config, method=method, tools=toolbox, what=f"{method} prompts")
     if ref_model is not None and config.beta != 0.0:
         check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
 
@@ -515,6 +523,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
+    loop.check_planned_start(share, start_step // steps_per_rollout)  # the share was prepared from the planned step
+    prompt_buckets = agree_prompt_lengths(share, prompts, start_rollout=start_step // steps_per_rollout,
+                                          total_rollouts=total_rollouts)  # and every rollout's longest prompt
     if reference is not None:  # TR-DPO: continue from the checkpoint's synced reference
         reference = resumed_reference(config, reference, progress, start_step, method=method)
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
@@ -528,7 +539,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
                         description=method.lower(), start_step=start_step, config=config.to_dict())
-    order = data.step_indices(len(prompts), prompts_per_rollout, seed=config.seed, shuffle=config.shuffle_dataset,
+    order = data.step_indices(share.num_examples, prompts_per_rollout, seed=config.seed, shuffle=config.shuffle_dataset,
                               start_step=start_step // steps_per_rollout)
     base_key = jax.random.key(config.seed)
     step = start_step
@@ -536,9 +547,11 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
         while step < total_steps:
             rollout_index = step // steps_per_rollout
             _, indices = next(order)
+            # several processes: this one's prompts' ids, the agreed longest prompt, every prompt's text and columns
+            chunk, longest_prompt = rollout_prompts(share, prompts, dataset, indices, rollout_index)
             arrays, rollout_metrics, records = rollout(
-                state, [prompts[i] for i in indices], reward_funcs, tokenizer, config,
-                key=jax.random.fold_in(base_key, rollout_index), mesh=mesh, prompt_buckets=prompt_buckets,
+                state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(base_key, rollout_index),
+                mesh=mesh, prompt_buckets=prompt_buckets, longest_prompt=longest_prompt,
                 ref_logps_fn=ref_logps_fn, policy_logps_fn=logps_fn if steps_per_rollout > 1 else None,
                 tools=toolbox)
             if config.log_completions:
@@ -578,6 +591,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
                                                              evaluation_config, mesh=mesh,
                                                              prompt_buckets=prompt_buckets,
                                                              prompts_per_rollout=prompts_per_rollout,
+                                                             share=eval_share, dataset=eval_dataset,
                                                              tools=toolbox)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:
                 log.sync()

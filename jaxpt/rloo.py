@@ -58,6 +58,7 @@ from jaxpt.reference_sync import check_reference_sync, checkpoint_extra, resumed
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     GENERATION_KWARGS,
+    agree_prompt_lengths,
     append_jsonl,
     check_generation_options,
     check_reference_dtypes,
@@ -68,7 +69,10 @@ from jaxpt.rollout import (
     evaluate_rollouts,
     make_logps_fn,
     make_ref_logps_fn,
+    prepare_eval_prompts,
+    prepare_rollout_prompts,
     reference_params,
+    rollout_prompts,
     rollout_shape,
     sample_and_score,
     tool_reward_weights,
@@ -177,17 +181,18 @@ class RLOOConfig(TrainingConfig):
 
 def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
             config: RLOOConfig, *, key: jax.Array, mesh, prompt_buckets: Sequence[int], ref_logps_fn=None,
-            policy_logps_fn=None, tools=None):
+            policy_logps_fn=None, tools=None, longest_prompt: int | None = None):
     """Sample `num_generations` completions per prompt, score them, and compute leave-one-out advantages with
     the KL penalty in the reward. Returns `(arrays, metrics, records)` like GRPO's rollout.
     `policy_logps_fn(params, arrays)` (`rollout.make_logps_fn`): the arrays get `old_logps` from the training
     forward pass with `state.full_params()`; needed with `ref_logps_fn` (the KL penalty) and for a rollout that feeds
-    several optimizer steps. `tools` (`jaxpt.tools.Toolbox`): multi-turn rollouts with tool calls."""
+    several optimizer steps. `tools` (`jaxpt.tools.Toolbox`): multi-turn rollouts with tool calls.
+    `longest_prompt`: several processes, each holding only its own prompts' ids (`rollout.rollout_prompts`)."""
     if ref_logps_fn is not None and policy_logps_fn is None:
         raise ValueError("RLOO's KL penalty (ref_logps_fn) needs policy_logps_fn: the policy's log-probs must come "
                          "from the training forward pass (rollout.make_logps_fn), not from the sampler.")
     sampled = sample_and_score(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
-                               prompt_buckets=prompt_buckets, tools=tools)
+                               prompt_buckets=prompt_buckets, tools=tools, longest_prompt=longest_prompt)
     reward_weights = tool_reward_weights(config.reward_weights, sampled.rewards.shape[1])
     if np.isnan(sampled.rewards).all(axis=1).any():  # None (or NaN) from every function
         logger.warning("Some completions got no reward from any reward function; their advantage is 0.")
@@ -302,21 +307,24 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     micro_batch, steps_per_generation, prompts_per_rollout = rollout_shape(config, batch_divisor(mesh))
     accumulation = config.gradient_accumulation_steps
     steps_per_rollout = config.num_iterations * steps_per_generation // accumulation
-    prompts = data.prepare_prompts(dataset, tokenizer, method="RLOO", max_prompt_length=config.max_prompt_length,
-                                   chat_template_kwargs=config.chat_template_kwargs)
-    eval_prompts = None
-    if eval_dataset is not None and config.eval_strategy != "no":
-        eval_prompts = data.prepare_prompts(eval_dataset, tokenizer, method="RLOO",
-                                            max_prompt_length=config.max_prompt_length,
-                                            chat_template_kwargs=config.chat_template_kwargs)
+    # On several processes each tokenizes only the prompts its devices feed to the rollouts' generate input.
+    start_rollout = loop.planned_start_step(config) // steps_per_rollout
+    prompts, share = prepare_rollout_prompts(dataset, tokenizer, config, method="RLOO", mesh=mesh,
+                                             prompts_per_rollout=prompts_per_rollout,
+                                             steps_per_rollout=steps_per_rollout, start_rollout=start_rollout,
+                                             whole=not distributed.shares_data() or toolbox is not None)
+    eval_prompts, eval_share = None, None
+    if eval_dataset is not None and config.eval_strategy != "no":  # several processes: likewise, the eval prompts
+        eval_prompts, eval_share = prepare_eval_prompts(eval_dataset, tokenizer, config, method="RLOO", mesh=mesh,
+                                                        prompts_per_rollout=prompts_per_rollout,
+                                                        whole=not distributed.shares_data() or toolbox is not None)
     evaluation_config = eval_config(config, prompts_per_rollout=prompts_per_rollout, micro_batch=micro_batch)
-    distributed.check_same_data(prompts, what="RLOO prompts")  # every process builds the same global batches
-    rollouts_per_epoch = data.steps_per_epoch(len(prompts), prompts_per_rollout, method="RLOO")
+    rollouts_per_epoch = data.steps_per_epoch(share.num_examples, prompts_per_rollout, method="RLOO")
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout
     total_steps = data.total_steps(config, steps_in_epoch)
-    prompt_buckets = data.length_buckets(max(max(len(p["prompt_ids"]) for p in prompts), 16), min_length=16)
-    check_rollout_inputs(reward_funcs, [model, ref_model], prompts, eval_prompts, tokenizer, config, method="RLOO",
-                         tools=toolbox)
+    total_rollouts = -(-total_steps // steps_per_rollout)
+    distributed.on_every_process(check_rollout_inputs, reward_funcs, [model, ref_model], prompts, eval_prompts,
+                                 tokenizer, config, method="RLOO", tools=toolbox, what="RLOO prompts")
     if ref_model is not None and config.beta != 0.0:
         check_reference_dtypes(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
 
@@ -344,6 +352,9 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     if start_step % steps_per_rollout:
         raise ValueError(f"Checkpoint step {start_step} is not at a rollout boundary ({steps_per_rollout} steps per "
                          "rollout).")
+    loop.check_planned_start(share, start_step // steps_per_rollout)  # the share was prepared from the planned step
+    prompt_buckets = agree_prompt_lengths(share, prompts, start_rollout=start_step // steps_per_rollout,
+                                          total_rollouts=total_rollouts)  # and every rollout's longest prompt
     if reference is not None:  # TR-DPO: continue from the checkpoint's synced reference
         reference = resumed_reference(config, reference, progress, start_step, method="RLOO")
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
@@ -353,7 +364,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     log = MetricsLogger(config.output_dir, logging_steps=config.logging_steps, total_steps=total_steps,
                         report_to=config.report_to, run_name=config.run_name, disable_tqdm=config.disable_tqdm,
                         description="rloo", start_step=start_step, config=config.to_dict())
-    order = data.step_indices(len(prompts), prompts_per_rollout, seed=config.seed, shuffle=config.shuffle_dataset,
+    order = data.step_indices(share.num_examples, prompts_per_rollout, seed=config.seed, shuffle=config.shuffle_dataset,
                               start_step=start_step // steps_per_rollout)
     base_key = jax.random.key(config.seed)
     step = start_step
@@ -361,9 +372,11 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
         while step < total_steps:
             rollout_index = step // steps_per_rollout
             _, indices = next(order)
+            # several processes: this one's prompts' ids, the agreed longest prompt, every prompt's text and columns
+            chunk, longest_prompt = rollout_prompts(share, prompts, dataset, indices, rollout_index)
             arrays, rollout_metrics, records = rollout(
-                state, [prompts[i] for i in indices], reward_funcs, tokenizer, config,
-                key=jax.random.fold_in(base_key, rollout_index), mesh=mesh, prompt_buckets=prompt_buckets,
+                state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(base_key, rollout_index),
+                mesh=mesh, prompt_buckets=prompt_buckets, longest_prompt=longest_prompt,
                 ref_logps_fn=ref_logps_fn,
                 policy_logps_fn=logps_fn if steps_per_rollout > 1 or ref_logps_fn is not None else None,
                 tools=toolbox)
@@ -399,6 +412,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                                                              evaluation_config, mesh=mesh,
                                                              prompt_buckets=prompt_buckets,
                                                              prompts_per_rollout=prompts_per_rollout,
+                                                             share=eval_share, dataset=eval_dataset,
                                                              ref_logps_fn=ref_logps_fn,
                                                              policy_logps_fn=logps_fn, tools=toolbox)})
             if config.save_steps and step // config.save_steps > (step - steps_per_rollout) // config.save_steps:

@@ -13,6 +13,19 @@ with EOS), the rewards `[n, num_functions]` (NaN = None) and the decoded complet
 decodes and scores only its own groups, `own_group_rows`, the other rows are None; process 0 decodes all of them
 when it logs completions).
 
+Several processes. A rollout's prompts go into `generate` as one `[prompts_per_rollout, length]` array split over
+the mesh's batch axes, so each process tokenizes only the prompts at the rows its devices hold over the run's
+rollouts (`prepare_rollout_prompts`: a `distributed.DataShare` over the seeded rollout order of `data.step_indices`;
+every row when the prompts do not divide the batch axes, as `generate` then replicates them), and all agree on every
+rollout's longest prompt, hence its padded length, in one collective before the first rollout
+(`agree_prompt_lengths`). Each rollout's records (`rollout_prompts`) hold every row's prompt and other columns, read
+from the dataset (not tokenized: scoring and `log_completions` need them), and the token ids of the process's own
+rows (stand-ins elsewhere, never placed: `shard_batch(global_batch=True)`); `sample_and_score(longest_prompt=...)`
+reads the whole rollout's prompt ids back from the placed arrays, so the update holds the whole rollout on every
+process as before. Evaluation rollouts likewise (`prepare_eval_prompts`, a `distributed.EvalShare`). Tool-using
+rollouts, one process, and the methods that call `prepare_prompts` / `sample_and_score` themselves prepare every
+prompt on every process.
+
 Old log-probs. The sampler's log-probs equal the training forward pass's in exact arithmetic, but not in bfloat16
 (decode loop vs teacher-forced pass: up to a few tenths of a nat per token), so the ratio and RLOO's KL penalty
 never use them. As TRL: when a rollout feeds more than one optimizer step (`num_iterations > 1` or
@@ -42,11 +55,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpt import data
+from jaxpt import data, distributed
 from jaxpt.losses.logprobs import chunked_token_logps
 from jaxpt.rewards import check_reward_functions, reward_function_name, score_completions
 from jaxpt.sampling import generate
-from jaxpt.sharding import host_array, shard_batch
+from jaxpt.sharding import batch_divisor, host_array, shard_batch
 
 
 @dataclasses.dataclass
@@ -186,24 +199,142 @@ def check_rollout_inputs(reward_funcs: Sequence[Callable], models: Sequence, pro
                                   extra_ids=(tokenizer.eos_token_id, data.pad_token_id(tokenizer)))
 
 
+def prompt_batch(prompts: Sequence[dict], prompt_buckets: Sequence[int], pad_token_id: int, *,
+                 longest: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`(prompt_ids, prompt_mask)` `[len(prompts), length]`, left-padded, of `prepare_prompts` records: `length` is
+    the bucket of the longest prompt, or of `longest` when given (several processes agreed on it, each holding
+    only its own rows' prompts, `rollout_prompts`)."""
+    if longest is None:
+        longest = max(len(p["prompt_ids"]) for p in prompts)
+    length = data.bucket_length(longest, prompt_buckets)
+    prompt_ids = data.pad_rows([p["prompt_ids"] for p in prompts], length, pad_token_id, left=True)
+    prompt_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in prompts], length, 0, left=True)
+    return prompt_ids, prompt_mask
+
+
+def prepare_rollout_prompts(dataset, tokenizer, config, *, method: str, mesh, prompts_per_rollout: int,
+                            steps_per_rollout: int, start_rollout: int, whole: bool):
+    """`(prompts, share)`: the train prompts this process prepares (`data.prepare_prompts` records) and its
+    `distributed.DataShare` of the rollouts' prompts, a rollout being a step of `prompts_per_rollout` prompts in the
+    seeded order of `data.step_indices` (rollouts `start_rollout` on; `start_rollout`: the planned resume step's).
+
+    `whole` (one process, or tool-using rollouts): every prompt, checked to be the same on every process. Otherwise
+    each process tokenizes only the prompts of the rows of `generate`'s input `[prompts_per_rollout, length]` its
+    devices hold over the run (`jaxpt.sharding.process_rows`; every row when the prompts do not divide the mesh's
+    batch axes, as `generate` then replicates them)."""
+    options = dict(method=method, max_prompt_length=config.max_prompt_length,
+                   chat_template_kwargs=config.chat_template_kwargs)
+    if whole:
+        prompts = data.prepare_prompts(dataset, tokenizer, **options)
+        distributed.check_same_data(prompts, what=f"{method} prompts")  # every process builds the same batches
+    else:
+        data.require_format(dataset, ("prompt_only", "prompt_completion"), method=method)
+        distributed.check_same_data([{"rows": len(dataset), "columns": data.column_names(dataset)}],
+                                    what=f"{method} datasets")
+    num_prompts = len(prompts) if whole else len(dataset)
+    rollouts_per_epoch = data.steps_per_epoch(num_prompts, prompts_per_rollout, method=method)
+    total_rollouts = -(-data.total_steps(config, rollouts_per_epoch * steps_per_rollout) // steps_per_rollout)
+    share = distributed.DataShare(num_prompts, prompts_per_rollout, micro_batch=prompts_per_rollout, mesh=mesh,
+                                  seed=config.seed, shuffle=config.shuffle_dataset, start_step=start_rollout,
+                                  total_steps=total_rollouts, whole=whole,
+                                  replicated=prompts_per_rollout % batch_divisor(mesh) != 0)
+    if not whole:  # (none to prepare when resumed at the last step)
+        prompts = distributed.on_every_process(
+            lambda: data.prepare_prompts(share.select(dataset), tokenizer, **options) if len(share.needed) else [],
+            what=f"{method} prompts")
+    return prompts, share
+
+
+def _longest_prompt(rows: Sequence[dict], counted: Sequence[dict]) -> tuple[int, int]:
+    return max(len(p["prompt_ids"]) for p in rows), 0
+
+
+def agree_prompt_lengths(share, prompts: Sequence[dict], *, start_rollout: int, total_rollouts: int) -> list[int]:
+    """The prompt length buckets of a run, and on several processes every rollout's longest prompt, agreed in one
+    collective before the first rollout (`DataShare.agree_steps`). Buckets from 16 tokens up to the longest prompt:
+    of the dataset on a whole share, of the rollouts still to run otherwise (the processes do not tokenize the
+    others)."""
+    share.agree_steps(prompts, _longest_prompt, start_step=start_rollout, total_steps=total_rollouts)
+    if share.whole:
+        longest = max(len(p["prompt_ids"]) for p in prompts)
+    else:
+        longest = int(share.totals[:, 0].max()) if share.totals is not None else 0
+    return data.length_buckets(max(longest, 16), min_length=16)
+
+
+def rollout_prompts(share, prompts: Sequence[dict], dataset, indices: np.ndarray,
+                    rollout_index: int) -> tuple[list[dict], int | None]:
+    """`(records, longest_prompt)` of the rollout of dataset rows `indices` (rollout `rollout_index`), for
+    `sample_and_score`. A whole share: the prepared prompts, None. Otherwise one record per row with the prompt and
+    its other columns read from `dataset` (not tokenized: scoring and `log_completions` need them), and the token
+    ids of this process's rows (a stand-in, one of its own, elsewhere), and the rollout's agreed longest prompt."""
+    if share.whole:
+        return [prompts[i] for i in indices], None
+    rows, _ = share.step_examples(indices, prompts)
+    longest, _ = share.step_totals(rollout_index, rows, rows, _longest_prompt)
+    read = data.prompt_rows(distributed.select_rows(dataset, indices))
+    return [{**record, "prompt_ids": row["prompt_ids"]} for record, row in zip(read, rows, strict=True)], longest
+
+
+def prepare_eval_prompts(eval_dataset, tokenizer, config, *, method: str, mesh, prompts_per_rollout: int,
+                         whole: bool):
+    """`(prompts, share)`: the eval prompts this process prepares and its `distributed.EvalShare` of the evaluation
+    rollouts (`evaluate_rollouts`: the prompts in order, `prompts_per_rollout` at a time, the last rollout filled up
+    with the last prompt). `whole` (one process, tool-using rollouts), or prompts that do not divide the mesh's
+    batch axes (`generate` replicates them): every prompt. Otherwise each process tokenizes only the prompts at the
+    rows of the rollouts' generate input its devices hold, and all agree on every rollout's longest prompt (one
+    collective, here)."""
+    options = dict(method=method, max_prompt_length=config.max_prompt_length,
+                   chat_template_kwargs=config.chat_template_kwargs)
+    if whole or prompts_per_rollout % batch_divisor(mesh):
+        prompts = data.prepare_prompts(eval_dataset, tokenizer, **options)
+        return prompts, distributed.EvalShare(len(prompts), prompts_per_rollout, mesh=mesh, whole=True,
+                                              repeat_last=True)
+    data.require_format(eval_dataset, ("prompt_only", "prompt_completion"), method=method)
+    share = distributed.EvalShare(len(eval_dataset), prompts_per_rollout, mesh=mesh, whole=False, repeat_last=True)
+    prompts = distributed.on_every_process(
+        lambda: data.prepare_prompts(share.select(eval_dataset), tokenizer, **options), what=f"{method} eval prompts")
+    share.agree(prompts, lambda prompt: len(prompt["prompt_ids"]))  # every rollout's longest prompt, up front
+    return prompts, share
+
+
+def eval_rollout_prompts(share, prompts: Sequence[dict], dataset, index: int) -> tuple[list[dict], int]:
+    """`rollout_prompts` for evaluation rollout `index` of a (not whole) `EvalShare`: every row's prompt and columns
+    read from `dataset`, the token ids of this process's rows (one of them elsewhere), the agreed longest prompt."""
+    rows, longest = share.batch_rows(index, prompts, None)
+    stand_in = next(row for row in rows if row is not None)
+    read = data.prompt_rows(distributed.select_rows(dataset, share.example_index(index, np.arange(share.batch_size))))
+    return [{**record, "prompt_ids": (stand_in if row is None else row)["prompt_ids"]}
+            for record, row in zip(read, rows, strict=True)], longest
+
+
 def sample_and_score(state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer, config, *,
-                     key: jax.Array, mesh, prompt_buckets: Sequence[int], tools=None) -> Rollout:
+                     key: jax.Array, mesh, prompt_buckets: Sequence[int], tools=None,
+                     longest_prompt: int | None = None) -> Rollout:
     """Sample `config.num_generations` completions for each prompt (`data.prepare_prompts` records) with
     `state`'s parameters and the config's sampling options, then score them. `tools` (a `jaxpt.tools.Toolbox`):
-    multi-turn sampling with tool calls (`sample_and_score_with_tools`)."""
+    multi-turn sampling with tool calls (`sample_and_score_with_tools`).
+
+    `longest_prompt`: the rollout's longest prompt, which every process agreed on (`rollout_prompts`); then each
+    process holds the token ids of only the prompts its devices feed (the others' rows hold stand-ins, never placed:
+    `shard_batch(global_batch=True)`), and the whole rollout's prompt ids come back from the placed arrays. Default
+    (None): every process holds every prompt."""
     if tools is not None:
         return sample_and_score_with_tools(state, prompts, reward_funcs, tokenizer, config, key=key, mesh=mesh,
                                            prompt_buckets=prompt_buckets, toolbox=tools)
     group = config.num_generations
     repeated = [p for p in prompts for _ in range(group)]
     pad_id = data.pad_token_id(tokenizer)
-    length = data.bucket_length(max(len(p["prompt_ids"]) for p in prompts), prompt_buckets)
-    unique_ids = data.pad_rows([p["prompt_ids"] for p in prompts], length, pad_id, left=True)
-    unique_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in prompts], length, 0, left=True)
+    unique_ids, unique_mask = prompt_batch(prompts, prompt_buckets, pad_id, longest=longest_prompt)
+    inputs = {"ids": unique_ids, "mask": unique_mask}
+    if longest_prompt is not None and mesh is not None and len(prompts) % batch_divisor(mesh) == 0:
+        # split over the batch axes as generate splits them: each process places its own rows
+        inputs = shard_batch(inputs, mesh, global_batch=True, check_shapes=False)  # the length was agreed
     # Each prompt is prefilled once for its group (num_return_sequences); the update takes the repeated rows.
-    out = generate(state.graphdef, state.full_params(), unique_ids, unique_mask, key=key,  # LoRA: adapters on
+    out = generate(state.graphdef, state.full_params(), inputs["ids"], inputs["mask"], key=key,  # LoRA: adapters on
                    max_new_tokens=config.max_completion_length, eos_token_ids=eos_token_ids(tokenizer),
                    pad_token_id=pad_id, num_return_sequences=group, mesh=mesh, **sampling_options(config))
+    unique_ids, unique_mask = host_array(inputs["ids"]), host_array(inputs["mask"])  # every process's rows
     prompt_ids, prompt_mask = np.repeat(unique_ids, group, axis=0), np.repeat(unique_mask, group, axis=0)
     # the whole rollout on every process (gathered when the batch spans several)
     completion_ids, sampler_logps, attention_mask, lengths, finished = (host_array(a) for a in (
@@ -243,9 +374,7 @@ def sample_and_score_with_tools(state, prompts: Sequence[dict], reward_funcs: Se
     group = config.num_generations
     repeated = [p for p in prompts for _ in range(group)]
     pad_id = data.pad_token_id(tokenizer)
-    length = data.bucket_length(max(len(p["prompt_ids"]) for p in prompts), prompt_buckets)
-    unique_ids = data.pad_rows([p["prompt_ids"] for p in prompts], length, pad_id, left=True)
-    unique_mask = data.pad_rows([[1] * len(p["prompt_ids"]) for p in prompts], length, 0, left=True)
+    unique_ids, unique_mask = prompt_batch(prompts, prompt_buckets, pad_id)
     environments = toolbox.environments([{"prompt": p["prompt"], **p["columns"]} for p in repeated])
     params = state.full_params()  # LoRA: adapters on
 
@@ -414,20 +543,27 @@ def check_reference_dtypes(policy_params, ref_params) -> None:
 def evaluate_rollouts(rollout: Callable, state, prompts: Sequence[dict], reward_funcs: Sequence[Callable], tokenizer,
                       config, *, mesh, prompt_buckets: Sequence[int], prompts_per_rollout: int,
                       ref_logps_fn: Callable | None = None,
-                      policy_logps_fn: Callable | None = None, tools=None) -> dict[str, float]:
+                      policy_logps_fn: Callable | None = None, tools=None, share=None,
+                      dataset=None) -> dict[str, float]:
     """Sampled rewards on the eval prompts (TRL's reward metrics with an `eval_` prefix), averaged over rollouts of
     `prompts_per_rollout` prompts made by the method's `rollout` (the last one filled up with its last prompt, so
     every rollout has the one compiled shape). `ref_logps_fn` and `policy_logps_fn` go to `rollout`, for a method
     whose rollout needs the reference and the policy's forward log-probs (RLOO's KL penalty in the reward).
-    `tools` (a `jaxpt.tools.Toolbox`) goes to `rollout` when given."""
+    `tools` (a `jaxpt.tools.Toolbox`) goes to `rollout` when given. `share` (`prepare_eval_prompts`, not whole):
+    `prompts` are this process's only, and each rollout's other rows are read from the eval `dataset`."""
     totals: dict[str, list[float]] = {}
     key = jax.random.key(config.seed + 1)
-    for index, start in enumerate(range(0, len(prompts), prompts_per_rollout)):
-        chunk = list(prompts[start:start + prompts_per_rollout])
-        chunk += [chunk[-1]] * (prompts_per_rollout - len(chunk))
+    whole = share is None or share.whole
+    for index, start in enumerate(range(0, len(prompts) if whole else share.num_examples, prompts_per_rollout)):
+        options = {"tools": tools} if tools is not None else {}
+        if whole:
+            chunk = list(prompts[start:start + prompts_per_rollout])
+            chunk += [chunk[-1]] * (prompts_per_rollout - len(chunk))
+        else:
+            chunk, options["longest_prompt"] = eval_rollout_prompts(share, prompts, dataset, index)
         _, metrics, _ = rollout(state, chunk, reward_funcs, tokenizer, config, key=jax.random.fold_in(key, index),
                                 mesh=mesh, prompt_buckets=prompt_buckets, ref_logps_fn=ref_logps_fn,
-                                policy_logps_fn=policy_logps_fn, **({"tools": tools} if tools is not None else {}))
+                                policy_logps_fn=policy_logps_fn, **options)
         for name, value in metrics.items():
             totals.setdefault(name, []).append(value)
     return {f"eval_{name}": float(np.mean(values)) for name, values in totals.items()}

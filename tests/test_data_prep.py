@@ -228,3 +228,27 @@ def test_kto_unpairs_in_trl_blocks_of_1000_pairs(tmp_path):
     examples = kto.prepare_dataset(datasets.Dataset.from_list(pairs), TOKENIZER, config)
     labels = [e["label"] for e in examples]
     assert labels == [True] * 1000 + [False] * 1000 + [True] * 200 + [False] * 200
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_prepare_prompts_tokenizes_in_batches_as_row_by_row(conversational):
+    """GRPO/RLOO's prompts tokenized in batches (`map_columns`) equal the row-by-row `data.tokenize` of each prompt
+    (chat template with the generation prompt when conversational), cut to the last `max_prompt_length` tokens,
+    from a `datasets.Dataset` with an indices mapping and from plain rows; the other columns go along."""
+    rows = [{"prompt": f"{i}+{i * 7}=", "solution": str(8 * i)} for i in range(23)]
+    if conversational:
+        rows = [{**row, "prompt": [{"role": "user", "content": row["prompt"]}]} for row in rows]
+    dataset = datasets.Dataset.from_list(rows).select(range(22, -1, -2))  # an indices mapping
+    selected = [rows[i] for i in range(22, -1, -2)]
+    for max_prompt_length in (None, 5):
+        expected = [data.tokenize(TOKENIZER, row["prompt"], add_generation_prompt=conversational)["input_ids"]
+                    for row in selected]
+        if max_prompt_length:
+            assert max(map(len, expected)) > max_prompt_length  # some prompts are cut
+            expected = [ids[-max_prompt_length:] for ids in expected]
+        for source in (dataset, selected):
+            prompts = data.prepare_prompts(source, TOKENIZER, method="GRPO", max_prompt_length=max_prompt_length)
+            assert [p["prompt_ids"] for p in prompts] == expected
+            assert all(type(i) is int for i in prompts[0]["prompt_ids"])
+            assert [(p["prompt"], p["columns"]) for p in prompts] == [(r["prompt"], {"solution": r["solution"]})
+                                                                       for r in selected]

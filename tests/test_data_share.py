@@ -1,11 +1,12 @@
 """Each process prepares only its share of the data: two processes simulated in this one (`sharding.process_rows`
 patched: rows 0-3, then 4-7 of each batch of 8). Each simulated process prepares only the examples of its rows (and
 what they need: KTO's KL partners, the filler row), and its batches equal the one-process batches at its rows, so
-the global batch the processes place together, and every metric computed on it, is the one-process one. The
-`train()` loops' share branches run on this one process too (`distributed.shares_data` patched; every row its own):
-their metrics equal a one-process run's to the bit."""
+the global batch the processes place together, and every metric computed on it, is the one-process one. GRPO/RLOO:
+the same for the prompts of the rollouts' generate input. The `train()` loops' share branches run on this one process
+too (`distributed.shares_data` patched; every row its own): their metrics equal a one-process run's to the bit."""
 
 import datasets
+import jax
 import numpy as np
 import pytest
 
@@ -304,3 +305,150 @@ def test_packed_sft_train_on_shares_equals_one_process(tmp_path, monkeypatch):
     expected, records = read_records(tmp_path / "one"), read_records(tmp_path / "shared")
     assert len(records) == 4 and {"eval_loss", "num_tokens"} <= set().union(*records)
     assert records == expected
+def grpo_prompt_shares(monkeypatch):
+    """GRPO's prompts on one process and on two simulated ones: 20 prompts, rollouts of 8 (generate's input
+    `[8, length]` split over the 8 devices: process 0 feeds rows 0-3), 3 rollouts (the third starts the second
+    epoch); the one long prompt sits at row 5 of the first rollout, a row of process 1."""
+    from jaxpt import grpo, rollout
+
+    tokenizer = char_tokenizer()
+    config = grpo.GRPOConfig(output_dir="unused", max_steps=3, num_generations=2, max_completion_length=4, seed=1)
+    orders = data.step_indices(20, 8, seed=1, shuffle=True)
+    indices = [next(orders)[1] for _ in range(3)]
+    rows = [{"prompt": f"{i}+{i}=", "solution": str(2 * i)} for i in range(20)]
+    rows[indices[0][5]]["prompt"] = "1+2+3+4+5+6+7+8+9+10+11="
+    dataset = datasets.Dataset.from_list(rows)
+    args = dict(method="GRPO", mesh=sharding.make_mesh(), prompts_per_rollout=8, steps_per_rollout=1,
+                start_rollout=0)
+    everything, whole = rollout.prepare_rollout_prompts(dataset, tokenizer, config, whole=True, **args)
+    shares = simulate_two_processes(monkeypatch, lambda: rollout.prepare_rollout_prompts(
+        dataset, tokenizer, config, whole=False, **args))
+    # what `agree_steps`' collective gives every process: both processes' longest prompt of every rollout
+    local = []
+    for prompts, share in shares:
+        share.agree_steps(prompts, rollout._longest_prompt, start_step=0, total_steps=3)  # one process: its own
+        local.append(share.totals.reshape(-1))
+    monkeypatch.setattr(distributed, "gather_rows", lambda values: np.concatenate(local))
+    return config, tokenizer, dataset, indices, (everything, whole), shares, local
+
+
+def test_grpo_prompt_share_prepares_its_rows_of_every_rollout(monkeypatch):
+    """GRPO/RLOO on several processes: each process tokenizes only the prompts at its rows of the run's rollouts'
+    generate input; all agree on every rollout's longest prompt, hence on the buckets and each rollout's padded
+    length, those of one process (the long prompt is process 1's: process 0 alone would pad shorter); the generate
+    input each builds equals the one-process input at its rows, and every row's prompt and columns (for scoring and
+    logging) are the one-process ones, read from the dataset, not tokenized."""
+    from jaxpt import rollout
+
+    config, tokenizer, dataset, indices, (everything, whole), shares, local = grpo_prompt_shares(monkeypatch)
+    buckets = rollout.agree_prompt_lengths(whole, everything, start_rollout=0, total_rollouts=3)
+    assert buckets == data.length_buckets(24, min_length=16)  # the long prompt's 24 tokens
+    for process, (prompts, share) in enumerate(shares):
+        rows_of = np.arange(8) // 4 == process
+        needed = np.unique(np.concatenate([i[rows_of] for i in indices]))
+        assert share.needed.tolist() == needed.tolist() and len(needed) < 20
+        assert [p["prompt_ids"] for p in prompts] == [everything[i]["prompt_ids"] for i in needed]
+        assert rollout.agree_prompt_lengths(share, prompts, start_rollout=0, total_rollouts=3) == buckets
+        for index, rollout_indices in enumerate(indices):
+            expected_records = [everything[i] for i in rollout_indices]
+            records, longest = rollout.rollout_prompts(share, prompts, dataset, rollout_indices, index)
+            assert longest == max(len(p["prompt_ids"]) for p in expected_records)
+            assert [(r["prompt"], r["columns"]) for r in records] == [(r["prompt"], r["columns"])
+                                                                       for r in expected_records]
+            ids, mask = rollout.prompt_batch(records, buckets, 0, longest=longest)
+            expected_ids, expected_mask = rollout.prompt_batch(expected_records, buckets, 0)
+            assert ids.shape == expected_ids.shape
+            np.testing.assert_array_equal(ids[rows_of], expected_ids[rows_of])
+            np.testing.assert_array_equal(mask[rows_of], expected_mask[rows_of])
+    assert local[0][0] < local[1][0] == 24  # rollout 0: process 0's own longest prompt is shorter
+
+
+def test_grpo_prompt_share_samples_and_scores_its_rows_as_one_process(monkeypatch):
+    """The rollout each simulated process samples from its generate input (own rows, stand-ins elsewhere, placed
+    with `shard_batch(global_batch=True)`, prompt ids read back from the device) equals the one-process rollout at
+    its rows: prompt ids, completions, sampler log-probs and rewards."""
+    import optax
+
+    from jaxpt import rollout
+    from jaxpt.train_state import TrainState
+
+    config, tokenizer, dataset, indices, (everything, whole), shares, _ = grpo_prompt_shares(monkeypatch)
+    mesh = sharding.make_mesh()
+    state = TrainState.create(tiny_llama(len(tokenizer), num_hidden_layers=1), optax.sgd(0.1), mesh=mesh)
+    buckets = rollout.agree_prompt_lengths(whole, everything, start_rollout=0, total_rollouts=3)
+    solution = lambda completions, solution, **kwargs: [float(c == s) - len(c) for c, s in  # noqa: E731
+                                                        zip(completions, solution, strict=True)]
+    sample = dict(reward_funcs=[solution], tokenizer=tokenizer, config=config, key=jax.random.key(2), mesh=mesh,
+                  prompt_buckets=buckets)
+    expected = rollout.sample_and_score(state, [everything[i] for i in indices[0]], **sample)
+    for process, (prompts, share) in enumerate(shares):
+        rollout.agree_prompt_lengths(share, prompts, start_rollout=0, total_rollouts=3)
+        records, longest = rollout.rollout_prompts(share, prompts, dataset, indices[0], 0)
+        sampled = rollout.sample_and_score(state, records, longest_prompt=longest, **sample)
+        rows_of = np.repeat(np.arange(8) // 4 == process, config.num_generations)
+        for key, value in expected.arrays.items():
+            assert sampled.arrays[key].shape == value.shape
+            np.testing.assert_array_equal(sampled.arrays[key][rows_of], value[rows_of], err_msg=f"{process} {key}")
+        np.testing.assert_array_equal(sampled.rewards[rows_of], expected.rewards[rows_of])
+        assert not np.array_equal(sampled.arrays["prompt_ids"], expected.arrays["prompt_ids"])  # stand-ins
+
+
+def test_grpo_eval_prompt_share_feeds_its_rows_of_every_evaluation_rollout(monkeypatch):
+    """Evaluation rollouts of 8 prompts over 13 eval prompts (the last rollout filled up with prompt 12): each
+    process tokenizes only the prompts at its rows (process 1: prompt 12 for its rows past the end too, and prompt 0,
+    the filler's fields), all agree on every rollout's longest prompt (the long prompt 5 is process 1's), and every
+    rollout gets the one-process prompts and columns at every row and the one-process token ids at its rows."""
+    from jaxpt import grpo, rollout
+
+    tokenizer = char_tokenizer()
+    config = grpo.GRPOConfig(output_dir="unused", num_generations=2)
+    rows = [{"prompt": f"{i}+{i}=", "solution": str(2 * i)} for i in range(13)]
+    rows[5]["prompt"] = "1+2+3+4+5+6+7+8+9+10+11="
+    dataset = datasets.Dataset.from_list(rows)
+    args = dict(method="GRPO", mesh=sharding.make_mesh(), prompts_per_rollout=8)
+    calls = []
+
+    def fake_rollout(state, prompts, reward_funcs, tokenizer, config, *, key, mesh, prompt_buckets,
+                     ref_logps_fn=None, policy_logps_fn=None, longest_prompt=None):
+        calls.append((prompts, longest_prompt))
+        return None, {"reward": 0.0}, []
+
+    def evaluate(prompts, share):
+        calls.clear()
+        rollout.evaluate_rollouts(fake_rollout, None, prompts, [], tokenizer, config, mesh=None, prompt_buckets=[64],
+                                  prompts_per_rollout=8, share=share, dataset=dataset)
+        return list(calls)
+
+    everything, whole = rollout.prepare_eval_prompts(dataset, tokenizer, config, whole=True, **args)
+    expected = evaluate(everything, whole)
+    assert [[p["prompt"] for p in prompts] for prompts, _ in expected][1][-4:] == ["12+12="] * 4
+    lengths = [len(p["prompt_ids"]) for p in everything] + [len(everything[12]["prompt_ids"])] * 3
+    local = [np.asarray([max(lengths[b * 8 + 4 * p: b * 8 + 4 * p + 4]) for b in range(2)]) for p in range(2)]
+    gathered = []
+    monkeypatch.setattr(distributed, "gather_rows", lambda values: gathered.append(values) or np.concatenate(local))
+    shares = simulate_two_processes(monkeypatch, lambda: rollout.prepare_eval_prompts(
+        dataset, tokenizer, config, whole=False, **args))
+    assert [share.needed.tolist() for _, share in shares] == [[0, 1, 2, 3, 8, 9, 10, 11], [0, 4, 5, 6, 7, 12]]
+    np.testing.assert_array_equal(gathered[0], local[0])  # each process's longest prompt of every rollout
+    np.testing.assert_array_equal(gathered[1], local[1])
+    assert local[0][0] < local[1][0]  # process 0 alone would pad the first rollout shorter
+    for process, (prompts, share) in enumerate(shares):
+        assert [p["prompt_ids"] for p in prompts] == [everything[i]["prompt_ids"] for i in share.needed]
+        rows_of = np.arange(8) // 4 == process
+        for (got, longest), (want, _) in zip(evaluate(prompts, share), expected, strict=True):
+            assert longest == max(len(p["prompt_ids"]) for p in want)
+            assert [(p["prompt"], p["columns"]) for p in got] == [(p["prompt"], p["columns"]) for p in want]
+            assert [got[i]["prompt_ids"] for i in np.flatnonzero(rows_of)] == \
+                [want[i]["prompt_ids"] for i in np.flatnonzero(rows_of)]
+
+
+def test_replicated_share_feeds_every_row_of_its_steps():
+    """`DataShare(replicated=True)`: GRPO/RLOO's generate input when its prompts do not divide the batch axes (2
+    prompts, 8 devices: `generate` replicates them): every process feeds every row, so it prepares the prompts of
+    every rollout of the run (here 3 rollouts, 6 of the 20 prompts), and process 0 counts them."""
+    share = distributed.DataShare(20, 2, micro_batch=2, mesh=sharding.make_mesh(), seed=1, shuffle=True,
+                                  start_step=0, total_steps=3, whole=False, replicated=True)
+    orders = data.step_indices(20, 2, seed=1, shuffle=True)
+    used = np.concatenate([next(orders)[1] for _ in range(3)])
+    assert share.positions.tolist() == share.counted.tolist() == [0, 1]  # (this process is process 0)
+    assert share.needed.tolist() == sorted(used.tolist()) and len(share.needed) == 6

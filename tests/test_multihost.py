@@ -210,9 +210,10 @@ COMMANDS = {
                                     "--learning_rate", "0.003"]),
     "packed": ("sft", "sft", ["--max_length", "16", "--per_device_train_batch_size", "2", "--learning_rate", "0.003",
                               "--packing", "true"]),
-    # GRPO with a KL term, so the reference log-probs run on the 2-process mesh too
+    # GRPO with a KL term, so the reference log-probs run on the 2-process mesh too; 4 prompts a rollout, split over
+    # the 4 devices (each process tokenizes only its 2 rows' prompts)
     "grpo": ("grpo", "grpo", ["--max_steps", "4", "--reward_funcs", "tests.test_multihost.digits_or_kill",
-                              "--num_generations", "4", "--per_device_train_batch_size", "2",
+                              "--num_generations", "2", "--per_device_train_batch_size", "2",
                               "--max_completion_length", "6", "--learning_rate", "0.03", "--beta", "0.04"]),
 }
 NAMES = list(COMMANDS)
@@ -318,7 +319,12 @@ def check_grpo_on_two_processes_matches_one_and_resumes_after_a_kill(runs):
     # service noticing the other's death first (process 0 hosts it): either way no process finishes
     assert -signal.SIGKILL in codes and 0 not in codes, (codes, runs["first"].output())
     assert [r["step"] for r in runs["before_resume"]["grpo"]] == [1, 2]
+    # the rollouts' generate input [4 prompts, length] split over the 4 devices: process 0 tokenized the prompts of
+    # its 2 rows of each of the 4 rollouts, then of the 2 still to run
+    assert "Process 0 prepares 8 of the 16 examples" in runs["first"].section(NAMES.index("grpo")), \
+        runs["first"].output()
     assert "Resumed from" in resumed.section(1)
+    assert "Process 0 prepares 4 of the 16 examples: the rows it feeds over steps 3-4" in resumed.section(1)
     expected = read_metrics(root / "one" / "grpo")
     assert len({r["loss"] for r in expected}) > 1  # the rewards differ within groups: a real update
     assert_same_metrics(read_metrics(root / "two" / "grpo"), expected)
