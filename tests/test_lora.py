@@ -8,6 +8,7 @@ import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peft
 import pytest
 import torch
@@ -258,81 +259,9 @@ def test_sft_command_with_use_peft(tiny_dir, tmp_path):
     peft_logits_equal_jaxpt(tiny_dir, out / "final", model, np.asarray([TOKENIZER("2+5=7")["input_ids"]]))
 
 
-def test_dpo_with_lora_uses_the_base_with_adapters_off_as_reference(tiny_dir, tmp_path, monkeypatch):
-    """DPO under LoRA: the reference the step receives is the adapters switched off (the adapters' size, every B
-    zero), joined with the one frozen base inside the step; its log-probs equal the plain base model's after
-    training, while the policy's moved away; the margin grows."""
-    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 2)}
-            for a, b in zip(range(10), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], strict=True)] * 2
-    model = jaxpt.models.from_pretrained(tiny_dir)
-    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=4, lora_dropout=0.0, lora_target_modules=[
-        "all-linear"]))
-    references = []
-    original_reference_params = dpo.reference_params
-    monkeypatch.setattr(dpo, "reference_params", lambda *a, **k: references.append(
-        original_reference_params(*a, **k)) or references[-1])
-    config = dpo.DPOConfig(output_dir=str(tmp_path), max_length=16, per_device_train_batch_size=1, logging_steps=1,
-                           learning_rate=2e-2, max_steps=15, save_steps=0, disable_tqdm=True, seed=0, beta=0.5,
-                           save_final_model=False)
-    result = dpo.train(model, TOKENIZER, datasets.Dataset.from_list(rows), config)
-
-    records = [r for r in result.metrics if "loss" in r]
-    assert records[0]["loss"] == pytest.approx(np.log(2), abs=0.02)  # B = 0: the policy starts as the reference
-    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"] + 0.5
-    (reference,) = references
-    state = result.state
-    assert size(reference) == size(state.params) == lora.adapter_parameter_count(model)  # no copy of the base
-    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    assert all(isinstance(v, LoRAParam) for v in jax.tree.leaves(reference, is_leaf=is_variable))
-    assert not any(np.asarray(b).any() for b in jax.tree.leaves(nnx.filter_state(reference, lambda p, _: p[-1] ==
-                                                                                  "lora_b")))
-    examples = dpo.prepare_dataset(datasets.Dataset.from_list(rows[:4]), TOKENIZER, config)
-    batch = {k: jnp.asarray(v[0]) for k, v in dpo.collate(examples, accumulation_steps=1, buckets=[16]).items()}
-    base = jaxpt.models.from_pretrained(tiny_dir)
-    base_graphdef, base_params = nnx.split(base, nnx.Param)
-    expected = dpo.reference_logps(base_params, base_graphdef, batch, config)
-    in_step = dpo.reference_logps(state.full_params(reference), state.graphdef, batch, config)
-    policy = dpo.reference_logps(state.full_params(), state.graphdef, batch, config)
-    np.testing.assert_allclose(np.asarray(in_step), np.asarray(expected), atol=1e-5)
-    assert np.abs(np.asarray(policy[0]) - np.asarray(expected[0])).max() > 0.1
-
-
 def digits_reward(completions, **kwargs):
     """The fraction of characters that are digits (about 10% for a random policy)."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-
-
-def test_grpo_with_lora_samples_with_the_adapters_and_raises_the_reward(tiny_dir, tmp_path):
-    """GRPO under LoRA: the mean reward rises, and the sampler runs the adapted model (its log-probs are the adapted
-    model's, not the base's) with no merge. On this random tiny base, adapters alone move the reward slowly (the
-    final norm bounds what the hidden states can do to the frozen output head), so lm_head trains too
-    (lora_modules_to_save, as a user would for a new head)."""
-    from jaxpt.rollout import completion_logps, sample_and_score
-
-    model = jaxpt.models.from_pretrained(tiny_dir)
-    lora.apply_lora(model, lora.LoraConfig(use_peft=True, lora_r=8, lora_alpha=32, lora_dropout=0.0,
-                                           lora_target_modules=["all-linear"], lora_modules_to_save=["lm_head"]))
-    prompts = datasets.Dataset.from_list([{"prompt": p} for p in ["ab", "cde", "f", "ghij"] * 4])
-    config = grpo.GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,
-                             max_completion_length=8, learning_rate=3e-2, max_steps=14, logging_steps=1,
-                             mesh_fsdp=1, disable_tqdm=True, save_steps=0, save_final_model=False, seed=0)
-    with pytest.raises(ValueError, match="lora_modules_to_save=\\['lm_head'\\] train in full"):
-        grpo.train(model, TOKENIZER, prompts, config.replace(beta=0.1), reward_funcs=[digits_reward])
-    result = grpo.train(model, TOKENIZER, prompts, config, reward_funcs=[digits_reward])
-    rewards = [r["reward"] for r in result.metrics]
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
-
-    state = result.state
-    prepared = [{"prompt": "ab", "prompt_ids": TOKENIZER("ab")["input_ids"], "columns": {}}]
-    sampled = sample_and_score(state, prepared, [digits_reward], TOKENIZER, config, key=jax.random.key(1), mesh=None,
-                               prompt_buckets=[16])
-    batch = {k: jnp.asarray(v) for k, v in sampled.arrays.items()}
-    valid = np.asarray(sampled.arrays["attention_mask"], bool)
-    adapted, _ = completion_logps(state.full_params(), state.graphdef, batch, temperature=1.0)
-    np.testing.assert_allclose(np.asarray(adapted)[valid], sampled.arrays["sampler_logps"][valid], atol=2e-5)
-    base = jaxpt.models.from_pretrained(tiny_dir)
-    base_logps, _ = completion_logps(nnx.state(base, nnx.Param), nnx.graphdef(base), batch, temperature=1.0)
-    assert np.abs(np.asarray(base_logps) - sampled.arrays["sampler_logps"])[valid].max() > 0.1
 
 
 def test_online_reference_is_the_base_with_adapters_off(tiny_dir):
@@ -558,10 +487,12 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_dpo_command_with_use_peft_and_merged_export(tiny_dir, tmp_path):
-    """`jaxpt dpo --use_peft ... --merge_adapter_on_save true` (TRL's default lora_dropout 0.05; the reference is the
-    base with adapters off): the margin grows; final/ is an adapter peft loads with jaxpt's logits, final_merged/ a
-    full checkpoint transformers loads with the same logits. Without --use_peft the flag is refused."""
+def test_dpo_command_with_use_peft_and_merged_export(tiny_dir, tmp_path, monkeypatch):
+    """`jaxpt dpo --use_peft ... --merge_adapter_on_save true` (TRL's default lora_dropout 0.05): the margin grows;
+    final/ is an adapter peft loads with jaxpt's logits, final_merged/ a full checkpoint transformers loads with the
+    same logits. Without --use_peft the flag is refused. The reference the step receives is the adapters switched
+    off (the adapters' size, every B zero: no copy of the base), joined with the one frozen base inside the step:
+    its log-probs equal the plain base model's, while the trained policy's moved away."""
     rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 2)}
             for a, b in zip(range(10), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], strict=True)]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -572,6 +503,10 @@ def test_dpo_command_with_use_peft_and_merged_export(tiny_dir, tmp_path):
             "--merge_adapter_on_save", "true"]
     with pytest.raises(ValueError, match="--merge_adapter_on_save merges LoRA adapters.*--use_peft is not set"):
         cli.main(args)
+    references = []
+    original_reference_params = dpo.reference_params
+    monkeypatch.setattr(dpo, "reference_params", lambda *a, **k: references.append(
+        original_reference_params(*a, **k)) or references[-1])
     assert cli.main([*args, "--use_peft", "--lora_r", "4", "--lora_target_modules", "all-linear"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss"] == pytest.approx(np.log(2), abs=0.05)  # B = 0 at the start: policy = reference
@@ -587,25 +522,69 @@ def test_dpo_command_with_use_peft_and_merged_export(tiny_dir, tmp_path):
     base = parity.hf_logits(hf_model(tiny_dir), ids)
     assert np.abs(merged - base).max() > 1e-3  # the merged weights are not the base's
 
+    from jaxpt.train_state import TrainState
 
-def test_grpo_command_with_use_peft(tiny_dir, tmp_path):
-    """`jaxpt grpo --use_peft ...` (adapters on every linear layer, lm_head trained in full, dropout 0.05): the
-    digits reward rises, and final/ is an adapter (with the lm_head) that peft loads with jaxpt's logits."""
+    (reference,) = references
+    state = TrainState.create(model, optax.sgd(0.1))  # the trained adapters on the frozen base
+    assert size(reference) == size(state.params) == lora.adapter_parameter_count(model)  # no copy of the base
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    assert all(isinstance(v, LoRAParam) for v in jax.tree.leaves(reference, is_leaf=is_variable))
+    assert not any(np.asarray(b).any() for b in jax.tree.leaves(nnx.filter_state(reference, lambda p, _: p[-1] ==
+                                                                                  "lora_b")))
+    config = dpo.DPOConfig(output_dir=str(tmp_path), max_length=16, beta=0.5)
+    examples = dpo.prepare_dataset(datasets.Dataset.from_list(rows[:4]), TOKENIZER, config)
+    batch = {k: jnp.asarray(v[0]) for k, v in dpo.collate(examples, accumulation_steps=1, buckets=[16]).items()}
+    base_model = jaxpt.models.from_pretrained(tiny_dir)
+    base_graphdef, base_params = nnx.split(base_model, nnx.Param)
+    expected = dpo.reference_logps(base_params, base_graphdef, batch, config)
+    in_step = dpo.reference_logps(state.full_params(reference), state.graphdef, batch, config)
+    policy = dpo.reference_logps(state.full_params(), state.graphdef, batch, config)
+    np.testing.assert_allclose(np.asarray(in_step), np.asarray(expected), atol=1e-5)
+    assert np.abs(np.asarray(policy[0]) - np.asarray(expected[0])).max() > 0.1
+
+
+def test_grpo_command_with_use_peft_samples_with_the_adapters(tiny_dir, tmp_path):
+    """`jaxpt grpo --use_peft ...` (adapters on every linear layer, dropout 0.05): the digits reward rises, and
+    final/ is an adapter (with the lm_head) that peft loads with jaxpt's logits. On this random tiny base, adapters
+    alone move the reward slowly (the final norm bounds what the hidden states can do to the frozen output head), so
+    lm_head trains too (lora_modules_to_save, as a user would for a new head); with beta > 0 that is refused. The
+    sampler runs the adapted model (its log-probs are the adapted model's, not the base's) with no merge."""
+    from jaxpt.rollout import completion_logps, sample_and_score
+    from jaxpt.train_state import TrainState
+
     rows = [{"prompt": p} for p in ["ab", "cde", "f", "ghij"] * 4]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
     out = tmp_path / "out"
-    assert cli.main(["grpo", "--model_name_or_path", str(tiny_dir), "--dataset_name", str(data), "--output_dir",
-                     str(out), "--reward_funcs", "tests.test_lora.digits_reward", "--num_generations", "4",
-                     "--per_device_train_batch_size", "8", "--max_completion_length", "8", "--learning_rate", "0.03",
-                     "--max_steps", "14", "--logging_steps", "1", "--mesh_fsdp", "1", "--disable_tqdm", "true",
-                     "--use_peft", "--lora_r", "8", "--lora_alpha", "32", "--lora_target_modules", "all-linear",
-                     "--lora_modules_to_save", "lm_head"]) == 0
+    args = ["grpo", "--model_name_or_path", str(tiny_dir), "--dataset_name", str(data), "--output_dir", str(out),
+            "--reward_funcs", "tests.test_lora.digits_reward", "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--max_completion_length", "8", "--learning_rate", "0.03",
+            "--max_steps", "14", "--logging_steps", "1", "--mesh_fsdp", "1", "--disable_tqdm", "true",
+            "--use_peft", "--lora_r", "8", "--lora_alpha", "32", "--lora_target_modules", "all-linear",
+            "--lora_modules_to_save", "lm_head"]
+    with pytest.raises(ValueError, match="lora_modules_to_save=\\['lm_head'\\] train in full"):
+        cli.main([*args, "--beta", "0.1"])
+    assert cli.main(args) == 0
     rewards = [json.loads(line)["reward"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["lm_head"] and config["lora_dropout"] == 0.05
     model = jaxpt.models.from_pretrained(tiny_dir, adapter=out / "final")
     peft_logits_equal_jaxpt(tiny_dir, out / "final", model, np.asarray([TOKENIZER("ab12")["input_ids"]]))
+
+    state = TrainState.create(model, optax.sgd(0.1))  # the trained adapters on the frozen base, as in training
+    assert size(state.params) == lora.adapter_parameter_count(model) < size(state.frozen)
+    grpo_config = grpo.GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,
+                                  max_completion_length=8, mesh_fsdp=1, seed=0)
+    prepared = [{"prompt": "ab", "prompt_ids": TOKENIZER("ab")["input_ids"], "columns": {}}]
+    sampled = sample_and_score(state, prepared, [digits_reward], TOKENIZER, grpo_config, key=jax.random.key(1),
+                               mesh=None, prompt_buckets=[16])
+    batch = {k: jnp.asarray(v) for k, v in sampled.arrays.items()}
+    valid = np.asarray(sampled.arrays["attention_mask"], bool)
+    adapted, _ = completion_logps(state.full_params(), state.graphdef, batch, temperature=1.0)
+    np.testing.assert_allclose(np.asarray(adapted)[valid], sampled.arrays["sampler_logps"][valid], atol=2e-5)
+    base = jaxpt.models.from_pretrained(tiny_dir)
+    base_logps, _ = completion_logps(nnx.state(base, nnx.Param), nnx.graphdef(base), batch, temperature=1.0)
+    assert np.abs(np.asarray(base_logps) - sampled.arrays["sampler_logps"])[valid].max() > 0.1
 
 
 def test_explicit_reference_models_under_lora(tiny_dir, tmp_path):
