@@ -30,7 +30,7 @@ def run_demo(output_dir, *options, matplotlib=True) -> tuple[dict, subprocess.Co
     env = {**os.environ, "XLA_FLAGS": " ".join(f for f in flags if "host_platform_device_count" not in f)}
     python = ["-m", "jaxpt.cli"] if matplotlib else ["-c", WITHOUT_MATPLOTLIB]
     done = subprocess.run([sys.executable, *python, "demo", "--output_dir", str(output_dir), *options],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((Path(output_dir) / "demo_summary.json").read_text()), done
 
