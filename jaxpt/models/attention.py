@@ -25,6 +25,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 logger = logging.getLogger("jaxpt")
 
@@ -242,8 +243,15 @@ def _attention(q, k, v, segments, options):
     return _attention_forward(q, k, v, segments, options)[0]
 
 
+# The names of the kernel's output and row log-sum-exps: what a layer's backward pass needs of its forward pass,
+# which `layers.scan_layers` keeps (`jax.checkpoint` policies save named values) instead of running the loops again.
+ATTENTION_RESIDUAL_NAMES = ("attention_out", "attention_logsumexp")
+
+
 def _attention_fwd(q, k, v, segments, options):
     out, logsumexp = _attention_forward(q, k, v, segments, options)
+    out = checkpoint_name(out, ATTENTION_RESIDUAL_NAMES[0])
+    logsumexp = checkpoint_name(logsumexp, ATTENTION_RESIDUAL_NAMES[1])
     return out, (q, k, v, segments, out, logsumexp)
 
 

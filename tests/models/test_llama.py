@@ -128,15 +128,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     def loss_and_grads(model):
         graphdef, params = nnx.split(model, nnx.Param)
         loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids, attention_mask=mask) ** 2)
-        return jax.value_and_grad(loss)(params), jax.make_jaxpr(jax.grad(loss))(params)
+        loops = jax.jit(jax.grad(loss)).lower(params).as_text().count("stablehlo.while")
+        return jax.value_and_grad(loss)(params), jax.make_jaxpr(jax.grad(loss))(params), loops
 
-    (plain, plain_grads), plain_jaxpr = loss_and_grads(jaxpt.models.from_pretrained(tmp_path))
+    (plain, plain_grads), plain_jaxpr, plain_loops = loss_and_grads(jaxpt.models.from_pretrained(tmp_path))
     model = jaxpt.models.set_gradient_checkpointing(jaxpt.models.from_pretrained(tmp_path))
-    (remat, remat_grads), remat_jaxpr = loss_and_grads(model)
+    (remat, remat_grads), remat_jaxpr, remat_loops = loss_and_grads(model)
     assert abs(float(remat) - float(plain)) < 1e-6  # the scanned, rematerialised forward may round differently
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    # Checkpointing recomputes the whole layer (no save policy); without it only the weight matmuls' outputs are
-    # kept (layers.scan_layers), so the plain backward recomputes the cheap rest under a DotsSaveable policy.
-    assert "remat" in str(remat_jaxpr) and "DotsSaveable" not in str(remat_jaxpr)
-    assert "DotsSaveable(only_if_no_batch_dims=True)" in str(plain_jaxpr)
+    # Checkpointing recomputes the whole layer (no save policy); without it the weight matmuls' outputs and the
+    # attention kernel's output are kept (layers.scan_layers), so the plain backward recomputes only the cheap rest
+    # under a save policy, and never the kernel's forward loops (its query-block and key-block loops), which the
+    # checkpointed backward runs again.
+    assert "remat" in str(remat_jaxpr) and "policy=None" in str(remat_jaxpr)
+    assert "policy=None" not in str(plain_jaxpr)
+    assert plain_loops == remat_loops - 2, (plain_loops, remat_loops)
