@@ -110,16 +110,31 @@ def test_plan_sft_in_process_reports_memory_flops_and_collectives(tiny_config_di
     assert result["fits"] is False  # 1 MiB is too little
 
 
-def test_plan_dpo_counts_the_reference_forward(tiny_config_dir):
-    common = dict(method="dpo", mesh_shape={"fsdp": 8}, per_device_train_batch_size=1, max_length=64)
-    with_reference = plan.plan(tiny_config_dir, **common)
-    precomputed = plan.plan(tiny_config_dir, **common, config_overrides={"precompute_ref_log_probs": True})
-    assert with_reference["tokens_per_device"] == precomputed["tokens_per_device"] == 2 * 64  # chosen + rejected
+DPO_COMMON = dict(method="dpo", mesh_shape="fsdp=2", per_device_train_batch_size=1, max_length=32)
+LORA_OPTIONS = {"lora_r": 2, "lora_target_modules": ["all-linear"]}
+
+
+@pytest.fixture(scope="module")
+def dpo_plan(tiny_config_dir):
+    """The plan of full DPO fine-tuning, the reference forward in the step (compiled once: two tests read it)."""
+    return plan.plan(tiny_config_dir, **DPO_COMMON)
+
+
+@pytest.fixture(scope="module")
+def dpo_lora_plan(tiny_config_dir):
+    """The plan of DPO with LoRA adapters on the float base (compiled once: two tests read it)."""
+    return plan.plan(tiny_config_dir, **DPO_COMMON, lora=LORA_OPTIONS)
+
+
+def test_plan_dpo_counts_the_reference_forward(tiny_config_dir, dpo_plan):
+    with_reference = dpo_plan
+    precomputed = plan.plan(tiny_config_dir, **DPO_COMMON, config_overrides={"precompute_ref_log_probs": True})
+    assert with_reference["tokens_per_device"] == precomputed["tokens_per_device"] == 2 * 32  # chosen + rejected
     # The in-step reference adds one forward pass (2 flops per parameter and token) and a policy-sized argument.
     extra = with_reference["flops_per_param_token"] - precomputed["flops_per_param_token"]
     assert 1.5 <= extra <= 2.5
     assert 6.0 <= precomputed["flops_per_param_token"] <= 9.0
-    params_bytes = 4 * with_reference["params"] / 8
+    params_bytes = 4 * with_reference["params"] / 2
     assert with_reference["argument_bytes"] - precomputed["argument_bytes"] == pytest.approx(params_bytes, rel=0.1)
 
 
@@ -215,24 +230,14 @@ def test_plan_other_methods_compile_their_collated_batches(tiny_config_dir, meth
     assert result["argument_bytes"] >= 3 * 4 * result["params"] / 8
 
 
-LORA_DPO_COMMON = dict(method="dpo", mesh_shape="fsdp=2", per_device_train_batch_size=1, max_length=32)
-LORA_OPTIONS = {"lora_r": 2, "lora_target_modules": ["all-linear"]}
-
-
-@pytest.fixture(scope="module")
-def dpo_lora_plan(tiny_config_dir):
-    """The plan of DPO with LoRA adapters on the float base (compiled once: two tests read it)."""
-    return plan.plan(tiny_config_dir, **LORA_DPO_COMMON, lora=LORA_OPTIONS)
-
-
-def test_plan_with_lora_counts_adapters_and_holds_one_copy_of_the_base(tiny_config_dir, dpo_lora_plan):
+def test_plan_with_lora_counts_adapters_and_holds_one_copy_of_the_base(tiny_config_dir, dpo_plan, dpo_lora_plan):
     """`plan(..., lora=...)`: the trained parameters are the adapters (the count apply_lora gives a real model),
     the optimizer state is theirs (AdamW: two moments), and the compiled DPO step takes one copy of the base (the
     frozen state; the reference is the adapters switched off), where full fine-tuning takes parameters, two moments
     and a reference copy: four. (`jaxpt plan --use_peft` on the command line: the QLoRA test below.)"""
     from jaxpt import lora
 
-    full, adapted = plan.plan(tiny_config_dir, **LORA_DPO_COMMON), dpo_lora_plan
+    full, adapted = dpo_plan, dpo_lora_plan
     model = lora.apply_lora(_tiny_model(), lora.LoraConfig(use_peft=True, **LORA_OPTIONS))
     adapters = lora.adapter_parameter_count(model)
     assert adapted["use_peft"] and not full["use_peft"]

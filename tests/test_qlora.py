@@ -333,7 +333,7 @@ def test_grpo_sampler_runs_the_adapters_on_the_quantized_base(tiny_dir):
     """The rollout samples with the adapted, quantized model (no merge): its log-probs are that model's, not the
     float base's nor the quantized base's without adapters."""
     from jaxpt import grpo
-    from jaxpt.rollout import completion_logps, reference_params, sample_and_score
+    from jaxpt.rollout import make_logps_fn, reference_params, sample_and_score
 
     model = jaxpt.models.from_pretrained(tiny_dir)
     lora.apply_lora(model, lora.LoraConfig(use_peft=True, load_in_4bit=True, lora_r=4, lora_dropout=0.0))
@@ -344,13 +344,14 @@ def test_grpo_sampler_runs_the_adapters_on_the_quantized_base(tiny_dir):
     prepared = [{"prompt": "ab", "prompt_ids": TOKENIZER("ab")["input_ids"], "columns": {}}]
     sampled = sample_and_score(state, prepared, [lambda completions, **kwargs: [0.0] * len(completions)], TOKENIZER,
                                config, key=jax.random.key(1), mesh=None, prompt_buckets=[8])
-    batch = {k: jnp.asarray(v) for k, v in sampled.arrays.items()}
     valid = np.asarray(sampled.arrays["attention_mask"], bool)
     sampler_logps = sampled.arrays["sampler_logps"]
-    adapted, _ = completion_logps(state.full_params(), state.graphdef, batch, temperature=1.0)
-    np.testing.assert_allclose(np.asarray(adapted)[valid], sampler_logps[valid], atol=2e-5)
-    without, _ = completion_logps(reference_params(state), state.graphdef, batch, temperature=1.0)
-    assert np.abs(np.asarray(without) - sampler_logps)[valid].max() > 0.1
+    # the train step's log-probs (`completion_logps`, jitted once for both parameter sets)
+    logps = make_logps_fn(state.graphdef, temperature=1.0, chunk_size=1024, micro_batch=4)
+    adapted = logps(state.full_params(), sampled.arrays)
+    np.testing.assert_allclose(adapted[valid], sampler_logps[valid], atol=2e-5)
+    without = logps(reference_params(state), sampled.arrays)
+    assert np.abs(without - sampler_logps)[valid].max() > 0.1
 
 
 def test_backward_pass_keeps_no_dequantized_copy_of_the_base():

@@ -152,8 +152,9 @@ def _one_step(cfg, pairs, accumulation, mesh=None, seed=0, **model_overrides):
 
 
 def test_step_loss_is_the_bradley_terry_loss_of_the_model_scores(tmp_path):
-    """The step's loss and metrics are the numpy formula applied to the classifier's scores of each sequence."""
-    cfg = config(tmp_path, center_rewards_coefficient=0.01)
+    """The step's loss and metrics are the numpy formula applied to the classifier's scores of each sequence.
+    (The config and batch of the accumulation test's accumulated step: one compiled step for both.)"""
+    cfg = config(tmp_path, center_rewards_coefficient=0.1)
     pairs = _pairs(tmp_path, margin=True)
     sequences = [ids for p in pairs for ids in (p["chosen_ids"], p["rejected_ids"])]
     encoded = TOKENIZER.pad({"input_ids": [s.tolist() for s in sequences]}, return_tensors="np")
@@ -162,8 +163,8 @@ def test_step_loss_is_the_bradley_terry_loss_of_the_model_scores(tmp_path):
         encoded["input_ids"], encoded["attention_mask"])[:, 0]
     chosen, rejected = np.asarray(scores[0::2], np.float64), np.asarray(scores[1::2], np.float64)
     margin = np.asarray([p["margin"] for p in pairs], np.float64)
-    expected = np.mean(np.log1p(np.exp(-(chosen - rejected - margin)))) + 0.01 * np.mean((chosen + rejected) ** 2)
-    metrics, _ = _one_step(cfg, pairs, accumulation=2, initializer_range=0.5)
+    expected = np.mean(np.log1p(np.exp(-(chosen - rejected - margin)))) + 0.1 * np.mean((chosen + rejected) ** 2)
+    metrics, _ = _one_step(cfg, pairs, accumulation=4, initializer_range=0.5)
     assert np.abs(chosen).max() > 0.3 and 0 < np.mean(chosen > rejected) < 1
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics["accuracy"] == pytest.approx(np.mean(chosen > rejected))
@@ -186,8 +187,9 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_eight_device_mesh_equals_unsharded(tmp_path):
-    cfg = config(tmp_path)
-    pairs = _pairs(tmp_path)
+    """(The unsharded step is the accumulation test's unaccumulated one: compiled once.)"""
+    cfg = config(tmp_path, center_rewards_coefficient=0.1)
+    pairs = _pairs(tmp_path, margin=True)
     metrics, params = _one_step(cfg, pairs, accumulation=1)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     mesh_metrics, mesh_params = _one_step(cfg, pairs, accumulation=1, mesh=mesh)
