@@ -479,16 +479,17 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     accumulation = config.gradient_accumulation_steps
     steps_per_rollout = config.num_iterations * steps_per_generation // accumulation
     # On several processes each tokenizes only the prompts its devices feed to the rollouts' generate input.
+    whole = not distributed.shares_data() or toolbox is not None  # tool rollouts: every prompt everywhere
     start_rollout = loop.planned_start_step(config) // steps_per_rollout
     prompts, share = prepare_rollout_prompts(dataset, tokenizer, config, method=method, mesh=mesh,
                                              prompts_per_rollout=prompts_per_rollout,
                                              steps_per_rollout=steps_per_rollout, start_rollout=start_rollout,
-                                             whole=not distributed.shares_data() or toolbox is not None)
+                                             whole=whole)
     eval_prompts, eval_share = None, None
     if eval_dataset is not None and config.eval_strategy != "no":  # several processes: likewise, the eval prompts
         eval_prompts, eval_share = prepare_eval_prompts(eval_dataset, tokenizer, config, method=method, mesh=mesh,
                                                         prompts_per_rollout=prompts_per_rollout,
-                                                        whole=not distributed.shares_data() or toolbox is not None)
+                                                        whole=whole)
     evaluation_config = eval_config(config, prompts_per_rollout=prompts_per_rollout, micro_batch=micro_batch)
     rollouts_per_epoch = data.steps_per_epoch(share.num_examples, prompts_per_rollout, method=method)
     steps_in_epoch = rollouts_per_epoch * steps_per_rollout

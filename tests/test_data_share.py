@@ -221,6 +221,15 @@ def read_records(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# The preference pairs and run options of the train() share tests (DPO, KTO): 2 steps, eval at each, precomputed
+# reference log-probs.
+PAIRS = [{"prompt": f"{i}+{i % 3}=", "chosen": str(i + i % 3), "rejected": str(i + i % 3 + 1 + i % 2) * (1 + i % 3)}
+         for i in range(10)]
+SHARED_RUN = dict(max_length=32, per_device_train_batch_size=4, learning_rate=1e-2, max_steps=2, logging_steps=1,
+                  save_steps=0, mesh_fsdp=1, disable_tqdm=True, save_final_model=False, seed=0,
+                  precompute_ref_log_probs=True, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
+
+
 def test_kto_train_on_shares_equals_one_process(tmp_path, monkeypatch):
     """kto.train with paired data (unpaired first, then shared), precomputed reference log-probs (in the groups one
     process uses, with KL partners) and evaluation (a partial last eval batch): the metrics of the share branches
@@ -228,15 +237,11 @@ def test_kto_train_on_shares_equals_one_process(tmp_path, monkeypatch):
     from jaxpt import kto
 
     tokenizer = char_tokenizer()
-    pairs = [{"prompt": f"{i}+{i % 3}=", "chosen": str(i + i % 3), "rejected": str(i + i % 3 + 1 + i % 2) * (1 + i % 3)}
-             for i in range(10)]  # unpaired: 20 examples, the 10 chosen first
-    dataset, eval_dataset = datasets.Dataset.from_list(pairs), datasets.Dataset.from_list(pairs[:3])
+    # unpaired: 20 examples, the 10 chosen first
+    dataset, eval_dataset = datasets.Dataset.from_list(PAIRS), datasets.Dataset.from_list(PAIRS[:3])
 
     def train(output_dir):
-        config = kto.KTOConfig(output_dir=str(output_dir), max_length=32, per_device_train_batch_size=4,
-                               learning_rate=1e-2, max_steps=2, logging_steps=1, save_steps=0, mesh_fsdp=1,
-                               disable_tqdm=True, save_final_model=False, seed=0, precompute_ref_log_probs=True,
-                               eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
+        config = kto.KTOConfig(output_dir=str(output_dir), **SHARED_RUN)
         model = tiny_llama(len(tokenizer), seed=0, num_hidden_layers=1)
         kto.train(model, tokenizer, dataset, config, eval_dataset=eval_dataset)
 
@@ -258,15 +263,10 @@ def test_dpo_train_on_shares_equals_one_process(tmp_path, monkeypatch):
     from jaxpt import dpo
 
     tokenizer = char_tokenizer()
-    pairs = [{"prompt": f"{i}+{i % 3}=", "chosen": str(i + i % 3), "rejected": str(i + i % 3 + 1 + i % 2) * (1 + i % 3)}
-             for i in range(10)]
-    dataset, eval_dataset = datasets.Dataset.from_list(pairs), datasets.Dataset.from_list(pairs[:5])
+    dataset, eval_dataset = datasets.Dataset.from_list(PAIRS), datasets.Dataset.from_list(PAIRS[:5])
 
     def train(output_dir):
-        config = dpo.DPOConfig(output_dir=str(output_dir), max_length=32, per_device_train_batch_size=4,
-                               learning_rate=1e-2, max_steps=2, logging_steps=1, save_steps=0, mesh_fsdp=1,
-                               disable_tqdm=True, save_final_model=False, seed=0, precompute_ref_log_probs=True,
-                               eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
+        config = dpo.DPOConfig(output_dir=str(output_dir), **SHARED_RUN)
         model = tiny_llama(len(tokenizer), seed=0, num_hidden_layers=1)
         dpo.train(model, tokenizer, dataset, config, eval_dataset=eval_dataset)
 
