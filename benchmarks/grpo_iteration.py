@@ -162,6 +162,7 @@ def time_jaxpt(args, checkpoint, tokenizer, dataset):
 
     import jaxpt.models
     from jaxpt import data, grpo
+    from jaxpt.rollout import shared_prompt_group
     from jaxpt.sharding import shard_batch
     from jaxpt.train_state import TrainState, make_optimizer
 
@@ -179,7 +180,10 @@ def time_jaxpt(args, checkpoint, tokenizer, dataset):
     model = jaxpt.models.from_pretrained(checkpoint)  # float32
     tx, _ = make_optimizer(config, total)  # AdamW + global-norm clipping + linear decay, as TRL's defaults
     state = TrainState.create(model, tx)
-    train_step = grpo.make_train_step(config)
+    # as grpo.train: each micro-batch holds whole groups, so each prompt goes through the update's forward pass once
+    prompt_group = shared_prompt_group(config.num_generations, micro_batch)
+    assert prompt_group == args.num_generations, prompt_group
+    train_step = grpo.make_train_step(config, prompt_group=prompt_group)
     prompts = data.prepare_prompts(dataset, tokenizer, method="GRPO")
     key = jax.random.key(config.seed)
     seconds, rollout_seconds, lengths, stats = [], [], [], None

@@ -42,6 +42,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ from jaxpt.rollout import (
     agree_prompt_lengths,
     append_jsonl,
     check_generation_options,
+    check_prompt_groups,
     check_reference_dtypes,
     check_rollout_inputs,
     completion_logps,
@@ -95,6 +97,7 @@ from jaxpt.rollout import (
     rollout_prompts,
     rollout_shape,
     sample_and_score,
+    shared_prompt_group,
     tool_reward_weights,
     toolbox_from,
 )
@@ -339,12 +342,14 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
 # --------------------------------------------------------------------------------------------------------------
 
 
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPOConfig, totals: dict):
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GRPOConfig, totals: dict, *,
+            prompt_group: int = 1):
     """Loss of one micro-batch, normalised by the whole step's tokens/sequences, and its metrics as `(sum,
     count)` pairs, which add up over micro-batches exactly."""
     bonus = entropy_bonus_enabled(config)
     logps, entropy = completion_logps(params, graphdef, batch, temperature=config.temperature,
-                                      chunk_size=config.logits_chunk_size, entropy_gradient=bonus)
+                                      chunk_size=config.logits_chunk_size, entropy_gradient=bonus,
+                                      prompt_group=prompt_group)
     mask = batch["completion_mask"].astype(jnp.float32)
     entropy_mask = None
     if config.top_entropy_quantile < 1.0:
@@ -405,7 +410,8 @@ def next_entropy_coef(config: GRPOConfig, entropy_coef: float, entropy: float) -
     return max(entropy_coef - config.entropy_coef_delta, config.entropy_coef_min)
 
 
-def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
+def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
+                    prompt_group: int = 1):
     """`state, metrics = step(state, batch)`: one optimizer step over rollout arrays shaped
     `[accumulation, micro_batch, ...]` (`prompt_ids`, `prompt_mask`, `completion_ids`, `attention_mask`,
     `completion_mask`, `advantages`, and optionally `old_logps` / `ref_logps` / `sampler_logps`, and
@@ -415,7 +421,10 @@ def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None
     bonus's tokens, which adaptive control reads). Without `old_logps` the update is on-policy (ratio exactly 1).
     With `sampler_logps` (the sampler's log-probs) it logs the sampler/trainer mismatch and can correct for it
     (`sampler_importance_sampling_correction`); `off_policy_mask_threshold` measures the KL from them.
-    jitted with explicit shardings and the state donated."""
+    jitted with explicit shardings and the state donated.
+    `prompt_group` (`rollout.shared_prompt_group`, what `train()` passes): the micro-batches' rows come in runs of
+    `prompt_group` completions of one prompt, in the rollout's order, and each prompt goes through the forward and
+    backward passes once for its run (`rollout.completion_logps`); 1: every row computes its own prompt."""
 
     def step(state: TrainState, batch: dict):
         mask = batch["completion_mask"].astype(jnp.float32)
@@ -424,7 +433,7 @@ def make_train_step(config: GRPOConfig, *, mesh: jax.sharding.Mesh | None = None
                   "accumulation": float(batch["completion_mask"].shape[0])}
         # differentiate the trained parameters only (under LoRA the adapters, with their dropout; the frozen base
         # joins them here)
-        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
+        grad_fn = lora.value_and_grad(partial(loss_fn, prompt_group=prompt_group), state, seed=config.seed)
 
         def micro_step(grads, inputs):
             micro_batch, micro_index = inputs
@@ -504,9 +513,12 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
+    # Each micro-batch holds whole groups of a prompt's completions: the update runs each prompt once per group.
+    prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=batch_divisor(mesh),
+                                       tools=toolbox)
     # Old and reference log-probs: the train step's log-prob function, jitted once (exact ratios in every dtype).
     logps_fn = make_logps_fn(state.graphdef, temperature=config.temperature, chunk_size=config.logits_chunk_size,
-                             micro_batch=micro_batch, mesh=mesh)
+                             micro_batch=micro_batch, mesh=mesh, prompt_group=prompt_group)
     ref_logps_fn, reference = None, None  # a reference only with a KL term (beta != 0)
     if config.beta != 0.0:
         if ref_model is None:
@@ -517,7 +529,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
         check_reference_sync(config, lora=state.frozen is not None, method=method)
         if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
             reference = jax.tree.map(jnp.copy, reference)
-    train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
+    train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding, prompt_group=prompt_group)
     checkpoints = loop.checkpointer(config, method=method.lower(), model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
                                               extra=checkpoint_extra(config, reference))
@@ -555,6 +567,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
                 mesh=mesh, prompt_buckets=prompt_buckets, longest_prompt=longest_prompt,
                 ref_logps_fn=ref_logps_fn, policy_logps_fn=logps_fn if steps_per_rollout > 1 else None,
                 tools=toolbox)
+            check_prompt_groups(arrays, prompt_group)
             if config.log_completions:
                 append_jsonl(Path(config.output_dir) / "completions.jsonl",
                               [{"step": step, **r} for r in records])

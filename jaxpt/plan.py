@@ -215,8 +215,12 @@ def matmul_params(params, *, classifier: bool) -> int:
 def tokens_per_device(method: str, config, *, length: int, devices_in_batch: int, micro_batch: int) -> int:
     """Tokens one device runs through the model with gradient in a step (for the analytic flops band)."""
     rows_per_device = micro_batch // devices_in_batch * config.gradient_accumulation_steps
-    if method in ("grpo", "rloo"):
-        return rows_per_device * (config.max_prompt_length + config.max_completion_length)
+    if method in ("grpo", "rloo"):  # a prompt once per group of completions (`rollout.shared_prompt_group`)
+        from jaxpt.rollout import shared_prompt_group
+
+        prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=devices_in_batch)
+        return (rows_per_device * config.max_completion_length
+                + rows_per_device // prompt_group * config.max_prompt_length)
     sequences = 2 if method in ("dpo", "reward") else 1
     return rows_per_device * sequences * length
 
@@ -551,6 +555,7 @@ def _plan_here(request: dict) -> dict:
     from flax import nnx
 
     import jaxpt.models
+    from jaxpt.rollout import shared_prompt_group
     from jaxpt.sharding import batch_divisor, batch_sharding, make_mesh
     from jaxpt.train_state import TrainState, make_optimizer
 
@@ -602,6 +607,9 @@ def _plan_here(request: dict) -> dict:
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding,
                                       ref_sharding=None if reference is None else state_sharding.params)
         extra = (reference,)
+    elif method in ("grpo", "rloo"):  # each prompt runs once for its group, as train() runs it
+        prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=devices_in_batch)
+        step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding, prompt_group=prompt_group)
     else:
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding)
 

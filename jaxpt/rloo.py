@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ from jaxpt.rollout import (
     agree_prompt_lengths,
     append_jsonl,
     check_generation_options,
+    check_prompt_groups,
     check_reference_dtypes,
     check_rollout_inputs,
     completion_logps,
@@ -75,6 +77,7 @@ from jaxpt.rollout import (
     rollout_prompts,
     rollout_shape,
     sample_and_score,
+    shared_prompt_group,
     tool_reward_weights,
     toolbox_from,
 )
@@ -229,11 +232,12 @@ def rollout(state: TrainState, prompts: Sequence[dict], reward_funcs: Sequence[C
 # --------------------------------------------------------------------------------------------------------------
 
 
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: RLOOConfig, totals: dict):
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: RLOOConfig, totals: dict, *,
+            prompt_group: int = 1):
     """Loss of one micro-batch, normalised by the whole step's sequences, and its metrics as `(sum, count)` pairs
     (clip ratios over sequences, entropy over completion tokens), which add up over micro-batches exactly."""
     logps, entropy = completion_logps(params, graphdef, batch, temperature=config.temperature,
-                                      chunk_size=config.logits_chunk_size)
+                                      chunk_size=config.logits_chunk_size, prompt_group=prompt_group)
     mask = batch["completion_mask"].astype(jnp.float32)
     loss, metrics = rloo_loss(logps, batch.get("old_logps"), batch["advantages"], mask, epsilon=config.epsilon,
                               epsilon_high=config.epsilon_high, num_sequences=totals["sequences"],
@@ -247,12 +251,16 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: RLOO
     return loss, (metrics, extremes)
 
 
-def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
+def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
+                    prompt_group: int = 1):
     """`state, metrics = step(state, batch)`: one optimizer step over rollout arrays shaped
     `[accumulation, micro_batch, ...]` (`prompt_ids`, `prompt_mask`, `completion_ids`, `attention_mask`,
     `completion_mask`, `advantages`, and optionally `old_logps` / `sampler_logps`), micro-batches scanned inside.
     Without `old_logps` the update is on-policy (ratio exactly 1); with `sampler_logps` it logs the sampler/trainer
-    mismatch. jitted with explicit shardings and the state donated."""
+    mismatch. jitted with explicit shardings and the state donated.
+    `prompt_group` (`rollout.shared_prompt_group`, what `train()` passes): the micro-batches' rows come in runs of
+    `prompt_group` completions of one prompt, in the rollout's order, and each prompt goes through the forward and
+    backward passes once for its run (`rollout.completion_logps`); 1: every row computes its own prompt."""
 
     def step(state: TrainState, batch: dict):
         mask = batch["completion_mask"].astype(jnp.float32)
@@ -260,7 +268,7 @@ def make_train_step(config: RLOOConfig, *, mesh: jax.sharding.Mesh | None = None
                   "sequences": float(batch["completion_mask"].shape[0] * batch["completion_mask"].shape[1])}
         # differentiate the trained parameters only (under LoRA the adapters, with their dropout; the frozen base
         # joins them here)
-        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
+        grad_fn = lora.value_and_grad(partial(loss_fn, prompt_group=prompt_group), state, seed=config.seed)
 
         def micro_step(grads, inputs):
             micro_batch, micro_index = inputs
@@ -333,9 +341,12 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
+    # Each micro-batch holds whole groups of a prompt's completions: the update runs each prompt once per group.
+    prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=batch_divisor(mesh),
+                                       tools=toolbox)
     # Old and reference log-probs: the train step's log-prob function, jitted once (exact ratios in every dtype).
     logps_fn = make_logps_fn(state.graphdef, temperature=config.temperature, chunk_size=config.logits_chunk_size,
-                             micro_batch=micro_batch, mesh=mesh)
+                             micro_batch=micro_batch, mesh=mesh, prompt_group=prompt_group)
     ref_logps_fn, reference = None, None  # a reference only with a KL term (beta != 0)
     if config.beta != 0.0:
         if ref_model is None:
@@ -346,7 +357,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
         check_reference_sync(config, lora=state.frozen is not None, method="RLOO")
         if config.sync_ref_model and ref_model is not None:  # the synced reference is our own copy
             reference = jax.tree.map(jnp.copy, reference)
-    train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
+    train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding, prompt_group=prompt_group)
     checkpoints = loop.checkpointer(config, method="rloo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints,
                                               extra=checkpoint_extra(config, reference))
@@ -383,6 +394,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: RLOOConfig, *, reward_f
                 tools=toolbox)
             if steps_per_rollout == 1:
                 arrays.pop("old_logps", None)  # on-policy: old = stop_gradient(current), ratio exactly 1 (TRL)
+            check_prompt_groups(arrays, prompt_group)
             if config.log_completions:
                 append_jsonl(Path(config.output_dir) / "completions.jsonl",
                               [{"step": step, **r} for r in records])

@@ -12,8 +12,8 @@ from flax import nnx
 
 from jaxpt import grpo
 from jaxpt.losses.logprobs import token_logps
-from jaxpt.rollout import completion_logps
-from jaxpt.sharding import make_mesh, shard_batch
+from jaxpt.rollout import check_prompt_groups, completion_logps, shared_prompt_group
+from jaxpt.sharding import batch_divisor, make_mesh, shard_batch
 from jaxpt.train_state import TrainState
 from tests.helpers import char_tokenizer, tiny_llama
 
@@ -80,6 +80,21 @@ def rollout_arrays(tmp_path_factory):
     return cfg, state, arrays, metrics, records
 
 
+def test_shared_prompt_group_needs_whole_groups_split_evenly(rollout_arrays):
+    """The update runs each prompt once per group when every micro-batch holds whole groups in the rollout's order
+    and the groups split evenly over the mesh's batch axes; the loop checks every rollout's order."""
+    assert shared_prompt_group(4, 8) == 4
+    assert shared_prompt_group(4, 6) == 1  # a group split between micro-batches
+    assert shared_prompt_group(4, 32, devices=8) == 4
+    assert shared_prompt_group(4, 16, devices=8) == 1  # 4 prompts on 8 devices
+    assert shared_prompt_group(4, 8, tools=object()) == 1
+    _, _, arrays, _, _ = rollout_arrays
+    check_prompt_groups(arrays, 4)
+    swapped = dict(arrays, prompt_ids=arrays["prompt_ids"][[0, 1, 2, 4, 3, *range(5, 16)]])
+    with pytest.raises(RuntimeError, match="prompt_ids do not come in runs of 4"):
+        check_prompt_groups(swapped, 4)
+
+
 def test_rollout_groups_scores_and_logs(rollout_arrays):
     cfg, _, arrays, metrics, records = rollout_arrays
     assert arrays["completion_ids"].shape == (16, 8) and arrays["prompt_ids"].shape == (16, 16)
@@ -105,14 +120,17 @@ def test_training_log_probs_equal_sampler_and_teacher_forced(rollout_arrays):
     expected = token_logps(logits[:, prompt_length - 1:-1], batch["completion_ids"], temperature=0.7)
     valid = np.asarray(batch["attention_mask"], bool)
     np.testing.assert_allclose(np.asarray(logps)[valid], np.asarray(expected)[valid], atol=1e-5)
+    # each prompt run once for its 4 completions: the same log-probs
+    shared, _ = completion_logps(state.params, state.graphdef, batch, temperature=0.7, prompt_group=4)
+    np.testing.assert_allclose(np.asarray(shared)[valid], np.asarray(expected)[valid], atol=1e-5)
     # the rollout sampled at temperature 1.0: its log-probs match the same computation at 1.0
     logps_t1, _ = completion_logps(state.params, state.graphdef, batch, temperature=1.0)
     np.testing.assert_allclose(np.asarray(logps_t1)[valid], arrays["sampler_logps"][valid], atol=2e-5)
 
 
-def _one_step(cfg, arrays, accumulation, mesh=None):
+def _one_step(cfg, arrays, accumulation, mesh=None, prompt_group=1):
     state = TrainState.create(tiny_llama(VOCAB), optax.sgd(1.0), mesh=mesh)
-    step = grpo.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh))
+    step = grpo.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh), prompt_group=prompt_group)
     batch = {k: v.reshape(accumulation, -1, *v.shape[1:]) for k, v in arrays.items()}
     state, metrics = step(state, shard_batch(batch, mesh, batch_axis=1))
     return jax.device_get(metrics), {k: np.asarray(v) for k, v in nnx.to_flat_state(state.params)}
@@ -148,7 +166,8 @@ def test_accumulation_equals_one_big_batch(rollout_arrays, off_policy_arrays, un
         metrics_1, params_1 = unsharded_dapo_step["result"]
     else:
         metrics_1, params_1 = _one_step(cfg, off_policy_arrays, 1)
-    metrics_4, params_4 = _one_step(cfg, off_policy_arrays, 4)
+    # the accumulated step also runs each micro-batch's prompt once for its 4 completions (what grpo.train does)
+    metrics_4, params_4 = _one_step(cfg, off_policy_arrays, 4, prompt_group=4)
     activity = {"cispo": "cispo_clip_ratio", "vespo": "vespo/phi_seq_mean"}.get(loss_type, "clip_ratio/region_mean")
     keys = ["loss", "grad_norm", "entropy"] + ([] if loss_type == "sapo" else [activity])
     keys += ["policy_loss", "entropy_coef", "entropy_bonus_mean"] if "entropy_coef" in options else []
@@ -163,13 +182,16 @@ def test_accumulation_equals_one_big_batch(rollout_arrays, off_policy_arrays, un
 
 
 def test_eight_device_mesh_equals_unsharded(rollout_arrays, off_policy_arrays, unsharded_dapo_step):
-    """The DAPO step (off-policy: some ratios clip) on a data x fsdp x tensor mesh equals the unsharded one."""
+    """The DAPO step (off-policy: some ratios clip) on a data x fsdp x tensor mesh, with each prompt run once for
+    its group (one prompt per device), equals the unsharded one with a row per completion."""
     cfg = rollout_arrays[0]
     assert cfg.loss_type == "dapo"
     if not unsharded_dapo_step:
         unsharded_dapo_step["result"] = _one_step(cfg, off_policy_arrays, 1)
     metrics, params = unsharded_dapo_step["result"]
-    mesh_metrics, mesh_params = _one_step(cfg, off_policy_arrays, 1, mesh=make_mesh(data=2, fsdp=2, tensor=2))
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    assert shared_prompt_group(cfg.num_generations, 16, devices=batch_divisor(mesh)) == 4
+    mesh_metrics, mesh_params = _one_step(cfg, off_policy_arrays, 1, mesh=mesh, prompt_group=4)
     assert metrics["clip_ratio/region_mean"] > 0
     for key in ("loss", "grad_norm", "clip_ratio/region_mean"):
         assert mesh_metrics[key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key

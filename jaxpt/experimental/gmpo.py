@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import jax
@@ -140,11 +141,12 @@ def gmpo_loss(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GMPOConfig, totals: dict):
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GMPOConfig, totals: dict, *,
+            prompt_group: int = 1):
     """Loss of one micro-batch, normalised by the whole step's sequences, and its metrics as `(sum, count)` pairs
     (which add up over micro-batches exactly)."""
     logps, entropy = completion_logps(params, graphdef, batch, temperature=config.temperature,
-                                      chunk_size=config.logits_chunk_size)
+                                      chunk_size=config.logits_chunk_size, prompt_group=prompt_group)
     mask = batch["completion_mask"].astype(jnp.float32)
     entropy_mask = None
     if config.top_entropy_quantile < 1.0:
@@ -161,17 +163,21 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, config: GMPO
     return loss, (metrics, extremes)
 
 
-def make_train_step(config: GMPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None):
+def make_train_step(config: GMPOConfig, *, mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
+                    prompt_group: int = 1):
     """`state, metrics = step(state, batch)`: one optimizer step over rollout arrays shaped
     `[accumulation, micro_batch, ...]` (`jaxpt.grpo.rollout`'s: `prompt_ids`, `prompt_mask`, `completion_ids`,
     `attention_mask`, `completion_mask`, `advantages`, and optionally `old_logps` / `ref_logps` /
     `sampler_logps`), micro-batches scanned inside. Without `old_logps` the update is on-policy (ratios exactly 1).
-    jitted with explicit shardings and the state donated."""
+    jitted with explicit shardings and the state donated.
+    `prompt_group` (`rollout.shared_prompt_group`, what `train()` passes): the micro-batches' rows come in runs of
+    `prompt_group` completions of one prompt, in the rollout's order, and each prompt goes through the forward and
+    backward passes once for its run (`rollout.completion_logps`); 1: every row computes its own prompt."""
 
     def step(state: TrainState, batch: dict):
         totals = {"sequences": float(batch["completion_mask"].shape[0] * batch["completion_mask"].shape[1])}
         # differentiate the trained parameters only (under LoRA the adapters; the frozen base joins them here)
-        grad_fn = lora.value_and_grad(loss_fn, state, seed=config.seed)
+        grad_fn = lora.value_and_grad(partial(loss_fn, prompt_group=prompt_group), state, seed=config.seed)
 
         def micro_step(grads, inputs):
             micro_batch, micro_index = inputs

@@ -2,6 +2,8 @@
 
 - `segments_from_inputs` / `positions_from_mask`: who attends to whom, and the default position ids, for
   padded or packed batches.
+- `SharedPrompts` / `shared_prompt_inputs`: rows that hold one prompt followed by several completions of it, so
+  that the prompt's tokens go through the layers once for all of them (GRPO/RLOO updates);
 - `attention`: causal attention with padding, packed segments, sliding window, logit soft-capping and
   grouped-query heads, by one of the `ATTN_IMPLEMENTATIONS` (a model config's `attn_implementation`):
   - "xla" (the default; transformers' "eager" and "sdpa" mean it too): jaxpt's own kernel, a flash-attention
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,8 +44,13 @@ def segments_from_inputs(
 
     `attention_mask` (1 = token, 0 = padding) becomes segments {1: tokens, 0: padding}, so padding never feeds
     real tokens and no row of the attention matrix is empty. Packed `segment_ids` (0 = padding) are used as
-    they are, masked by `attention_mask` when both are given.
+    they are, masked by `attention_mask` when both are given. `SharedPrompts` pass through (they carry their
+    own padding).
     """
+    if isinstance(segment_ids, SharedPrompts):
+        if attention_mask is not None:
+            raise ValueError("SharedPrompts carry their own padding: pass attention_mask=None with them.")
+        return segment_ids
     if segment_ids is None:
         if attention_mask is None:
             return jnp.ones(input_ids.shape, jnp.int32)
@@ -60,6 +68,8 @@ def positions_from_mask(attention_mask: jax.Array | None, segment_ids: jax.Array
       right-padded row and is what HF `generate` uses for left-padded rows;
     - neither: `arange(seq)`.
     """
+    if isinstance(segment_ids, SharedPrompts):
+        raise ValueError("SharedPrompts need explicit positions (`shared_prompt_inputs` returns them).")
     batch, seq = shape
     index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     if segment_ids is not None:
@@ -70,6 +80,104 @@ def positions_from_mask(attention_mask: jax.Array | None, segment_ids: jax.Array
     if attention_mask is not None:
         return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
     return index
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared prompts: one prompt, several completions, the prompt's tokens computed once
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SharedPrompts(flax.struct.PyTreeNode):
+    """The `segment_ids` of rows that each hold one prompt followed by `group` completions of it:
+    `[prompt (prompt_len), completion 1 (completion_len), ..., completion group (completion_len)]`.
+
+    Every completion attends (causally) to its prompt and to itself, never to its siblings, exactly as it would in
+    its own row `[prompt, completion]`: its own row is what `attention` builds for it, with the prompt's keys and
+    values repeated. Only the token-wise work (projections, MLPs, norms) of the prompt is shared, which is most of a
+    layer's. `prompt_segments` `[rows, prompt_len]` and `completion_segments` `[rows, group * completion_len]`:
+    1 for tokens, 0 for padding (prompts left-padded). Build them, the ids and the positions with
+    `shared_prompt_inputs`.
+    """
+
+    prompt_segments: jax.Array
+    completion_segments: jax.Array
+    group: int = flax.struct.field(pytree_node=False)
+
+
+def shared_prompt_inputs(
+    prompt_ids: jax.Array, prompt_mask: jax.Array, completion_ids: jax.Array, completion_mask: jax.Array, *,
+    group: int,
+) -> tuple[jax.Array, jax.Array, SharedPrompts]:
+    """A batch of `[prompt, completion]` rows whose prompts come in runs of `group` equal rows (a rollout's
+    completions of one prompt, in order), packed so each prompt appears once: `(input_ids, positions, segments)`
+    for a model's `hidden_states(input_ids, positions=positions, segment_ids=segments)`, each `[rows / group,
+    prompt_len + group * completion_len]`.
+
+    prompt_ids / prompt_mask `[rows, prompt_len]` (left-padded; only the first row of each run is read),
+    completion_ids / completion_mask `[rows, completion_len]`. The positions are those of the unpacked rows
+    (`positions_from_mask` of `[prompt_mask, completion_mask]`), so hidden states equal theirs.
+    """
+    rows, prompt_len = prompt_ids.shape
+    completion_len = completion_ids.shape[1]
+    if rows % group:
+        raise ValueError(f"{rows} rows do not split into groups of {group} completions of one prompt.")
+    prompts = rows // group
+    full_mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.int32)
+    positions = positions_from_mask(full_mask, None, full_mask.shape)  # [rows, prompt_len + completion_len]
+
+    def pack(prompt_part, completion_part):  # [rows, prompt_len], [rows, completion_len] -> packed rows
+        first = prompt_part.reshape(prompts, group, prompt_len)[:, 0]
+        return jnp.concatenate([first, completion_part.reshape(prompts, group * completion_len)], axis=1)
+
+    input_ids = pack(prompt_ids, completion_ids)
+    positions = pack(positions[:, :prompt_len], positions[:, prompt_len:])
+    segments = SharedPrompts(prompt_segments=pack(prompt_mask, completion_mask)[:, :prompt_len].astype(jnp.int32),
+                             completion_segments=completion_mask.astype(jnp.int32).reshape(prompts, -1),
+                             group=group)
+    return input_ids, positions, segments
+
+
+def shared_prompt_predictions(hidden: jax.Array, *, prompt_len: int, group: int) -> jax.Array:
+    """From packed hidden states `[rows / group, prompt_len + group * completion_len, hidden]`
+    (`shared_prompt_inputs`), the ones that predict each completion's tokens, `[rows, completion_len, hidden]`:
+    the prompt's last position for the first token, then the completion's own positions."""
+    prompts, seq, width = hidden.shape
+    completion_len = (seq - prompt_len) // group
+    last_prompt = jnp.repeat(hidden[:, prompt_len - 1: prompt_len], group, axis=0)  # [rows, 1, hidden]
+    completions = hidden[:, prompt_len:].reshape(prompts * group, completion_len, width)
+    return jnp.concatenate([last_prompt, completions[:, :-1]], axis=1)
+
+
+def _shared_prompt_attention(query, key, value, segments: SharedPrompts, **features):
+    """`attention` over `SharedPrompts` rows: the prompts attend to themselves; each completion attends over its
+    own row `[prompt, completion]` (the prompt's keys and values repeated), whose prompt queries are skipped."""
+    prompts, prompt_len = segments.prompt_segments.shape
+    group = segments.group
+    completion_len = (query.shape[1] - prompt_len) // group
+    rows = prompts * group
+
+    def own_rows(x, prompt_part):  # [prompts, prompt_len + group * completion_len, ...] -> [rows, prompt_len + c, ...]
+        completions = x[:, prompt_len:].reshape(rows, completion_len, *x.shape[2:])
+        return constrain_rows(jnp.concatenate([prompt_part, completions], axis=1))
+
+    repeat = partial(jnp.repeat, repeats=group, axis=0)
+    prompt_out = attention(query[:, :prompt_len], key[:, :prompt_len], value[:, :prompt_len],
+                           segment_ids=segments.prompt_segments, **features)
+    row_segments = jnp.concatenate([repeat(segments.prompt_segments),
+                                    segments.completion_segments.reshape(rows, completion_len)], axis=1)
+    skipped_queries = jnp.zeros((rows, prompt_len, *query.shape[2:]), query.dtype)  # outputs not read
+    out = attention(own_rows(query, skipped_queries), own_rows(key, repeat(key[:, :prompt_len])),
+                    own_rows(value, repeat(value[:, :prompt_len])), segment_ids=row_segments,
+                    query_start=prompt_len, **features)
+    completion_out = out[:, prompt_len:].reshape(prompts, group * completion_len, *out.shape[2:])
+    return jnp.concatenate([prompt_out, completion_out.astype(prompt_out.dtype)], axis=1)
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """`x` `[rows, ...]` split over the batch axes of the active mesh (no-op without one)."""
+    from jaxpt.models.layers import BATCH_AXES, constrain
+
+    return constrain(x, BATCH_AXES, *(None,) * (x.ndim - 1))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -101,20 +209,27 @@ def attention(
     logit_softcap: float | None = None,
     implementation: str = "xla",
     block_size: int | None = None,
+    query_start: int = 0,
 ) -> jax.Array:
     """Causal dot-product attention over one sequence (training / prefill).
 
     query `[batch, seq, q_heads, head_dim]`, key/value `[batch, seq, kv_heads, head_dim]`,
     segment_ids `[batch, seq]` (a token attends to earlier tokens with the same id, see
-    `segments_from_inputs`). Returns `[batch, seq, q_heads, head_dim]`.
+    `segments_from_inputs`), or `SharedPrompts` (rows of one prompt and several completions of it).
+    Returns `[batch, seq, q_heads, head_dim]`.
 
     `scale` multiplies the scores; `logit_softcap` is Gemma 2's `tanh(s / cap) * cap`; `sliding_window` keeps
     keys with `q_index - k_index < sliding_window` (HF's sliding-window overlay). `implementation` is one of
     `ATTN_IMPLEMENTATIONS` (or an alias, see `resolve_attn_implementation`); `block_size` is the "xla" kernel's
     block (queries and keys; default on CPU `SHORT_CPU_BLOCK_SIZE` up to `SHORT_CPU_SEQUENCE` tokens and
-    `CPU_BLOCK_SIZE` beyond, else `BLOCK_SIZE`).
+    `CPU_BLOCK_SIZE` beyond, else `BLOCK_SIZE`). `query_start`: the outputs of the queries before it are not
+    read (and have no gradient); the "xla" kernel skips its query blocks wholly before it.
     """
     implementation = resolve_attn_implementation(implementation)
+    if isinstance(segment_ids, SharedPrompts):
+        return _shared_prompt_attention(query, key, value, segment_ids, scale=scale, sliding_window=sliding_window,
+                                        logit_softcap=logit_softcap, implementation=implementation,
+                                        block_size=block_size)
     segment_ids = jnp.asarray(segment_ids, jnp.int32)  # numpy ids (an attention_mask given as numpy) stay traceable
     features = dict(segment_ids=segment_ids, scale=scale, sliding_window=sliding_window,
                     logit_softcap=logit_softcap)
@@ -124,7 +239,7 @@ def attention(
         return _splash_attention(query, key, value, **features)
     if implementation == "flash":
         return _flash_attention(query, key, value, **features)
-    return xla_attention(query, key, value, **features, block_size=block_size)
+    return xla_attention(query, key, value, **features, block_size=block_size, query_start=query_start)
 
 
 def xla_attention(
@@ -137,6 +252,7 @@ def xla_attention(
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
     block_size: int | None = None,
+    query_start: int = 0,
 ) -> jax.Array:
     """jaxpt's attention kernel ("xla"), `attention`'s arguments. Scores are float32.
 
@@ -169,7 +285,8 @@ def xla_attention(
     k = key.reshape(batch, num_blocks, block, kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
     v = value.reshape(batch, num_blocks, block, kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
     segments = jnp.asarray(segment_ids, jnp.int32).reshape(batch, num_blocks, block).transpose(1, 0, 2)
-    out = _attention(q, k, v, segments, (float(scale), logit_softcap, sliding_window))
+    # query blocks wholly before query_start are skipped: their outputs stay 0, their gradient 0
+    out = _attention(q, k, v, segments, (float(scale), logit_softcap, sliding_window, query_start // block))
     out = out.reshape(num_blocks, batch, kv_heads, groups, block, head_dim).transpose(1, 0, 4, 2, 3, 5)
     return out.reshape(batch, padded, q_heads, head_dim)[:, :seq]
 
@@ -202,7 +319,7 @@ def _block_scores(q_block, k_block, segments, i, j, scale, softcap, window):
 
 
 def _attention_forward(q, k, v, segments, options):
-    scale, softcap, window = options
+    scale, softcap, window, first_query_block = options
     num_blocks, batch, kv_heads, rows, head_dim = q.shape
     block = k.shape[3]
 
@@ -235,7 +352,8 @@ def _attention_forward(q, k, v, segments, options):
         return out, logsumexp
 
     init = (jnp.zeros(q.shape, v.dtype), jnp.zeros(q.shape[:-1], jnp.float32))
-    return jax.lax.fori_loop(0, num_blocks, query_block, init)  # out like q, logsumexp [blocks, b, kvh, rows]
+    # out like q, logsumexp [blocks, b, kvh, rows]
+    return jax.lax.fori_loop(first_query_block, num_blocks, query_block, init)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -256,7 +374,7 @@ def _attention_fwd(q, k, v, segments, options):
 
 
 def _attention_bwd(options, residuals, d_out):
-    scale, softcap, window = options
+    scale, softcap, window, first_query_block = options
     q, k, v, segments, out, logsumexp = residuals
     block = k.shape[3]
     # softmax backward: d_scores = p * (d_p - rowsum(d_out * out))
@@ -290,7 +408,7 @@ def _attention_bwd(options, residuals, d_out):
         return d_q.at[i].set(d_q_block.astype(q.dtype)), d_k, d_v
 
     init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    d_q, d_k, d_v = jax.lax.fori_loop(0, q.shape[0], query_block, init)
+    d_q, d_k, d_v = jax.lax.fori_loop(first_query_block, q.shape[0], query_block, init)
     return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 

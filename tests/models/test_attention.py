@@ -67,6 +67,40 @@ def test_attention_matches_naive_values_and_gradients(sliding_window, logit_soft
         np.testing.assert_allclose(grad, ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("query_start,chunk", [(20, 8), (5, 16)])
+def test_query_start_leaves_the_read_queries_and_every_gradient_unchanged(query_start, chunk):
+    """`query_start`: the outputs of earlier queries are not read (what a completion's own row `[prompt, completion]`
+    needs of shared prompts). Later queries' outputs, and the gradients through them, equal the naive attention's,
+    with the kernel skipping the query blocks wholly before it (2 of 5 blocks of 8; none of 3 blocks of 16)."""
+    rng = np.random.RandomState(1)
+    batch, seq, q_heads, kv_heads, head_dim = 2, 37, 4, 2, 8
+    query = jnp.asarray(rng.randn(batch, seq, q_heads, head_dim), jnp.float32)
+    key = jnp.asarray(rng.randn(batch, seq, kv_heads, head_dim), jnp.float32)
+    value = jnp.asarray(rng.randn(batch, seq, kv_heads, head_dim), jnp.float32)
+    segment_ids = np.ones((batch, seq), np.int32)
+    segment_ids[1, :3] = 0  # left padding
+    segment_ids[1, 30:] = 0
+    segment_ids = jnp.asarray(segment_ids)
+    read = (np.arange(seq) >= query_start)[None, :, None, None]
+    cotangent = jnp.asarray(rng.randn(batch, seq, q_heads, head_dim) * read, jnp.float32)
+    kwargs = dict(scale=0.3, sliding_window=9, logit_softcap=None)
+
+    def ours(q, k, v):
+        out = attention(q, k, v, segment_ids=segment_ids, block_size=chunk, query_start=query_start, **kwargs)
+        return jnp.sum(out * cotangent), out
+
+    def reference(q, k, v):
+        out = naive_attention(q, k, v, segment_ids, **kwargs)
+        return jnp.sum(out * cotangent), out
+
+    (_, out), grads = jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True)(query, key, value)
+    (_, expected), ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True)(query, key, value)
+    np.testing.assert_allclose(np.asarray(out)[:, query_start:], np.asarray(expected)[:, query_start:], atol=1e-5)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert float(jnp.abs(ref).max()) > 1e-2
+        np.testing.assert_allclose(grad, ref, atol=2e-5)
+
+
 def test_positions_and_segments_from_inputs():
     mask = jnp.array([[1, 1, 1, 0], [0, 0, 1, 1]])
     np.testing.assert_array_equal(positions_from_mask(mask, None, mask.shape), [[0, 1, 2, 2], [0, 0, 0, 1]])

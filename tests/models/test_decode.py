@@ -14,6 +14,7 @@ from flax import nnx
 
 import jaxpt.models
 import jaxpt.sampling
+from jaxpt.models.attention import shared_prompt_inputs, shared_prompt_predictions
 from tests.models import parity
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -49,6 +50,52 @@ def left_padded_prompts(vocab_size, lengths=PROMPT_LENGTHS, seed=0):
     seq = max(lengths)
     mask = (np.arange(seq)[None, :] >= seq - np.asarray(lengths)[:, None]).astype(np.int32)
     return parity.random_ids(vocab_size, (len(lengths), seq), seed) * mask, mask
+
+
+def test_shared_prompt_rows_match_one_row_per_completion(checkpoint):
+    """Each prompt packed once with its completions (`attention.shared_prompt_inputs`, what the GRPO/RLOO updates
+    run): the hidden states that predict the completions' tokens, and their gradients with respect to every
+    parameter, equal those of one `[prompt, completion]` row per completion. Prompts of up to 40 tokens (more than
+    a CPU kernel block, so the completions' prompt queries are skipped), left-padded; right-padded completions;
+    windows of 4 and soft-capping where the family has them."""
+    _, model = checkpoint
+    group, completion_len = 3, 7
+    vocab = model.config.vocab_size
+    prompt, prompt_mask = left_padded_prompts(vocab, lengths=(40, 33, 2))
+    prompt, prompt_mask = np.repeat(prompt, group, axis=0), np.repeat(prompt_mask, group, axis=0)
+    rows, prompt_len = prompt.shape
+    completion_mask = np.ones((rows, completion_len), np.int32)
+    completion_mask[1, 4:], completion_mask[5, 1:], completion_mask[8, 6:] = 0, 0, 0
+    completion = parity.random_ids(vocab, (rows, completion_len), seed=2) * completion_mask
+    graphdef, params = nnx.split(model)
+    cotangent = np.random.RandomState(3).randn(rows, completion_len, model.config.hidden_size)
+    cotangent = cotangent * completion_mask[..., None]
+
+    def predictions(params, group):
+        model = nnx.merge(graphdef, params)
+        if group == 1:
+            hidden = model.hidden_states(jnp.asarray(np.concatenate([prompt, completion], 1)),
+                                         attention_mask=jnp.asarray(np.concatenate([prompt_mask, completion_mask], 1)))
+            out = hidden[:, prompt_len - 1:-1]
+        else:
+            ids, positions, segments = shared_prompt_inputs(prompt, prompt_mask, completion, completion_mask,
+                                                            group=group)
+            assert ids.shape == (rows // group, prompt_len + group * completion_len)
+            out = shared_prompt_predictions(model.hidden_states(ids, positions=positions, segment_ids=segments),
+                                            prompt_len=prompt_len, group=group)
+        return jnp.sum(out * cotangent), out
+
+    (_, separate), separate_grads = jax.value_and_grad(predictions, has_aux=True)(params, 1)
+    (_, shared), shared_grads = jax.value_and_grad(predictions, has_aux=True)(params, group)
+    parity.assert_close_on(shared, separate, completion_mask, tol=1e-5)
+    shared_grads = dict(nnx.to_flat_state(shared_grads))
+    nonzero = 0
+    for path, expected in nnx.to_flat_state(separate_grads):  # the output projection's are 0: not on this path
+        scale = float(jnp.abs(expected[...]).max())
+        nonzero += scale > 0
+        np.testing.assert_allclose(shared_grads[path][...], expected[...], atol=2e-5 * max(scale, 1.0),
+                                   err_msg=str(path))
+    assert nonzero >= len(shared_grads) - 1
 
 
 def test_decode_steps_match_full_forward(checkpoint):
