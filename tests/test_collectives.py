@@ -19,6 +19,7 @@ import pytest
 import jaxpt.models
 from jaxpt import dpo, grpo, sft
 from jaxpt.plan import hlo_costs
+from jaxpt.rollout import shared_prompt_group
 from jaxpt.sharding import make_mesh, shard_batch
 from jaxpt.train_state import TrainState
 from tests.helpers import tiny_llama_config
@@ -129,16 +130,22 @@ def test_dpo_step_is_data_parallel(mesh, model, tmp_path):
     _check(dpo.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh)), state, batch, ref_params)
 
 
-def test_grpo_step_is_data_parallel(mesh, model, tmp_path):
-    cfg = grpo.GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=1,
+@pytest.mark.parametrize("per_device,prompt_group", [(1, 1), (4, 4)])
+def test_grpo_step_is_data_parallel(mesh, model, tmp_path, per_device, prompt_group):
+    """Each row with its own prompt, and (4 completions per device, one prompt per device) each prompt run once
+    for its group, as `grpo.train` chooses (`rollout.shared_prompt_group`)."""
+    cfg = grpo.GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=per_device,
                           max_completion_length=SEQ // 2, logits_chunk_size=CHUNK, save_final_model=False)
+    rows = per_device * FSDP
+    assert shared_prompt_group(cfg.num_generations, rows, devices=FSDP) == prompt_group
     state = TrainState.create(model, optax.sgd(1.0), mesh=mesh)
-    ids = np.ones((1, ROWS, SEQ // 2), np.int32)
-    floats = np.zeros((1, ROWS, SEQ // 2), np.float32)
+    ids = np.ones((1, rows, SEQ // 2), np.int32)
+    floats = np.zeros((1, rows, SEQ // 2), np.float32)
     batch = shard_batch({"prompt_ids": ids, "prompt_mask": ids, "completion_ids": ids, "attention_mask": ids,
-                         "completion_mask": ids, "advantages": np.ones((1, ROWS), np.float32), "old_logps": floats},
+                         "completion_mask": ids, "advantages": np.ones((1, rows), np.float32), "old_logps": floats},
                         mesh, batch_axis=1)
-    _check(grpo.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh)), state, batch)
+    step = grpo.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh), prompt_group=prompt_group)
+    _check(step, state, batch)
 
 
 def test_parser_sees_loops_and_flags_logits_buffers():
