@@ -515,7 +515,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: GRPOConfig, *, reward_f
     state_sharding = state.shardings(mesh)
     # Each micro-batch holds whole groups of a prompt's completions: the update runs each prompt once per group.
     prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=batch_divisor(mesh),
-                                       tools=toolbox)
+                                       tools=toolbox, adapter_dropout=lora.has_adapter_dropout(model))
     # Old and reference log-probs: the train step's log-prob function, jitted once (exact ratios in every dtype).
     logps_fn = make_logps_fn(state.graphdef, temperature=config.temperature, chunk_size=config.logits_chunk_size,
                              micro_batch=micro_batch, mesh=mesh, prompt_group=prompt_group)

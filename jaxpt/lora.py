@@ -209,6 +209,12 @@ def has_adapters(model: nnx.Module) -> bool:
     return getattr(model, "lora_settings", None) is not None
 
 
+def has_adapter_dropout(model: nnx.Module) -> bool:
+    """Whether training drops out some adapter's inputs (`lora_dropout > 0`): each token of each row then draws its
+    own masks, so rows cannot share the computation of a common prompt (`rollout.shared_prompt_group`)."""
+    return any(module.lora_a is not None and module.lora_dropout > 0 for _, module in _linear_modules(model))
+
+
 def _module_to_save_filter(names: tuple[str, ...]):
     def is_module_to_save(path, value) -> bool:
         module_path = ".".join(str(p) for p in path[:-1])  # without the parameter's own name

@@ -212,13 +212,12 @@ def matmul_params(params, *, classifier: bool) -> int:
     return sum(named.values()) - (embedding if separate_head else 0)
 
 
-def tokens_per_device(method: str, config, *, length: int, devices_in_batch: int, micro_batch: int) -> int:
-    """Tokens one device runs through the model with gradient in a step (for the analytic flops band)."""
+def tokens_per_device(method: str, config, *, length: int, devices_in_batch: int, micro_batch: int,
+                      prompt_group: int = 1) -> int:
+    """Tokens one device runs through the model with gradient in a step (for the analytic flops band); grpo / rloo
+    run a prompt once per `prompt_group` completions (`rollout.shared_prompt_group`)."""
     rows_per_device = micro_batch // devices_in_batch * config.gradient_accumulation_steps
-    if method in ("grpo", "rloo"):  # a prompt once per group of completions (`rollout.shared_prompt_group`)
-        from jaxpt.rollout import shared_prompt_group
-
-        prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=devices_in_batch)
+    if method in ("grpo", "rloo"):
         return (rows_per_device * config.max_completion_length
                 + rows_per_device // prompt_group * config.max_prompt_length)
     sequences = 2 if method in ("dpo", "reward") else 1
@@ -555,6 +554,7 @@ def _plan_here(request: dict) -> dict:
     from flax import nnx
 
     import jaxpt.models
+    from jaxpt.lora import has_adapter_dropout
     from jaxpt.rollout import shared_prompt_group
     from jaxpt.sharding import batch_divisor, batch_sharding, make_mesh
     from jaxpt.train_state import TrainState, make_optimizer
@@ -598,6 +598,10 @@ def _plan_here(request: dict) -> dict:
     batch = {key: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype_name), sharding=sharding)
              for key, (shape, dtype_name) in layout.items()}
     extra = ()
+    prompt_group = 1  # grpo / rloo: each prompt runs once for its group, as train() runs it
+    if method in ("grpo", "rloo"):
+        prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=devices_in_batch,
+                                           adapter_dropout=has_adapter_dropout(model))
     if method == "dpo":
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding)
         # the reference: a policy-shaped copy (under LoRA: the adapters switched off, joined with the frozen base)
@@ -607,8 +611,7 @@ def _plan_here(request: dict) -> dict:
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding,
                                       ref_sharding=None if reference is None else state_sharding.params)
         extra = (reference,)
-    elif method in ("grpo", "rloo"):  # each prompt runs once for its group, as train() runs it
-        prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=devices_in_batch)
+    elif method in ("grpo", "rloo"):
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding, prompt_group=prompt_group)
     else:
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding)
@@ -633,7 +636,7 @@ def _plan_here(request: dict) -> dict:
     params = count(state.params) + count(state.frozen)
     matmul = matmul_params(state.full_params(), classifier=num_labels is not None)
     tokens = tokens_per_device(method, config, length=length, devices_in_batch=devices_in_batch,
-                               micro_batch=micro_batch)
+                               micro_batch=micro_batch, prompt_group=prompt_group)
     result = {
         "method": method, "model_type": hf_config.model_type, "devices": math.prod(mesh_sizes.values()),
         "mesh": mesh_sizes, "backend": f"tpu:{request['topology']}" if request["topology"] else jax.default_backend(),
@@ -644,7 +647,7 @@ def _plan_here(request: dict) -> dict:
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "sequence_length": length if length is not None else config.max_prompt_length + config.max_completion_length,
         "gradient_checkpointing": config.gradient_checkpointing, "bf16": bool(config.bf16),
-        "tokens_per_device": int(tokens),
+        "tokens_per_device": int(tokens), "prompt_group": prompt_group,
         "argument_bytes": argument, "output_bytes": output, "alias_bytes": alias, "temp_bytes": temp,
         "argument_plus_temp_bytes": argument + temp, "peak_bytes": peak,
         "matmul_params": int(matmul), "flops": costs["flops"],
@@ -677,7 +680,9 @@ def format_table(result: dict) -> str:
                     + f", optimizer state {gib(result['optimizer_state_bytes'])} (all devices)"),
         ("devices", f"{result['devices']} ({result['backend']}), mesh {mesh}"),
         ("batch per device", f"{result['per_device_train_batch_size']} x {result['sequence_length']} tokens x "
-                             f"{result['gradient_accumulation_steps']} accumulation"),
+                             f"{result['gradient_accumulation_steps']} accumulation"
+                             + (f", each prompt once per {result['prompt_group']} completions"
+                                if result.get("prompt_group", 1) > 1 else "")),
         ("arguments", gib(result["argument_bytes"])),
         ("outputs (aliased)", f"{gib(result['output_bytes'])} ({gib(result['alias_bytes'])})"),
         ("temporaries", gib(result["temp_bytes"])),

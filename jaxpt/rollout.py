@@ -496,12 +496,14 @@ def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk
                                return_entropy=True, entropy_gradient=entropy_gradient)
 
 
-def shared_prompt_group(num_generations: int, micro_batch: int, *, devices: int = 1, tools=None) -> int:
+def shared_prompt_group(num_generations: int, micro_batch: int, *, devices: int = 1, tools=None,
+                        adapter_dropout: bool = False) -> int:
     """The `prompt_group` (`completion_logps`) of updates over a rollout's arrays in micro-batches of `micro_batch`
     rows, in the rollout's order: `num_generations` when every micro-batch holds whole groups of one prompt's
     completions and its prompts split evenly over the `devices` of the mesh's batch axes
-    (`sharding.batch_divisor`), else 1 (every row computes its prompt). Tool-using rollouts: 1."""
-    if tools is not None or num_generations <= 1 or micro_batch % num_generations:
+    (`sharding.batch_divisor`), else 1 (every row computes its prompt). 1 too for tool-using rollouts, and under
+    LoRA dropout (`lora.has_adapter_dropout`: each row's prompt tokens draw their own dropout masks, as in peft)."""
+    if tools is not None or adapter_dropout or num_generations <= 1 or micro_batch % num_generations:
         return 1
     return num_generations if (micro_batch // num_generations) % devices == 0 else 1
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxpt import grpo
+from jaxpt import grpo, lora
 from jaxpt.losses.logprobs import token_logps
 from jaxpt.rollout import check_prompt_groups, completion_logps, shared_prompt_group
 from jaxpt.sharding import batch_divisor, make_mesh, shard_batch
@@ -88,6 +88,12 @@ def test_shared_prompt_group_needs_whole_groups_split_evenly(rollout_arrays):
     assert shared_prompt_group(4, 32, devices=8) == 4
     assert shared_prompt_group(4, 16, devices=8) == 1  # 4 prompts on 8 devices
     assert shared_prompt_group(4, 8, tools=object()) == 1
+    # LoRA dropout draws masks per row and token: rows do not share their prompt's computation then
+    assert shared_prompt_group(4, 8, adapter_dropout=True) == 1
+    for rate, expected in ((0.05, True), (0.0, False)):
+        adapted = lora.apply_lora(tiny_llama(VOCAB), lora.LoraConfig(use_peft=True, lora_r=2, lora_dropout=rate))
+        assert lora.has_adapter_dropout(adapted) is expected
+    assert not lora.has_adapter_dropout(tiny_llama(VOCAB))
     _, _, arrays, _, _ = rollout_arrays
     check_prompt_groups(arrays, 4)
     swapped = dict(arrays, prompt_ids=arrays["prompt_ids"][[0, 1, 2, 4, 3, *range(5, 16)]])
