@@ -508,16 +508,26 @@ def shared_prompt_group(num_generations: int, micro_batch: int, *, devices: int 
     return num_generations if (micro_batch // num_generations) % devices == 0 else 1
 
 
-def check_prompt_groups(arrays: dict, prompt_group: int) -> None:
-    """Raise unless the rollout's rows come in runs of `prompt_group` with the same prompt (ids and mask): what an
-    update with `prompt_group` assumes. A cheap host check of every rollout."""
+def rows_share_prompts(arrays: dict, prompt_group: int) -> bool:
+    """Whether the rows of `arrays` (`prompt_ids`, `prompt_mask` `[n, prompt_len]`) come in runs of `prompt_group`
+    with the same prompt: what `completion_logps(prompt_group=...)` assumes. A cheap host check."""
     if prompt_group == 1:
-        return
+        return True
+    if len(arrays["prompt_ids"]) % prompt_group:
+        return False
     for name in ("prompt_ids", "prompt_mask"):
         runs = np.asarray(arrays[name]).reshape(-1, prompt_group, arrays[name].shape[-1])
         if not (runs == runs[:, :1]).all():
-            raise RuntimeError(f"The rollout's {name} do not come in runs of {prompt_group} equal rows; the update's "
-                               "shared prompt forward pass needs them in the rollout's order.")
+            return False
+    return True
+
+
+def check_prompt_groups(arrays: dict, prompt_group: int) -> None:
+    """Raise unless the rollout's rows come in runs of `prompt_group` with the same prompt (`rows_share_prompts`):
+    what an update with `prompt_group` assumes. Run on every rollout before its update."""
+    if not rows_share_prompts(arrays, prompt_group):
+        raise RuntimeError(f"The rollout's prompts do not come in runs of {prompt_group} equal rows; the update's "
+                           "shared prompt forward pass needs them in the rollout's order.")
 
 
 def reference_params(state):
@@ -535,23 +545,25 @@ def make_logps_fn(graphdef, *, temperature: float, chunk_size: int, micro_batch:
     """`logps(params, arrays) -> [n, completion_len]`: the training forward pass's per-token log-probs of a
     rollout's arrays (`completion_logps`, the function the train step differentiates, jitted once, no gradient),
     micro-batch by micro-batch of `micro_batch` rows (the train step's), for old and reference log-probs alike.
-    `prompt_group`: the train step's (`shared_prompt_group`)."""
-    options = dict(temperature=temperature, chunk_size=chunk_size, prompt_group=prompt_group)
+    `prompt_group`: the train step's (`shared_prompt_group`), used for arrays whose rows come in such runs
+    (`rows_share_prompts`: an evaluation rollout with another `num_generations_eval` may not)."""
+    options = dict(temperature=temperature, chunk_size=chunk_size)
 
-    @jax.jit
-    def compute(params, batch):
+    @functools.partial(jax.jit, static_argnames="group")
+    def compute(params, batch, group):
         if mesh is None:
-            return completion_logps(params, graphdef, batch, **options)[0]
+            return completion_logps(params, graphdef, batch, prompt_group=group, **options)[0]
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # sharding hints and data-parallel log-probs
-            return completion_logps(params, graphdef, batch, **options)[0]
+            return completion_logps(params, graphdef, batch, prompt_group=group, **options)[0]
 
     def logps(params, arrays: dict) -> np.ndarray:
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "attention_mask")
+        group = prompt_group if rows_share_prompts(arrays, prompt_group) else 1
         out = []
         for start in range(0, len(arrays["prompt_ids"]), micro_batch):
             batch = shard_batch({k: arrays[k][start:start + micro_batch] for k in keys}, mesh, global_batch=True,
                                 check_shapes=False)  # the whole rollout is on every process: same shapes
-            out.append(host_array(compute(params, batch)))
+            out.append(host_array(compute(params, batch, group)))
         return np.concatenate(out)
 
     return logps

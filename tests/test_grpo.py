@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxpt import grpo, lora
 from jaxpt.losses.logprobs import token_logps
-from jaxpt.rollout import check_prompt_groups, completion_logps, shared_prompt_group
+from jaxpt.rollout import check_prompt_groups, completion_logps, make_logps_fn, shared_prompt_group
 from jaxpt.sharding import batch_divisor, make_mesh, shard_batch
 from jaxpt.train_state import TrainState
 from tests.helpers import char_tokenizer, tiny_llama
@@ -97,7 +97,7 @@ def test_shared_prompt_group_needs_whole_groups_split_evenly(rollout_arrays):
     _, _, arrays, _, _ = rollout_arrays
     check_prompt_groups(arrays, 4)
     swapped = dict(arrays, prompt_ids=arrays["prompt_ids"][[0, 1, 2, 4, 3, *range(5, 16)]])
-    with pytest.raises(RuntimeError, match="prompt_ids do not come in runs of 4"):
+    with pytest.raises(RuntimeError, match="prompts do not come in runs of 4"):
         check_prompt_groups(swapped, 4)
 
 
@@ -129,6 +129,14 @@ def test_training_log_probs_equal_sampler_and_teacher_forced(rollout_arrays):
     # each prompt run once for its 4 completions: the same log-probs
     shared, _ = completion_logps(state.params, state.graphdef, batch, temperature=0.7, prompt_group=4)
     np.testing.assert_allclose(np.asarray(shared)[valid], np.asarray(expected)[valid], atol=1e-5)
+    # the old/reference log-prob function shares prompts only for rows in runs of 4: rows in another order (an
+    # evaluation rollout with another num_generations_eval) get a row each, and still their own log-probs
+    logps_fn = make_logps_fn(state.graphdef, temperature=0.7, chunk_size=1024, micro_batch=16, prompt_group=4)
+    np.testing.assert_allclose(logps_fn(state.params, arrays)[valid], np.asarray(expected)[valid], atol=1e-5)
+    interleaved = np.arange(16).reshape(4, 4).T.ravel()  # 0, 4, 8, 12, 1, ...: no two neighbours share a prompt
+    mixed = logps_fn(state.params, {k: v[interleaved] for k, v in arrays.items()})
+    np.testing.assert_allclose(mixed[valid[interleaved]], np.asarray(expected)[interleaved][valid[interleaved]],
+                               atol=1e-5)
     # the rollout sampled at temperature 1.0: its log-probs match the same computation at 1.0
     logps_t1, _ = completion_logps(state.params, state.graphdef, batch, temperature=1.0)
     np.testing.assert_allclose(np.asarray(logps_t1)[valid], arrays["sampler_logps"][valid], atol=2e-5)

@@ -66,6 +66,7 @@ from jaxpt.models import set_gradient_checkpointing
 from jaxpt.rewards import resolve_reward_function
 from jaxpt.rollout import (
     append_jsonl,
+    check_prompt_groups,
     check_reference_dtypes,
     check_rollout_inputs,
     evaluate_rollouts,
@@ -73,6 +74,7 @@ from jaxpt.rollout import (
     make_ref_logps_fn,
     reference_params,
     rollout_shape,
+    shared_prompt_group,
     toolbox_from,
 )
 from jaxpt.sharding import batch_divisor, mesh_from_config, shard_batch
@@ -214,8 +216,11 @@ def train(model: nnx.Module, tokenizer, dataset, config: AsyncGRPOConfig, *, rew
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     state = TrainState.create(model, tx, mesh=mesh)
     state_sharding = state.shardings(mesh)
+    # each micro-batch holds whole groups of a prompt's completions: the update runs each prompt once per group
+    prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=batch_divisor(mesh),
+                                       adapter_dropout=lora.has_adapter_dropout(model))
     logps_fn = make_logps_fn(state.graphdef, temperature=config.temperature, chunk_size=config.logits_chunk_size,
-                             micro_batch=micro_batch, mesh=mesh)
+                             micro_batch=micro_batch, mesh=mesh, prompt_group=prompt_group)
     ref_logps_fn = None
     if config.beta != 0.0:
         if ref_model is None:
@@ -225,7 +230,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: AsyncGRPOConfig, *, rew
         ref_logps_fn = make_ref_logps_fn(reference, state.graphdef, temperature=config.temperature,
                                          chunk_size=config.logits_chunk_size, micro_batch=micro_batch, mesh=mesh,
                                          logps_fn=logps_fn)
-    train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding)
+    train_step = make_train_step(config, mesh=mesh, state_sharding=state_sharding, prompt_group=prompt_group)
     checkpoints = loop.checkpointer(config, method="async_grpo", model=model)
     state, start_step, progress = loop.resume(config, state, state_sharding, checkpoints)
     if start_step and config.max_staleness:
@@ -268,6 +273,7 @@ def train(model: nnx.Module, tokenizer, dataset, config: AsyncGRPOConfig, *, rew
             if config.log_completions:
                 append_jsonl(Path(config.output_dir) / "completions.jsonl",
                              [{"step": step, "policy_version": version, **r} for r in records])
+            check_prompt_groups(arrays, prompt_group)
             batch = {k: v.reshape(accumulation, micro_batch, *v.shape[1:]) for k, v in arrays.items()}
             placed = shard_batch(batch, mesh, batch_axis=1, global_batch=True, check_shapes=False)
             state, metrics = train_step(state, placed)

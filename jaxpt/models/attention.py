@@ -158,7 +158,7 @@ def _shared_prompt_attention(query, key, value, segments: SharedPrompts, **featu
 
     def own_rows(x, prompt_part):  # [prompts, prompt_len + group * completion_len, ...] -> [rows, prompt_len + c, ...]
         completions = x[:, prompt_len:].reshape(rows, completion_len, *x.shape[2:])
-        return constrain_rows(jnp.concatenate([prompt_part, completions], axis=1))
+        return _constrain_heads(jnp.concatenate([prompt_part, completions], axis=1))
 
     repeat = partial(jnp.repeat, repeats=group, axis=0)
     prompt_out = attention(query[:, :prompt_len], key[:, :prompt_len], value[:, :prompt_len],
@@ -173,11 +173,12 @@ def _shared_prompt_attention(query, key, value, segments: SharedPrompts, **featu
     return jnp.concatenate([prompt_out, completion_out.astype(prompt_out.dtype)], axis=1)
 
 
-def constrain_rows(x: jax.Array) -> jax.Array:
-    """`x` `[rows, ...]` split over the batch axes of the active mesh (no-op without one)."""
+def _constrain_heads(x: jax.Array) -> jax.Array:
+    """Queries, keys or values `[rows, seq, heads, head_dim]` laid out as the families lay them out: rows over the
+    batch axes, heads over "tensor" (no-op without a mesh). (`layers` imports this module: imported here.)"""
     from jaxpt.models.layers import BATCH_AXES, constrain
 
-    return constrain(x, BATCH_AXES, *(None,) * (x.ndim - 1))
+    return constrain(x, BATCH_AXES, None, "tensor", None)
 
 
 # --------------------------------------------------------------------------------------------------------------
