@@ -474,7 +474,8 @@ def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk
     `prompt_group`: the rows come in runs of `prompt_group` with the same prompt (a rollout's `num_generations`
     completions of each prompt, in the rollout's order; only the first row of a run is read): each prompt then goes
     through the model once for its whole run (`attention.shared_prompt_inputs`), the same values up to float
-    rounding with less work (GRPO at 32 prompt + 64 completion tokens, 8 generations: a third fewer tokens)."""
+    rounding with less work (GRPO at 32 prompt + 64 completion tokens, 8 generations: a third fewer tokens). Rows
+    that are not in such runs get NaN log-probs and entropies (so a NaN loss), never another prompt's values."""
     from flax import nnx
 
     model = nnx.merge(graphdef, params)
@@ -491,9 +492,16 @@ def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk
         attention_mask = jnp.concatenate([batch["prompt_mask"], batch["attention_mask"]], axis=-1)
         hidden = model.hidden_states(input_ids, attention_mask=attention_mask)
         predicting = hidden[:, prompt_length - 1: prompt_length + completion_length - 1]  # predict the completion
-    return chunked_token_logps(predicting, model.lm_head_weight(), batch["completion_ids"], chunk_size=chunk_size,
-                               logit_softcap=model.final_logit_softcap, temperature=temperature,
-                               return_entropy=True, entropy_gradient=entropy_gradient)
+    logps, entropy = chunked_token_logps(predicting, model.lm_head_weight(), batch["completion_ids"],
+                                         chunk_size=chunk_size, logit_softcap=model.final_logit_softcap,
+                                         temperature=temperature, return_entropy=True,
+                                         entropy_gradient=entropy_gradient)
+    if prompt_group > 1:  # rows not in runs of one prompt: NaN (a loud loss), never another row's prompt's values
+        grouped = jnp.all(jnp.asarray([
+            jnp.all(runs == runs[:, :1]) for runs in (batch[name].reshape(-1, prompt_group, prompt_length)
+                                                      for name in ("prompt_ids", "prompt_mask"))]))
+        logps, entropy = jnp.where(grouped, logps, jnp.nan), jnp.where(grouped, entropy, jnp.nan)
+    return logps, entropy
 
 
 def shared_prompt_group(num_generations: int, micro_batch: int, *, devices: int = 1, tools=None,

@@ -134,6 +134,11 @@ def test_training_log_probs_equal_sampler_and_teacher_forced(rollout_arrays):
     logps_fn = make_logps_fn(state.graphdef, temperature=0.7, chunk_size=1024, micro_batch=16, prompt_group=4)
     np.testing.assert_allclose(logps_fn(state.params, arrays)[valid], np.asarray(expected)[valid], atol=1e-5)
     interleaved = np.arange(16).reshape(4, 4).T.ravel()  # 0, 4, 8, 12, 1, ...: no two neighbours share a prompt
+    # such rows in a step that assumes runs of 4: NaN, loudly, not another prompt's log-probs
+    mixed_batch = {k: v[interleaved] for k, v in batch.items()}
+    nan_logps, nan_entropy = completion_logps(state.params, state.graphdef, mixed_batch, temperature=0.7,
+                                              prompt_group=4)
+    assert np.isnan(np.asarray(nan_logps)).all() and np.isnan(np.asarray(nan_entropy)).all()
     mixed = logps_fn(state.params, {k: v[interleaved] for k, v in arrays.items()})
     np.testing.assert_allclose(mixed[valid[interleaved]], np.asarray(expected)[interleaved][valid[interleaved]],
                                atol=1e-5)
