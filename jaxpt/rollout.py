@@ -36,6 +36,13 @@ The reference log-probs go through the very same jitted function, so RLOO's KL p
 reference equals the policy. `sampler_logps` stay in the batch for the mismatch metrics and the optional
 importance-sampling correction (`jaxpt.losses.sampler_mismatch`).
 
+Shared prompts. A rollout's rows come in groups of `num_generations` completions of one prompt. When every
+micro-batch of the update holds whole groups that split evenly over the mesh's batch axes (`shared_prompt_group`;
+not for tool-using rollouts, nor under LoRA dropout), the update and the old/reference log-probs run each prompt
+through the model once for its group (`completion_logps(prompt_group=...)`, `attention.SharedPrompts`): equal
+values up to float rounding, the prompt's token-wise work done once instead of `num_generations` times. The loop
+checks every rollout's order (`check_prompt_groups`); the log-prob function shares only for rows in such runs.
+
 Sampling options (TRL's GRPO/RLOO names): `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`, and
 `generation_kwargs`, a dict (JSON on the command line) whose `top_k` / `top_p` / `min_p` / `repetition_penalty`
 override those fields for sampling only (`sampling_options`); any other key fails (`check_generation_options`): jaxpt
