@@ -17,8 +17,9 @@ and 0 elsewhere, so their logits are about -1000 x (a positive RMS-normalised va
 in float32. Both sides report the mean completion length, which must equal `--max_completion_length`.
 
 Timing: jaxpt's iteration is `jaxpt.grpo.rollout(...)` (jitted generation, decoding, rewards, advantages) plus the
-jitted train step, waited for; TRL's is the wall time between `on_step_begin` and `on_step_end` of a
-`TrainerCallback` around `trainer.train()` steps (generation with `transformers` `generate`, rewards,
+jitted train step (`prompt_group=num_generations`, as `grpo.train` runs it: each prompt once per group), waited
+for; TRL's is the wall time between `on_step_begin` and `on_step_end` of a `TrainerCallback` around
+`trainer.train()` steps (generation with `transformers` `generate`, rewards,
 advantages, forward/backward and the optimizer step; logging happens after `on_step_end`). The first `--warmup`
 iterations of each side are excluded (jaxpt compiles there). Prints each side's median seconds per iteration,
 completions/s, the ratio of throughputs jaxpt / TRL (> 1: jaxpt faster), and one JSON line. Also reported: the
