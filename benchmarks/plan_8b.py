@@ -1,4 +1,6 @@
-"""`jaxpt plan` at Llama-3-8B shapes: per-device memory, flops and collective traffic of the SFT and DPO steps.
+"""`jaxpt plan` at Llama-3-8B shapes: per-device memory, flops and collective traffic of the SFT and DPO steps
+(and GRPO's with `--methods grpo`: 8 completions per device of a 512-token prompt + 1536 tokens, each prompt run
+once per group of 8).
 
 Writes a Llama-3-8B `config.json` (vocab 128256, hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 kv heads,
 llama3 rope scaling as in Llama-3.1-8B) to a temporary directory (no weights) and plans each method's real train
@@ -40,6 +42,11 @@ def parse_args():
     parser.add_argument("--topology", default=None, help="a TPU topology, e.g. v5p:4x4x4 (needs libtpu)")
     parser.add_argument("--hbm_gib", type=float, default=95.0, help="v5p: 95 GiB per chip")
     parser.add_argument("--num_hidden_layers", type=int, default=32, help="fewer for a quick look")
+    parser.add_argument("--grpo_per_device_train_batch_size", type=int, default=8,
+                        help="grpo: completions per device (a multiple of --num_generations runs each prompt once "
+                             "per group)")
+    parser.add_argument("--num_generations", type=int, default=8, help="grpo: completions per prompt")
+    parser.add_argument("--max_prompt_length", type=int, default=512, help="grpo: prompt tokens of --max_length")
     return parser.parse_args()
 
 
@@ -54,10 +61,15 @@ def main():
     with tempfile.TemporaryDirectory(prefix="jaxpt_plan_8b_") as directory:
         config.save_pretrained(directory)
         for method in args.methods.split(","):
+            rollout = {}  # grpo: num_generations completions of each prompt, a prompt of max_prompt_length tokens
+            if method == "grpo":
+                rollout = dict(max_prompt_length=args.max_prompt_length,
+                               config_overrides={"num_generations": args.num_generations})
             result = plan.plan(directory, method=method, mesh_shape=args.mesh,
-                               per_device_train_batch_size=args.per_device_train_batch_size,
+                               per_device_train_batch_size=(args.grpo_per_device_train_batch_size if method == "grpo"
+                                                            else args.per_device_train_batch_size),
                                max_length=args.max_length, gradient_checkpointing=True, bf16=True,
-                               topology=args.topology, hbm_gib=args.hbm_gib)
+                               topology=args.topology, hbm_gib=args.hbm_gib, **rollout)
             low, high = BANDS.get(method, (6.0, 9.0))
             ratio = result["flops"] / (result["params"] * result["tokens_per_device"])
             result["flops_per_total_param_token"] = ratio
