@@ -485,6 +485,9 @@ def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk
     that are not in such runs get NaN log-probs and entropies (so a NaN loss), never another prompt's values."""
     from flax import nnx
 
+    if not isinstance(prompt_group, int) or prompt_group < 1:
+        raise ValueError(f"prompt_group={prompt_group!r} must be an int >= 1 (the completions per prompt in a run "
+                         "of rows, rollout.shared_prompt_group; 1: a row each).")
     model = nnx.merge(graphdef, params)
     prompt_length = batch["prompt_ids"].shape[-1]
     completion_length = batch["completion_ids"].shape[-1]

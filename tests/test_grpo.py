@@ -139,6 +139,10 @@ def test_training_log_probs_equal_sampler_and_teacher_forced(rollout_arrays):
     nan_logps, nan_entropy = completion_logps(state.params, state.graphdef, mixed_batch, temperature=0.7,
                                               prompt_group=4)
     assert np.isnan(np.asarray(nan_logps)).all() and np.isnan(np.asarray(nan_entropy)).all()
+    with pytest.raises(ValueError, match="prompt_group=0 must be an int >= 1"):
+        completion_logps(state.params, state.graphdef, batch, temperature=0.7, prompt_group=0)
+    with pytest.raises(ValueError, match="16 rows do not split into groups of 3"):
+        completion_logps(state.params, state.graphdef, batch, temperature=0.7, prompt_group=3)
     mixed = logps_fn(state.params, {k: v[interleaved] for k, v in arrays.items()})
     np.testing.assert_allclose(mixed[valid[interleaved]], np.asarray(expected)[interleaved][valid[interleaved]],
                                atol=1e-5)
