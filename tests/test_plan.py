@@ -216,16 +216,19 @@ def test_topology_without_libtpu_names_the_extra(tiny_config_dir):
                   "--per_device_train_batch_size", "1", "--max_length", "64", "--topology", "v5p:2x2x2"])
 
 
-@pytest.mark.parametrize("method, tokens, band", [
-    ("kto", 32, (11.0, 15.0)),  # + the KL pairs' forward, the reference's two forwards, the mean-logits metric
-    ("reward", 2 * 32, (6.0, 9.0)),  # chosen + rejected; no output projection over the vocabulary
-    ("grpo", 32, (4.0, 9.0)),      # log-probs of the completion half only
-    ("rloo", 32, (4.0, 9.0)),
+@pytest.mark.parametrize("method, per_device, tokens, prompt_group, band", [
+    ("kto", 1, 32, 1, (11.0, 15.0)),  # + the KL pairs' forward, the reference's two forwards, the mean-logits metric
+    ("reward", 1, 2 * 32, 1, (6.0, 9.0)),  # chosen + rejected; no output projection over the vocabulary
+    ("grpo", 1, 32, 1, (4.0, 9.0)),  # log-probs of the completion half only; 8 completions of one prompt over 8 devices
+    # 2 completions of each prompt on each device (num_generations=2): each 16-token prompt runs once for both
+    ("rloo", 2, 2 * 16 + 16, 2, (4.0, 9.0)),
 ])
-def test_plan_other_methods_compile_their_collated_batches(tiny_config_dir, method, tokens, band):
-    result = plan.plan(tiny_config_dir, method=method, mesh_shape="fsdp=8", per_device_train_batch_size=1,
+def test_plan_other_methods_compile_their_collated_batches(tiny_config_dir, method, per_device, tokens, prompt_group,
+                                                            band):
+    result = plan.plan(tiny_config_dir, method=method, mesh_shape="fsdp=8", per_device_train_batch_size=per_device,
                        max_length=32)
     assert result["method"] == method and result["tokens_per_device"] == tokens
+    assert result["prompt_group"] == prompt_group
     assert band[0] <= result["flops_per_param_token"] <= band[1]
     assert result["argument_bytes"] >= 3 * 4 * result["params"] / 8
 
