@@ -118,20 +118,21 @@ def shared_prompt_inputs(
     (`positions_from_mask` of `[prompt_mask, completion_mask]`), so hidden states equal theirs.
     """
     rows, prompt_len = prompt_ids.shape
-    completion_len = completion_ids.shape[1]
     if rows % group:
         raise ValueError(f"{rows} rows do not split into groups of {group} completions of one prompt.")
     prompts = rows // group
     full_mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.int32)
     positions = positions_from_mask(full_mask, None, full_mask.shape)  # [rows, prompt_len + completion_len]
 
+    def first_of_run(prompt_part):  # [rows, prompt_len] -> [rows / group, prompt_len]
+        return prompt_part.reshape(prompts, group, prompt_len)[:, 0]
+
     def pack(prompt_part, completion_part):  # [rows, prompt_len], [rows, completion_len] -> packed rows
-        first = prompt_part.reshape(prompts, group, prompt_len)[:, 0]
-        return jnp.concatenate([first, completion_part.reshape(prompts, group * completion_len)], axis=1)
+        return jnp.concatenate([first_of_run(prompt_part), completion_part.reshape(prompts, -1)], axis=1)
 
     input_ids = pack(prompt_ids, completion_ids)
     positions = pack(positions[:, :prompt_len], positions[:, prompt_len:])
-    segments = SharedPrompts(prompt_segments=pack(prompt_mask, completion_mask)[:, :prompt_len].astype(jnp.int32),
+    segments = SharedPrompts(prompt_segments=first_of_run(prompt_mask).astype(jnp.int32),
                              completion_segments=completion_mask.astype(jnp.int32).reshape(prompts, -1),
                              group=group)
     return input_ids, positions, segments
