@@ -598,10 +598,7 @@ def _plan_here(request: dict) -> dict:
     batch = {key: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype_name), sharding=sharding)
              for key, (shape, dtype_name) in layout.items()}
     extra = ()
-    prompt_group = 1  # grpo / rloo: each prompt runs once for its group, as train() runs it
-    if method in ("grpo", "rloo"):
-        prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=devices_in_batch,
-                                           adapter_dropout=has_adapter_dropout(model))
+    prompt_group = 1
     if method == "dpo":
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding)
         # the reference: a policy-shaped copy (under LoRA: the adapters switched off, joined with the frozen base)
@@ -611,7 +608,9 @@ def _plan_here(request: dict) -> dict:
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding,
                                       ref_sharding=None if reference is None else state_sharding.params)
         extra = (reference,)
-    elif method in ("grpo", "rloo"):
+    elif method in ("grpo", "rloo"):  # each prompt runs once for its group, as train() runs it
+        prompt_group = shared_prompt_group(config.num_generations, micro_batch, devices=devices_in_batch,
+                                           adapter_dropout=has_adapter_dropout(model))
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding, prompt_group=prompt_group)
     else:
         step = module.make_train_step(config, mesh=mesh, state_sharding=state_sharding)

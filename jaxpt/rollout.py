@@ -507,11 +507,19 @@ def completion_logps(params, graphdef, batch: dict, *, temperature: float, chunk
                                          temperature=temperature, return_entropy=True,
                                          entropy_gradient=entropy_gradient)
     if prompt_group > 1:  # rows not in runs of one prompt: NaN (a loud loss), never another row's prompt's values
-        grouped = jnp.all(jnp.asarray([
-            jnp.all(runs == runs[:, :1]) for runs in (batch[name].reshape(-1, prompt_group, prompt_length)
-                                                      for name in ("prompt_ids", "prompt_mask"))]))
+        grouped = prompts_in_runs(batch, prompt_group)
         logps, entropy = jnp.where(grouped, logps, jnp.nan), jnp.where(grouped, entropy, jnp.nan)
     return logps, entropy
+
+
+def prompts_in_runs(arrays: dict, prompt_group: int):
+    """Whether `prompt_ids` and `prompt_mask` (`[n, prompt_len]`, `n` a multiple of `prompt_group`) come in runs of
+    `prompt_group` equal rows: a bool, numpy for numpy arrays (the loops' host check), traced inside a step."""
+    def runs_equal(rows):
+        runs = rows.reshape(-1, prompt_group, rows.shape[-1])
+        return (runs == runs[:, :1]).all()
+
+    return runs_equal(arrays["prompt_ids"]) & runs_equal(arrays["prompt_mask"])
 
 
 def shared_prompt_group(num_generations: int, micro_batch: int, *, devices: int = 1, tools=None,
@@ -533,11 +541,8 @@ def rows_share_prompts(arrays: dict, prompt_group: int) -> bool:
         return True
     if len(arrays["prompt_ids"]) % prompt_group:
         return False
-    for name in ("prompt_ids", "prompt_mask"):
-        runs = np.asarray(arrays[name]).reshape(-1, prompt_group, arrays[name].shape[-1])
-        if not (runs == runs[:, :1]).all():
-            return False
-    return True
+    return bool(prompts_in_runs({name: np.asarray(arrays[name]) for name in ("prompt_ids", "prompt_mask")},
+                                prompt_group))
 
 
 def check_prompt_groups(arrays: dict, prompt_group: int) -> None:
