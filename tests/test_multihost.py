@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Seconds for one run (all its processes): a hang fails the test instead of blocking the suite. Generous, since the
 # first pair runs six commands while the other test worker and this process's 1-process runs share the CPUs (on a
 # loaded 2-core CI machine it took over 420 s).
-TIMEOUT = 1200
+TIMEOUT = int(os.environ.get("JAXPT_TEST_MULTIHOST_TIMEOUT", "1200"))
 KILL_AT_CALL = "JAXPT_TEST_KILL_AT_REWARD_CALL"
 _reward_calls = 0
 
@@ -55,7 +55,8 @@ def free_port() -> int:
 
 
 RUNNER_START = """
-import json, sys
+import faulthandler, json, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # Run.wait's stack dump on a timeout
 from jaxpt import cli, distributed
 commands, flags = json.loads(sys.argv[1]), sys.argv[2:]
 given = dict(zip(flags[::2], flags[1::2]))  # the process flags, else the JAX_* variables
@@ -110,8 +111,13 @@ class Run:
         try:
             return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in self.processes]
         except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"timed out after {timeout}s:\n{self.output()}")
+            pass
+        for process in self.processes:  # every thread's Python stack into its log, to show where each waits
+            if process.poll() is None:
+                process.send_signal(signal.SIGUSR1)
+        time.sleep(5)
+        self.kill()
+        pytest.fail(f"timed out after {timeout}s:\n{self.output()}")
 
     def check(self) -> None:
         codes = self.wait()
@@ -123,8 +129,14 @@ class Run:
                 os.killpg(process.pid, signal.SIGKILL)  # its own session: this run's process and children
                 process.wait()
 
-    def output(self) -> str:
-        return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in self.logs)
+    def output(self, tail: int = 3000) -> str:
+        """Each process's last command and the end of its log (after a timeout, its threads' Python stacks)."""
+        parts = []
+        for log in self.logs:
+            text = log.read_text()
+            last = [line for line in text.splitlines() if line.startswith("=== ")][-1:] or ["(none)"]
+            parts.append(f"--- {log.name}, last started: {last[0]}\n{text[-tail:]}")
+        return "\n".join(parts)
 
     def section(self, part, process=0) -> str:
         """What process `process` printed during command number `part` (or `"checks"`)."""
