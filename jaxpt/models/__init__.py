@@ -380,6 +380,11 @@ def _replicated_to_host(array: jax.Array) -> np.ndarray | None:
         return np.asarray(whole) if jax.process_index() == 0 else None
     replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     whole = jax.jit(jnp.copy, out_shardings=replicated)(array)
+    # Every process waits for its gather before the next is dispatched. The gathers of an export do not depend on
+    # each other, so a process that only dispatched them (not the writer) would queue many at once, and the CPU
+    # backend may start independent executions out of order: two processes then wait in different all-gathers
+    # forever (seen as an export hanging on 2 processes under load).
+    whole.block_until_ready()
     return np.asarray(whole.addressable_data(0)) if jax.process_index() == 0 else None
 
 
