@@ -18,9 +18,11 @@ import pytest
 
 import jaxpt.models
 from jaxpt import dpo, grpo, sft
+from jaxpt.models import llama
+from jaxpt.models.layers import BATCH_AXES, constrain, embedding_lookup
 from jaxpt.plan import hlo_costs
 from jaxpt.rollout import shared_prompt_group
-from jaxpt.sharding import make_mesh, shard_batch
+from jaxpt.sharding import make_mesh, partition_spec, shard_batch
 from jaxpt.train_state import TrainState
 from tests.helpers import tiny_llama_config
 
@@ -103,6 +105,8 @@ def _check(step, state, *args, bf16=False):
     assert {(HIDDEN, VOCAB), (HIDDEN, 96), (HIDDEN, HIDDEN), (24, HIDDEN)} <= scattered, scattered  # in any layout
     assert total <= 4 * parameter_bytes, (total / parameter_bytes, found[:5])
     dtypes = gather_dtypes(lowered.as_text())
+    assert "i32" in dtypes, dtypes  # the token ids, gathered in their FSDP group by the embedding lookup
+    dtypes = [dtype for dtype in dtypes if dtype != "i32"]
     assert len(dtypes) >= 8, dtypes  # the output projection and every matrix of the layer, gathered in the step
     assert set(dtypes) == {"bf16" if bf16 else "f32"}, dtypes
     return total / parameter_bytes
@@ -146,6 +150,46 @@ def test_grpo_step_is_data_parallel(mesh, model, tmp_path, per_device, prompt_gr
                         mesh, batch_axis=1)
     step = grpo.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh), prompt_group=prompt_group)
     _check(step, state, batch)
+
+
+@pytest.mark.parametrize("sizes", [dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)])
+def test_embedding_lookup_moves_only_own_rows(sizes):
+    """The embedding lookup (`layers.embedding_lookup`) equals `jnp.take` in values and table gradient, in float32
+    and bfloat16, and on meshes with a "data" or "tensor" axis no collective moves more than one device's share of
+    the embedded batch: left to XLA, the lookup's partitioning replicated the whole embedded batch there
+    ("Involuntary full rematerialization"). Only the table's own shards (its gradient summed over "data") are
+    bigger."""
+    vocab, hidden, rows, seq = 4096, 16, 8, 32
+    mesh = make_mesh(**sizes)
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(vocab, hidden)).astype(np.float32)
+    ids = rng.integers(0, vocab, size=(rows, seq)).astype(np.int32)
+    weights = rng.normal(size=(rows, seq, hidden)).astype(np.float32)
+
+    def loss(table, ids, dtype):  # the embedded rows split over the batch axes, as the models constrain them
+        embedded = constrain(embedding_lookup(table, ids, dtype), BATCH_AXES, None, None)
+        return jnp.sum(embedded.astype(jnp.float32) * weights)
+
+    expected_gradient = np.zeros_like(table)
+    np.add.at(expected_gradient, ids, weights)
+    spec = partition_spec("model.embed_tokens.weight", table.shape, llama.PARTITION_RULES, mesh)
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(table, jax.NamedSharding(mesh, spec))
+        placed_ids = shard_batch({"ids": ids}, mesh)["ids"]
+        for dtype in (jnp.float32, jnp.bfloat16):
+            values = jax.jit(embedding_lookup, static_argnums=2)(placed, placed_ids, dtype)
+            assert values.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(values), np.asarray(jnp.asarray(table[ids], dtype)))
+        gradient_step = jax.jit(jax.grad(loss), static_argnums=2)
+        np.testing.assert_allclose(np.asarray(gradient_step(placed, placed_ids, jnp.float32)), expected_gradient,
+                                   rtol=1e-6, atol=1e-6)
+        found = collectives(gradient_step.lower(placed, placed_ids, jnp.float32).compile().as_text())
+    share = rows * seq * hidden // (mesh.shape["data"] * mesh.shape["fsdp"])  # one device's embedded rows
+    table_shard = math.prod(table.shape) // math.prod(mesh.shape[axis] for axis in spec if axis)
+    assert "all-to-all" in {c["kind"] for c in found}, found  # the rows handed to their devices
+    oversized = [(c["kind"], dims) for c in found for _, dims in c["operands"] + c["results"]
+                 if math.prod(dims) > (table_shard if {vocab, vocab // 2} & set(dims) else share)]
+    assert oversized == []
 
 
 def test_parser_sees_loops_and_flags_logits_buffers():

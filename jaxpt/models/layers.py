@@ -191,7 +191,52 @@ class Embed(nnx.Module):
         self.weight = nnx.Param(init_std * jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype))
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], input_ids, axis=0).astype(self.dtype)
+        return embedding_lookup(self.weight[...], input_ids, self.dtype)
+
+
+def embedding_lookup(table: jax.Array, input_ids: jax.Array, dtype: Any) -> jax.Array:
+    """Rows `[batch, seq, hidden]` of `table [vocab, hidden]` at `input_ids [batch, seq]`, cast to `dtype`.
+
+    On a mesh whose batch axes ("data", "fsdp") split the rows, written in `shard_map` for the table's own layout
+    (the embedding rule `("tensor", "fsdp")`: vocabulary over "tensor", hidden over "fsdp", each where it divides):
+    every device gathers the token ids of its "fsdp" group (integers), looks them up in its own slice of the table
+    (over "tensor": its own vocabulary rows, the others' summed in), and one all-to-all over "fsdp" hands each
+    device its own rows with the whole hidden dimension. The backward pass is the all-to-all back and a scatter-add
+    into the device's own slice, summed over "data". The table is never gathered and no collective moves more than
+    one device's share of the embedded batch (left to itself, XLA replicated the whole embedded batch on meshes
+    with a "data" or "tensor" axis of size > 1). Without a mesh, or when the batch axes do not divide the rows, a
+    plain `take`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else dict(mesh.shape)
+    batch_axes = tuple(axis for axis in BATCH_AXES if sizes.get(axis, 1) > 1)  # axes of size 1 stay out of it
+    ways = math.prod(sizes[axis] for axis in batch_axes)
+    if not batch_axes or input_ids.ndim != 2 or input_ids.shape[0] % ways:
+        return jnp.take(table, input_ids, axis=0).astype(dtype)
+    hidden_split = "fsdp" in batch_axes and table.shape[1] % sizes["fsdp"] == 0
+    vocab_split = sizes.get("tensor", 1) > 1 and table.shape[0] % sizes["tensor"] == 0
+
+    def local(table, input_ids):  # table [vocab / tensor, hidden / fsdp], input_ids [rows / (data * fsdp), seq]
+        if hidden_split:  # the ids of every row of this "fsdp" group: [rows / data, seq]
+            input_ids = jax.lax.all_gather(input_ids, "fsdp", axis=0, tiled=True)
+        if vocab_split:  # this device's vocabulary rows; the others come from the psum over "tensor"
+            first = jax.lax.axis_index("tensor") * table.shape[0]
+            index = input_ids - first
+            owned = (index >= 0) & (index < table.shape[0])
+            rows = jnp.where(owned[..., None], jnp.take(table, jnp.where(owned, index, 0), axis=0), 0)
+            # summed in float32 (exact: one device owns each id): XLA:CPU widens a bfloat16 all-reduce to float32
+            # anyway, and its pass that does so crashes on this one in a forward-only program
+            rows = jax.lax.psum(rows.astype(jnp.promote_types(dtype, jnp.float32)), "tensor").astype(dtype)
+        else:
+            rows = jnp.take(table, input_ids, axis=0).astype(dtype)
+        if hidden_split:  # [rows / data, seq, hidden / fsdp] -> [rows / (data * fsdp), seq, hidden]
+            rows = jax.lax.all_to_all(rows, "fsdp", split_axis=0, concat_axis=2, tiled=True)
+        return rows
+
+    table_spec = PartitionSpec("tensor" if vocab_split else None, "fsdp" if hidden_split else None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, PartitionSpec(batch_axes, None)),
+                         out_specs=PartitionSpec(batch_axes, None, None),
+                         axis_names={*batch_axes, *(("tensor",) if vocab_split else ())})(table, input_ids)
 
 
 def project_to_vocab(hidden_states: jax.Array, weight: jax.Array, *, logit_softcap: float | None = None) -> jax.Array:
