@@ -71,7 +71,7 @@ def main():
                                max_length=args.max_length, gradient_checkpointing=True, bf16=True,
                                topology=args.topology, hbm_gib=args.hbm_gib, **rollout)
             low, high = BANDS.get(method, (6.0, 9.0))
-            ratio = result["flops"] / (result["params"] * result["tokens_per_device"])
+            ratio = result["flops_per_param_token"] * result["matmul_params"] / result["params"]
             result["flops_per_total_param_token"] = ratio
             result["flops_in_band"] = low <= result["flops_per_param_token"] <= high
             result["argument_plus_temp_within_target"] = result["argument_plus_temp_bytes"] <= TARGET_GIB * 2**30

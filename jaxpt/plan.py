@@ -212,6 +212,17 @@ def matmul_params(params, *, classifier: bool) -> int:
     return sum(named.values()) - (embedding if separate_head else 0)
 
 
+def decoder_layer_params(params) -> int:
+    """Parameters of the decoder layers: what a "tensor" axis splits (the output projection of the log-prob loss
+    runs whole on every device of a tensor group, for the rows they share)."""
+    import jax
+
+    from jaxpt.sharding import path_name
+
+    return sum(math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+               if "layers" in path_name(path).split("."))
+
+
 def tokens_per_device(method: str, config, *, length: int, devices_in_batch: int, micro_batch: int,
                       prompt_group: int = 1) -> int:
     """Tokens one device runs through the model with gradient in a step (for the analytic flops band); grpo / rloo
@@ -451,8 +462,10 @@ def plan(model_name_or_path: str | os.PathLike, *, method: str, mesh_shape: str 
     `params`, `tokens_per_device`, `argument_bytes`, `output_bytes`, `alias_bytes`, `temp_bytes`, `peak_bytes`
     (at least argument + temp + unaliased output), `flops` (matmul flops per device, loops counted fully),
     `matmul_params` (all but the input embedding table), `flops_per_param_token` (flops / (matmul_params x
-    tokens_per_device); a training step is about 6, 8 with gradient checkpointing, +2 per reference forward, plus
-    attention), `xla_flops`, `collective_bytes`, `collectives`, `compile_seconds`, `use_peft`,
+    tokens_per_device), the decoder layers' parameters divided by the "tensor" size: a tensor group splits its
+    rows' layer matmuls, while each of its devices runs the output projection whole; a training step is about 6, 8
+    with gradient checkpointing, +2 per reference forward, plus attention), `xla_flops`, `collective_bytes`,
+    `collectives`, `compile_seconds`, `use_peft`,
     `trainable_params` and `frozen_params` (under LoRA: the adapters, and the base), `trainable_bytes`,
     `frozen_bytes`, `optimizer_state_bytes` (whole, over all devices), and with `hbm_gib`: `hbm_bytes`, `fits`.
     """
@@ -634,6 +647,8 @@ def _plan_here(request: dict) -> dict:
                             for leaf in jax.tree_util.tree_leaves(tree))
     params = count(state.params) + count(state.frozen)
     matmul = matmul_params(state.full_params(), classifier=num_labels is not None)
+    layer_params = decoder_layer_params(state.full_params())
+    per_device_matmul = matmul - layer_params + layer_params / mesh_sizes.get("tensor", 1)
     tokens = tokens_per_device(method, config, length=length, devices_in_batch=devices_in_batch,
                                micro_batch=micro_batch, prompt_group=prompt_group)
     result = {
@@ -650,7 +665,7 @@ def _plan_here(request: dict) -> dict:
         "argument_bytes": argument, "output_bytes": output, "alias_bytes": alias, "temp_bytes": temp,
         "argument_plus_temp_bytes": argument + temp, "peak_bytes": peak,
         "matmul_params": int(matmul), "flops": costs["flops"],
-        "flops_per_param_token": costs["flops"] / max(matmul * tokens, 1),
+        "flops_per_param_token": costs["flops"] / max(per_device_matmul * tokens, 1),
         "xla_flops": float(xla_cost.get("flops", 0.0)),
         "collective_bytes": costs["collective_bytes"], "collective_bytes_by_kind": costs["collective_bytes_by_kind"],
         "collectives": costs["collectives"], "collective_operand_bytes": costs["collective_operand_bytes"],

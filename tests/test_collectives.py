@@ -152,6 +152,26 @@ def test_grpo_step_is_data_parallel(mesh, model, tmp_path, per_device, prompt_gr
     _check(step, state, batch)
 
 
+def test_tensor_parallel_weights_stay_split(tmp_path):
+    """On fsdp=4 x tensor=2 each layer's weights are gathered over "fsdp" only and their gradients reduce-scattered
+    within their "tensor" half: no collective moves a whole MLP matrix (left to XLA, the gathered MLP weights and
+    their gradients were made whole over "tensor" as well, which at Llama-3-8B shapes doubled the layers' traffic
+    and undid the tensor-parallel split of the MLP)."""
+    mesh = make_mesh(data=1, fsdp=4, tensor=2)
+    cfg = sft.SFTConfig(output_dir=str(tmp_path), max_length=SEQ, per_device_train_batch_size=2,
+                        logits_chunk_size=CHUNK, save_final_model=False)
+    state = TrainState.create(_tiny(), optax.sgd(1.0), mesh=mesh)
+    ones = np.ones((1, ROWS, SEQ), np.int32)
+    batch = shard_batch({"input_ids": ones, "loss_mask": ones, "attention_mask": ones}, mesh, batch_axis=1)
+    step = sft.make_train_step(cfg, mesh=mesh, state_sharding=state.shardings(mesh))
+    found = collectives(step.lower(state, batch).compile().as_text())
+    moved = {dims for c in found if c["kind"] != "all-reduce" for _, dims in c["operands"] + c["results"]}
+    # halves over "tensor", whole over "fsdp": gate / up [96, 48] -> [48, 48], down [48, 96] -> [48, 48],
+    # q [48, 48] -> [24, 48], o [48, 48] -> [48, 24]
+    assert {(HIDDEN, HIDDEN), (24, HIDDEN), (HIDDEN, 24)} <= moved, moved
+    assert not moved & {(96, HIDDEN), (HIDDEN, 96)}, moved  # a whole MLP matrix
+
+
 @pytest.mark.parametrize("sizes", [dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)])
 def test_embedding_lookup_moves_only_own_rows(sizes):
     """The embedding lookup (`layers.embedding_lookup`) equals `jnp.take` in values and table gradient, in float32

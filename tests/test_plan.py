@@ -110,6 +110,15 @@ def test_plan_sft_in_process_reports_memory_flops_and_collectives(tiny_config_di
     assert result["fits"] is False  # 1 MiB is too little
 
 
+def test_plan_on_a_tensor_axis_counts_a_devices_share(tiny_config_dir):
+    """fsdp=4 x tensor=2: the two devices of a tensor group share their rows' layer matmuls, so a device's flops
+    per (layer parameters / 2 + output projection) and token stay a training step's 6-9."""
+    result = plan.plan(tiny_config_dir / "config.json", method="sft", mesh_shape="data=1,fsdp=4,tensor=2",
+                       per_device_train_batch_size=2, max_length=64)
+    assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and result["tokens_per_device"] == 2 * 64
+    assert 6.0 <= result["flops_per_param_token"] <= 9.0
+
+
 DPO_COMMON = dict(method="dpo", mesh_shape="fsdp=2", per_device_train_batch_size=1, max_length=32)
 LORA_OPTIONS = {"lora_r": 2, "lora_target_modules": ["all-linear"]}
 

@@ -136,9 +136,10 @@ class Linear(nnx.Module):
             init_std * jax.random.normal(rngs.params(), (out_features, in_features), param_dtype)
         )
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
-        # Set by `scan_layers` on a mesh, for the traced layer only: the dimension of `weight` split over "fsdp",
-        # which `fsdp_matmul` gathers (forward) and reduce-scatters the gradient along (backward).
-        self.fsdp_dim = None
+        # Set by `scan_layers` on a mesh, for the traced layer only: the layout of a `weight` split over "fsdp" (one
+        # mesh axis or None per dimension), which `fsdp_matmul` gathers (forward) and reduce-scatters the gradient
+        # along (backward); a "tensor" dimension stays split.
+        self.fsdp_spec = None
         # A LoRA adapter (`jaxpt.lora.apply_lora` sets these): `lora_a` [r, in], `lora_b` [out, r], static scale.
         self.lora_a = nnx.data(None)
         self.lora_b = nnx.data(None)
@@ -156,8 +157,10 @@ class Linear(nnx.Module):
         # A 2-D matmul: XLA on CPU runs [tokens, in] x [out, in]^T much faster than the 3-D einsum.
         if self.quantization is not None:  # dequantized here, in the compute dtype, for this product only
             y = self.quantization.matmul(rows, self.weight[...], self.weight_scale[...], self.dtype)
-        elif self.fsdp_dim is not None:
-            y = fsdp_matmul(rows, self.weight[...], self.fsdp_dim, jnp.dtype(self.dtype))
+        elif self.fsdp_spec is not None:
+            y = fsdp_matmul(rows, self.weight[...], self.fsdp_spec, jnp.dtype(self.dtype))
+            if self.fsdp_spec[0] == "tensor":  # column-parallel: its output features stay split over "tensor"
+                y = constrain(y, BATCH_AXES, "tensor")
         else:
             y = matmul_transposed_weight(rows, self.weight[...].astype(self.dtype))
         if self.bias is not None:
@@ -343,20 +346,20 @@ def scan_layers(
 
     def body(x, scanned, option):
         layer_params, index, layer_inputs, layer_key = scanned
-        layer_params, fsdp_dims = gather_layer_params(layer_params, partition_rules, compute_dtype)
+        layer_params, fsdp_specs = gather_layer_params(layer_params, partition_rules, compute_dtype)
         with adapter_dropout(layer_key):
             if option is not _TRACED_OPTION or len(distinct) == 1:
                 option = distinct[0] if option is _TRACED_OPTION else option
-                return branch(option, fsdp_dims)(x, layer_params, layer_inputs)
-            return jax.lax.switch(index, [branch(option, fsdp_dims) for option in distinct], x, layer_params,
+                return branch(option, fsdp_specs)(x, layer_params, layer_inputs)
+            return jax.lax.switch(index, [branch(option, fsdp_specs) for option in distinct], x, layer_params,
                                   layer_inputs)
 
-    def branch(option, fsdp_dims):
+    def branch(option, fsdp_specs):
         def run(x, layer_params, layer_inputs):
             layer = nnx.merge(graphdef, layer_params)
             for path, module in nnx.iter_graph(layer):
                 if isinstance(module, Linear):
-                    module.fsdp_dim = fsdp_dims.get((*path, "weight"))
+                    module.fsdp_spec = fsdp_specs.get((*path, "weight"))
             return call(layer, x, layer_inputs, option)
 
         return run
@@ -403,7 +406,7 @@ def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> tup
     from jaxpt.sharding import partition_spec, path_name
 
     mesh = jax.sharding.get_abstract_mesh()
-    fsdp_dims = {}
+    fsdp_specs = {}
 
     def prepare(path, value):
         spec = () if mesh.empty or not partition_rules else partition_spec(path_name(path), value.shape,
@@ -412,7 +415,7 @@ def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> tup
         # a quantized (integer) weight is not: it is gathered packed, below, and dequantized by its Linear
         if ("fsdp" in spec and keys[-1:] == ("weight",) and value.ndim == 2 and compute_dtype is not None
                 and jnp.issubdtype(value.dtype, jnp.floating)):
-            fsdp_dims[keys] = tuple(spec).index("fsdp")
+            fsdp_specs[keys] = tuple(spec)
             return value
         if compute_dtype is not None and value.ndim >= 2 and jnp.issubdtype(value.dtype, jnp.floating):
             value = value.astype(compute_dtype)
@@ -421,7 +424,7 @@ def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> tup
         return jax.lax.with_sharding_constraint(value, PartitionSpec(*(None if axis == "fsdp" else axis
                                                                        for axis in spec)))
 
-    return jax.tree_util.tree_map_with_path(prepare, params), fsdp_dims
+    return jax.tree_util.tree_map_with_path(prepare, params), fsdp_specs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -429,21 +432,25 @@ def gather_layer_params(params: Any, partition_rules, compute_dtype: Any) -> tup
 # --------------------------------------------------------------------------------------------------------------
 
 
-def gather_fsdp(weight: jax.Array, dim: int, dtype: Any) -> jax.Array:
-    """`weight`, split over the mesh's "fsdp" axis along `dim`, whole on every device in `dtype`: the cast comes
-    before the all-gather (written in `shard_map`, so XLA cannot move it after), so a bfloat16 step moves bfloat16.
-    Other mesh axes ("tensor") keep their sharding. Not differentiable by itself: `fsdp_matmul` is."""
-    spec = [None] * weight.ndim
-    spec[dim] = "fsdp"
+def gather_fsdp(weight: jax.Array, spec: tuple[str | None, ...], dtype: Any) -> jax.Array:
+    """`weight`, laid out as `spec` (a mesh axis or None per dimension, "fsdp" on one), whole along its "fsdp"
+    dimension on every device, in `dtype`: the cast comes before the all-gather (written in `shard_map`, so XLA
+    cannot move it after), so a bfloat16 step moves bfloat16. A "tensor" dimension stays split, so the matmul is
+    tensor-parallel (left to XLA, an 8B step gathered the MLP weights over "tensor" too). Not differentiable by
+    itself: `fsdp_matmul` is."""
+    dim = spec.index("fsdp")
     return jax.shard_map(lambda shard: jax.lax.all_gather(shard.astype(dtype), "fsdp", axis=dim, tiled=True),
                          mesh=jax.sharding.get_abstract_mesh(), in_specs=PartitionSpec(*spec),
-                         out_specs=PartitionSpec(), axis_names={"fsdp"}, check_vma=False)(weight)
+                         out_specs=PartitionSpec(*(None if axis == "fsdp" else axis for axis in spec)),
+                         axis_names={axis for axis in spec if axis}, check_vma=False)(weight)
 
 
-def _weight_gradient(d_y: jax.Array, x: jax.Array, dim: int, dtype: Any) -> jax.Array:
-    """`d_y.T @ x` (`[out, in]`, float32) split over "fsdp" along `dim`: each device multiplies its own rows
-    and the partial sums are reduce-scattered to their owners (and summed over "data"), so no device ever
-    holds the whole gradient. Falls back to XLA's placement when the mesh's batch axes do not divide the rows."""
+def _weight_gradient(d_y: jax.Array, x: jax.Array, spec: tuple[str | None, ...], dtype: Any) -> jax.Array:
+    """`d_y.T @ x` (`[out, in]`, float32) laid out as `spec` (the weight's): each device multiplies its own rows
+    and the partial sums are reduce-scattered over "fsdp" to their owners (and summed over "data"), so no device
+    ever holds the whole gradient; a "tensor" dimension stays split. Falls back to XLA's placement when the mesh's
+    batch axes do not divide the rows."""
+    dim = spec.index("fsdp")
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
     ways = math.prod(mesh.shape[axis] for axis in axes)
@@ -457,30 +464,31 @@ def _weight_gradient(d_y: jax.Array, x: jax.Array, dim: int, dtype: Any) -> jax.
         others = tuple(axis for axis in axes if axis != "fsdp")
         return (jax.lax.psum(partial_sum, others) if others else partial_sum).astype(dtype)
 
-    spec = [None, None]
-    spec[dim] = "fsdp"
-    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axes), PartitionSpec(axes)),
-                         out_specs=PartitionSpec(*spec), axis_names=set(axes))(d_y, x)
+    # d_y [rows, out] and x [rows, in] split over "tensor" where the weight's out / in dimension is
+    tensor = lambda axis: "tensor" if axis == "tensor" else None  # noqa: E731
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axes, tensor(spec[0])),
+                                                     PartitionSpec(axes, tensor(spec[1]))),
+                         out_specs=PartitionSpec(*spec), axis_names={*axes, *(axis for axis in spec if axis)})(d_y, x)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def fsdp_matmul(x: jax.Array, weight: jax.Array, dim: int, dtype: Any) -> jax.Array:
-    """`x [rows, in] @ weight [out, in].T` for a `weight` split over "fsdp" along `dim` (rows split over the batch
-    axes): the weight is gathered in `dtype` (`gather_fsdp`) for the product and dropped after it; the backward
+def fsdp_matmul(x: jax.Array, weight: jax.Array, spec: tuple[str | None, ...], dtype: Any) -> jax.Array:
+    """`x [rows, in] @ weight [out, in].T` for a `weight` laid out as `spec`, split over "fsdp" (rows split over the
+    batch axes): the weight is gathered in `dtype` (`gather_fsdp`) for the product and dropped after it; the backward
     pass gathers it again for `d_x` and reduce-scatters `d_weight` to the weight's own split (`_weight_gradient`),
     float32 partial sums, as soon as it is formed. Inside a checkpointed layer nothing gathered outlives the layer.
     """
-    return matmul_transposed_weight(x, gather_fsdp(weight, dim, dtype))
+    return matmul_transposed_weight(x, gather_fsdp(weight, spec, dtype))
 
 
-def _fsdp_matmul_fwd(x, weight, dim, dtype):
-    return fsdp_matmul(x, weight, dim, dtype), (x, weight)
+def _fsdp_matmul_fwd(x, weight, spec, dtype):
+    return fsdp_matmul(x, weight, spec, dtype), (x, weight)
 
 
-def _fsdp_matmul_bwd(dim, dtype, residuals, d_y):
+def _fsdp_matmul_bwd(spec, dtype, residuals, d_y):
     x, weight = residuals
-    d_x = jax.lax.dot_general(d_y, gather_fsdp(weight, dim, dtype), (((1,), (0,)), ((), ())))
-    return d_x.astype(x.dtype), _weight_gradient(d_y, x, dim, weight.dtype)
+    d_x = jax.lax.dot_general(d_y, gather_fsdp(weight, spec, dtype), (((1,), (0,)), ((), ())))
+    return d_x.astype(x.dtype), _weight_gradient(d_y, x, spec, weight.dtype)
 
 
 fsdp_matmul.defvjp(_fsdp_matmul_fwd, _fsdp_matmul_bwd)
