@@ -199,9 +199,11 @@ def batch_layout(method: str, config, *, micro_batch: int, length: int) -> dict[
     return batch
 
 
-def matmul_params(params, *, classifier: bool) -> int:
+def matmul_params(params, *, classifier: bool, tensor: int = 1) -> int:
     """Parameters that multiply every token: all but the input embedding table, which is a lookup (unless a
-    causal LM ties its output projection to it)."""
+    causal LM ties its output projection to it). With `tensor` > 1, those one device of a tensor group multiplies:
+    its share of the decoder layers', which the "tensor" axis splits, and the rest whole (the log-prob loss runs
+    the output projection whole on every device of the group)."""
     import jax
 
     from jaxpt.sharding import path_name
@@ -209,18 +211,8 @@ def matmul_params(params, *, classifier: bool) -> int:
     named = {path_name(path): math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     embedding = sum(size for name, size in named.items() if name.endswith("embed_tokens.weight"))
     separate_head = classifier or any(name.endswith("lm_head.weight") for name in named)
-    return sum(named.values()) - (embedding if separate_head else 0)
-
-
-def decoder_layer_params(params) -> int:
-    """Parameters of the decoder layers: what a "tensor" axis splits (the output projection of the log-prob loss
-    runs whole on every device of a tensor group, for the rows they share)."""
-    import jax
-
-    from jaxpt.sharding import path_name
-
-    return sum(math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-               if "layers" in path_name(path).split("."))
+    layers = sum(size for name, size in named.items() if "layers" in name.split("."))
+    return sum(named.values()) - (embedding if separate_head else 0) - layers + layers // tensor
 
 
 def tokens_per_device(method: str, config, *, length: int, devices_in_batch: int, micro_batch: int,
@@ -647,8 +639,8 @@ def _plan_here(request: dict) -> dict:
                             for leaf in jax.tree_util.tree_leaves(tree))
     params = count(state.params) + count(state.frozen)
     matmul = matmul_params(state.full_params(), classifier=num_labels is not None)
-    layer_params = decoder_layer_params(state.full_params())
-    per_device_matmul = matmul - layer_params + layer_params / mesh_sizes.get("tensor", 1)
+    per_device_matmul = matmul_params(state.full_params(), classifier=num_labels is not None,
+                                      tensor=mesh_sizes.get("tensor", 1))
     tokens = tokens_per_device(method, config, length=length, devices_in_batch=devices_in_batch,
                                micro_batch=micro_batch, prompt_group=prompt_group)
     result = {

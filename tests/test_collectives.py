@@ -172,14 +172,15 @@ def test_tensor_parallel_weights_stay_split(tmp_path):
     assert not moved & {(96, HIDDEN), (HIDDEN, 96)}, moved  # a whole MLP matrix
 
 
-@pytest.mark.parametrize("sizes", [dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)])
-def test_embedding_lookup_moves_only_own_rows(sizes):
+@pytest.mark.parametrize("sizes,vocab", [(dict(data=2, fsdp=4), 4096), (dict(data=2, fsdp=2, tensor=2), 4096),
+                                         (dict(fsdp=4, tensor=2), 4096), (dict(fsdp=4, tensor=2), 4095)])
+def test_embedding_lookup_moves_only_own_rows(sizes, vocab):
     """The embedding lookup (`layers.embedding_lookup`) equals `jnp.take` in values and table gradient, in float32
     and bfloat16, and on meshes with a "data" or "tensor" axis no collective moves more than one device's share of
     the embedded batch: left to XLA, the lookup's partitioning replicated the whole embedded batch there
     ("Involuntary full rematerialization"). Only the table's own shards (its gradient summed over "data") are
-    bigger."""
-    vocab, hidden, rows, seq = 4096, 16, 8, 32
+    bigger. A vocabulary that "tensor" does not divide (4095) keeps the table whole over "tensor"."""
+    hidden, rows, seq = 16, 8, 32
     mesh = make_mesh(**sizes)
     rng = np.random.default_rng(0)
     table = rng.normal(size=(vocab, hidden)).astype(np.float32)

@@ -159,8 +159,6 @@ class Linear(nnx.Module):
             y = self.quantization.matmul(rows, self.weight[...], self.weight_scale[...], self.dtype)
         elif self.fsdp_spec is not None:
             y = fsdp_matmul(rows, self.weight[...], self.fsdp_spec, jnp.dtype(self.dtype))
-            if self.fsdp_spec[0] == "tensor":  # column-parallel: its output features stay split over "tensor"
-                y = constrain(y, BATCH_AXES, "tensor")
         else:
             y = matmul_transposed_weight(rows, self.weight[...].astype(self.dtype))
         if self.bias is not None:
@@ -211,13 +209,11 @@ def embedding_lookup(table: jax.Array, input_ids: jax.Array, dtype: Any) -> jax.
     plain `take`.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    sizes = {} if mesh.empty else dict(mesh.shape)
-    batch_axes = tuple(axis for axis in BATCH_AXES if sizes.get(axis, 1) > 1)  # axes of size 1 stay out of it
-    ways = math.prod(sizes[axis] for axis in batch_axes)
+    batch_axes, ways = splitting_batch_axes(mesh)
     if not batch_axes or input_ids.ndim != 2 or input_ids.shape[0] % ways:
         return jnp.take(table, input_ids, axis=0).astype(dtype)
-    hidden_split = "fsdp" in batch_axes and table.shape[1] % sizes["fsdp"] == 0
-    vocab_split = sizes.get("tensor", 1) > 1 and table.shape[0] % sizes["tensor"] == 0
+    hidden_split = "fsdp" in batch_axes and table.shape[1] % mesh.shape["fsdp"] == 0
+    vocab_split = mesh.shape.get("tensor", 1) > 1 and table.shape[0] % mesh.shape["tensor"] == 0
 
     def local(table, input_ids):  # table [vocab / tensor, hidden / fsdp], input_ids [rows / (data * fsdp), seq]
         if hidden_split:  # the ids of every row of this "fsdp" group: [rows / data, seq]
@@ -259,6 +255,13 @@ def project_to_vocab(hidden_states: jax.Array, weight: jax.Array, *, logit_softc
 
 
 BATCH_AXES = ("data", "fsdp")
+
+
+def splitting_batch_axes(mesh) -> tuple[tuple[str, ...], int]:
+    """The batch axes ("data", "fsdp") that split a batch on `mesh` (those of size > 1; none without a mesh) and
+    into how many parts they split it together."""
+    axes = () if mesh.empty else tuple(axis for axis in BATCH_AXES if mesh.shape.get(axis, 1) > 1)
+    return axes, math.prod(mesh.shape[axis] for axis in axes)
 
 
 def constrain(x: jax.Array, *spec) -> jax.Array:
@@ -452,8 +455,7 @@ def _weight_gradient(d_y: jax.Array, x: jax.Array, spec: tuple[str | None, ...],
     batch axes do not divide the rows."""
     dim = spec.index("fsdp")
     mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
-    ways = math.prod(mesh.shape[axis] for axis in axes)
+    axes, ways = splitting_batch_axes(mesh)
     product = partial(jax.lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())),
                       preferred_element_type=jnp.float32)
     if x.shape[0] % ways:
@@ -464,10 +466,9 @@ def _weight_gradient(d_y: jax.Array, x: jax.Array, spec: tuple[str | None, ...],
         others = tuple(axis for axis in axes if axis != "fsdp")
         return (jax.lax.psum(partial_sum, others) if others else partial_sum).astype(dtype)
 
-    # d_y [rows, out] and x [rows, in] split over "tensor" where the weight's out / in dimension is
-    tensor = lambda axis: "tensor" if axis == "tensor" else None  # noqa: E731
-    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axes, tensor(spec[0])),
-                                                     PartitionSpec(axes, tensor(spec[1]))),
+    # d_y [rows, out] and x [rows, in]: split over "tensor" where the weight's out / in dimension is
+    out_axis, in_axis = (axis if axis == "tensor" else None for axis in spec)
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axes, out_axis), PartitionSpec(axes, in_axis)),
                          out_specs=PartitionSpec(*spec), axis_names={*axes, *(axis for axis in spec if axis)})(d_y, x)
 
 
